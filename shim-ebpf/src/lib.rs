@@ -1,0 +1,67 @@
+//! Types shared between warmpool's eBPF programs and user space.
+//!
+//! The kernel programs themselves (sockops learning converged congestion windows, cgroup
+//! connect4/6 demand counters) are the kernel-assist issue's work and are built for
+//! `bpfel-unknown-none` on nightly; this crate stays `no_std`, dependency-free and buildable
+//! on stable so that the rest of the workspace never needs the eBPF toolchain.
+//! Every type is `#[repr(C)]` with explicit padding, so its layout is the same on both sides.
+
+#![no_std]
+
+/// Map and program names, kept in one place so user space never spells them twice.
+pub mod names {
+    /// LRU hash: [`DestKey`] → [`LearnedWindow`].
+    pub const LEARNED: &str = "WARMPOOL_LEARNED";
+    /// Hash: [`DemandKey`] → `u64` connect count.
+    pub const DEMAND: &str = "WARMPOOL_DEMAND";
+}
+
+/// A destination: IPv4 in the first 4 bytes of `addr` when `family == 2` (`AF_INET`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct DestKey {
+    /// `AF_INET` (2) or `AF_INET6` (10).
+    pub family: u16,
+    /// Port in network byte order, as the kernel stores it.
+    pub port_be: u16,
+    /// Explicit padding (always zero) so the key hashes the same on both sides.
+    pub _pad: u32,
+    /// Address bytes in network order.
+    pub addr: [u8; 16],
+}
+
+/// What sockops learned about a destination.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LearnedWindow {
+    /// EWMA of the congestion window connections converged to, in segments.
+    pub cwnd: u32,
+    /// EWMA of the smoothed RTT, in microseconds.
+    pub srtt_us: u32,
+    /// How many connections contributed.
+    pub samples: u32,
+    /// Explicit padding.
+    pub _pad: u32,
+}
+
+/// Demand counter key: a destination as seen from one cgroup.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct DemandKey {
+    /// The connecting process's cgroup id (`bpf_get_current_cgroup_id`).
+    pub cgroup_id: u64,
+    /// The destination.
+    pub dest: DestKey,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<DestKey>(), 24);
+        assert_eq!(core::mem::size_of::<LearnedWindow>(), 16);
+        assert_eq!(core::mem::size_of::<DemandKey>(), 32);
+    }
+}

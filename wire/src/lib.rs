@@ -1,0 +1,472 @@
+//! The shim ⇄ pool-manager wire protocol, version 1.
+//!
+//! Both ends speak over one Unix `SOCK_SEQPACKET` connection per client process. Every
+//! message is exactly one datagram (so no framing), little endian, and starts with the same
+//! 8-byte header:
+//!
+//! | bytes | field   | meaning                                                    |
+//! |-------|---------|------------------------------------------------------------|
+//! | 0..2  | magic   | `0x5057` (`"WP"` on the wire)                              |
+//! | 2     | version | [`VERSION`]; a daemon answers any other with `Error(Version)` |
+//! | 3     | kind    | [`Kind`]                                                   |
+//! | 4..8  | seq     | chosen by the client, echoed in the reply                  |
+//!
+//! Requests (client → daemon):
+//!
+//! * `Acquire` (32 bytes): `domain: u8` (4 = `AF_INET`, 6 = `AF_INET6`, the family of the
+//!   *application's* socket), `flags: u8` (0), `port: u16`, `addr: [u8; 16]` (IPv4 in the
+//!   first 4 bytes), `scope_id: u32`. The tenant is never part of the message: the daemon
+//!   takes it from the kernel (`SO_PEERCRED`, `SO_PEERPIDFD`, the peer's cgroup).
+//! * `Release` (17 bytes): `lease: u64`, `disposition: u8` ([`Disposition`]). Sent after the
+//!   application's fd was closed. No reply. No fd: the daemon holds its own reference to
+//!   every socket it hands out.
+//! * `Status` (8 bytes): asks for the pool table. Reply: `StatusReply`.
+//!
+//! Replies (daemon → client):
+//!
+//! * `Grant` (17 bytes + one fd in `SCM_RIGHTS`): `lease: u64`, `source: u8` ([`Source`]).
+//!   The fd is a connected TCP socket to the requested destination, owned by the caller from
+//!   now on; the daemon keeps a duplicate until the lease ends.
+//! * `Miss` (13 bytes): `reason: u8` ([`MissReason`]), `retry_after_ms: u32`. The client runs
+//!   its own connect. A non-zero `retry_after_ms` means "do not ask for this destination
+//!   again within that time" so that unpooled destinations cost no round trip.
+//! * `StatusReply` (8 bytes + UTF-8 text): one pool per line, tab-separated columns.
+//! * `Error` (10 bytes + UTF-8 text): `code: u16` ([`ErrorCode`]) and a human-readable reason.
+//!   The client treats it as a miss.
+//!
+//! A receiver closes any fd attached to a message that must not carry one, and treats a
+//! truncated control message (`MSG_CTRUNC`) as an error. Any message shorter than its kind
+//! requires, with a bad magic or an unknown kind, is answered with `Error` and changes nothing.
+
+#![warn(missing_docs)]
+
+pub mod unix;
+
+/// Protocol version spoken by this crate.
+pub const VERSION: u8 = 1;
+/// First two bytes of every message.
+pub const MAGIC: u16 = 0x5057;
+/// Length of the common header.
+pub const HEADER_LEN: usize = 8;
+/// Largest message either side sends (a status reply may be this long).
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Message kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Ask for a connected socket.
+    Acquire = 1,
+    /// Give a leased socket back.
+    Release = 2,
+    /// Ask for the pool table.
+    Status = 3,
+    /// A socket is attached.
+    Grant = 0x81,
+    /// No socket: connect yourself.
+    Miss = 0x82,
+    /// The pool table.
+    StatusReply = 0x83,
+    /// The request was refused.
+    Error = 0x8f,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Acquire,
+            2 => Self::Release,
+            3 => Self::Status,
+            0x81 => Self::Grant,
+            0x82 => Self::Miss,
+            0x83 => Self::StatusReply,
+            0x8f => Self::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// How the application let go of a leased socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Disposition {
+    /// `close()` of the only fd that referred to it: may be reused if the policy allows.
+    Clean = 0,
+    /// The fd had been duplicated or inherited by a child: another reference may live on.
+    Shared = 1,
+    /// Closed implicitly (dup2 over it, close_range) or by an unusual path: never reuse.
+    Implicit = 2,
+}
+
+/// Where a granted socket came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Source {
+    /// Pre-connected, never carried application bytes.
+    Warm = 1,
+    /// Given back clean by an earlier function.
+    Reuse = 2,
+}
+
+/// Why the daemon answered `Miss`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum MissReason {
+    /// The destination is pooled but nothing idle is ready right now.
+    Empty = 1,
+    /// The destination is not pooled (and will not be for `retry_after_ms`).
+    NotPooled = 2,
+    /// The pool is at `max_per_destination`.
+    AtLimit = 3,
+}
+
+/// Error codes carried by `Error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u16)]
+pub enum ErrorCode {
+    /// Not a message of this protocol (bad magic, truncated, unknown kind).
+    Malformed = 1,
+    /// Another protocol version.
+    Version = 2,
+    /// An fd was attached where none is expected.
+    UnexpectedFd = 3,
+    /// The caller is not allowed to do this.
+    Denied = 4,
+    /// The daemon failed internally.
+    Internal = 5,
+}
+
+impl ErrorCode {
+    fn from_u16(v: u16) -> Self {
+        match v {
+            2 => Self::Version,
+            3 => Self::UnexpectedFd,
+            4 => Self::Denied,
+            5 => Self::Internal,
+            _ => Self::Malformed,
+        }
+    }
+}
+
+/// A destination as the application asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dest {
+    /// 4 or 6: the family of the application's socket.
+    pub domain: u8,
+    /// Port, host order.
+    pub port: u16,
+    /// Address bytes (IPv4 in the first 4).
+    pub addr: [u8; 16],
+    /// IPv6 scope id.
+    pub scope_id: u32,
+}
+
+impl Dest {
+    /// The destination as a `core::net::SocketAddr`.
+    #[must_use]
+    pub fn socket_addr(&self) -> core::net::SocketAddr {
+        use core::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+        if self.domain == 4 {
+            let a = Ipv4Addr::new(self.addr[0], self.addr[1], self.addr[2], self.addr[3]);
+            SocketAddrV4::new(a, self.port).into()
+        } else {
+            SocketAddrV6::new(Ipv6Addr::from(self.addr), self.port, 0, self.scope_id).into()
+        }
+    }
+
+    /// Build from a `SocketAddr` (family taken from the address).
+    #[must_use]
+    pub fn from_socket_addr(sa: core::net::SocketAddr) -> Self {
+        let mut addr = [0u8; 16];
+        match sa {
+            core::net::SocketAddr::V4(v4) => {
+                addr[..4].copy_from_slice(&v4.ip().octets());
+                Self { domain: 4, port: v4.port(), addr, scope_id: 0 }
+            }
+            core::net::SocketAddr::V6(v6) => {
+                Self { domain: 6, port: v6.port(), addr: v6.ip().octets(), scope_id: v6.scope_id() }
+            }
+        }
+    }
+}
+
+/// A decoded message (the body of `StatusReply` and `Error` borrows from the buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Msg<'a> {
+    /// See the module docs.
+    Acquire(Dest),
+    /// See the module docs.
+    Release {
+        /// Lease id from the grant.
+        lease: u64,
+        /// How the fd was let go.
+        disposition: Disposition,
+    },
+    /// See the module docs.
+    Status,
+    /// See the module docs.
+    Grant {
+        /// Lease id, to be named in `Release`.
+        lease: u64,
+        /// Warm or reused.
+        source: Source,
+    },
+    /// See the module docs.
+    Miss {
+        /// Why.
+        reason: MissReason,
+        /// Negative-cache hint.
+        retry_after_ms: u32,
+    },
+    /// See the module docs.
+    StatusReply(&'a str),
+    /// See the module docs.
+    Error {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// Human-readable reason.
+        text: &'a str,
+    },
+}
+
+/// Why a buffer did not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than its kind needs.
+    Truncated,
+    /// Wrong magic.
+    BadMagic,
+    /// Another version; carries the version seen.
+    Version(u8),
+    /// Unknown kind byte.
+    UnknownKind(u8),
+    /// A field holds a value outside its enum.
+    BadField,
+}
+
+impl core::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::Truncated => f.write_str("message truncated"),
+            Self::BadMagic => f.write_str("bad magic (not a warmpool message)"),
+            Self::Version(v) => write!(f, "protocol version {v} not supported (this side speaks {VERSION})"),
+            Self::UnknownKind(k) => write!(f, "unknown message kind {k:#x}"),
+            Self::BadField => f.write_str("field value out of range"),
+        }
+    }
+}
+
+impl DecodeError {
+    /// The error code a daemon answers this with.
+    #[must_use]
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::Version(_) => ErrorCode::Version,
+            _ => ErrorCode::Malformed,
+        }
+    }
+}
+
+fn header(buf: &mut [u8], kind: Kind, seq: u32) {
+    buf[0..2].copy_from_slice(&MAGIC.to_le_bytes());
+    buf[2] = VERSION;
+    buf[3] = kind as u8;
+    buf[4..8].copy_from_slice(&seq.to_le_bytes());
+}
+
+/// Encode `msg` into `buf`, returning the length written. Text bodies are cut to fit.
+///
+/// # Panics
+/// If `buf` is shorter than 32 bytes (every fixed-size message fits in 32).
+pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
+    assert!(buf.len() >= 32, "encode buffer must hold at least 32 bytes");
+    match *msg {
+        Msg::Acquire(d) => {
+            header(buf, Kind::Acquire, seq);
+            buf[8] = d.domain;
+            buf[9] = 0;
+            buf[10..12].copy_from_slice(&d.port.to_le_bytes());
+            buf[12..28].copy_from_slice(&d.addr);
+            buf[28..32].copy_from_slice(&d.scope_id.to_le_bytes());
+            32
+        }
+        Msg::Release { lease, disposition } => {
+            header(buf, Kind::Release, seq);
+            buf[8..16].copy_from_slice(&lease.to_le_bytes());
+            buf[16] = disposition as u8;
+            17
+        }
+        Msg::Status => {
+            header(buf, Kind::Status, seq);
+            HEADER_LEN
+        }
+        Msg::Grant { lease, source } => {
+            header(buf, Kind::Grant, seq);
+            buf[8..16].copy_from_slice(&lease.to_le_bytes());
+            buf[16] = source as u8;
+            17
+        }
+        Msg::Miss { reason, retry_after_ms } => {
+            header(buf, Kind::Miss, seq);
+            buf[8] = reason as u8;
+            buf[9..13].copy_from_slice(&retry_after_ms.to_le_bytes());
+            13
+        }
+        Msg::StatusReply(text) => {
+            header(buf, Kind::StatusReply, seq);
+            HEADER_LEN + copy_text(text, &mut buf[HEADER_LEN..])
+        }
+        Msg::Error { code, text } => {
+            header(buf, Kind::Error, seq);
+            buf[8..10].copy_from_slice(&(code as u16).to_le_bytes());
+            10 + copy_text(text, &mut buf[10..])
+        }
+    }
+}
+
+/// Copy as much of `text` as fits, cutting on a char boundary.
+fn copy_text(text: &str, out: &mut [u8]) -> usize {
+    let mut n = text.len().min(out.len());
+    while !text.is_char_boundary(n) {
+        n -= 1;
+    }
+    out[..n].copy_from_slice(&text.as_bytes()[..n]);
+    n
+}
+
+/// Decode one datagram. Returns the message and the sequence number.
+///
+/// # Errors
+/// See [`DecodeError`].
+pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
+    if buf.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated);
+    }
+    if u16::from_le_bytes([buf[0], buf[1]]) != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    if buf[2] != VERSION {
+        return Err(DecodeError::Version(buf[2]));
+    }
+    let kind = Kind::from_u8(buf[3]).ok_or(DecodeError::UnknownKind(buf[3]))?;
+    let seq = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    let need = |n: usize| if buf.len() < n { Err(DecodeError::Truncated) } else { Ok(()) };
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    let msg = match kind {
+        Kind::Acquire => {
+            need(32)?;
+            let domain = buf[8];
+            if domain != 4 && domain != 6 {
+                return Err(DecodeError::BadField);
+            }
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&buf[12..28]);
+            Msg::Acquire(Dest {
+                domain,
+                port: u16::from_le_bytes([buf[10], buf[11]]),
+                addr,
+                scope_id: u32::from_le_bytes([buf[28], buf[29], buf[30], buf[31]]),
+            })
+        }
+        Kind::Release => {
+            need(17)?;
+            let disposition = match buf[16] {
+                0 => Disposition::Clean,
+                1 => Disposition::Shared,
+                2 => Disposition::Implicit,
+                _ => return Err(DecodeError::BadField),
+            };
+            Msg::Release { lease: u64_at(8), disposition }
+        }
+        Kind::Status => Msg::Status,
+        Kind::Grant => {
+            need(17)?;
+            let source = match buf[16] {
+                1 => Source::Warm,
+                2 => Source::Reuse,
+                _ => return Err(DecodeError::BadField),
+            };
+            Msg::Grant { lease: u64_at(8), source }
+        }
+        Kind::Miss => {
+            need(13)?;
+            let reason = match buf[8] {
+                1 => MissReason::Empty,
+                2 => MissReason::NotPooled,
+                3 => MissReason::AtLimit,
+                _ => return Err(DecodeError::BadField),
+            };
+            Msg::Miss { reason, retry_after_ms: u32::from_le_bytes([buf[9], buf[10], buf[11], buf[12]]) }
+        }
+        Kind::StatusReply => Msg::StatusReply(core::str::from_utf8(&buf[8..]).map_err(|_| DecodeError::BadField)?),
+        Kind::Error => {
+            need(10)?;
+            let code = ErrorCode::from_u16(u16::from_le_bytes([buf[8], buf[9]]));
+            Msg::Error { code, text: core::str::from_utf8(&buf[10..]).unwrap_or("(not UTF-8)") }
+        }
+    };
+    Ok((msg, seq))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(m: Msg<'_>) {
+        let mut buf = [0u8; 128];
+        let n = encode(&m, 77, &mut buf);
+        let (back, seq) = decode(&buf[..n]).expect("decodes");
+        assert_eq!(seq, 77);
+        assert_eq!(back, m);
+        // Every strict prefix of a fixed-size message is rejected, never misread.
+        for cut in 0..n {
+            if let Ok((short, _)) = decode(&buf[..cut]) {
+                assert!(matches!(short, Msg::StatusReply(_) | Msg::Error { .. } | Msg::Status), "{short:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_message_roundtrips() {
+        let v4 = Dest::from_socket_addr("198.18.0.1:6379".parse().unwrap());
+        let v6 = Dest::from_socket_addr("[2001:db8::1]:443".parse().unwrap());
+        roundtrip(Msg::Acquire(v4));
+        roundtrip(Msg::Acquire(v6));
+        roundtrip(Msg::Release { lease: u64::MAX - 3, disposition: Disposition::Shared });
+        roundtrip(Msg::Status);
+        roundtrip(Msg::Grant { lease: 9, source: Source::Reuse });
+        roundtrip(Msg::Miss { reason: MissReason::NotPooled, retry_after_ms: 5000 });
+        roundtrip(Msg::StatusReply("a\tb\n"));
+        roundtrip(Msg::Error { code: ErrorCode::Denied, text: "no" });
+        assert_eq!(v4.socket_addr().to_string(), "198.18.0.1:6379");
+        assert_eq!(v6.socket_addr().to_string(), "[2001:db8::1]:443");
+    }
+
+    #[test]
+    fn bad_input_is_rejected() {
+        assert_eq!(decode(b""), Err(DecodeError::Truncated));
+        assert_eq!(decode(b"XXXXXXXX"), Err(DecodeError::BadMagic));
+        let mut buf = [0u8; 32];
+        let n = encode(&Msg::Status, 1, &mut buf);
+        buf[2] = 9;
+        assert_eq!(decode(&buf[..n]), Err(DecodeError::Version(9)));
+        buf[2] = VERSION;
+        buf[3] = 0x55;
+        assert_eq!(decode(&buf[..n]), Err(DecodeError::UnknownKind(0x55)));
+        let n = encode(&Msg::Acquire(Dest::from_socket_addr("127.0.0.1:1".parse().unwrap())), 1, &mut buf);
+        buf[8] = 5;
+        assert_eq!(decode(&buf[..n]), Err(DecodeError::BadField));
+    }
+
+    #[test]
+    fn long_text_is_cut_on_a_char_boundary() {
+        let mut buf = [0u8; 33];
+        let n = encode(&Msg::StatusReply("ééééééééééééééééééééééééééééé"), 1, &mut buf);
+        let (m, _) = decode(&buf[..n]).unwrap();
+        assert!(matches!(m, Msg::StatusReply(s) if s.chars().all(|c| c == 'é')));
+    }
+}
