@@ -1,1 +1,97 @@
+//! `libwarmpool_preload.so`: gives unmodified programs pooled TCP connections.
+//!
+//! Loaded with `LD_PRELOAD`, it interposes `connect()` and the calls that end or duplicate
+//! an fd. For an AF_INET/AF_INET6 stream socket that the program did not bind, `connect()`
+//! asks the pool manager over its Unix socket ([`client`]); on a grant the pooled socket is
+//! placed on the program's own fd number with `dup3` ([`hooks`]), with the program's
+//! `O_NONBLOCK`, `FD_CLOEXEC` and socket options carried over ([`sockopt`]), and the fd is
+//! recorded in a lock-free table ([`table`]). `close()` of a recorded fd tells the daemon how
+//! the socket was let go; the daemon decides whether it is reused.
+//!
+//! Fail open is the rule everywhere: when anything is unexpected (no daemon, a slow daemon,
+//! a refusal, a panic, a reentrant call) the real libc function runs with the original
+//! arguments: a *bypass*. Nothing is printed unless `WARMPOOL_LOG` is set.
+//!
+//! Environment: `WARMPOOL_SOCKET` (default `/run/warmpool/pool.sock`), `WARMPOOL_DISABLE=1`,
+//! `WARMPOOL_LOG=1`, `WARMPOOL_TIMEOUT_MS` (daemon answer bound, default 50),
+//! `WARMPOOL_PASSTHROUGH=1` (intercept everything but never ask the daemon: measures the
+//! shim's own cost).
 
+mod client;
+pub mod hooks;
+mod log;
+mod real;
+mod sockopt;
+mod table;
+
+use std::ffi::CStr;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+/// Runtime settings read once from the environment at load time.
+#[derive(Debug)]
+struct Settings {
+    /// NUL-terminated socket path, as a `sockaddr_un` wants it.
+    socket_path: Vec<u8>,
+    /// Bound on a daemon answer.
+    timeout_ms: u32,
+    /// Intercept but never ask the daemon.
+    passthrough: bool,
+}
+
+static SETTINGS: OnceLock<Settings> = OnceLock::new();
+/// Set when the shim must do nothing at all (disabled, setuid, not initialised).
+static OFF: AtomicBool = AtomicBool::new(true);
+static LOG: AtomicBool = AtomicBool::new(false);
+/// Process-wide count of fds currently leased (skips table scans when zero).
+static ACTIVE: AtomicU32 = AtomicU32::new(0);
+
+const DEFAULT_SOCKET: &str = "/run/warmpool/pool.sock";
+const DEFAULT_TIMEOUT_MS: u32 = 50;
+
+fn env(name: &CStr) -> Option<&'static [u8]> {
+    // SAFETY: getenv with a NUL-terminated name; the result lives as long as the environment
+    // entry, which we only read during initialisation.
+    let p = unsafe { libc::getenv(name.as_ptr()) };
+    if p.is_null() {
+        None
+    } else {
+        // SAFETY: getenv returns a NUL-terminated string.
+        Some(unsafe { CStr::from_ptr(p) }.to_bytes())
+    }
+}
+
+fn truthy(v: Option<&[u8]>) -> bool {
+    matches!(v, Some(b) if !b.is_empty() && b != b"0")
+}
+
+extern "C" fn init() {
+    let _ = std::panic::catch_unwind(init_inner);
+}
+
+fn init_inner() {
+    // SAFETY: getauxval has no preconditions.
+    let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
+    LOG.store(truthy(env(c"WARMPOOL_LOG")), Ordering::Relaxed);
+    if secure || truthy(env(c"WARMPOOL_DISABLE")) {
+        return;
+    }
+    real::resolve();
+    let mut socket_path = env(c"WARMPOOL_SOCKET").unwrap_or(DEFAULT_SOCKET.as_bytes()).to_vec();
+    socket_path.push(0);
+    let timeout_ms = env(c"WARMPOOL_TIMEOUT_MS")
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(DEFAULT_TIMEOUT_MS)
+        .clamp(1, 10_000);
+    let passthrough = truthy(env(c"WARMPOOL_PASSTHROUGH"));
+    if SETTINGS.set(Settings { socket_path, timeout_ms, passthrough }).is_err() {
+        return;
+    }
+    client::install_fork_handlers();
+    OFF.store(false, Ordering::Release);
+}
+
+/// Runs at load time, before `main` and before most other constructors.
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;

@@ -1,0 +1,284 @@
+//! This process's link to the pool manager: one `SOCK_SEQPACKET` connection, opened on first
+//! use, moved to a high fd number and marked close-on-exec.
+//!
+//! Requests that expect an answer (`Acquire`) hold [`STATE`]'s lock for one round trip,
+//! bounded by `SO_RCVTIMEO`/`SO_SNDTIMEO`; any failure drops the connection and backs off, so
+//! a missing or stuck daemon costs the program at most one timeout per back-off period.
+//! `Release` needs no answer and no lock: a datagram is atomic, so the close path only loads
+//! the fd from [`CONN`]. Fork: the lock is taken in the prepare handler so the child never
+//! inherits it held; the child forgets the parent's connection and leases, the parent marks
+//! its leases shared because the child now holds the same sockets.
+
+use crate::log::wlog;
+use crate::{real, table, SETTINGS};
+use std::cell::RefCell;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use wire::{Dest, Disposition, Msg};
+
+/// The connection fd, or -1. Read without the lock by the close path.
+static CONN: AtomicI32 = AtomicI32::new(-1);
+
+/// After a failure, how long to run without the daemon before trying again.
+const BACKOFF_MS: u64 = 1000;
+/// How many answers to other (timed-out) requests we skip before giving up on the link.
+const MAX_STALE: usize = 4;
+/// Negative cache entries ("this destination is not pooled").
+const NEG_SLOTS: usize = 32;
+/// Keep the link out of the low fd numbers that programs tend to assume are theirs.
+const HIGH_FD: i32 = 512;
+
+#[derive(Clone, Copy)]
+struct Neg {
+    dest: Dest,
+    until_ms: u64,
+}
+
+struct State {
+    seq: u32,
+    retry_at_ms: u64,
+    neg: [Option<Neg>; NEG_SLOTS],
+    neg_next: usize,
+}
+
+static STATE: Mutex<State> = Mutex::new(State { seq: 0, retry_at_ms: 0, neg: [None; NEG_SLOTS], neg_next: 0 });
+
+thread_local! {
+    static FORK_GUARD: RefCell<Option<MutexGuard<'static, State>>> = const { RefCell::new(None) };
+}
+
+fn lock() -> MutexGuard<'static, State> {
+    STATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn now_ms() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into our timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Whether the daemon recently said `dest` is not pooled (no round trip needed).
+pub(crate) fn known_unpooled(dest: &Dest) -> bool {
+    let st = lock();
+    let now = now_ms();
+    st.neg.iter().flatten().any(|n| n.dest == *dest && n.until_ms > now)
+}
+
+/// Whether `fd` is our link to the daemon (the program must not be allowed to use it).
+pub(crate) fn is_link(fd: i32) -> bool {
+    fd >= 0 && CONN.load(Ordering::Relaxed) == fd
+}
+
+/// The link's fd number, or -1.
+pub(crate) fn link_fd() -> i32 {
+    CONN.load(Ordering::Relaxed)
+}
+
+/// The program closed or replaced our link's fd number: forget it without closing.
+pub(crate) fn forget_link(fd: i32) {
+    let _ = CONN.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+}
+
+fn drop_link() {
+    let fd = CONN.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: closing our own link fd through the real close.
+        unsafe { (real::get().close)(fd) };
+    }
+}
+
+fn open_link() -> Option<i32> {
+    let settings = SETTINGS.get()?;
+    let path = &settings.socket_path;
+    // SAFETY: sockaddr_un is plain old data.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    if path.len() > sun.sun_path.len() {
+        return None;
+    }
+    for (d, s) in sun.sun_path.iter_mut().zip(path.iter()) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket creation; ownership goes to OwnedFd at once.
+    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return None;
+    }
+    // SAFETY: raw is a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    let ms = settings.timeout_ms;
+    let tv = libc::timeval { tv_sec: (ms / 1000) as libc::time_t, tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t };
+    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
+        // SAFETY: setsockopt with a timeval of the right size.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+    }
+    // SAFETY: sun is a valid sockaddr_un; the real connect does not come back to us.
+    let r = unsafe {
+        (real::get().connect)(
+            sock.as_raw_fd(),
+            (&sun as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: F_DUPFD_CLOEXEC on our own fd; variadic call with one int.
+    let high = unsafe { (real::get().fcntl)(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+    if high >= 0 {
+        // SAFETY: sock's fd is ours; the duplicate replaces it.
+        unsafe { (real::get().close)(sock.into_raw_fd()) };
+        Some(high)
+    } else {
+        Some(sock.into_raw_fd())
+    }
+}
+
+/// Ask the daemon for a socket to `dest`. `None` means "run the real connect".
+pub(crate) fn acquire(dest: &Dest) -> Option<(OwnedFd, u64)> {
+    let mut st = lock();
+    let now = now_ms();
+    let mut fd = CONN.load(Ordering::Acquire);
+    if fd < 0 {
+        if now < st.retry_at_ms {
+            return None;
+        }
+        match open_link() {
+            Some(f) => {
+                CONN.store(f, Ordering::Release);
+                fd = f;
+            }
+            None => {
+                st.retry_at_ms = now + BACKOFF_MS;
+                wlog!("pool manager not reachable; running without it for {BACKOFF_MS} ms");
+                return None;
+            }
+        }
+    }
+    st.seq = st.seq.wrapping_add(1);
+    let seq = st.seq;
+    let mut buf = [0u8; 64];
+    let n = wire::encode(&Msg::Acquire(*dest), seq, &mut buf);
+    match round_trip(fd, &buf[..n], seq) {
+        Ok(Answer::Grant(sock, lease)) => Some((sock, lease)),
+        Ok(Answer::Miss { retry_after_ms }) => {
+            // "Not pooled": remember it so the next connect skips the round trip.
+            if retry_after_ms > 0 {
+                let i = st.neg_next % NEG_SLOTS;
+                st.neg[i] = Some(Neg { dest: *dest, until_ms: now + u64::from(retry_after_ms) });
+                st.neg_next = st.neg_next.wrapping_add(1);
+            }
+            None
+        }
+        Err(()) => {
+            drop_link();
+            st.retry_at_ms = now + BACKOFF_MS;
+            None
+        }
+    }
+}
+
+enum Answer {
+    Grant(OwnedFd, u64),
+    Miss { retry_after_ms: u32 },
+}
+
+/// Send one request and wait for the answer with the same sequence number.
+/// `Err` means the link is unusable.
+fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
+    if wire::unix::send(fd, req, None, 0).is_err() {
+        return Err(());
+    }
+    let mut buf = [0u8; 512];
+    for _ in 0..MAX_STALE {
+        let got = wire::unix::recv(fd, &mut buf, 0).map_err(|e| {
+            wlog!("pool manager did not answer: {e}");
+        })?;
+        if got.len == 0 || got.ctrunc {
+            return Err(());
+        }
+        let Ok((msg, got_seq)) = wire::decode(&buf[..got.len]) else { return Err(()) };
+        if got_seq != seq {
+            // The answer to a request we already gave up on: its fd (if any) is dropped here
+            // and the daemon ends that lease when we tell it.
+            if let Msg::Grant { lease, .. } = msg {
+                release(lease, Disposition::Implicit);
+            }
+            continue;
+        }
+        return Ok(match msg {
+            Msg::Grant { lease, .. } => match got.fd {
+                Some(sock) if table::fits(lease) => Answer::Grant(sock, lease),
+                _ => {
+                    release(lease, Disposition::Implicit);
+                    Answer::Miss { retry_after_ms: 0 }
+                }
+            },
+            Msg::Miss { retry_after_ms, .. } => Answer::Miss { retry_after_ms },
+            Msg::Error { text, .. } => {
+                wlog!("pool manager refused: {text}");
+                Answer::Miss { retry_after_ms: 0 }
+            }
+            _ => return Err(()),
+        });
+    }
+    Err(())
+}
+
+/// Tell the daemon a lease ended. No lock, no allocation, no answer; errno is preserved.
+pub(crate) fn release(lease: u64, disposition: Disposition) {
+    let fd = CONN.load(Ordering::Acquire);
+    if fd < 0 {
+        return;
+    }
+    // SAFETY: __errno_location returns this thread's errno.
+    let saved = unsafe { *libc::__errno_location() };
+    let mut buf = [0u8; 32];
+    let n = wire::encode(&Msg::Release { lease, disposition }, 0, &mut buf);
+    let _ = wire::unix::send(fd, &buf[..n], None, libc::MSG_DONTWAIT);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = saved };
+}
+
+extern "C" fn before_fork() {
+    let g = lock();
+    let _ = FORK_GUARD.try_with(|slot| *slot.borrow_mut() = Some(g));
+}
+
+extern "C" fn after_fork_parent() {
+    // The child now holds every leased socket too: none of them may be reused.
+    table::for_each(table::mark_shared);
+    let _ = FORK_GUARD.try_with(|slot| slot.borrow_mut().take());
+}
+
+extern "C" fn after_fork_child() {
+    // The parent's link and leases are not ours. Close our copy of the link (the parent keeps
+    // its own) and forget the leases: closing those fds here is a plain close.
+    table::clear();
+    let fd = CONN.swap(-1, Ordering::AcqRel);
+    if fd >= 0 {
+        // SAFETY: our inherited copy of the link fd.
+        unsafe { (real::get().close)(fd) };
+    }
+    let _ = FORK_GUARD.try_with(|slot| {
+        if let Some(mut g) = slot.borrow_mut().take() {
+            g.seq = 0;
+            g.retry_at_ms = 0;
+        }
+    });
+}
+
+pub(crate) fn install_fork_handlers() {
+    // SAFETY: registering plain extern "C" functions that never unwind.
+    unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
+}

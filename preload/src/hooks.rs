@@ -1,0 +1,370 @@
+//! The interposed libc functions. Each one either handles the call completely or falls
+//! through to the real function with the original arguments (a bypass); a panic or a
+//! reentrant call is always a bypass.
+
+use crate::log::wlog;
+use crate::{client, real, sockopt, table, OFF, SETTINGS};
+use libc::{c_char, c_int, c_uint, c_void, pid_t, sockaddr, socklen_t};
+use std::cell::Cell;
+use std::os::fd::{AsRawFd, IntoRawFd};
+use std::sync::atomic::Ordering;
+use wire::{Dest, Disposition};
+
+thread_local! {
+    static BUSY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks this thread as inside the shim; dropping it clears the mark.
+struct Entered;
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        let _ = BUSY.try_with(|b| b.set(false));
+    }
+}
+
+/// `Some` when the shim may act: it is on and this thread is not already inside it.
+fn enter() -> Option<Entered> {
+    if OFF.load(Ordering::Acquire) {
+        return None;
+    }
+    BUSY.try_with(|b| (!b.replace(true)).then_some(Entered)).ok().flatten()
+}
+
+fn set_errno(e: c_int) {
+    // SAFETY: this thread's errno.
+    unsafe { *libc::__errno_location() = e };
+}
+
+fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
+    let mut v: c_int = 0;
+    let mut len = std::mem::size_of::<c_int>() as socklen_t;
+    // SAFETY: an int-sized option into an int.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut c_int).cast(), &mut len) };
+    (r == 0).then_some(v)
+}
+
+/// The destination, if `addr` is an AF_INET/AF_INET6 address of the right length.
+///
+/// # Safety
+/// `addr` must be null or point at `len` readable bytes.
+unsafe fn dest_of(addr: *const sockaddr, len: socklen_t) -> Option<Dest> {
+    if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
+        return None;
+    }
+    // SAFETY: at least the family field is readable (checked above); the longer reads below
+    // are guarded by the length checks for each family.
+    unsafe {
+        match c_int::from((*addr).sa_family) {
+            libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
+                let sin = std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in>());
+                let mut a = [0u8; 16];
+                a[..4].copy_from_slice(&sin.sin_addr.s_addr.to_ne_bytes());
+                Some(Dest { domain: 4, port: u16::from_be(sin.sin_port), addr: a, scope_id: 0 })
+            }
+            libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                let sin6 = std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in6>());
+                Some(Dest { domain: 6, port: u16::from_be(sin6.sin6_port), addr: sin6.sin6_addr.s6_addr, scope_id: sin6.sin6_scope_id })
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Whether the program bound `fd` to a local address or port (then it is not ours to pool).
+fn is_bound(fd: c_int) -> bool {
+    // SAFETY: sockaddr_storage is plain old data; getsockname fills at most `len` bytes.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+    // SAFETY: as above.
+    if unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
+        return true;
+    }
+    let ptr = (&ss as *const libc::sockaddr_storage).cast::<sockaddr>();
+    // SAFETY: `ss` holds `len` bytes of a socket address written by the kernel.
+    match unsafe { dest_of(ptr, len) } {
+        Some(d) => d.port != 0 || d.addr != [0; 16],
+        None => true,
+    }
+}
+
+/// TCP state of `fd` from TCP_INFO (7 = CLOSE: a fresh, unconnected socket).
+fn tcp_state(fd: c_int) -> Option<u8> {
+    let mut info = [0u8; 8];
+    let mut len = info.len() as socklen_t;
+    // SAFETY: the kernel copies at most `len` bytes of tcp_info; byte 0 is tcpi_state.
+    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len) };
+    (r == 0 && len >= 1).then_some(info[0])
+}
+
+const TCP_CLOSE: u8 = 7;
+
+/// The pooled path of `connect()`. `None` = bypass (nothing was changed).
+///
+/// # Safety
+/// Same contract as `connect(2)`.
+unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
+    // SAFETY: the caller's addr/len, as connect(2) gets them.
+    let dest = unsafe { dest_of(addr, len) }?;
+    if table::contains(fd) || client::is_link(fd) || client::known_unpooled(&dest) {
+        return None;
+    }
+    let domain = if dest.domain == 4 { libc::AF_INET } else { libc::AF_INET6 };
+    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
+        || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
+        || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)? != domain
+        || tcp_state(fd)? != TCP_CLOSE
+        || is_bound(fd)
+        || sockopt::has_blocking_option(fd, domain)
+    {
+        return None;
+    }
+    if SETTINGS.get().is_none_or(|s| s.passthrough) {
+        return None;
+    }
+    let (pooled, lease) = client::acquire(&dest)?;
+    let real = real::get();
+    // SAFETY: F_GETFL/F_GETFD/F_SETFL on fds we were given; variadic calls with one int.
+    let (status, fdflags) = unsafe { ((real.fcntl)(fd, libc::F_GETFL), (real.fcntl)(fd, libc::F_GETFD)) };
+    if status < 0 || fdflags < 0 {
+        client::release(lease, Disposition::Implicit);
+        return None;
+    }
+    sockopt::replay(fd, pooled.as_raw_fd(), domain);
+    let nonblock = status & libc::O_NONBLOCK;
+    // SAFETY: as above, on the pooled socket.
+    unsafe {
+        let pfl = (real.fcntl)(pooled.as_raw_fd(), libc::F_GETFL);
+        (real.fcntl)(pooled.as_raw_fd(), libc::F_SETFL, (pfl & !libc::O_NONBLOCK) | nonblock);
+    }
+    let cloexec = if fdflags & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
+    let pooled_raw = pooled.into_raw_fd();
+    // SAFETY: dup3 replaces the program's unconnected socket with the pooled one, atomically.
+    let r = unsafe { (real.dup3)(pooled_raw, fd, cloexec) };
+    // SAFETY: our received fd, no longer needed either way.
+    unsafe { (real.close)(pooled_raw) };
+    if r < 0 {
+        client::release(lease, Disposition::Implicit);
+        return None;
+    }
+    table::insert(fd, lease);
+    wlog!("fd {fd}: pooled socket (lease {lease}) to {}", dest.socket_addr());
+    if nonblock != 0 {
+        set_errno(libc::EINPROGRESS);
+        Some(-1)
+    } else {
+        Some(0)
+    }
+}
+
+/// Interposed `connect(2)`.
+///
+/// # Safety
+/// Same contract as `connect(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
+    if let Some(_entered) = enter() {
+        // SAFETY: forwarding connect's own contract.
+        let handled = std::panic::catch_unwind(|| unsafe { pooled_connect(fd, addr, len) });
+        if let Ok(Some(r)) = handled {
+            return r;
+        }
+    }
+    // SAFETY: the real connect with the caller's arguments.
+    unsafe { (real::get().connect)(fd, addr, len) }
+}
+
+/// End the lease on `fd` (if any) after `op` closed or replaced the fd.
+fn around_close(fd: c_int, how: Disposition, op: impl FnOnce() -> c_int) -> c_int {
+    if client::is_link(fd) {
+        client::forget_link(fd);
+    }
+    let lease = if OFF.load(Ordering::Relaxed) { None } else { table::take(fd) };
+    let r = op();
+    if let Some(l) = lease {
+        client::release(l.id, if l.shared { Disposition::Shared } else { how });
+    }
+    r
+}
+
+/// Interposed `close(2)`: no lock, no allocation, no output (it may run in a signal handler,
+/// between fork and exec, or after the program closed stderr).
+///
+/// # Safety
+/// Same contract as `close(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn close(fd: c_int) -> c_int {
+    // SAFETY: the real close with the caller's fd.
+    around_close(fd, Disposition::Clean, || unsafe { (real::get().close)(fd) })
+}
+
+/// Interposed `dup(2)`: the source, if leased, is now shared.
+///
+/// # Safety
+/// Same contract as `dup(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn dup(fd: c_int) -> c_int {
+    // SAFETY: the real dup with the caller's fd.
+    let r = unsafe { (real::get().dup)(fd) };
+    if r >= 0 {
+        table::mark_shared(fd);
+    }
+    r
+}
+
+fn dup_onto(old: c_int, new: c_int, op: impl FnOnce() -> c_int) -> c_int {
+    if old == new {
+        return op();
+    }
+    let r = around_close(new, Disposition::Implicit, op);
+    if r >= 0 {
+        table::mark_shared(old);
+    }
+    r
+}
+
+/// Interposed `dup2(2)`.
+///
+/// # Safety
+/// Same contract as `dup2(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn dup2(old: c_int, new: c_int) -> c_int {
+    // SAFETY: the real dup2 with the caller's fds.
+    dup_onto(old, new, || unsafe { (real::get().dup2)(old, new) })
+}
+
+/// Interposed `dup3(2)`.
+///
+/// # Safety
+/// Same contract as `dup3(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
+    // SAFETY: the real dup3 with the caller's arguments.
+    dup_onto(old, new, || unsafe { (real::get().dup3)(old, new, flags) })
+}
+
+fn fcntl_common(fd: c_int, cmd: c_int, arg: usize, f: unsafe extern "C" fn(c_int, c_int, ...) -> c_int) -> c_int {
+    // SAFETY: forwards the caller's three words; fcntl's optional argument is one word.
+    let r = unsafe { f(fd, cmd, arg) };
+    if r >= 0 && (cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC) {
+        table::mark_shared(fd);
+    }
+    r
+}
+
+/// Interposed `fcntl(2)`. Stable Rust cannot define a C-variadic function; on the Linux ABIs
+/// we build for, fcntl's optional argument is passed in the third integer register, which is
+/// what this three-argument definition reads and forwards.
+///
+/// # Safety
+/// Same contract as `fcntl(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    fcntl_common(fd, cmd, arg, real::get().fcntl)
+}
+
+/// Interposed `fcntl64` (what glibc headers call with 64-bit offsets).
+///
+/// # Safety
+/// Same contract as `fcntl(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
+    fcntl_common(fd, cmd, arg, real::get().fcntl64)
+}
+
+/// Interposed `close_range(2)`: leases on closed fds end without reuse.
+///
+/// # Safety
+/// Same contract as `close_range(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
+    let closing = flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0;
+    let mut ended = [0u64; 64];
+    let mut n = 0;
+    if closing {
+        let in_range = |fd: c_int| (fd as c_uint) >= first && (fd as c_uint) <= last;
+        table::for_each(|fd| {
+            if in_range(fd) && n < ended.len() {
+                if let Some(l) = table::take(fd) {
+                    ended[n] = l.id;
+                    n += 1;
+                }
+            }
+        });
+        let link = client::link_fd();
+        if link >= 0 && in_range(link) {
+            client::forget_link(link);
+        }
+    }
+    // SAFETY: the real close_range with the caller's arguments.
+    let r = unsafe { (real::get().close_range)(first, last, flags) };
+    for id in &ended[..n] {
+        client::release(*id, Disposition::Implicit);
+    }
+    r
+}
+
+/// A child is about to inherit our fds: leased sockets it can see are shared from now on.
+fn mark_inheritable() {
+    table::for_each(|fd| {
+        // SAFETY: F_GETFD on a live fd.
+        let fl = unsafe { (real::get().fcntl)(fd, libc::F_GETFD) };
+        if fl >= 0 && fl & libc::FD_CLOEXEC == 0 {
+            table::mark_shared(fd);
+        }
+    });
+}
+
+/// Interposed `posix_spawn(3)`.
+///
+/// # Safety
+/// Same contract as `posix_spawn(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawn(
+    pid: *mut pid_t,
+    path: *const c_char,
+    actions: *const c_void,
+    attr: *const c_void,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    mark_inheritable();
+    match real::get().posix_spawn {
+        // SAFETY: the real posix_spawn with the caller's arguments.
+        Some(f) => unsafe { f(pid, path, actions, attr, argv, envp) },
+        None => libc::ENOSYS,
+    }
+}
+
+/// Interposed `posix_spawnp(3)`.
+///
+/// # Safety
+/// Same contract as `posix_spawnp(3)`.
+#[no_mangle]
+pub unsafe extern "C" fn posix_spawnp(
+    pid: *mut pid_t,
+    file: *const c_char,
+    actions: *const c_void,
+    attr: *const c_void,
+    argv: *const *mut c_char,
+    envp: *const *mut c_char,
+) -> c_int {
+    mark_inheritable();
+    match real::get().posix_spawnp {
+        // SAFETY: the real posix_spawnp with the caller's arguments.
+        Some(f) => unsafe { f(pid, file, actions, attr, argv, envp) },
+        None => libc::ENOSYS,
+    }
+}
+
+/// Interposed `execve(2)`: after `vfork` the parent shares our memory, so marking here
+/// protects the parent's leases too.
+///
+/// # Safety
+/// Same contract as `execve(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
+    mark_inheritable();
+    // SAFETY: the real execve with the caller's arguments.
+    unsafe { (real::get().execve)(path, argv, envp) }
+}

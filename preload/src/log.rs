@@ -1,0 +1,32 @@
+//! Diagnostics to stderr, only when `WARMPOOL_LOG` is set. Formats into a stack buffer and
+//! writes with one `write(2)`: no allocation, no locks. Never used on the close path.
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+
+pub(crate) fn enabled() -> bool {
+    crate::LOG.load(Ordering::Relaxed)
+}
+
+pub(crate) fn emit(args: std::fmt::Arguments<'_>) {
+    let mut buf = [0u8; 256];
+    let mut cur = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cur, "warmpool[{}]: ", std::process::id());
+    let _ = cur.write_fmt(args);
+    let mut n = cur.position() as usize;
+    if n >= buf.len() {
+        n = buf.len() - 1;
+    }
+    buf[n] = b'\n';
+    // SAFETY: writing our own buffer to fd 2; a closed stderr just fails.
+    unsafe { libc::write(2, buf.as_ptr().cast(), n + 1) };
+}
+
+macro_rules! wlog {
+    ($($t:tt)*) => {
+        if $crate::log::enabled() {
+            $crate::log::emit(format_args!($($t)*));
+        }
+    };
+}
+pub(crate) use wlog;

@@ -1,0 +1,92 @@
+//! Which fds of this process hold leased sockets: one `AtomicU64` per fd number, so the
+//! `close()` path needs no lock and no allocation (it may run in a signal handler or between
+//! `fork` and `exec`). Fds at or above [`MAX_FD`] are never pooled.
+//!
+//! Entry layout: 0 = no lease; otherwise bit 63 set, bit 62 = shared (dup'd or inherited by
+//! a child: never reusable), bits 0..48 = the lease id the daemon granted.
+
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+
+pub(crate) const MAX_FD: usize = 65_536;
+const PRESENT: u64 = 1 << 63;
+const SHARED: u64 = 1 << 62;
+const ID_MASK: u64 = (1 << 48) - 1;
+
+static LEASES: [AtomicU64; MAX_FD] = [const { AtomicU64::new(0) }; MAX_FD];
+/// Highest fd ever recorded, bounding the scans in [`for_each`].
+static HIGH: AtomicI32 = AtomicI32::new(-1);
+
+/// A lease as recorded for one fd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Lease {
+    pub(crate) id: u64,
+    pub(crate) shared: bool,
+}
+
+fn slot(fd: i32) -> Option<&'static AtomicU64> {
+    usize::try_from(fd).ok().and_then(|i| LEASES.get(i))
+}
+
+fn decode(v: u64) -> Option<Lease> {
+    (v & PRESENT != 0).then_some(Lease { id: v & ID_MASK, shared: v & SHARED != 0 })
+}
+
+/// Whether a lease id fits the table (the daemon allocates ids from 1 upward).
+pub(crate) fn fits(id: u64) -> bool {
+    id != 0 && id <= ID_MASK
+}
+
+/// Record a fresh lease on `fd` (returns false if the fd is out of range).
+pub(crate) fn insert(fd: i32, id: u64) -> bool {
+    let Some(s) = slot(fd) else { return false };
+    if s.swap(PRESENT | (id & ID_MASK), Ordering::AcqRel) == 0 {
+        crate::ACTIVE.fetch_add(1, Ordering::Relaxed);
+    }
+    HIGH.fetch_max(fd, Ordering::Relaxed);
+    true
+}
+
+/// Remove and return the lease on `fd`.
+pub(crate) fn take(fd: i32) -> Option<Lease> {
+    let s = slot(fd)?;
+    if s.load(Ordering::Relaxed) == 0 {
+        return None;
+    }
+    let l = decode(s.swap(0, Ordering::AcqRel));
+    if l.is_some() {
+        crate::ACTIVE.fetch_sub(1, Ordering::Relaxed);
+    }
+    l
+}
+
+/// Whether `fd` holds a lease.
+pub(crate) fn contains(fd: i32) -> bool {
+    slot(fd).is_some_and(|s| s.load(Ordering::Relaxed) != 0)
+}
+
+/// Mark the lease on `fd` shared (it was duplicated or inherited).
+pub(crate) fn mark_shared(fd: i32) {
+    if let Some(s) = slot(fd) {
+        let _ = s.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| (v != 0).then_some(v | SHARED));
+    }
+}
+
+/// Call `f(fd)` for every fd holding a lease.
+pub(crate) fn for_each(mut f: impl FnMut(i32)) {
+    if crate::ACTIVE.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    let high = HIGH.load(Ordering::Relaxed);
+    for fd in 0..=high {
+        if contains(fd) {
+            f(fd);
+        }
+    }
+}
+
+/// Forget every lease without telling anyone (in a fork child: they are the parent's).
+pub(crate) fn clear() {
+    for_each(|fd| {
+        let _ = take(fd);
+    });
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Sets up the machine, builds the workspace in release mode (the integration tests need
+# target/release/libwarmpool_preload.so next to pool-manager), then runs all tests
+# single-threaded. Extra arguments are passed to the test binaries, e.g.
+#   scripts/test.sh nginx_keepalive --nocapture
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+echo "test: running scripts/setup.sh"
+bash scripts/setup.sh
+
+echo "test: cargo build --release --workspace"
+cargo build --release --workspace
+
+echo "test: cargo test --release --workspace -- --test-threads=1 $*"
+set +e
+cargo test --release --workspace -- --test-threads=1 "$@"
+status=$?
+set -e
+echo "test: cargo test exited with status $status"
+exit "$status"
