@@ -1,1 +1,22 @@
+//! warmpool's pool manager: the per-node daemon that owns warm and reusable TCP
+//! connections and hands them to functions over a Unix socket.
+//!
+//! The shim ⇄ daemon wire protocol (version 1) is specified in the `warmpool-wire` crate,
+//! re-exported here as [`wire`]. The daemon is a library with a thin `main`: tests and
+//! benchmarks bind their own socket and call [`server::run`].
+//!
+//! Modules: [`config`] (TOML, flags, embedded default), [`defaults`] (every limit with its
+//! reason), [`pool`] (the sans-IO pool state machine), [`sock`] (kernel-state checks),
+//! [`tenant`] (who is asking, from the kernel), [`server`] (listener, clients, leases,
+//! maintenance), [`metrics`] and [`status`].
 
+pub mod config;
+pub mod defaults;
+pub mod metrics;
+pub mod pool;
+pub mod server;
+pub mod sock;
+pub mod status;
+pub mod tenant;
+
+pub use wire;

@@ -1,1 +1,190 @@
-fn main(){}
+//! `pool-manager`: serve, status, prewarm, config.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use pool_manager::config::{self, Config};
+use pool_manager::server::{self, Shared};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+#[derive(Parser, Debug)]
+#[command(name = "pool-manager", version, about = "warmpool: warm and reused TCP connections for serverless functions")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the daemon.
+    Serve {
+        /// Unix socket to listen on [default: /run/warmpool/pool.sock, or the config's].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// TOML configuration file (see `pool-manager config` for the embedded default).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Pool a destination: HOST:PORT=warm|reuse (repeatable). Only these are pooled.
+        #[arg(long = "pool", value_name = "HOST:PORT=POLICY")]
+        pools: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Log format.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+    /// Print the pools of a running daemon as a table.
+    Status {
+        /// The daemon's socket.
+        #[arg(long, default_value = pool_manager::defaults::SOCKET)]
+        socket: PathBuf,
+    },
+    /// Ask a running daemon to fill the caller's pools for these destinations now.
+    Prewarm {
+        /// The daemon's socket.
+        #[arg(long, default_value = pool_manager::defaults::SOCKET)]
+        socket: PathBuf,
+        /// Destinations, HOST:PORT.
+        #[arg(required = true)]
+        destinations: Vec<String>,
+    },
+    /// Print the embedded default configuration.
+    Config,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Serve { socket, config, pools, metrics, log_format } => {
+            init_tracing(&log_format);
+            let mut cfg = match &config {
+                Some(path) => Config::from_file(path)?,
+                None if pools.is_empty() => Config::default(),
+                None => {
+                    let mut c = Config::default();
+                    c.auto.enabled = false;
+                    c
+                }
+            };
+            for p in &pools {
+                cfg.add_pool_flag(p)?;
+            }
+            if let Some(s) = socket {
+                cfg.socket = s;
+            }
+            if metrics.is_some() {
+                cfg.metrics = metrics;
+            }
+            serve(cfg)
+        }
+        Cmd::Status { socket } => {
+            let text = request(&socket, &pool_manager::wire::Msg::Status)?;
+            print!("{}", pool_manager::status::align(&text));
+            Ok(())
+        }
+        Cmd::Prewarm { socket, destinations } => {
+            use std::net::ToSocketAddrs;
+            for d in destinations {
+                let addrs = d.to_socket_addrs().with_context(|| format!("resolving {d}"))?;
+                for a in addrs {
+                    let text = request(&socket, &pool_manager::wire::Msg::Prewarm(pool_manager::wire::Dest::from_socket_addr(a)))?;
+                    println!("{text}");
+                }
+            }
+            Ok(())
+        }
+        Cmd::Config => {
+            print!("{}", config::EMBEDDED_DEFAULT);
+            Ok(())
+        }
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+/// One request/answer with a running daemon (for the CLI).
+fn request(socket: &std::path::Path, msg: &pool_manager::wire::Msg<'_>) -> Result<String> {
+    use pool_manager::wire::{self, Msg};
+    let conn = server::connect_client(socket).with_context(|| format!("connecting to the pool manager at {}", socket.display()))?;
+    let mut buf = vec![0u8; wire::MAX_MESSAGE];
+    let n = wire::encode(msg, 1, &mut buf);
+    wire::unix::send(conn.as_raw_fd(), &buf[..n], None, 0)?;
+    let got = wire::unix::recv(conn.as_raw_fd(), &mut buf, 0)?;
+    match wire::decode(&buf[..got.len]) {
+        Ok((Msg::StatusReply(t), _)) => Ok(t.to_owned()),
+        Ok((Msg::Error { text, .. }, _)) => bail!("the pool manager refused: {text}"),
+        Ok((other, _)) => bail!("unexpected answer {other:?}"),
+        Err(e) => bail!("bad answer from the pool manager: {e}"),
+    }
+}
+
+fn keep_window_when_idle() {
+    const KNOB: &str = "/proc/sys/net/ipv4/tcp_slow_start_after_idle";
+    match std::fs::read_to_string(KNOB) {
+        Ok(v) if v.trim() == "0" => info!("{KNOB} is 0: idle pooled sockets keep their congestion window"),
+        Ok(_) => match std::fs::write(KNOB, "0") {
+            Ok(()) => info!("set {KNOB} = 0 in this network namespace so idle pooled sockets keep their congestion window"),
+            Err(e) => warn!("cannot set {KNOB} = 0 ({e}): pooled sockets idle longer than one RTO restart from the initial window"),
+        },
+        Err(e) => warn!("cannot read {KNOB}: {e}"),
+    }
+}
+
+fn serve(cfg: Config) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        if cfg.keep_window_when_idle {
+            keep_window_when_idle();
+        }
+        let path = cfg.socket.clone();
+        let listener = server::bind(&path, cfg.socket_mode)?;
+        let cancel = CancellationToken::new();
+        let metrics_addr = cfg.metrics;
+        info!(
+            socket = %path.display(),
+            pools = cfg.pools.len(),
+            auto = cfg.auto.enabled,
+            "pool manager listening"
+        );
+        let shared = Arc::new(Shared::new(cfg));
+        let mut metrics_task = None;
+        if let Some(addr) = metrics_addr {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;
+            info!(%addr, "metrics at http://{addr}/metrics");
+            metrics_task = Some(tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone())));
+        }
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = int.recv() => info!("SIGINT: stopping"),
+            }
+            stop.cancel();
+        });
+        let result = server::run(listener, shared, cancel.clone()).await;
+        cancel.cancel();
+        if let Some(t) = metrics_task {
+            let _ = t.await;
+        }
+        if let Err(e) = std::fs::remove_file(&path) {
+            warn!(error = %e, "removing {}", path.display());
+        }
+        result.context("serving")
+    })
+}

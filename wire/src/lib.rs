@@ -21,6 +21,9 @@
 //!   application's fd was closed. No reply. No fd: the daemon holds its own reference to
 //!   every socket it hands out.
 //! * `Status` (8 bytes): asks for the pool table. Reply: `StatusReply`.
+//! * `Prewarm` (32 bytes, laid out as `Acquire`): create the caller's pool for a destination
+//!   and fill it to `min_idle` now, before any function asks. Reply: `StatusReply` (a short
+//!   confirmation) or `Error`.
 //!
 //! Replies (daemon → client):
 //!
@@ -61,6 +64,8 @@ pub enum Kind {
     Release = 2,
     /// Ask for the pool table.
     Status = 3,
+    /// Fill the caller's pool for a destination ahead of demand.
+    Prewarm = 4,
     /// A socket is attached.
     Grant = 0x81,
     /// No socket: connect yourself.
@@ -77,6 +82,7 @@ impl Kind {
             1 => Self::Acquire,
             2 => Self::Release,
             3 => Self::Status,
+            4 => Self::Prewarm,
             0x81 => Self::Grant,
             0x82 => Self::Miss,
             0x83 => Self::StatusReply,
@@ -205,6 +211,8 @@ pub enum Msg<'a> {
     /// See the module docs.
     Status,
     /// See the module docs.
+    Prewarm(Dest),
+    /// See the module docs.
     Grant {
         /// Lease id, to be named in `Release`.
         lease: u64,
@@ -281,8 +289,8 @@ fn header(buf: &mut [u8], kind: Kind, seq: u32) {
 pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
     assert!(buf.len() >= 32, "encode buffer must hold at least 32 bytes");
     match *msg {
-        Msg::Acquire(d) => {
-            header(buf, Kind::Acquire, seq);
+        Msg::Acquire(d) | Msg::Prewarm(d) => {
+            header(buf, if matches!(msg, Msg::Acquire(_)) { Kind::Acquire } else { Kind::Prewarm }, seq);
             buf[8] = d.domain;
             buf[9] = 0;
             buf[10..12].copy_from_slice(&d.port.to_le_bytes());
@@ -357,7 +365,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         u64::from_le_bytes(b)
     };
     let msg = match kind {
-        Kind::Acquire => {
+        Kind::Acquire | Kind::Prewarm => {
             need(32)?;
             let domain = buf[8];
             if domain != 4 && domain != 6 {
@@ -365,12 +373,17 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
             }
             let mut addr = [0u8; 16];
             addr.copy_from_slice(&buf[12..28]);
-            Msg::Acquire(Dest {
+            let d = Dest {
                 domain,
                 port: u16::from_le_bytes([buf[10], buf[11]]),
                 addr,
                 scope_id: u32::from_le_bytes([buf[28], buf[29], buf[30], buf[31]]),
-            })
+            };
+            if kind == Kind::Acquire {
+                Msg::Acquire(d)
+            } else {
+                Msg::Prewarm(d)
+            }
         }
         Kind::Release => {
             need(17)?;
@@ -438,6 +451,7 @@ mod tests {
         roundtrip(Msg::Acquire(v6));
         roundtrip(Msg::Release { lease: u64::MAX - 3, disposition: Disposition::Shared });
         roundtrip(Msg::Status);
+        roundtrip(Msg::Prewarm(v6));
         roundtrip(Msg::Grant { lease: 9, source: Source::Reuse });
         roundtrip(Msg::Miss { reason: MissReason::NotPooled, retry_after_ms: 5000 });
         roundtrip(Msg::StatusReply("a\tb\n"));

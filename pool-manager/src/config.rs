@@ -1,0 +1,501 @@
+//! Configuration: a TOML file (`--config`), quick `--pool HOST:PORT=warm|reuse` flags, and
+//! the embedded default (pool every destination on first use as a bounded `warm` pool; reuse
+//! nothing unless configured). Everything is validated up front: a bad file is a clear error
+//! naming the field, never a daemon that half-starts.
+
+use crate::defaults;
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Configuration errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or has unknown or mistyped fields.
+    #[error("{path}: {source}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: Box<toml::de::Error>,
+    },
+    /// A `--pool` flag is not `HOST:PORT=warm|reuse`.
+    #[error("--pool {0:?}: expected HOST:PORT=warm|reuse")]
+    PoolFlag(String),
+    /// A destination did not resolve.
+    #[error("destination {dest:?}: {reason}")]
+    Destination {
+        /// As written.
+        dest: String,
+        /// Why.
+        reason: String,
+    },
+    /// A value is out of range.
+    #[error("{field}: {reason}")]
+    Invalid {
+        /// Which setting.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// What a destination's pool may hand out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Policy {
+    /// Only sockets that never carried application bytes: safe for any protocol.
+    Warm,
+    /// Warm, plus clean sockets given back by finished functions.
+    Reuse,
+}
+
+impl Policy {
+    /// Lower-case name.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Warm => "warm",
+            Self::Reuse => "reuse",
+        }
+    }
+}
+
+/// Check run on a socket right before hand-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Probe {
+    /// Only the kernel-state checks every socket gets.
+    None,
+    /// Send `PING`, expect `+PONG` (Redis and compatible servers).
+    RedisPing,
+}
+
+/// Per-destination settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolSettings {
+    /// Warm or reuse.
+    pub policy: Policy,
+    /// Sockets kept ready.
+    pub min_idle: usize,
+    /// Ready sockets kept at most.
+    pub max_idle: usize,
+    /// All sockets (any state) at most.
+    pub max_per_destination: usize,
+    /// Close sockets idle this long.
+    pub idle_timeout: Duration,
+    /// Close sockets this old.
+    pub max_lifetime: Duration,
+    /// Wait before a returned socket is reusable.
+    pub quarantine: Duration,
+    /// Hand-out probe.
+    pub probe: Probe,
+    /// Bound on the daemon's connects.
+    pub connect_timeout: Duration,
+}
+
+impl PoolSettings {
+    /// The defaults for a policy.
+    #[must_use]
+    pub fn with_policy(policy: Policy) -> Self {
+        Self {
+            policy,
+            min_idle: defaults::MIN_IDLE,
+            max_idle: defaults::MAX_IDLE,
+            max_per_destination: defaults::MAX_PER_DESTINATION,
+            idle_timeout: defaults::IDLE_TIMEOUT,
+            max_lifetime: defaults::MAX_LIFETIME,
+            quarantine: defaults::QUARANTINE,
+            probe: Probe::None,
+            connect_timeout: defaults::CONNECT_TIMEOUT,
+        }
+    }
+}
+
+/// How callers are grouped into tenants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum TenantBy {
+    /// Uid and cgroup: the default; functions of one user in different cgroups never share.
+    #[serde(rename = "uid+cgroup")]
+    UidAndCgroup,
+    /// Uid only (all cgroups of a uid share its pools).
+    #[serde(rename = "uid")]
+    Uid,
+}
+
+/// The embedded-default behaviour for destinations not configured explicitly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Auto {
+    /// Pool unconfigured destinations on first use.
+    pub enabled: bool,
+    /// Settings for those pools.
+    pub settings: Arc<PoolSettings>,
+    /// At most this many auto pools (per daemon).
+    pub max_destinations: usize,
+    /// Remove an auto pool unused for this long.
+    pub forget_after: Duration,
+}
+
+/// The daemon's whole configuration.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// Unix socket path.
+    pub socket: PathBuf,
+    /// Its permission bits.
+    pub socket_mode: u32,
+    /// Prometheus endpoint.
+    pub metrics: Option<SocketAddr>,
+    /// Tenant grouping.
+    pub tenant_by: TenantBy,
+    /// Set `net.ipv4.tcp_slow_start_after_idle = 0` so idle pooled sockets keep their window.
+    pub keep_window_when_idle: bool,
+    /// Destinations not listed.
+    pub auto: Auto,
+    /// Explicit pools, by resolved address (both the address as written and, for IPv4, its
+    /// IPv4-mapped IPv6 form).
+    pub pools: HashMap<SocketAddr, Arc<PoolSettings>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            socket: PathBuf::from(defaults::SOCKET),
+            socket_mode: defaults::SOCKET_MODE,
+            metrics: None,
+            tenant_by: TenantBy::UidAndCgroup,
+            keep_window_when_idle: true,
+            auto: Auto {
+                enabled: true,
+                settings: Arc::new(PoolSettings::with_policy(Policy::Warm)),
+                max_destinations: defaults::AUTO_MAX_DESTINATIONS,
+                forget_after: defaults::AUTO_FORGET_AFTER,
+            },
+            pools: HashMap::new(),
+        }
+    }
+}
+
+/// What the pool manager should do for a destination.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Configured explicitly.
+    Configured(Arc<PoolSettings>),
+    /// Pooled on first use under the auto settings.
+    Auto(Arc<PoolSettings>),
+    /// Not pooled.
+    NotPooled,
+}
+
+impl Config {
+    /// Settings for a destination.
+    #[must_use]
+    pub fn lookup(&self, dest: &SocketAddr) -> Lookup {
+        if let Some(s) = self.pools.get(dest) {
+            return Lookup::Configured(s.clone());
+        }
+        let unspecified_scope = match dest {
+            SocketAddr::V6(v6) if v6.scope_id() != 0 => {
+                let mut d = *v6;
+                d.set_scope_id(0);
+                self.pools.get(&SocketAddr::V6(d))
+            }
+            _ => None,
+        };
+        if let Some(s) = unspecified_scope {
+            return Lookup::Configured(s.clone());
+        }
+        if self.auto.enabled {
+            Lookup::Auto(self.auto.settings.clone())
+        } else {
+            Lookup::NotPooled
+        }
+    }
+
+    /// Add a pool for every address `dest` resolves to.
+    ///
+    /// # Errors
+    /// [`ConfigError::Destination`] if it does not resolve.
+    pub fn add_pool(&mut self, dest: &str, settings: PoolSettings) -> Result<(), ConfigError> {
+        let addrs: Vec<SocketAddr> = dest
+            .to_socket_addrs()
+            .map_err(|e| ConfigError::Destination { dest: dest.into(), reason: e.to_string() })?
+            .collect();
+        if addrs.is_empty() {
+            return Err(ConfigError::Destination { dest: dest.into(), reason: "resolves to no address".into() });
+        }
+        let settings = Arc::new(settings);
+        for a in addrs {
+            self.pools.insert(a, settings.clone());
+            if let SocketAddr::V4(v4) = a {
+                self.pools.insert(SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()), settings.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Parse a `--pool HOST:PORT=warm|reuse` flag and add it.
+    ///
+    /// # Errors
+    /// [`ConfigError::PoolFlag`] or [`ConfigError::Destination`].
+    pub fn add_pool_flag(&mut self, flag: &str) -> Result<(), ConfigError> {
+        let (dest, policy) = flag.rsplit_once('=').ok_or_else(|| ConfigError::PoolFlag(flag.into()))?;
+        let policy = match policy {
+            "warm" => Policy::Warm,
+            "reuse" => Policy::Reuse,
+            _ => return Err(ConfigError::PoolFlag(flag.into())),
+        };
+        self.add_pool(dest, PoolSettings::with_policy(policy))
+    }
+
+    /// Load a TOML file on top of the defaults.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`].
+    pub fn from_file(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::from_toml(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.into(), source },
+            other => other,
+        })
+    }
+
+    /// Parse TOML text on top of the defaults.
+    ///
+    /// # Errors
+    /// Any [`ConfigError`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let file: FileConfig =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::from("config"), source: Box::new(e) })?;
+        let mut c = Self::default();
+        if let Some(s) = file.socket {
+            c.socket = s;
+        }
+        if let Some(m) = file.socket_mode {
+            c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|v| *v <= 0o777)
+                .ok_or_else(|| ConfigError::Invalid { field: "socket_mode".into(), reason: format!("{m:?} is not octal permission bits like \"0660\"") })?;
+        }
+        if let Some(m) = file.metrics {
+            c.metrics = Some(m.parse().map_err(|_| ConfigError::Invalid { field: "metrics".into(), reason: format!("{m:?} is not ADDR:PORT") })?);
+        }
+        if let Some(t) = file.tenant {
+            c.tenant_by = t;
+        }
+        if let Some(k) = file.keep_window_when_idle {
+            c.keep_window_when_idle = k;
+        }
+        // Configuring anything means "pool what I configured": first-use pooling stays on
+        // only where the file says so with an [auto] section.
+        c.auto.enabled = false;
+        if let Some(a) = file.auto {
+            let policy = a.pool.policy.unwrap_or(Policy::Warm);
+            c.auto.enabled = a.enabled.unwrap_or(true);
+            c.auto.settings = Arc::new(a.pool.apply(PoolSettings::with_policy(policy), "auto")?);
+            c.auto.max_destinations = a.max_destinations.unwrap_or(c.auto.max_destinations);
+            if let Some(f) = a.forget_after {
+                c.auto.forget_after = parse_duration("auto.forget_after", &f)?;
+            }
+        }
+        for (i, p) in file.pool.into_iter().enumerate() {
+            let dest = p.destination.clone();
+            let policy = p.pool.policy.ok_or_else(|| ConfigError::Invalid {
+                field: format!("pool[{i}] ({dest})"),
+                reason: "policy is required: \"warm\" or \"reuse\"".into(),
+            })?;
+            let s = p.pool.apply(PoolSettings::with_policy(policy), &format!("pool[{i}] ({dest})"))?;
+            c.add_pool(&dest, s)?;
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    socket: Option<PathBuf>,
+    socket_mode: Option<String>,
+    metrics: Option<String>,
+    tenant: Option<TenantBy>,
+    keep_window_when_idle: Option<bool>,
+    auto: Option<FileAuto>,
+    #[serde(default)]
+    pool: Vec<FilePool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAuto {
+    enabled: Option<bool>,
+    max_destinations: Option<usize>,
+    forget_after: Option<String>,
+    #[serde(flatten)]
+    pool: FileSettings,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePool {
+    destination: String,
+    #[serde(flatten)]
+    pool: FileSettings,
+}
+
+#[derive(Debug, Deserialize, Default)]
+struct FileSettings {
+    policy: Option<Policy>,
+    min_idle: Option<usize>,
+    max_idle: Option<usize>,
+    max_per_destination: Option<usize>,
+    idle_timeout: Option<String>,
+    max_lifetime: Option<String>,
+    quarantine: Option<String>,
+    probe: Option<Probe>,
+    connect_timeout: Option<String>,
+}
+
+impl FileSettings {
+    fn apply(self, mut s: PoolSettings, at: &str) -> Result<PoolSettings, ConfigError> {
+        let dur = |name: &str, v: Option<String>, d: Duration| -> Result<Duration, ConfigError> {
+            v.map_or(Ok(d), |v| parse_duration(&format!("{at}.{name}"), &v))
+        };
+        s.min_idle = self.min_idle.unwrap_or(s.min_idle);
+        s.max_idle = self.max_idle.unwrap_or(s.max_idle);
+        s.max_per_destination = self.max_per_destination.unwrap_or(s.max_per_destination);
+        s.idle_timeout = dur("idle_timeout", self.idle_timeout, s.idle_timeout)?;
+        s.max_lifetime = dur("max_lifetime", self.max_lifetime, s.max_lifetime)?;
+        s.quarantine = dur("quarantine", self.quarantine, s.quarantine)?;
+        s.connect_timeout = dur("connect_timeout", self.connect_timeout, s.connect_timeout)?;
+        s.probe = self.probe.unwrap_or(s.probe);
+        let invalid = |reason: &str| Err(ConfigError::Invalid { field: at.into(), reason: reason.into() });
+        if s.min_idle > s.max_idle {
+            return invalid("min_idle must not exceed max_idle");
+        }
+        if s.max_idle > s.max_per_destination {
+            return invalid("max_idle must not exceed max_per_destination");
+        }
+        if s.max_per_destination == 0 {
+            return invalid("max_per_destination must be at least 1");
+        }
+        Ok(s)
+    }
+}
+
+/// Parse `"250ms"`, `"5s"`, `"10m"`, `"1h"`, `"100us"`.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `field`.
+pub fn parse_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().map_err(|_| ConfigError::Invalid { field: field.into(), reason: format!("{s:?} is not a duration like \"250ms\" or \"30s\"") })?;
+    let secs = match unit.trim() {
+        "us" | "µs" => n / 1e6,
+        "ms" => n / 1e3,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(ConfigError::Invalid { field: field.into(), reason: format!("{s:?}: unit must be us, ms, s, m or h") }),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// The embedded default configuration, as a file (shown by `pool-manager config`).
+pub const EMBEDDED_DEFAULT: &str = r#"# warmpool embedded default: every destination a function connects to becomes a small
+# warm pool on first use (pre-connected sockets, never reused: safe for any protocol).
+socket = "/run/warmpool/pool.sock"
+socket_mode = "0666"
+tenant = "uid+cgroup"
+keep_window_when_idle = true
+
+[auto]
+enabled = true
+policy = "warm"
+max_destinations = 64
+forget_after = "10m"
+min_idle = 1
+max_idle = 8
+max_per_destination = 64
+idle_timeout = "50s"
+max_lifetime = "10m"
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_matches_the_built_in_one() {
+        let c = Config::from_toml(EMBEDDED_DEFAULT).unwrap();
+        let d = Config::default();
+        assert_eq!(c.auto, d.auto);
+        assert_eq!(c.socket, d.socket);
+        assert_eq!(c.socket_mode, d.socket_mode);
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::from_toml(
+            r#"
+            metrics = "127.0.0.1:9464"
+            [auto]
+            enabled = false
+            [[pool]]
+            destination = "127.0.0.1:6379"
+            policy = "reuse"
+            min_idle = 2
+            quarantine = "2ms"
+            probe = "redis-ping"
+            "#,
+        )
+        .unwrap();
+        assert!(!c.auto.enabled);
+        let Lookup::Configured(s) = c.lookup(&"127.0.0.1:6379".parse().unwrap()) else { panic!() };
+        assert_eq!((s.policy, s.min_idle, s.probe), (Policy::Reuse, 2, Probe::RedisPing));
+        assert_eq!(s.quarantine, Duration::from_millis(2));
+        assert!(matches!(c.lookup(&"[::ffff:127.0.0.1]:6379".parse().unwrap()), Lookup::Configured(_)));
+        assert!(matches!(c.lookup(&"127.0.0.1:1".parse().unwrap()), Lookup::NotPooled));
+    }
+
+    #[test]
+    fn bad_input_names_the_problem() {
+        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"sometimes\"\n").unwrap_err();
+        assert!(e.to_string().contains("sometimes"), "{e}");
+        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(e.to_string().contains("policy is required"), "{e}");
+        let e = Config::from_toml("bogus = 1\n").unwrap_err();
+        assert!(e.to_string().contains("bogus"), "{e}");
+        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"warm\"\nidle_timeout = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("idle_timeout"), "{e}");
+        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"warm\"\nmin_idle = 9\nmax_idle = 2\n").unwrap_err();
+        assert!(e.to_string().contains("min_idle"), "{e}");
+        let mut c = Config::default();
+        assert!(matches!(c.add_pool_flag("127.0.0.1:80"), Err(ConfigError::PoolFlag(_))));
+        assert!(matches!(c.add_pool_flag("127.0.0.1:80=maybe"), Err(ConfigError::PoolFlag(_))));
+        c.add_pool_flag("127.0.0.1:80=reuse").unwrap();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("x", "250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("x", "1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("x", "10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("x", "100us").unwrap(), Duration::from_micros(100));
+        assert!(parse_duration("x", "5 parsecs").is_err());
+    }
+}

@@ -1,0 +1,50 @@
+//! Every timeout and limit the daemon uses by default, with the reason for its value.
+
+use std::time::Duration;
+
+/// Where functions find the daemon; `/run` is a tmpfs cleared at boot, so no stale socket
+/// survives a reboot.
+pub const SOCKET: &str = "/run/warmpool/pool.sock";
+/// Any local uid may ask: tenants are told apart by the kernel's credentials, not by access
+/// to the socket. Tighten with `socket_mode` where only some uids should use the pool.
+pub const SOCKET_MODE: u32 = 0o666;
+/// Pending connections on the Unix socket: a burst of function start-ups connects at once.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
+/// Sockets kept ready per destination: one covers sequential invocations, the common case;
+/// raise it for bursts.
+pub const MIN_IDLE: usize = 1;
+/// Idle sockets kept per destination before returned ones are closed.
+pub const MAX_IDLE: usize = 8;
+/// All sockets per destination (idle, quarantined, leased, connecting): a bound on what one
+/// tenant can make the daemon hold open against a server.
+pub const MAX_PER_DESTINATION: usize = 64;
+/// Below typical server idle timeouts (nginx 75 s, many load balancers 60 s), so the pool
+/// closes first and rarely meets a half-closed socket.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
+/// Spreads load across server restarts and DNS changes; no socket is older than this.
+pub const MAX_LIFETIME: Duration = Duration::from_secs(600);
+/// How long a returned socket waits before reuse; a late reply to an abandoned request
+/// usually arrives within this and gets the socket discarded. Loopback and same-rack RTTs
+/// are well below it.
+pub const QUARANTINE: Duration = Duration::from_millis(5);
+/// Bound on the daemon's own connects to a destination.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on a hand-out probe (e.g. Redis PING).
+pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+
+/// How often every pool is swept: idle timeouts, peer closes, quarantine, refills.
+pub const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// After a failed connect, the pool waits this long before trying the destination again,
+/// so a down server is not hammered.
+pub const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
+/// "Not pooled" answers tell the shim not to ask again for this long: unpooled destinations
+/// then cost no round trip, and a config change is seen within seconds.
+pub const NOT_POOLED_RETRY_MS: u32 = 5_000;
+/// Destinations pooled on first use (embedded default): bounds the daemon's memory and the
+/// sockets it keeps for whatever functions happen to contact.
+pub const AUTO_MAX_DESTINATIONS: usize = 64;
+/// An auto pool nobody asked for within this long is removed with its sockets.
+pub const AUTO_FORGET_AFTER: Duration = Duration::from_secs(600);
+/// Hand-out attempts when checks or probes discard candidates.
+pub const HANDOUT_ATTEMPTS: usize = 4;

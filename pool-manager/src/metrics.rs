@@ -1,0 +1,188 @@
+//! Prometheus metrics: process-wide counters (atomics, bumped on the hand-out path without
+//! locks) plus per-pool gauges read from the pool table when `/metrics` is scraped.
+
+use crate::server::Shared;
+use crate::sock::{self, Discard};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+/// Hand-out latency buckets, in microseconds (daemon-side: request received → reply sent).
+pub const LATENCY_BUCKETS_US: [u64; 12] = [2, 5, 10, 20, 50, 100, 200, 500, 1_000, 5_000, 20_000, 100_000];
+
+/// Process-wide counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Warm hand-outs.
+    pub handout_warm: AtomicU64,
+    /// Reuse hand-outs.
+    pub handout_reuse: AtomicU64,
+    /// Pooled destination, nothing ready: the function connected itself.
+    pub miss_empty: AtomicU64,
+    /// Destination at its limit.
+    pub miss_at_limit: AtomicU64,
+    /// Destination not pooled.
+    pub not_pooled: AtomicU64,
+    /// Requests refused (malformed, unknown tenant).
+    pub errors: AtomicU64,
+    /// Clean give-backs that went to quarantine.
+    pub returned: AtomicU64,
+    /// Discards by reason (index = position in [`Discard::ALL`]).
+    discards: [AtomicU64; Discard::ALL.len()],
+    /// Daemon connects that succeeded / failed.
+    pub connects_ok: AtomicU64,
+    /// Failed connects.
+    pub connects_failed: AtomicU64,
+    /// Client connections accepted.
+    pub clients: AtomicU64,
+    latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
+    latency_sum_ns: AtomicU64,
+}
+
+impl Metrics {
+    /// Count a discarded socket.
+    pub fn discard(&self, why: Discard) {
+        if let Some(i) = Discard::ALL.iter().position(|d| *d == why) {
+            self.discards[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Discards so far for one reason.
+    pub fn discarded(&self, why: Discard) -> u64 {
+        Discard::ALL.iter().position(|d| *d == why).map_or(0, |i| self.discards[i].load(Ordering::Relaxed))
+    }
+
+    /// Record one hand-out's daemon-side latency.
+    pub fn observe_handout(&self, d: Duration) {
+        let us = d.as_micros() as u64;
+        let i = LATENCY_BUCKETS_US.iter().position(|b| us <= *b).unwrap_or(LATENCY_BUCKETS_US.len());
+        self.latency_buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_ns.fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// Render the Prometheus text exposition.
+pub fn render(shared: &Shared) -> String {
+    let m = &shared.metrics;
+    let mut o = String::with_capacity(4096);
+    let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let _ = writeln!(o, "# HELP warmpool_handouts_total Connect requests answered, by outcome (miss: the function connected itself).");
+    let _ = writeln!(o, "# TYPE warmpool_handouts_total counter");
+    let _ = writeln!(o, "warmpool_handouts_total{{kind=\"warm\"}} {}", c(&m.handout_warm));
+    let _ = writeln!(o, "warmpool_handouts_total{{kind=\"reuse\"}} {}", c(&m.handout_reuse));
+    let _ = writeln!(o, "warmpool_handouts_total{{kind=\"miss\"}} {}", c(&m.miss_empty) + c(&m.miss_at_limit));
+    let _ = writeln!(o, "# HELP warmpool_fallbacks_total Requests answered with \"connect yourself\", by reason.");
+    let _ = writeln!(o, "# TYPE warmpool_fallbacks_total counter");
+    let _ = writeln!(o, "warmpool_fallbacks_total{{reason=\"empty\"}} {}", c(&m.miss_empty));
+    let _ = writeln!(o, "warmpool_fallbacks_total{{reason=\"at_limit\"}} {}", c(&m.miss_at_limit));
+    let _ = writeln!(o, "warmpool_fallbacks_total{{reason=\"not_pooled\"}} {}", c(&m.not_pooled));
+    let _ = writeln!(o, "warmpool_fallbacks_total{{reason=\"error\"}} {}", c(&m.errors));
+    let _ = writeln!(o, "# HELP warmpool_returned_total Sockets given back clean and quarantined for reuse.");
+    let _ = writeln!(o, "# TYPE warmpool_returned_total counter");
+    let _ = writeln!(o, "warmpool_returned_total {}", c(&m.returned));
+    let _ = writeln!(o, "# HELP warmpool_discarded_total Sockets closed instead of pooled or handed out, by reason.");
+    let _ = writeln!(o, "# TYPE warmpool_discarded_total counter");
+    for (i, d) in Discard::ALL.iter().enumerate() {
+        let _ = writeln!(o, "warmpool_discarded_total{{reason=\"{}\"}} {}", d.name(), c(&m.discards[i]));
+    }
+    let _ = writeln!(o, "# TYPE warmpool_connects_total counter");
+    let _ = writeln!(o, "warmpool_connects_total{{result=\"ok\"}} {}", c(&m.connects_ok));
+    let _ = writeln!(o, "warmpool_connects_total{{result=\"failed\"}} {}", c(&m.connects_failed));
+    let _ = writeln!(o, "# TYPE warmpool_clients_total counter");
+    let _ = writeln!(o, "warmpool_clients_total {}", c(&m.clients));
+    let _ = writeln!(o, "# HELP warmpool_handout_latency_seconds Daemon-side time from request to reply with a socket.");
+    let _ = writeln!(o, "# TYPE warmpool_handout_latency_seconds histogram");
+    let mut cum = 0;
+    for (i, b) in LATENCY_BUCKETS_US.iter().enumerate() {
+        cum += c(&m.latency_buckets[i]);
+        let _ = writeln!(o, "warmpool_handout_latency_seconds_bucket{{le=\"{}\"}} {cum}", *b as f64 / 1e6);
+    }
+    cum += c(&m.latency_buckets[LATENCY_BUCKETS_US.len()]);
+    let _ = writeln!(o, "warmpool_handout_latency_seconds_bucket{{le=\"+Inf\"}} {cum}");
+    let _ = writeln!(o, "warmpool_handout_latency_seconds_sum {}", c(&m.latency_sum_ns) as f64 / 1e9);
+    let _ = writeln!(o, "warmpool_handout_latency_seconds_count {cum}");
+
+    let _ = writeln!(o, "# HELP warmpool_pool_sockets Sockets per pool and state.");
+    let _ = writeln!(o, "# TYPE warmpool_pool_sockets gauge");
+    let mut cwnd_lines = String::new();
+    {
+        let pools = shared.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (key, pool) in pools.iter() {
+            let labels = format!(
+                "dest=\"{}\",uid=\"{}\",cgroup=\"{}\",policy=\"{}\"",
+                key.dest,
+                key.tenant.uid,
+                escape(&key.tenant.cgroup),
+                pool.settings.policy.name()
+            );
+            let (idle, quar, leased, connecting) = pool.counts();
+            for (state, n) in [("idle", idle), ("quarantine", quar), ("leased", leased), ("connecting", connecting)] {
+                let _ = writeln!(o, "warmpool_pool_sockets{{{labels},state=\"{state}\"}} {n}");
+            }
+            for s in pool.idle_sockets() {
+                use std::os::fd::AsRawFd;
+                let fd = s.fd.as_raw_fd();
+                let _ = writeln!(cwnd_lines, "warmpool_pooled_socket_cwnd{{{labels},local_port=\"{}\"}} {}", sock::local_port(fd), sock::cwnd(fd));
+            }
+        }
+    }
+    let _ = writeln!(o, "# HELP warmpool_pooled_socket_cwnd Congestion window (segments) of each idle pooled socket, from TCP_INFO.");
+    let _ = writeln!(o, "# TYPE warmpool_pooled_socket_cwnd gauge");
+    o.push_str(&cwnd_lines);
+    o
+}
+
+/// Serve `/metrics` (and `/ready`) on `listener` until cancelled. A deliberately tiny
+/// HTTP/1.0 responder: one request per connection, bounded reads.
+pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut conn, _)) = accepted else { continue };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            let read = tokio::time::timeout(Duration::from_secs(2), async {
+                while n < buf.len() {
+                    let r = conn.read(&mut buf[n..]).await?;
+                    if r == 0 {
+                        break;
+                    }
+                    n += r;
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") || buf[..n].windows(2).any(|w| w == b"\n\n") {
+                        break;
+                    }
+                }
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("");
+            let (status, body) = match path {
+                "/metrics" => ("200 OK", render(&shared)),
+                "/ready" | "/healthz" => ("200 OK", "ready\n".to_owned()),
+                _ => ("404 Not Found", "try /metrics\n".to_owned()),
+            };
+            let head = format!(
+                "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes()).await;
+            let _ = conn.write_all(body.as_bytes()).await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,612 @@
+//! The daemon: a Unix `SOCK_SEQPACKET` listener, one task per client process, a maintenance
+//! task, and the pool table they share.
+//!
+//! Data flow: a client task decodes a request, takes a socket from its tenant's [`Pool`]
+//! under the table lock (no I/O under the lock beyond non-blocking checks), and sends it with
+//! `SCM_RIGHTS`. The socket itself stays in the task's lease map: the daemon's own reference,
+//! so a process that dies without `close()` cannot leak or smuggle it back. A `Release`
+//! moves it through the return check into quarantine or closes it; the end of the client
+//! connection closes every lease it still holds. Refills run as spawned connect tasks that
+//! put their socket into the pool when done. The maintenance task sweeps every
+//! [`defaults::SWEEP_INTERVAL`].
+
+use crate::config::{Config, Lookup, Policy, Probe};
+use crate::metrics::Metrics;
+use crate::pool::{Pool, Take};
+use crate::sock::{self, Discard};
+use crate::tenant::{self, Peer, Tenant};
+use crate::{defaults, status};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+use tokio::io::unix::AsyncFd;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wire::{Disposition, ErrorCode, Msg, MissReason, Source};
+
+/// A socket held by the daemon.
+#[derive(Debug)]
+pub struct PooledSock {
+    /// The daemon's reference.
+    pub fd: OwnedFd,
+}
+
+/// Pools are keyed by tenant and destination: they never cross tenants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    /// Who.
+    pub tenant: Tenant,
+    /// Where (as the application asked: IPv4, IPv6 or IPv4-mapped IPv6).
+    pub dest: SocketAddr,
+}
+
+/// State shared by every task.
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration.
+    pub config: Config,
+    /// The pool table.
+    pub pools: Mutex<HashMap<PoolKey, Pool<PooledSock>>>,
+    /// Counters.
+    pub metrics: Metrics,
+    next_lease: AtomicU64,
+    daemon_uid: u32,
+}
+
+impl Shared {
+    /// Fresh state for a configuration.
+    #[must_use]
+    pub fn new(config: Config) -> Self {
+        Self {
+            config,
+            pools: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            next_lease: AtomicU64::new(1),
+            // SAFETY: geteuid has no preconditions.
+            daemon_uid: unsafe { libc::geteuid() },
+        }
+    }
+
+    /// The daemon's effective uid.
+    #[must_use]
+    pub fn daemon_uid(&self) -> u32 {
+        self.daemon_uid
+    }
+
+    /// Lock the pool table (a panic elsewhere must not wedge the daemon).
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Pool<PooledSock>>> {
+        self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn discard_all(&self, discarded: Vec<(PooledSock, Discard)>) {
+        for (s, why) in discarded {
+            self.metrics.discard(why);
+            drop(s);
+        }
+    }
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Another daemon answers on the socket path.
+    #[error("{0} is in use by a running pool manager")]
+    InUse(PathBuf),
+    /// A system call failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn sockaddr_un(path: &Path) -> std::io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain old data.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let b = path.as_os_str().as_bytes();
+    if b.len() >= sun.sun_path.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "socket path too long"));
+    }
+    for (d, s) in sun.sun_path.iter_mut().zip(b) {
+        *d = *s as libc::c_char;
+    }
+    Ok((sun, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
+}
+
+fn seqpacket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket creation; the fd goes straight into an OwnedFd.
+    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) })?;
+    // SAFETY: fresh fd, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connect to a daemon's socket (blocking, for the CLI).
+///
+/// # Errors
+/// The connect error.
+pub fn connect_client(path: &Path) -> std::io::Result<OwnedFd> {
+    let (sun, len) = sockaddr_un(path)?;
+    // SAFETY: plain socket creation.
+    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sun is a valid address of `len` bytes.
+    cvt(unsafe { libc::connect(sock.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) })?;
+    Ok(sock)
+}
+
+/// Bind the listening socket: creates the directory, refuses to steal a live daemon's socket,
+/// replaces a stale one, applies `mode`.
+///
+/// # Errors
+/// See [`ServeError`].
+pub fn bind(path: &Path, mode: u32) -> Result<OwnedFd, ServeError> {
+    let io = |what, source| ServeError::Io { what, path: path.into(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+    }
+    if path.exists() {
+        if connect_client(path).is_ok() {
+            return Err(ServeError::InUse(path.into()));
+        }
+        std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;
+    }
+    let (sun, len) = sockaddr_un(path).map_err(|e| io("socket path", e))?;
+    let sock = seqpacket().map_err(|e| io("creating socket for", e))?;
+    // SAFETY: sun is a valid address of `len` bytes.
+    cvt(unsafe { libc::bind(sock.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) }).map_err(|e| io("binding", e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io("setting permissions of", e))?;
+    // SAFETY: listen on our bound socket.
+    cvt(unsafe { libc::listen(sock.as_raw_fd(), defaults::LISTEN_BACKLOG) }).map_err(|e| io("listening on", e))?;
+    Ok(sock)
+}
+
+/// Run the daemon on a bound listener until `cancel` fires; then close every pooled and
+/// leased socket and return. The caller removes the socket file.
+///
+/// # Errors
+/// If the listener cannot be registered with the reactor.
+pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationToken) -> std::io::Result<()> {
+    // SAFETY: AsyncFd owns the OwnedFd, so the fd stays open exactly as long as it is registered.
+    let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut tasks = JoinSet::new();
+    tasks.spawn(maintain(shared.clone(), cancel.clone()));
+    loop {
+        let mut guard = tokio::select! {
+            () = cancel.cancelled() => break,
+            g = listener.readable() => g?,
+        };
+        let accepted = guard.try_io(|l| {
+            // SAFETY: accept4 on our listener; the new fd goes straight into an OwnedFd.
+            let fd = unsafe {
+                libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            };
+            // SAFETY: on success, a fresh fd we own.
+            cvt(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        });
+        match accepted {
+            Ok(Ok(conn)) => {
+                shared.metrics.clients.fetch_add(1, Ordering::Relaxed);
+                tasks.spawn(client(shared.clone(), conn, cancel.clone()));
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "accept failed");
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+            Err(_would_block) => {}
+        }
+        // Reap finished client tasks so the set does not grow with every client ever seen.
+        while tasks.try_join_next().is_some() {}
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let mut pools = shared.lock();
+    let mut n = 0;
+    for pool in pools.values_mut() {
+        n += pool.drain().len();
+    }
+    pools.clear();
+    info!(closed = n, "pool manager stopped; pooled sockets closed");
+    Ok(())
+}
+
+/// A socket handed out, as the daemon remembers it.
+#[derive(Debug)]
+struct Lease {
+    sock: PooledSock,
+    key: PoolKey,
+    created: Instant,
+    at_handout: sock::Counters,
+    policy: Policy,
+}
+
+/// Serves one client process (one connection) until it goes away.
+async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: CancellationToken) {
+    let peer = tenant::identify(conn.as_raw_fd(), shared.config.tenant_by);
+    match &peer {
+        Ok(p) => debug!(pid = p.pid, uid = p.tenant.uid, cgroup = %p.tenant.cgroup, "client connected"),
+        Err(e) => warn!(error = %e, "cannot identify client; it will get no sockets"),
+    }
+    // SAFETY: AsyncFd owns the OwnedFd, so the fd stays open exactly as long as it is registered.
+    let Ok(conn) = (unsafe { AsyncFd::register(conn) }) else { return };
+    let mut leases: HashMap<u64, Lease> = HashMap::new();
+    let mut buf = vec![0u8; 512];
+    loop {
+        let mut guard = tokio::select! {
+            () = cancel.cancelled() => break,
+            g = conn.readable() => match g { Ok(g) => g, Err(_) => break },
+        };
+        let got = match guard.try_io(|c| wire::unix::recv(c.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT)) {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => break,
+            Err(_would_block) => continue,
+        };
+        if got.len == 0 && got.fd.is_none() {
+            break; // EOF: the process is gone (or closed its link)
+        }
+        let reply = if got.fd.is_some() || got.extra_fds > 0 || got.ctrunc {
+            // Dropping `got` closes every fd that arrived: none is expected from a client.
+            Some(Reply::error(0, ErrorCode::UnexpectedFd, "no request carries a file descriptor".into()))
+        } else if got.truncated {
+            Some(Reply::error(0, ErrorCode::Malformed, "message too long".into()))
+        } else {
+            match &peer {
+                Ok(p) => handle(&shared, p, &buf[..got.len], &mut leases).await,
+                Err(e) => {
+                    let seq = wire::decode(&buf[..got.len]).map_or(0, |(_, s)| s);
+                    Some(Reply::error(seq, ErrorCode::Denied, format!("client not identified: {e}")))
+                }
+            }
+        };
+        if let Some(r) = reply {
+            if !send_reply(&conn, r).await {
+                break;
+            }
+        }
+    }
+    // Whatever is still leased was not given back cleanly: close it, never reuse it.
+    if !leases.is_empty() {
+        let mut pools = shared.lock();
+        for (_, l) in leases.drain() {
+            if let Some(p) = pools.get_mut(&l.key) {
+                p.lease_ended();
+                p.stats.discarded += 1;
+            }
+            shared.metrics.discard(Discard::LeaseLost);
+        }
+    }
+}
+
+/// A reply and the fd to attach.
+#[derive(Debug)]
+struct Reply {
+    bytes: Vec<u8>,
+    fd: Option<i32>,
+}
+
+impl Reply {
+    fn msg(m: &Msg<'_>, seq: u32) -> Self {
+        let mut bytes = vec![0u8; wire::MAX_MESSAGE];
+        let n = wire::encode(m, seq, &mut bytes);
+        bytes.truncate(n);
+        Self { bytes, fd: None }
+    }
+    fn error(seq: u32, code: ErrorCode, text: String) -> Self {
+        Self::msg(&Msg::Error { code, text: &text }, seq)
+    }
+    fn miss(seq: u32, reason: MissReason, retry_after_ms: u32) -> Self {
+        Self::msg(&Msg::Miss { reason, retry_after_ms }, seq)
+    }
+}
+
+async fn send_reply(conn: &AsyncFd<OwnedFd>, r: Reply) -> bool {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match wire::unix::send(conn.as_raw_fd(), &r.bytes, r.fd, libc::MSG_DONTWAIT) {
+            Ok(_) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let ready = tokio::time::timeout_at(deadline, conn.writable()).await;
+                match ready {
+                    Ok(Ok(mut g)) => g.clear_ready(),
+                    _ => return false,
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+}
+
+async fn handle(shared: &Arc<Shared>, peer: &Peer, buf: &[u8], leases: &mut HashMap<u64, Lease>) -> Option<Reply> {
+    let (msg, seq) = match wire::decode(buf) {
+        Ok(m) => m,
+        Err(e) => {
+            shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Some(Reply::error(0, e.code(), e.to_string()));
+        }
+    };
+    match msg {
+        Msg::Acquire(d) => {
+            let started = Instant::now();
+            let (reply, lease) = acquire(shared, &peer.tenant, d.socket_addr(), seq, started).await;
+            if let Some((id, l)) = lease {
+                let mut r = reply;
+                r.fd = Some(l.sock.fd.as_raw_fd());
+                leases.insert(id, l);
+                // The fd stays open in `leases` while it is sent.
+                Some(r)
+            } else {
+                Some(reply)
+            }
+        }
+        Msg::Release { lease, disposition } => {
+            if let Some(l) = leases.remove(&lease) {
+                release(shared, l, disposition);
+            }
+            None
+        }
+        Msg::Status => {
+            let text = status::render(shared, peer);
+            Some(Reply::msg(&Msg::StatusReply(&text), seq))
+        }
+        Msg::Prewarm(d) => Some(prewarm(shared, &peer.tenant, d.socket_addr(), seq)),
+        Msg::Grant { .. } | Msg::Miss { .. } | Msg::StatusReply(_) | Msg::Error { .. } => {
+            shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))
+        }
+    }
+}
+
+/// Settings for a destination, creating the caller's pool if needed. `None`: not pooled.
+fn pool_for<'a>(
+    shared: &Shared,
+    pools: &'a mut HashMap<PoolKey, Pool<PooledSock>>,
+    key: &PoolKey,
+    now: Instant,
+) -> Option<&'a mut Pool<PooledSock>> {
+    if key.dest.port() == 0 || key.dest.ip().is_unspecified() || key.dest.ip().is_multicast() {
+        return None;
+    }
+    if !pools.contains_key(key) {
+        let (settings, auto) = match shared.config.lookup(&key.dest) {
+            Lookup::Configured(s) => (s, false),
+            Lookup::Auto(s) => {
+                if pools.values().filter(|p| p.auto).count() >= shared.config.auto.max_destinations {
+                    return None;
+                }
+                (s, true)
+            }
+            Lookup::NotPooled => return None,
+        };
+        pools.insert(key.clone(), Pool::new(settings, auto, now));
+    }
+    pools.get_mut(key)
+}
+
+async fn acquire(
+    shared: &Arc<Shared>,
+    tenant: &Tenant,
+    dest: SocketAddr,
+    seq: u32,
+    started: Instant,
+) -> (Reply, Option<(u64, Lease)>) {
+    let key = PoolKey { tenant: tenant.clone(), dest };
+    for attempt in 0..defaults::HANDOUT_ATTEMPTS {
+        let now = Instant::now();
+        let mut discarded = Vec::new();
+        let (taken, refill, settings) = {
+            let mut pools = shared.lock();
+            let Some(pool) = pool_for(shared, &mut pools, &key, now) else {
+                shared.metrics.not_pooled.fetch_add(1, Ordering::Relaxed);
+                return (Reply::miss(seq, MissReason::NotPooled, defaults::NOT_POOLED_RETRY_MS), None);
+            };
+            let taken = pool.take(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded);
+            pool.stats.discarded += discarded.len() as u64;
+            (taken, pool.start_refill(now), pool.settings.clone())
+        };
+        shared.discard_all(discarded);
+        spawn_refills(shared, &key, refill, settings.connect_timeout);
+        match taken {
+            Take::Ready(idle) => {
+                if settings.probe == Probe::RedisPing {
+                    let timeout = defaults::PROBE_TIMEOUT;
+                    let (sock, ok) = tokio::task::spawn_blocking(move || {
+                        let r = sock::redis_ping(&idle.sock.fd, timeout);
+                        (idle, r)
+                    })
+                    .await
+                    .map_or_else(|_| (None, Err(Discard::Error)), |(i, r)| (Some(i), r));
+                    if let Err(why) = ok {
+                        shared.metrics.discard(why);
+                        let mut pools = shared.lock();
+                        if let Some(p) = pools.get_mut(&key) {
+                            p.handout_failed();
+                            p.stats.discarded += 1;
+                        }
+                        drop(sock);
+                        continue;
+                    }
+                    let Some(idle) = sock else { continue };
+                    return grant(shared, key, idle, settings.policy, seq, started);
+                }
+                return grant(shared, key, idle, settings.policy, seq, started);
+            }
+            Take::WaitUntil(t) if attempt == 0 && t.saturating_duration_since(now) <= settings.quarantine => {
+                // A socket given back a moment ago leaves quarantine within one quarantine
+                // period: waiting is cheaper than a new connection.
+                tokio::time::sleep_until(t.into()).await;
+            }
+            Take::WaitUntil(_) | Take::Empty => {
+                shared.metrics.miss_empty.fetch_add(1, Ordering::Relaxed);
+                return (Reply::miss(seq, MissReason::Empty, 0), None);
+            }
+            Take::AtLimit => {
+                shared.metrics.miss_at_limit.fetch_add(1, Ordering::Relaxed);
+                return (Reply::miss(seq, MissReason::AtLimit, 0), None);
+            }
+        }
+    }
+    shared.metrics.miss_empty.fetch_add(1, Ordering::Relaxed);
+    (Reply::miss(seq, MissReason::Empty, 0), None)
+}
+
+fn grant(
+    shared: &Shared,
+    key: PoolKey,
+    idle: crate::pool::Idle<PooledSock>,
+    policy: Policy,
+    seq: u32,
+    started: Instant,
+) -> (Reply, Option<(u64, Lease)>) {
+    let id = shared.next_lease.fetch_add(1, Ordering::Relaxed);
+    match idle.source {
+        Source::Warm => shared.metrics.handout_warm.fetch_add(1, Ordering::Relaxed),
+        Source::Reuse => shared.metrics.handout_reuse.fetch_add(1, Ordering::Relaxed),
+    };
+    let at_handout = sock::counters(idle.sock.fd.as_raw_fd());
+    let reply = Reply::msg(&Msg::Grant { lease: id, source: idle.source }, seq);
+    shared.metrics.observe_handout(started.elapsed());
+    let lease = Lease { sock: idle.sock, key, created: idle.created, at_handout, policy };
+    (reply, Some((id, lease)))
+}
+
+fn release(shared: &Shared, l: Lease, disposition: Disposition) {
+    let verdict = match disposition {
+        Disposition::Shared => Err(Discard::Shared),
+        Disposition::Implicit => Err(Discard::Implicit),
+        Disposition::Clean if l.policy == Policy::Warm => Err(Discard::WarmPolicy),
+        Disposition::Clean => sock::return_check(l.sock.fd.as_raw_fd(), l.at_handout),
+    };
+    let now = Instant::now();
+    let mut pools = shared.lock();
+    let Some(pool) = pools.get_mut(&l.key) else {
+        shared.metrics.discard(Discard::PoolRemoved);
+        return;
+    };
+    let outcome = match verdict {
+        Ok(()) => pool.give_back(now, l.sock, l.created),
+        Err(why) => {
+            pool.lease_ended();
+            Err((l.sock, why))
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            shared.metrics.returned.fetch_add(1, Ordering::Relaxed);
+        }
+        Err((s, why)) => {
+            pool.stats.discarded += 1;
+            drop(pools);
+            shared.metrics.discard(why);
+            drop(s);
+        }
+    }
+}
+
+fn prewarm(shared: &Arc<Shared>, tenant: &Tenant, dest: SocketAddr, seq: u32) -> Reply {
+    let key = PoolKey { tenant: tenant.clone(), dest };
+    let now = Instant::now();
+    let (n, timeout) = {
+        let mut pools = shared.lock();
+        let Some(pool) = pool_for(shared, &mut pools, &key, now) else {
+            return Reply::error(seq, ErrorCode::Denied, format!("{dest} is not pooled by this configuration"));
+        };
+        pool.last_request = now;
+        (pool.start_refill(now), pool.settings.connect_timeout)
+    };
+    spawn_refills(shared, &key, n, timeout);
+    Reply::msg(&Msg::StatusReply(&format!("prewarming {dest}: {n} connect(s) started")), seq)
+}
+
+fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeout: std::time::Duration) {
+    for _ in 0..n {
+        let shared = shared.clone();
+        let key = key.clone();
+        tokio::spawn(async move {
+            let r = sock::connect(key.dest, timeout).await;
+            let now = Instant::now();
+            let mut pools = shared.lock();
+            let pool = pools.get_mut(&key);
+            match (r, pool) {
+                (Ok(fd), Some(pool)) => {
+                    shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
+                    pool.connected(now, PooledSock { fd });
+                }
+                (Ok(_fd), None) => {
+                    shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
+                    shared.metrics.discard(Discard::PoolRemoved);
+                }
+                (Err(e), pool) => {
+                    shared.metrics.connects_failed.fetch_add(1, Ordering::Relaxed);
+                    if let Some(pool) = pool {
+                        pool.connect_failed(now);
+                    }
+                    drop(pools);
+                    debug!(dest = %key.dest, error = %e, "pool connect failed");
+                }
+            }
+        });
+    }
+}
+
+/// Periodic sweep of every pool: quarantine, timeouts, dead sockets, refills, and removal of
+/// auto pools nobody uses.
+async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(defaults::SWEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let now = Instant::now();
+        let mut discarded = Vec::new();
+        let mut refills = Vec::new();
+        {
+            let mut pools = shared.lock();
+            let forget_after = shared.config.auto.forget_after;
+            pools.retain(|_, p| {
+                let unused = p.auto && now.duration_since(p.last_request) >= forget_after && p.counts().2 == 0;
+                if unused {
+                    discarded.extend(p.drain().into_iter().map(|s| (s, Discard::PoolRemoved)));
+                }
+                !unused
+            });
+            for (key, pool) in pools.iter_mut() {
+                let before = discarded.len();
+                pool.sweep(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded);
+                pool.stats.discarded += (discarded.len() - before) as u64;
+                let n = pool.start_refill(now);
+                if n > 0 {
+                    refills.push((key.clone(), n, pool.settings.connect_timeout));
+                }
+            }
+        }
+        shared.discard_all(discarded);
+        for (key, n, timeout) in refills {
+            spawn_refills(&shared, &key, n, timeout);
+        }
+    }
+}
