@@ -558,6 +558,10 @@ impl Nginx {
         let dir = TempDir::new();
         let port = free_port();
         let d = dir.path().display().to_string();
+        // A connection that never sent a request is closed after client_header_timeout, an
+        // idle keep-alive one after keepalive_timeout: keep them equal so "the server closes
+        // idle connections" means both.
+        let header_timeout = if keepalive_timeout == "0" { "60s" } else { keepalive_timeout };
         for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             let p = dir.join(sub);
             fs::create_dir_all(&p).expect("mkdir nginx temp dir");
@@ -585,6 +589,7 @@ http {{
     default_type text/plain;
     keepalive_timeout {keepalive_timeout};
     keepalive_requests 10000;
+    client_header_timeout {header_timeout};
 
     server {{
         listen 127.0.0.1:{port};
