@@ -1,0 +1,236 @@
+//! The daemon at the protocol level: bad input, fd hygiene over 10,000 cycles, leases that
+//! end without a give-back, and a clean SIGTERM. A real pool manager process, real servers.
+
+mod common;
+
+use common::*;
+use pool_manager::wire::{self, Dest, Disposition, ErrorCode, Msg, Source};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::Duration;
+
+fn connect(d: &Daemon) -> OwnedFd {
+    pool_manager::server::connect_client(&d.socket).expect("connect to daemon")
+}
+
+fn send(c: &OwnedFd, m: &Msg<'_>, seq: u32) {
+    let mut buf = [0u8; 64];
+    let n = wire::encode(m, seq, &mut buf);
+    wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).expect("send");
+}
+
+/// Receive one reply: (kind summary, fd).
+fn recv(c: &OwnedFd) -> (String, Option<OwnedFd>) {
+    let mut buf = vec![0u8; wire::MAX_MESSAGE];
+    let got = wire::unix::recv(c.as_raw_fd(), &mut buf, 0).expect("recv");
+    let summary = match wire::decode(&buf[..got.len]).expect("daemon replies decode") {
+        (Msg::Grant { lease, source }, seq) => format!("grant {lease} {source:?} seq={seq}"),
+        (Msg::Miss { reason, .. }, seq) => format!("miss {reason:?} seq={seq}"),
+        (Msg::Error { code, text }, _) => format!("error {code:?} {text}"),
+        (Msg::StatusReply(t), _) => format!("status {t}"),
+        (other, _) => format!("unexpected {other:?}"),
+    };
+    (summary, got.fd)
+}
+
+fn acquire(c: &OwnedFd, dest: std::net::SocketAddr, seq: u32) -> (String, Option<OwnedFd>) {
+    send(c, &Msg::Acquire(Dest::from_socket_addr(dest)), seq);
+    recv(c)
+}
+
+fn lease_of(summary: &str) -> u64 {
+    summary.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a grant: {summary}"))
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read /proc/PID/fd").count()
+}
+
+fn warm_pool(d: &Daemon, c: &OwnedFd, dest: std::net::SocketAddr, n: f64) {
+    send(c, &Msg::Prewarm(Dest::from_socket_addr(dest)), 1);
+    let (r, _) = recv(c);
+    assert!(r.starts_with("status prewarming"), "{r}");
+    let prefix = format!("warmpool_pool_sockets{{dest=\"{dest}\"");
+    let idle = || -> f64 {
+        metric_samples(&d.metrics(), &prefix).iter().filter(|(l, _)| l.contains("state=\"idle\"")).map(|(_, v)| v).sum()
+    };
+    assert!(wait_until(Duration::from_secs(5), || idle() >= n), "pool never warmed: {}", d.metrics());
+}
+
+#[test]
+fn bad_input_gets_a_clear_error_and_harms_nobody() {
+    if !require_tool("nginx") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let d = Daemon::start(&["--pool", &format!("{}=reuse", nginx.addr())]);
+    let bystander = connect(&d);
+    warm_pool(&d, &bystander, nginx.addr(), 1.0);
+    let c = connect(&d);
+    let fds_before = fd_count(d.pid());
+
+    wire::unix::send(c.as_raw_fd(), b"GET / HTTP/1.1\r\n\r\n", None, 0).unwrap();
+    let (r, fd) = recv(&c);
+    assert!(r.starts_with("error Malformed") && r.contains("magic"), "{r}");
+    assert!(fd.is_none());
+
+    let mut buf = [0u8; 64];
+    let n = wire::encode(&Msg::Status, 5, &mut buf);
+    buf[2] = 99;
+    wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).unwrap();
+    let (r, _) = recv(&c);
+    assert!(r.starts_with("error Version") && r.contains("99"), "{r}");
+
+    wire::unix::send(c.as_raw_fd(), &buf[..3], None, 0).unwrap();
+    assert!(recv(&c).0.starts_with("error Malformed"));
+
+    // A request with an fd attached: refused, and the fd does not stay in the daemon.
+    let n = wire::encode(&Msg::Acquire(Dest::from_socket_addr(nginx.addr())), 6, &mut buf);
+    let junk = std::fs::File::open("/dev/null").unwrap();
+    for _ in 0..20 {
+        wire::unix::send(c.as_raw_fd(), &buf[..n], Some(junk.as_raw_fd()), 0).unwrap();
+        let (r, fd) = recv(&c);
+        assert!(r.starts_with(&format!("error {:?}", ErrorCode::UnexpectedFd)), "{r}");
+        assert!(fd.is_none());
+    }
+    // A reply kind sent as a request.
+    let n = wire::encode(&Msg::Grant { lease: 1, source: Source::Warm }, 7, &mut buf);
+    wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).unwrap();
+    assert!(recv(&c).0.starts_with("error Malformed"));
+    // Releasing a lease this client never had changes nothing (and gets no reply).
+    send(&c, &Msg::Release { lease: 999_999, disposition: Disposition::Clean }, 8);
+
+    // The same connection still works, and so does everyone else's.
+    send(&c, &Msg::Status, 9);
+    assert!(recv(&c).0.starts_with("status TENANT"));
+    let (r, fd) = acquire(&bystander, nginx.addr(), 10);
+    assert!(r.starts_with("grant"), "{r}");
+    assert!(fd.is_some());
+    send(&bystander, &Msg::Release { lease: lease_of(&r), disposition: Disposition::Clean }, 11);
+    drop(fd);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(fd_count(d.pid()) <= fds_before + 1, "daemon kept fds it was sent: {} -> {}", fds_before, fd_count(d.pid()));
+}
+
+#[test]
+fn no_fd_leak_after_10000_acquire_give_back_cycles() {
+    if !require_tool("nginx") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let dir = TempDir::new();
+    let cfg = dir.join("pool.toml");
+    std::fs::write(
+        &cfg,
+        format!("[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nmin_idle = 2\nquarantine = \"0ms\"\n", nginx.addr()),
+    )
+    .unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let c = connect(&d);
+    warm_pool(&d, &c, nginx.addr(), 2.0);
+    let cycle = |seq: u32| {
+        let (r, fd) = acquire(&c, nginx.addr(), seq);
+        assert!(r.starts_with("grant"), "cycle {seq}: {r}");
+        drop(fd.expect("grant carries an fd"));
+        send(&c, &Msg::Release { lease: lease_of(&r), disposition: Disposition::Clean }, seq);
+    };
+    for i in 0..100 {
+        cycle(i);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let before = fd_count(d.pid());
+    for i in 0..10_000 {
+        cycle(100 + i);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let after = fd_count(d.pid());
+    eprintln!("daemon fds: {before} before, {after} after 10,000 cycles");
+    assert!(after <= before + 1, "daemon fd count grew from {before} to {after}");
+    assert!(d.metric("warmpool_handouts_total{kind=\"reuse\"") >= 10_000.0, "{}", d.metrics());
+    // Every cycle ran on the same two server connections.
+    assert!(d.metric("warmpool_connects_total{result=\"ok\"") <= 3.0, "{}", d.metrics());
+}
+
+#[test]
+fn a_lease_that_ends_without_give_back_is_closed_never_reused() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let redis = Redis::start();
+    let d = Daemon::start(&["--pool", &format!("{}=reuse", redis.addr())]);
+    let c = connect(&d);
+    warm_pool(&d, &c, redis.addr(), 1.0);
+    let (r, fd) = acquire(&c, redis.addr(), 2);
+    assert!(r.starts_with("grant"), "{r}");
+    let fd = fd.unwrap();
+    let port = pool_manager::sock::local_port(fd.as_raw_fd());
+    // The function dies: its link and its fd go away without a Release.
+    drop(fd);
+    drop(c);
+    assert!(wait_until(Duration::from_secs(3), || d.metric("warmpool_discarded_total{reason=\"lease_lost\"") >= 1.0));
+    // The server sees the connection closed: only our own command connection remains.
+    let gone = format!("127.0.0.1:{port}");
+    assert!(
+        wait_until(Duration::from_secs(3), || !redis.command(&["CLIENT", "LIST"]).contains(&gone)),
+        "connection from port {port} still open"
+    );
+    let c = connect(&d);
+    let (r, fd) = acquire(&c, redis.addr(), 3);
+    if r.starts_with("grant") {
+        assert_ne!(pool_manager::sock::local_port(fd.unwrap().as_raw_fd()), port, "a lost lease's socket was handed out again");
+    }
+}
+
+#[test]
+fn sigterm_closes_pooled_sockets_and_removes_the_socket_file() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let redis = Redis::start();
+    let dir = TempDir::new();
+    let cfg = dir.join("pool.toml");
+    std::fs::write(&cfg, format!("[[pool]]\ndestination = \"{}\"\npolicy = \"warm\"\nmin_idle = 3\n", redis.addr())).unwrap();
+    let mut d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let c = connect(&d);
+    warm_pool(&d, &c, redis.addr(), 3.0);
+    let clients = || redis.command(&["CLIENT", "LIST"]).lines().filter(|l| l.starts_with("id=")).count();
+    // Three pooled connections plus the one asking (earlier command connections may take a
+    // moment to disappear from the list).
+    assert!(wait_until(Duration::from_secs(3), || clients() == 4), "{}", redis.command(&["CLIENT", "LIST"]));
+    let status = d.status();
+    assert!(status.contains(&redis.addr().to_string()) && status.contains("warm"), "{status}");
+    drop(c);
+    assert!(d.stop().success());
+    assert!(!d.socket.exists(), "socket file removed");
+    assert!(wait_until(Duration::from_secs(3), || clients() == 1), "pooled connections closed on SIGTERM");
+}
+
+#[test]
+fn a_second_daemon_refuses_a_live_socket_and_bad_config_is_a_clear_error() {
+    let d = Daemon::start(&[]);
+    let out = std::process::Command::new(pool_manager_bin())
+        .args(["serve", "--socket"])
+        .arg(&d.socket)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d.socket.exists(), "the running daemon's socket is untouched");
+
+    let dir = TempDir::new();
+    let cfg = dir.join("bad.toml");
+    std::fs::write(&cfg, "[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"sometimes\"\n").unwrap();
+    let out = std::process::Command::new(pool_manager_bin())
+        .args(["serve", "--socket"])
+        .arg(dir.join("x.sock"))
+        .arg("--config")
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sometimes") && err.contains("bad.toml"), "{err}");
+    let out = std::process::Command::new(pool_manager_bin()).args(["serve", "--pool", "nonsense"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HOST:PORT=warm|reuse"));
+}
