@@ -1,0 +1,163 @@
+//! Tenant isolation with real uids and real cgroups (root only; must run in CI).
+
+mod common;
+
+use common::*;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// Other uids cannot read root's pyenv: use Debian's interpreter.
+const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+fn client_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients").join(name)
+}
+
+/// Copies of what other uids must read, in a world-readable temporary directory: the
+/// checkout itself may live under a directory only root can enter (e.g. /root).
+struct Staged {
+    dir: TempDir,
+}
+
+impl Staged {
+    fn new() -> Self {
+        let dir = TempDir::new();
+        for (from, to) in [
+            (preload_path(), "libwarmpool_preload.so"),
+            (client_script("http_get.py"), "http_get.py"),
+            (pool_manager_bin(), "pool-manager"),
+        ] {
+            std::fs::copy(&from, dir.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        }
+        Self { dir }
+    }
+    fn preload(&self) -> PathBuf {
+        self.dir.join("libwarmpool_preload.so")
+    }
+    fn script(&self) -> PathBuf {
+        self.dir.join("http_get.py")
+    }
+    fn bin(&self) -> PathBuf {
+        self.dir.join("pool-manager")
+    }
+}
+
+/// Run `python3 http_get.py blocking ...` under the shim as `uid`, optionally inside `cgroup`
+/// (moved there by a shell before exec); returns the local port the function used.
+fn function(st: &Staged, d: &Daemon, uid: u32, cgroup: Option<&Path>, port: u16) -> String {
+    let script = st.script();
+    let py = format!("exec {} {} blocking 127.0.0.1 {port} /tenant", SYSTEM_PYTHON, script.display());
+    let inner = match cgroup {
+        Some(cg) => format!("echo $$ > {}/cgroup.procs && {py}", cg.display()),
+        None => py,
+    };
+    let mut c = Command::new(tool_path("setpriv"));
+    if cgroup.is_some() {
+        // Join the cgroup as root first, then drop to the uid.
+        c = Command::new("/bin/sh");
+        c.args(["-c", &format!("echo $$ > {}/cgroup.procs && exec {} --reuid={uid} --regid={uid} --clear-groups {} {} blocking 127.0.0.1 {port} /tenant",
+            cgroup.unwrap().display(), tool_path("setpriv").display(), SYSTEM_PYTHON, script.display())]);
+    } else {
+        c.args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "/bin/sh", "-c", &inner]);
+    }
+    shim_env(&mut c, d);
+    c.env("LD_PRELOAD", st.preload());
+    let o = c.stdin(Stdio::null()).output().expect("run function");
+    assert!(o.status.success(), "uid {uid}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(out.ends_with("200 hello\n"), "{out}");
+    out.split_whitespace().next().unwrap().to_owned()
+}
+
+fn prewarm_as(st: &Staged, d: &Daemon, uid: u32, dest: &str) {
+    let o = Command::new(tool_path("setpriv"))
+        .args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups"])
+        .arg(st.bin())
+        .args(["prewarm", "--socket"])
+        .arg(&d.socket)
+        .arg(dest)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn two_uids_never_receive_the_same_socket() {
+    if !require_root("two_uids_never_receive_the_same_socket") || !require_tool("nginx") || !require_tool("setpriv") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let dest = nginx.addr().to_string();
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let st = Staged::new();
+    let (a, b) = (64_101, 64_102);
+    prewarm_as(&st, &d, a, &dest);
+    prewarm_as(&st, &d, b, &dest);
+    let mut ports = [HashSet::new(), HashSet::new()];
+    for _ in 0..6 {
+        ports[0].insert(function(&st, &d, a, None, nginx.port));
+        ports[1].insert(function(&st, &d, b, None, nginx.port));
+    }
+    assert!(ports[0].is_disjoint(&ports[1]), "a socket crossed tenants: {ports:?}");
+    // Within each tenant the pool did reuse (so isolation is not just "no pooling").
+    assert!(ports[0].len() <= 2 && ports[1].len() <= 2, "{ports:?}");
+    assert!(d.metric("warmpool_handouts_total{kind=\"reuse\"") >= 8.0, "{}", d.metrics());
+    let status = d.status();
+    assert!(status.contains(&format!("{a}:")) && status.contains(&format!("{b}:")), "{status}");
+
+    // A tenant's status shows only its own pools.
+    let o = Command::new(tool_path("setpriv"))
+        .args([&format!("--reuid={a}"), &format!("--regid={a}"), "--clear-groups"])
+        .arg(st.bin())
+        .args(["status", "--socket"])
+        .arg(&d.socket)
+        .output()
+        .unwrap();
+    let own = String::from_utf8_lossy(&o.stdout);
+    assert!(own.contains(&format!("{a}:")) && !own.contains(&format!("{b}:")), "{own}");
+}
+
+/// A child cgroup of ours, removed on drop (after its processes exited).
+struct Cgroup(PathBuf);
+
+impl Cgroup {
+    fn new(name: &str) -> Self {
+        let root = shim_user::cgroup2_mount().expect("cgroup2 mounted");
+        let own = shim_user::cgroup_of(std::process::id() as i32).expect("our cgroup");
+        let path = root.join(own.trim_start_matches('/')).join(format!("warmpool-test-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self(path)
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = wait_until(Duration::from_secs(2), || std::fs::remove_dir(&self.0).is_ok());
+    }
+}
+
+#[test]
+fn two_cgroups_of_one_uid_never_receive_the_same_socket() {
+    if !require_root("two_cgroups_of_one_uid_never_receive_the_same_socket") || !require_tool("nginx") || !require_tool("setpriv") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let dest = nginx.addr().to_string();
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let st = Staged::new();
+    let (x, y) = (Cgroup::new("x"), Cgroup::new("y"));
+    let uid = 64_103;
+    let mut ports = [HashSet::new(), HashSet::new()];
+    for _ in 0..6 {
+        ports[0].insert(function(&st, &d, uid, Some(&x.0), nginx.port));
+        ports[1].insert(function(&st, &d, uid, Some(&y.0), nginx.port));
+    }
+    assert!(ports[0].is_disjoint(&ports[1]), "a socket crossed cgroups: {ports:?}");
+    assert!(d.metric("warmpool_handouts_total{kind=\"reuse\"") >= 6.0, "{}", d.metrics());
+    let status = d.status();
+    let tenants: HashSet<&str> = status.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
+    assert_eq!(tenants.len(), 2, "{status}");
+}
