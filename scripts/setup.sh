@@ -101,7 +101,7 @@ if command -v cargo >/dev/null 2>&1; then
     log "cargo: $(cargo --version)"
 else
     log "ERROR: cargo not found in PATH. Install the Rust toolchain with rustup:" >&2
-    log "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh" >&2
+    log "  (see the rustup documentation for the one-line installer)" >&2
     log "then 'source \$HOME/.cargo/env' and re-run." >&2
     exit 1
 fi

@@ -113,7 +113,7 @@ fn open_link() -> Option<i32> {
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: setsockopt with a timeval of the right size.
         unsafe {
-            libc::setsockopt(
+            (real::get().setsockopt)(
                 sock.as_raw_fd(),
                 libc::SOL_SOCKET,
                 opt,

@@ -71,20 +71,21 @@ unsafe fn dest_of(addr: *const sockaddr, len: socklen_t) -> Option<Dest> {
     }
 }
 
-/// Whether the program bound `fd` to a local address or port (then it is not ours to pool).
-fn is_bound(fd: c_int) -> bool {
+/// Whether `fd` is an unbound socket of `domain` (bound ones are not ours to pool; a family
+/// mismatch is the kernel's error to report).
+fn unbound_of_family(fd: c_int, domain: u8) -> bool {
     // SAFETY: sockaddr_storage is plain old data; getsockname fills at most `len` bytes.
     let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
     // SAFETY: as above.
     if unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
-        return true;
+        return false;
     }
     let ptr = (&ss as *const libc::sockaddr_storage).cast::<sockaddr>();
     // SAFETY: `ss` holds `len` bytes of a socket address written by the kernel.
     match unsafe { dest_of(ptr, len) } {
-        Some(d) => d.port != 0 || d.addr != [0; 16],
-        None => true,
+        Some(d) => d.domain == domain && d.port == 0 && d.addr == [0; 16],
+        None => false,
     }
 }
 
@@ -109,13 +110,11 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
     if table::contains(fd) || client::is_link(fd) || client::known_unpooled(&dest) {
         return None;
     }
-    let domain = if dest.domain == 4 { libc::AF_INET } else { libc::AF_INET6 };
-    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
+    if sockopt::has_blocking_option(fd)
+        || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
         || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
-        || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_DOMAIN)? != domain
         || tcp_state(fd)? != TCP_CLOSE
-        || is_bound(fd)
-        || sockopt::has_blocking_option(fd, domain)
+        || !unbound_of_family(fd, dest.domain)
     {
         return None;
     }
@@ -130,13 +129,11 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
         client::release(lease, Disposition::Implicit);
         return None;
     }
-    sockopt::replay(fd, pooled.as_raw_fd(), domain);
+    sockopt::replay(fd, pooled.as_raw_fd());
     let nonblock = status & libc::O_NONBLOCK;
+    // The daemon's sockets are O_RDWR|O_NONBLOCK; the program's file status flags win.
     // SAFETY: as above, on the pooled socket.
-    unsafe {
-        let pfl = (real.fcntl)(pooled.as_raw_fd(), libc::F_GETFL);
-        (real.fcntl)(pooled.as_raw_fd(), libc::F_SETFL, (pfl & !libc::O_NONBLOCK) | nonblock);
-    }
+    unsafe { (real.fcntl)(pooled.as_raw_fd(), libc::F_SETFL, status) };
     let cloexec = if fdflags & libc::FD_CLOEXEC != 0 { libc::O_CLOEXEC } else { 0 };
     let pooled_raw = pooled.into_raw_fd();
     // SAFETY: dup3 replaces the program's unconnected socket with the pooled one, atomically.
@@ -179,6 +176,7 @@ fn around_close(fd: c_int, how: Disposition, op: impl FnOnce() -> c_int) -> c_in
     if client::is_link(fd) {
         client::forget_link(fd);
     }
+    sockopt::forget(fd);
     let lease = if OFF.load(Ordering::Relaxed) { None } else { table::take(fd) };
     let r = op();
     if let Some(l) = lease {
@@ -196,6 +194,20 @@ fn around_close(fd: c_int, how: Disposition, op: impl FnOnce() -> c_int) -> c_in
 pub unsafe extern "C" fn close(fd: c_int) -> c_int {
     // SAFETY: the real close with the caller's fd.
     around_close(fd, Disposition::Clean, || unsafe { (real::get().close)(fd) })
+}
+
+/// Interposed `setsockopt(2)`: records which replayable options the program set.
+///
+/// # Safety
+/// Same contract as `setsockopt(2)`.
+#[no_mangle]
+pub unsafe extern "C" fn setsockopt(fd: c_int, level: c_int, name: c_int, val: *const c_void, len: socklen_t) -> c_int {
+    // SAFETY: the real setsockopt with the caller's arguments.
+    let r = unsafe { (real::get().setsockopt)(fd, level, name, val, len) };
+    if r == 0 {
+        sockopt::record(fd, level, name);
+    }
+    r
 }
 
 /// Interposed `dup(2)`: the source, if leased, is now shared.

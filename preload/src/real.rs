@@ -20,6 +20,7 @@ type SpawnFn = unsafe extern "C" fn(
     *const *mut c_char,
     *const *mut c_char,
 ) -> c_int;
+type SetsockoptFn = unsafe extern "C" fn(c_int, c_int, c_int, *const c_void, socklen_t) -> c_int;
 type ExecveFn = unsafe extern "C" fn(*const c_char, *const *const c_char, *const *const c_char) -> c_int;
 
 /// Pointers to the next definitions of the functions we interpose.
@@ -36,6 +37,7 @@ pub(crate) struct Real {
     pub(crate) posix_spawn: Option<SpawnFn>,
     pub(crate) posix_spawnp: Option<SpawnFn>,
     pub(crate) execve: ExecveFn,
+    pub(crate) setsockopt: SetsockoptFn,
 }
 
 static REAL: OnceLock<Real> = OnceLock::new();
@@ -75,6 +77,10 @@ unsafe extern "C" fn sys_fcntl(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 unsafe extern "C" fn sys_close_range(a: c_uint, b: c_uint, f: c_int) -> c_int {
     // SAFETY: plain system call.
     unsafe { libc::syscall(libc::SYS_close_range, a, b, f) as c_int }
+}
+unsafe extern "C" fn sys_setsockopt(fd: c_int, l: c_int, n: c_int, v: *const c_void, len: socklen_t) -> c_int {
+    // SAFETY: forwards the caller's arguments unchanged.
+    unsafe { libc::syscall(libc::SYS_setsockopt, fd, l, n, v, len) as c_int }
 }
 unsafe extern "C" fn sys_execve(p: *const c_char, a: *const *const c_char, e: *const *const c_char) -> c_int {
     // SAFETY: forwards the caller's arguments unchanged.
@@ -127,6 +133,7 @@ pub(crate) fn resolve() -> &'static Real {
                 (!p.is_null()).then(|| unsafe { std::mem::transmute::<*mut c_void, SpawnFn>(p) })
             },
             execve: pick!(c"execve", ExecveFn, sys_execve as ExecveFn),
+            setsockopt: pick!(c"setsockopt", SetsockoptFn, sys_setsockopt as SetsockoptFn),
         }
     })
 }

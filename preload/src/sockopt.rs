@@ -1,13 +1,14 @@
 //! Carrying the program's pre-connect socket options over to the pooled socket.
 //!
-//! The program configured *its* socket; it will use ours. For each option in [`REPLAYED`]
-//! we read the program's value and, where it differs from a fresh socket's default (read
-//! once per family from a probe socket), set it on the pooled socket. Options that shape
-//! the connection itself and cannot be applied after the handshake ([`BLOCKING`]) make the
-//! whole connect a bypass instead.
+//! The program configured *its* socket; it will use ours. The interposed `setsockopt`
+//! records, per fd, which of the options below the program set (one atomic OR, no syscall);
+//! at a pooled connect we read each recorded option from the program's socket and set it on
+//! the pooled one. Options that shape the connection itself and cannot be applied after the
+//! handshake ([`BLOCKING`]) make the whole connect a bypass instead. Options the program
+//! never set cost nothing on the connect path.
 
 use std::os::fd::RawFd;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 #[derive(Clone, Copy)]
 struct Opt {
@@ -21,7 +22,7 @@ const fn o(level: libc::c_int, name: libc::c_int) -> Opt {
     Opt { level, name, doubled: false }
 }
 
-const REPLAYED: [Opt; 13] = [
+const REPLAYED: [Opt; 15] = [
     o(libc::IPPROTO_TCP, libc::TCP_NODELAY),
     o(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
     o(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
@@ -35,6 +36,8 @@ const REPLAYED: [Opt; 13] = [
     o(libc::SOL_SOCKET, libc::SO_RCVTIMEO),
     o(libc::SOL_SOCKET, libc::SO_SNDTIMEO),
     o(libc::SOL_SOCKET, libc::SO_PRIORITY),
+    o(libc::IPPROTO_IP, libc::IP_TOS),
+    o(libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
 ];
 
 /// Non-default values of these mean "do not pool this connect".
@@ -45,73 +48,64 @@ const BLOCKING: [Opt; 4] = [
     o(libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP),
 ];
 
-/// An option value: up to 16 bytes (`struct timeval`, `struct linger`, ints).
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct Val {
-    len: libc::socklen_t,
-    bytes: [u8; 16],
+/// Bit `i` = `REPLAYED[i]` was set; bit `16 + j` = `BLOCKING[j]` was set.
+static SET: [AtomicU32; crate::table::MAX_FD] = [const { AtomicU32::new(0) }; crate::table::MAX_FD];
+const BLOCKING_SHIFT: u32 = 16;
+
+fn slot(fd: RawFd) -> Option<&'static AtomicU32> {
+    usize::try_from(fd).ok().and_then(|i| SET.get(i))
 }
 
-fn get(fd: RawFd, opt: Opt) -> Option<Val> {
-    let mut v = Val { len: 16, bytes: [0; 16] };
-    // SAFETY: the kernel writes at most `len` bytes into our buffer.
-    let r = unsafe { libc::getsockopt(fd, opt.level, opt.name, v.bytes.as_mut_ptr().cast(), &mut v.len) };
-    (r == 0).then_some(v)
+/// Note that the program set `level`/`name` on `fd` (called by the interposed `setsockopt`).
+pub(crate) fn record(fd: RawFd, level: libc::c_int, name: libc::c_int) {
+    let hit = |o: &Opt| o.level == level && o.name == name;
+    let bit = REPLAYED
+        .iter()
+        .position(hit)
+        .map(|i| 1u32 << i)
+        .or_else(|| BLOCKING.iter().position(hit).map(|j| 1u32 << (BLOCKING_SHIFT + j as u32)));
+    if let (Some(bit), Some(s)) = (bit, slot(fd)) {
+        s.fetch_or(bit, Ordering::Relaxed);
+    }
 }
 
-struct Defaults {
-    replayed: [Option<Val>; REPLAYED.len()],
-    blocking: [Option<Val>; BLOCKING.len()],
-}
-
-static DEFAULTS_V4: OnceLock<Defaults> = OnceLock::new();
-static DEFAULTS_V6: OnceLock<Defaults> = OnceLock::new();
-
-fn defaults(domain: libc::c_int) -> &'static Defaults {
-    let cell = if domain == libc::AF_INET6 { &DEFAULTS_V6 } else { &DEFAULTS_V4 };
-    cell.get_or_init(|| {
-        // SAFETY: a probe socket we create and close right here.
-        let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        let d = Defaults {
-            replayed: REPLAYED.map(|o| if fd >= 0 { get(fd, o) } else { None }),
-            blocking: BLOCKING.map(|o| if fd >= 0 { get(fd, o) } else { None }),
-        };
-        if fd >= 0 {
-            // SAFETY: our probe fd, closed through the real close.
-            unsafe { (crate::real::get().close)(fd) };
+/// Forget what was recorded for `fd` (it was closed).
+pub(crate) fn forget(fd: RawFd) {
+    if let Some(s) = slot(fd) {
+        if s.load(Ordering::Relaxed) != 0 {
+            s.store(0, Ordering::Relaxed);
         }
-        d
-    })
+    }
 }
 
 /// Whether the program set an option we cannot honour on an already-connected socket.
-pub(crate) fn has_blocking_option(app: RawFd, domain: libc::c_int) -> bool {
-    let d = defaults(domain);
-    BLOCKING.iter().zip(d.blocking.iter()).any(|(o, def)| get(app, *o) != *def)
+pub(crate) fn has_blocking_option(app: RawFd) -> bool {
+    slot(app).is_some_and(|s| s.load(Ordering::Relaxed) >> BLOCKING_SHIFT != 0)
 }
 
-/// Copy every non-default option from `app` to `pooled`.
-pub(crate) fn replay(app: RawFd, pooled: RawFd, domain: libc::c_int) {
-    let d = defaults(domain);
-    for (opt, def) in REPLAYED.iter().zip(d.replayed.iter()) {
-        let Some(mut v) = get(app, *opt) else { continue };
-        if Some(v) == *def {
+/// Copy every option the program set on `app` to `pooled`.
+pub(crate) fn replay(app: RawFd, pooled: RawFd) {
+    let mask = slot(app).map_or(0, |s| s.load(Ordering::Relaxed)) & ((1 << BLOCKING_SHIFT) - 1);
+    if mask == 0 {
+        return;
+    }
+    let set = crate::real::get().setsockopt;
+    for (i, opt) in REPLAYED.iter().enumerate() {
+        if mask & (1 << i) == 0 {
             continue;
         }
-        if opt.doubled && v.len as usize == std::mem::size_of::<libc::c_int>() {
+        let mut v = [0u8; 16];
+        let mut len = v.len() as libc::socklen_t;
+        // SAFETY: the kernel writes at most `len` bytes into our buffer.
+        if unsafe { libc::getsockopt(app, opt.level, opt.name, v.as_mut_ptr().cast(), &mut len) } != 0 {
+            continue;
+        }
+        if opt.doubled && len as usize == std::mem::size_of::<libc::c_int>() {
             let mut n = [0u8; 4];
-            n.copy_from_slice(&v.bytes[..4]);
-            v.bytes[..4].copy_from_slice(&(libc::c_int::from_ne_bytes(n) / 2).to_ne_bytes());
+            n.copy_from_slice(&v[..4]);
+            v[..4].copy_from_slice(&(libc::c_int::from_ne_bytes(n) / 2).to_ne_bytes());
         }
         // SAFETY: setting an option with the bytes the kernel gave us for it.
-        unsafe { libc::setsockopt(pooled, opt.level, opt.name, v.bytes.as_ptr().cast(), v.len) };
-    }
-    // IP_TOS / IPV6_TCLASS depend on the family.
-    let tos = if domain == libc::AF_INET6 { o(libc::IPPROTO_IPV6, libc::IPV6_TCLASS) } else { o(libc::IPPROTO_IP, libc::IP_TOS) };
-    if let Some(v) = get(app, tos) {
-        if v.bytes[..4] != [0; 4] {
-            // SAFETY: as above.
-            unsafe { libc::setsockopt(pooled, tos.level, tos.name, v.bytes.as_ptr().cast(), v.len) };
-        }
+        unsafe { set(pooled, opt.level, opt.name, v.as_ptr().cast(), len) };
     }
 }

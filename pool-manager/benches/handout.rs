@@ -1,0 +1,308 @@
+//! Hand-out path benchmark (a bench binary, not a timed test):
+//!
+//! `cargo bench -p pool-manager --bench handout [-- --iters N --seconds S]`
+//!
+//! In one process: a pool manager (the library's `server::run`) on a private socket, a
+//! loopback TCP server answering 1-byte requests, and the preload library loaded with
+//! `dlopen` so its interposed `connect`/`close` are called directly. Measures, with
+//! hdrhistogram:
+//! - `baseline`: libc connect + 1-byte request/response + close (no shim);
+//! - `pooled connect`: the shim's connect() to a pooled destination (hand-out + dup3);
+//! - `pooled total`: the same full function cycle as the baseline, through the pool;
+//! - `passthrough`: the shim's connect() to an unpooled destination against libc's;
+//! - `round trip`: one protocol Acquire → Grant(fd) → Release, no shim;
+//! - `throughput`: hand-outs/s with 64 concurrent clients.
+//! Writes `target/bench/handout.csv` (one row per metric) and prints a table.
+
+use hdrhistogram::Histogram;
+use pool_manager::config::{Config, Policy, PoolSettings};
+use pool_manager::server::{self, Shared};
+use pool_manager::wire::{self, Dest, Disposition, Msg};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type ConnectFn = unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
+type CloseFn = unsafe extern "C" fn(libc::c_int) -> libc::c_int;
+
+/// A loopback server: one thread per connection, answers every byte with one byte.
+fn echo_server() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let _ = c.set_nodelay(true);
+                let mut b = [0u8; 1];
+                while matches!(c.read(&mut b), Ok(1)) {
+                    if c.write_all(&b).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn sockaddr(a: SocketAddr) -> libc::sockaddr_in {
+    let SocketAddr::V4(v4) = a else { panic!("IPv4 only") };
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_zero: [0; 8],
+    }
+}
+
+fn tcp_socket() -> i32 {
+    // SAFETY: plain socket creation.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    assert!(fd >= 0);
+    let one: libc::c_int = 1;
+    // SAFETY: an int option.
+    unsafe { libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, (&one as *const libc::c_int).cast(), 4) };
+    fd
+}
+
+/// One function cycle on `fd`: 1-byte request, 1-byte response.
+fn request(fd: i32) {
+    let b = [7u8];
+    let mut r = [0u8];
+    // SAFETY: plain I/O on our own socket.
+    unsafe {
+        assert_eq!(libc::write(fd, b.as_ptr().cast(), 1), 1);
+        assert_eq!(libc::read(fd, r.as_mut_ptr().cast(), 1), 1);
+    }
+}
+
+struct Shim {
+    connect: ConnectFn,
+    close: CloseFn,
+}
+
+fn load_shim() -> Shim {
+    let exe = std::env::current_exe().unwrap();
+    // target/release/deps/handout-* → target/release/libwarmpool_preload.so
+    let so: PathBuf = exe.parent().and_then(|p| p.parent()).unwrap().join("libwarmpool_preload.so");
+    assert!(so.exists(), "{} missing: run `cargo build --release` first", so.display());
+    let c = std::ffi::CString::new(so.to_str().unwrap()).unwrap();
+    // SAFETY: loading our own library; its constructor reads the environment set in main.
+    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+    assert!(!h.is_null(), "dlopen {}", so.display());
+    // SAFETY: the exported symbols have exactly these signatures.
+    unsafe {
+        Shim {
+            connect: std::mem::transmute::<*mut libc::c_void, ConnectFn>(libc::dlsym(h, c"connect".as_ptr())),
+            close: std::mem::transmute::<*mut libc::c_void, CloseFn>(libc::dlsym(h, c"close".as_ptr())),
+        }
+    }
+}
+
+fn hist() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).unwrap()
+}
+
+struct Row {
+    name: &'static str,
+    h: Histogram<u64>,
+}
+
+fn arg(name: &str, default: u64) -> u64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let iters = arg("--iters", 20_000);
+    let seconds = arg("--seconds", 3);
+    let pooled = echo_server();
+    let unpooled = echo_server();
+    let dir = std::env::temp_dir().join(format!("warmpool-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("pool.sock");
+    // Before any thread exists: the shim's constructor reads these at dlopen.
+    std::env::set_var("WARMPOOL_SOCKET", &sock);
+
+    let mut cfg = Config::default();
+    cfg.auto.enabled = false;
+    cfg.keep_window_when_idle = false;
+    let mut s = PoolSettings::with_policy(Policy::Reuse);
+    s.min_idle = 4;
+    s.max_idle = 128;
+    s.max_per_destination = 256;
+    s.quarantine = Duration::ZERO;
+    cfg.add_pool(&pooled.to_string(), s).unwrap();
+    let listener = server::bind(&sock, 0o600).expect("bind pool socket");
+    let shared = Arc::new(Shared::new(cfg));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let daemon = {
+        let (shared, cancel) = (shared.clone(), cancel.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+            rt.block_on(server::run(listener, shared, cancel)).unwrap();
+        })
+    };
+    let shim = load_shim();
+
+    // Warm up: create the tenant's pool and let it fill.
+    let pa = sockaddr(pooled);
+    let ua = sockaddr(unpooled);
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    for _ in 0..200 {
+        let fd = tcp_socket();
+        // SAFETY: connect/close through the shim with a valid address.
+        unsafe {
+            assert_eq!((shim.connect)(fd, (&pa as *const libc::sockaddr_in).cast(), len), 0);
+            request(fd);
+            (shim.close)(fd);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let mut rows = Vec::new();
+
+    // Baseline cycles, then pooled cycles (separately: the server's per-connection work for
+    // baseline connects would otherwise land inside the pooled measurements).
+    let (mut base, mut pconn, mut ptotal) = (hist(), hist(), hist());
+    for _ in 0..iters {
+        let t = Instant::now();
+        let fd = tcp_socket();
+        // SAFETY: libc connect/close with a valid address.
+        unsafe {
+            assert_eq!(libc::connect(fd, (&pa as *const libc::sockaddr_in).cast(), len), 0);
+            request(fd);
+            libc::close(fd);
+        }
+        base.record(t.elapsed().as_nanos() as u64).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..iters {
+        let t = Instant::now();
+        let fd = tcp_socket();
+        let c = Instant::now();
+        // SAFETY: as above, through the shim.
+        unsafe {
+            assert_eq!((shim.connect)(fd, (&pa as *const libc::sockaddr_in).cast(), len), 0);
+            pconn.record(c.elapsed().as_nanos() as u64).unwrap();
+            request(fd);
+            (shim.close)(fd);
+        }
+        ptotal.record(t.elapsed().as_nanos() as u64).unwrap();
+    }
+    rows.push(Row { name: "baseline: connect+1B req/resp+close (libc)", h: base });
+    rows.push(Row { name: "pooled: connect() through the pool", h: pconn });
+    rows.push(Row { name: "pooled: connect+1B req/resp+close", h: ptotal });
+
+    // Passthrough: unpooled destination, shim vs libc connect() alone.
+    let (mut lib, mut shm) = (hist(), hist());
+    for _ in 0..iters {
+        for through_shim in [false, true] {
+            let fd = tcp_socket();
+            let t = Instant::now();
+            // SAFETY: connect with a valid address, then close.
+            unsafe {
+                let r = if through_shim {
+                    (shim.connect)(fd, (&ua as *const libc::sockaddr_in).cast(), len)
+                } else {
+                    libc::connect(fd, (&ua as *const libc::sockaddr_in).cast(), len)
+                };
+                assert_eq!(r, 0);
+                let e = t.elapsed().as_nanos() as u64;
+                if through_shim { &mut shm } else { &mut lib }.record(e).unwrap();
+                (shim.close)(fd);
+            }
+        }
+    }
+    let overhead = shm.value_at_quantile(0.5) as i64 - lib.value_at_quantile(0.5) as i64;
+    rows.push(Row { name: "unpooled: connect() (libc)", h: lib });
+    rows.push(Row { name: "unpooled: connect() through the shim (passthrough)", h: shm });
+
+    // Protocol round trip: Acquire -> Grant(fd) -> Release, one client.
+    let client = server::connect_client(&sock).unwrap();
+    let mut rt = hist();
+    let dest = Dest::from_socket_addr(pooled);
+    let mut buf = [0u8; 64];
+    for i in 0..iters as u32 {
+        let t = Instant::now();
+        let lease = acquire(&client, dest, i, &mut buf);
+        rt.record(t.elapsed().as_nanos() as u64).unwrap();
+        release(&client, lease, &mut buf);
+    }
+    rows.push(Row { name: "round trip: Acquire -> Grant(fd) (SCM_RIGHTS)", h: rt });
+
+    // Throughput: 64 clients, each its own connection, acquire/release for `seconds`.
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let (stop, count, sock) = (stop.clone(), count.clone(), sock.clone());
+            std::thread::spawn(move || {
+                let c = server::connect_client(&sock).unwrap();
+                let mut buf = [0u8; 64];
+                let mut seq = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    seq = seq.wrapping_add(1);
+                    let lease = acquire(&c, dest, seq, &mut buf);
+                    if lease != 0 {
+                        count.fetch_add(1, Ordering::Relaxed);
+                        release(&c, lease, &mut buf);
+                    }
+                }
+            })
+        })
+        .collect();
+    let t = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    stop.store(true, Ordering::Relaxed);
+    let n = count.load(Ordering::Relaxed);
+    let secs = t.elapsed().as_secs_f64();
+    for th in threads {
+        th.join().unwrap();
+    }
+    let rate = n as f64 / secs;
+
+    println!("\nwarmpool hand-out benchmark ({iters} iterations per row; times in µs)");
+    println!("{:<52} {:>9} {:>9} {:>9} {:>9}", "", "p50", "p90", "p99", "max");
+    let mut csv = String::from("metric,p50_us,p90_us,p99_us,max_us,count\n");
+    for r in &rows {
+        let q = |x: f64| r.h.value_at_quantile(x) as f64 / 1000.0;
+        println!("{:<52} {:>9.1} {:>9.1} {:>9.1} {:>9.1}", r.name, q(0.5), q(0.9), q(0.99), r.h.max() as f64 / 1000.0);
+        csv.push_str(&format!("{},{:.2},{:.2},{:.2},{:.2},{}\n", r.name, q(0.5), q(0.9), q(0.99), r.h.max() as f64 / 1000.0, r.h.len()));
+    }
+    println!("passthrough overhead (median shim - median libc): {:.2} µs", overhead as f64 / 1000.0);
+    println!("throughput, 64 concurrent clients: {rate:.0} hand-outs/s ({n} in {secs:.1} s)");
+    csv.push_str(&format!("passthrough_overhead_median,{:.3},,,,\n", overhead as f64 / 1000.0));
+    csv.push_str(&format!("throughput_64_clients_per_s,{rate:.0},,,,{n}\n"));
+    let out = std::env::current_exe().unwrap().parent().and_then(|p| p.parent()).and_then(|p| p.parent()).unwrap().join("bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("handout.csv"), csv).unwrap();
+    println!("wrote {}", out.join("handout.csv").display());
+
+    cancel.cancel();
+    daemon.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn acquire(c: &OwnedFd, dest: Dest, seq: u32, buf: &mut [u8; 64]) -> u64 {
+    let n = wire::encode(&Msg::Acquire(dest), seq, buf);
+    wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).unwrap();
+    let got = wire::unix::recv(c.as_raw_fd(), buf, 0).unwrap();
+    match wire::decode(&buf[..got.len]).unwrap().0 {
+        Msg::Grant { lease, .. } => {
+            drop(got.fd);
+            lease
+        }
+        _ => 0,
+    }
+}
+
+fn release(c: &OwnedFd, lease: u64, buf: &mut [u8; 64]) {
+    let n = wire::encode(&Msg::Release { lease, disposition: Disposition::Clean }, 0, buf);
+    wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).unwrap();
+}
+
