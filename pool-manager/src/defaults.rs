@@ -24,10 +24,12 @@ pub const MAX_PER_DESTINATION: usize = 64;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(50);
 /// Spreads load across server restarts and DNS changes; no socket is older than this.
 pub const MAX_LIFETIME: Duration = Duration::from_secs(600);
-/// How long a returned socket waits before reuse; a late reply to an abandoned request
-/// usually arrives within this and gets the socket discarded. Loopback and same-rack RTTs
-/// are well below it.
-pub const QUARANTINE: Duration = Duration::from_millis(5);
+/// How long a returned socket waits before reuse: a late byte (a reply to an abandoned
+/// request the return check could not see, a server push) arriving within it discards the
+/// socket. Several round trips on loopback and within a data centre (RTT well below 0.5 ms).
+/// Nobody waits for it: a request that finds only quarantined sockets is a miss and makes
+/// the pool grow, so a longer quarantine costs sockets, not latency.
+pub const QUARANTINE: Duration = Duration::from_millis(1);
 /// Bound on the daemon's own connects to a destination.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on a hand-out probe (e.g. Redis PING).

@@ -37,8 +37,6 @@ struct Quarantined<S> {
 pub enum Take<S> {
     /// A checked socket to hand out (now counted as leased).
     Ready(Idle<S>),
-    /// Nothing idle, but a returned socket leaves quarantine at this instant.
-    WaitUntil(Instant),
     /// Nothing to hand out.
     Empty,
     /// The destination is at `max_per_destination`.
@@ -75,6 +73,9 @@ pub struct Pool<S> {
     pub backoff_until: Option<Instant>,
     /// Counters.
     pub stats: PoolStats,
+    /// A request found nothing idle while returned sockets sat in quarantine: demand
+    /// outruns the quarantine, so the next refill does not count them as ready.
+    starved: bool,
 }
 
 type Check<'a, S> = &'a mut dyn FnMut(&S) -> Result<(), Discard>;
@@ -92,6 +93,7 @@ impl<S> Pool<S> {
             last_request: now,
             backoff_until: None,
             stats: PoolStats::default(),
+            starved: false,
         }
     }
 
@@ -149,9 +151,7 @@ impl<S> Pool<S> {
                 Err(why) => discarded.push((i.sock, why)),
             }
         }
-        if let Some(q) = self.quarantine.front() {
-            return Take::WaitUntil(q.until);
-        }
+        self.starved = !self.quarantine.is_empty();
         self.stats.miss += 1;
         if self.total() >= self.settings.max_per_destination {
             Take::AtLimit
@@ -190,8 +190,13 @@ impl<S> Pool<S> {
         if self.backoff_until.is_some_and(|t| now < t) {
             return 0;
         }
-        let ready = self.idle.len() + self.quarantine.len() + self.connecting;
-        let want = self.settings.min_idle.saturating_sub(ready);
+        let (floor, ready) = if std::mem::take(&mut self.starved) {
+            // Demand outran the quarantine: add a socket even where min_idle is 0.
+            (self.settings.min_idle.max(1), self.idle.len() + self.connecting)
+        } else {
+            (self.settings.min_idle, self.idle.len() + self.quarantine.len() + self.connecting)
+        };
+        let want = floor.saturating_sub(ready);
         let room = self.settings.max_per_destination.saturating_sub(self.total());
         let n = want.min(room);
         self.connecting += n;
@@ -303,18 +308,22 @@ mod tests {
         let mut d = vec![];
         let s = ready(p.take(t0, &mut w.check(), &mut d));
         p.give_back(t0, s, t0).unwrap();
-        match p.take(t0 + Duration::from_millis(1), &mut w.check(), &mut d) {
-            Take::WaitUntil(t) => assert_eq!(t, t0 + Duration::from_millis(5)),
-            other => panic!("{other:?}"),
-        }
+        // Still in quarantine: a miss, and the pool grows instead of making the caller wait.
+        assert!(matches!(p.take(t0 + Duration::from_millis(1), &mut w.check(), &mut d), Take::Empty));
+        assert_eq!(p.start_refill(t0 + Duration::from_millis(1)), 1);
+        assert_eq!(p.start_refill(t0 + Duration::from_millis(1)), 0);
+        p.connected(t0, 8);
         let t1 = t0 + Duration::from_millis(6);
         let again = p.take(t1, &mut w.check(), &mut d);
-        assert!(matches!(again, Take::Ready(Idle { sock: 7, source: Source::Reuse, .. })));
+        assert!(matches!(again, Take::Ready(Idle { sock: 7, source: Source::Reuse, .. })), "{again:?}");
+        assert!(matches!(p.take(t1, &mut w.check(), &mut d), Take::Ready(Idle { sock: 8, .. })));
         // A byte that arrives during quarantine discards it.
         p.give_back(t1, 7, t0).unwrap();
         w.health.borrow_mut().insert(7, Discard::UnreadData);
+        p.give_back(t1, 8, t0).unwrap();
+        w.health.borrow_mut().insert(8, Discard::UnreadData);
         assert!(matches!(p.take(t1 + Duration::from_millis(6), &mut w.check(), &mut d), Take::Empty));
-        assert_eq!(d, vec![(7, Discard::UnreadData)]);
+        assert_eq!(d, vec![(7, Discard::UnreadData), (8, Discard::UnreadData)]);
         assert_eq!(p.stats.reuse, 1);
     }
 

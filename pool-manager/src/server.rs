@@ -413,7 +413,7 @@ async fn acquire(
     started: Instant,
 ) -> (Reply, Option<(u64, Lease)>) {
     let key = PoolKey { tenant: tenant.clone(), dest };
-    for attempt in 0..defaults::HANDOUT_ATTEMPTS {
+    for _ in 0..defaults::HANDOUT_ATTEMPTS {
         let now = Instant::now();
         let mut discarded = Vec::new();
         let (taken, refill, settings) = {
@@ -453,12 +453,7 @@ async fn acquire(
                 }
                 return grant(shared, key, idle, settings.policy, seq, started);
             }
-            Take::WaitUntil(t) if attempt == 0 && t.saturating_duration_since(now) <= settings.quarantine => {
-                // A socket given back a moment ago leaves quarantine within one quarantine
-                // period: waiting is cheaper than a new connection.
-                tokio::time::sleep_until(t.into()).await;
-            }
-            Take::WaitUntil(_) | Take::Empty => {
+            Take::Empty => {
                 shared.metrics.miss_empty.fetch_add(1, Ordering::Relaxed);
                 return (Reply::miss(seq, MissReason::Empty, 0), None);
             }

@@ -144,6 +144,18 @@ fn open_link() -> Option<i32> {
     }
 }
 
+/// Open the link at load time, so that the daemon identifies this process while the program
+/// is still starting up rather than inside its first `connect()`. A failure here costs
+/// nothing and sets no back-off: the first `connect()` simply tries again.
+pub(crate) fn open_early() {
+    let _st = lock();
+    if CONN.load(Ordering::Acquire) < 0 {
+        if let Some(f) = open_link() {
+            CONN.store(f, Ordering::Release);
+        }
+    }
+}
+
 /// Ask the daemon for a socket to `dest`. `None` means "run the real connect".
 pub(crate) fn acquire(dest: &Dest) -> Option<(OwnedFd, u64)> {
     let mut st = lock();

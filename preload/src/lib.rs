@@ -15,7 +15,8 @@
 //! Environment: `WARMPOOL_SOCKET` (default `/run/warmpool/pool.sock`), `WARMPOOL_DISABLE=1`,
 //! `WARMPOOL_LOG=1`, `WARMPOOL_TIMEOUT_MS` (daemon answer bound, default 50),
 //! `WARMPOOL_PASSTHROUGH=1` (intercept everything but never ask the daemon: measures the
-//! shim's own cost).
+//! shim's own cost), `WARMPOOL_LAZY=1` (open the daemon link at the first `connect()`
+//! instead of at load time).
 
 mod client;
 pub mod hooks;
@@ -65,6 +66,15 @@ fn truthy(v: Option<&[u8]>) -> bool {
     matches!(v, Some(b) if !b.is_empty() && b != b"0")
 }
 
+/// The pool manager must never ask itself for sockets (a preload environment inherited by
+/// the daemon, e.g. from `pool-manager exec`, would otherwise loop through its own socket).
+fn is_the_daemon() -> bool {
+    let mut buf = [0u8; 512];
+    // SAFETY: readlink into our buffer, at most its length.
+    let n = unsafe { libc::readlink(c"/proc/self/exe".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    n > 0 && buf[..n as usize].rsplit(|b| *b == b'/').next() == Some(b"pool-manager".as_slice())
+}
+
 extern "C" fn init() {
     let _ = std::panic::catch_unwind(init_inner);
 }
@@ -73,7 +83,7 @@ fn init_inner() {
     // SAFETY: getauxval has no preconditions.
     let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
     LOG.store(truthy(env(c"WARMPOOL_LOG")), Ordering::Relaxed);
-    if secure || truthy(env(c"WARMPOOL_DISABLE")) {
+    if secure || truthy(env(c"WARMPOOL_DISABLE")) || is_the_daemon() {
         return;
     }
     real::resolve();
@@ -89,6 +99,9 @@ fn init_inner() {
     }
     client::install_fork_handlers();
     OFF.store(false, Ordering::Release);
+    if !passthrough && !truthy(env(c"WARMPOOL_LAZY")) {
+        client::open_early();
+    }
 }
 
 /// Runs at load time, before `main` and before most other constructors.
