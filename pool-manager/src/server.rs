@@ -268,7 +268,8 @@ async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: CancellationToken) {
             break; // EOF: the process is gone (or closed its link)
         }
         let reply = if got.fd.is_some() || got.extra_fds > 0 || got.ctrunc {
-            // Dropping `got` closes every fd that arrived: none is expected from a client.
+            // No request carries an fd: close what arrived at once, before answering.
+            drop(got.fd);
             Some(Reply::error(0, ErrorCode::UnexpectedFd, "no request carries a file descriptor".into()))
         } else if got.truncated {
             Some(Reply::error(0, ErrorCode::Malformed, "message too long".into()))
