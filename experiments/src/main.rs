@@ -10,8 +10,11 @@
 //! - `reuse`: the pool manager with a `reuse` pool for the server.
 //! Output: `reuse.csv` (`config,run,latency_us`) and `summary.md` beside the source's numbers.
 
+mod delay;
+mod netns;
 mod nginx;
 mod reuse;
+mod topo;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};

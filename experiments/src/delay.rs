@@ -1,0 +1,168 @@
+//! A user-space delay line between two TUN devices (this kernel has no netem): every IP
+//! packet read from one side is written to the other after a one-way delay, optionally
+//! through a rate-limited bottleneck with a tail-drop queue, in the spirit of Mahimahi.
+//!
+//! One thread serves both directions. It blocks in `ppoll` (nanosecond timeout, timer
+//! slack 1 ns) until a packet arrives or the next delivery is near, then spins for the last
+//! [`SPIN`] so that deliveries land within microseconds of their deadline. The delay applied
+//! is the configured one minus a calibrated `offset` that absorbs the fixed cost of the
+//! user-space hop (see `Topology::calibrate`).
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Spin instead of sleeping when the next delivery is this close.
+const SPIN: Duration = Duration::from_micros(60);
+/// Largest packet (TUN MTU is 1500; leave room for GSO-less jumbo mistakes).
+const MAX_PACKET: usize = 65_536;
+
+/// One direction's link properties.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Link {
+    /// Propagation delay one way.
+    pub(crate) one_way: Duration,
+    /// Bottleneck rate in bits/s (None: unlimited).
+    pub(crate) rate_bps: Option<u64>,
+    /// Queue limit as queueing delay at the bottleneck rate (tail drop beyond it).
+    pub(crate) queue: Duration,
+}
+
+/// Counters, readable while running.
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    /// Packets forwarded.
+    pub(crate) forwarded: AtomicU64,
+    /// Packets dropped at a full bottleneck queue.
+    pub(crate) dropped: AtomicU64,
+}
+
+/// The running delay line; stops on drop.
+#[derive(Debug)]
+pub(crate) struct DelayLine {
+    stop: Arc<AtomicBool>,
+    /// Subtracted from every one-way delay, in ns (calibration).
+    pub(crate) offset_ns: Arc<AtomicI64>,
+    pub(crate) stats: Arc<Stats>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+struct Dir {
+    from: OwnedFd,
+    to_index: usize,
+    link: Link,
+    queue: VecDeque<(Instant, Vec<u8>)>,
+    link_free: Instant,
+}
+
+impl DelayLine {
+    /// Start forwarding between `a` and `b`: `a_to_b` applies to packets read from `a`.
+    pub(crate) fn start(a: OwnedFd, b: OwnedFd, a_to_b: Link, b_to_a: Link) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let offset_ns = Arc::new(AtomicI64::new(0));
+        let stats = Arc::new(Stats::default());
+        let (s, o, st) = (stop.clone(), offset_ns.clone(), stats.clone());
+        let thread = std::thread::Builder::new()
+            .name("delay-line".into())
+            .spawn(move || run(a, b, a_to_b, b_to_a, &s, &o, &st))
+            .expect("spawn delay line");
+        Self { stop, offset_ns, stats, thread: Some(thread) }
+    }
+}
+
+impl Drop for DelayLine {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &AtomicI64, stats: &Stats) {
+    // SAFETY: prctl with a plain integer argument; 1 ns slack makes sleeps end on time.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+    let raw = [a.as_raw_fd(), b.as_raw_fd()];
+    let now = Instant::now();
+    let mut dirs = [
+        Dir { from: a, to_index: 1, link: ab, queue: VecDeque::new(), link_free: now },
+        Dir { from: b, to_index: 0, link: ba, queue: VecDeque::new(), link_free: now },
+    ];
+    let mut buf = vec![0u8; MAX_PACKET];
+    while !stop.load(Ordering::Relaxed) {
+        // Deliver what is due.
+        let now = Instant::now();
+        for d in &mut dirs {
+            while d.queue.front().is_some_and(|(t, _)| *t <= now) {
+                let (_, pkt) = d.queue.pop_front().expect("front exists");
+                // SAFETY: writing one packet to the other TUN device.
+                unsafe { libc::write(raw[d.to_index], pkt.as_ptr().cast(), pkt.len()) };
+                stats.forwarded.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let next = dirs.iter().filter_map(|d| d.queue.front().map(|(t, _)| *t)).min();
+        let wait = next.map_or(Duration::from_millis(20), |t| t.saturating_duration_since(Instant::now()));
+        if wait > SPIN {
+            let sleep = wait - SPIN;
+            let ts = libc::timespec { tv_sec: sleep.as_secs() as libc::time_t, tv_nsec: i64::from(sleep.subsec_nanos()) };
+            let mut pfd = [
+                libc::pollfd { fd: raw[0], events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: raw[1], events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: two pollfds, a valid timeout, no signal mask change.
+            unsafe { libc::ppoll(pfd.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+        }
+        // Take in everything that has arrived (non-blocking reads).
+        for d in &mut dirs {
+            loop {
+                // SAFETY: reading one packet into our buffer.
+                let n = unsafe { libc::read(d.from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if n <= 0 {
+                    break;
+                }
+                let arrival = Instant::now();
+                let size = n as usize;
+                let one_way = d.link.one_way.saturating_sub(Duration::from_nanos(offset.load(Ordering::Relaxed).max(0) as u64));
+                let deliver = match d.link.rate_bps {
+                    None => arrival + one_way,
+                    Some(rate) => {
+                        let start = d.link_free.max(arrival);
+                        if start.saturating_duration_since(arrival) > d.link.queue {
+                            stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        }
+                        d.link_free = start + Duration::from_nanos(size as u64 * 8 * 1_000_000_000 / rate.max(1));
+                        d.link_free + one_way
+                    }
+                };
+                d.queue.push_back((deliver, buf[..size].to_vec()));
+            }
+        }
+    }
+}
+
+/// Open a TUN device named `name` in the calling thread's network namespace (no packet
+/// information header, non-blocking).
+pub(crate) fn open_tun(name: &str) -> anyhow::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: opening the TUN clone device; the fd goes into an OwnedFd at once.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
+    if fd < 0 {
+        anyhow::bail!("opening /dev/net/tun: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd we own.
+    let tun = unsafe { OwnedFd::from_raw_fd(fd) };
+    // struct ifreq: 16-byte name, then flags (short) in the union.
+    let mut ifr = [0u8; 40];
+    let n = name.len().min(15);
+    ifr[..n].copy_from_slice(&name.as_bytes()[..n]);
+    let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
+    ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads and writes one ifreq.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) } != 0 {
+        anyhow::bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
+    }
+    Ok(tun)
+}

@@ -1,0 +1,78 @@
+//! Network namespaces that an experiment creates and removes, and running code in them.
+//!
+//! Programs run inside with `ip netns exec NAME ...`; in-process work (opening a TUN device,
+//! creating a probe socket) runs on a short-lived thread that `setns`-es into the namespace,
+//! since a network namespace switch applies to the calling thread only, and the fds it
+//! creates keep their namespace wherever they are used afterwards.
+
+use anyhow::{bail, Context, Result};
+use std::os::fd::AsRawFd;
+use std::process::Command;
+
+/// A named network namespace, deleted on drop.
+#[derive(Debug)]
+pub(crate) struct Netns {
+    pub(crate) name: String,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    if !out.status.success() {
+        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+impl Netns {
+    /// Create `name` (replacing a leftover of the same name) with loopback up.
+    pub(crate) fn create(name: &str) -> Result<Self> {
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+        ip(&["netns", "add", name]).context("creating a network namespace (needs root)")?;
+        let ns = Self { name: name.to_owned() };
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// `ip -n NAME args...`.
+    pub(crate) fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// A command that runs `prog` inside the namespace.
+    pub(crate) fn command(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).arg(prog);
+        c
+    }
+
+    /// Run `f` on a thread inside the namespace.
+    pub(crate) fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        std::thread::spawn(move || {
+            // SAFETY: setns on a namespace fd we hold; it affects only this thread, which
+            // ends when `f` returns.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            f()
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in namespace panicked"))?
+    }
+
+    /// Write a sysctl under `/proc/sys/net` for this namespace.
+    pub(crate) fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let path = format!("/proc/sys/{}", key.replace('.', "/"));
+        let value = value.to_owned();
+        self.enter(move || std::fs::write(&path, value).with_context(|| format!("writing {path}")))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
