@@ -11,6 +11,7 @@
 //! Output: `reuse.csv` (`config,run,latency_us`) and `summary.md` beside the source's numbers.
 
 mod delay;
+mod hosts;
 mod netns;
 mod nginx;
 mod reuse;
@@ -40,6 +41,8 @@ enum Cmd {
         /// Output directory [default: results/reuse/<timestamp>].
         #[arg(long)]
         out: Option<PathBuf>,
+        #[command(flatten)]
+        path: PathArgs,
     },
     /// One function invocation (used by `reuse`): connect, GET, read, print µs, exit.
     #[command(hide = true)]
@@ -49,9 +52,34 @@ enum Cmd {
     },
 }
 
+/// Where the experiment runs and the emulated path.
+#[derive(clap::Args, Debug)]
+struct PathArgs {
+    /// `local`: client and server hosts in network namespaces joined by an emulated path
+    /// (root); `loopback`: both on 127.0.0.1, no emulated path.
+    #[arg(long, default_value = "local", value_parser = ["local", "loopback"])]
+    topology: String,
+    /// Round-trip time of the emulated path (local topology).
+    #[arg(long, default_value = "200us")]
+    rtt: String,
+}
+
+impl PathArgs {
+    fn hosts(&self, rate_bps: Option<u64>) -> Result<hosts::Hosts> {
+        if self.topology == "loopback" {
+            return Ok(hosts::Hosts::Loopback);
+        }
+        let rtt = topo::parse_duration(&self.rtt)?;
+        let t = topo::Topology::local(&format!("wp{}", std::process::id() % 100_000), rtt, rate_bps)?;
+        let measured = t.calibrate()?;
+        eprintln!("topology local: configured RTT {rtt:?}, measured {measured:?} (TCP handshake median)");
+        Ok(hosts::Hosts::Local(t))
+    }
+}
+
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Reuse { runs, configs, out } => reuse::run(runs, &configs, out),
+        Cmd::Reuse { runs, configs, out, path } => reuse::run(runs, &configs, out, &path.hosts(None)?),
         Cmd::Function { addr } => reuse::function(addr),
     }
 }

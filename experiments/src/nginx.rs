@@ -1,9 +1,10 @@
 //! A real nginx on a loopback port, in a directory of its own, stopped by PID on drop.
 
+use crate::hosts::Hosts;
 use anyhow::{bail, Context, Result};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 /// A running nginx.
@@ -23,9 +24,10 @@ fn nginx_binary() -> Result<PathBuf> {
 }
 
 impl Nginx {
-    /// Start nginx in `dir` with keep-alive on; `/` answers a short body.
-    pub(crate) fn start(dir: &Path) -> Result<Self> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    /// Start nginx on the server host, files in `dir`, keep-alive on; `/` answers a short body.
+    pub(crate) fn start(dir: &Path, hosts: &Hosts) -> Result<Self> {
+        let port = hosts.server_port(8080)?;
+        let addr = SocketAddr::new(hosts.server_ip(), port);
         for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
@@ -36,11 +38,12 @@ impl Nginx {
              http {{\n access_log off;\n client_body_temp_path {d}/client_body;\n proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
              keepalive_timeout 75s;\n keepalive_requests 100000;\n\
-             server {{ listen 127.0.0.1:{port}; location / {{ return 200 \"hello from nginx\\n\"; }} }}\n}}\n"
+             server {{ listen {addr}; location / {{ return 200 \"hello from nginx\\n\"; }} }}\n}}\n"
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf)?;
-        let child = Command::new(nginx_binary()?)
+        let child = hosts
+            .server(nginx_binary()?)
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-c")
@@ -53,9 +56,9 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .context("starting nginx")?;
-        let n = Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)) };
+        let n = Self { child, addr };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect_timeout(&n.addr, Duration::from_millis(200)).is_err() {
+        while !hosts.reachable(addr) {
             if Instant::now() > deadline {
                 bail!("nginx did not start; see {}/error.log", d);
             }

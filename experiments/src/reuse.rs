@@ -1,5 +1,6 @@
 //! The reuse-latency experiment (see the crate docs).
 
+use crate::hosts::Hosts;
 use crate::nginx::Nginx;
 use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
@@ -47,6 +48,7 @@ impl Config {
 pub(crate) fn function(addr: SocketAddr) -> Result<()> {
     let t0 = Instant::now();
     let mut s = TcpStream::connect(addr)?;
+    let connected = t0.elapsed();
     s.set_nodelay(true)?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: warmpool\r\nConnection: keep-alive\r\n\r\n")?;
     let mut buf = Vec::with_capacity(512);
@@ -76,19 +78,21 @@ pub(crate) fn function(addr: SocketAddr) -> Result<()> {
     }
     let us = t0.elapsed().as_secs_f64() * 1e6;
     drop(s);
-    println!("{us:.1}");
+    println!("{us:.1} {:.1}", connected.as_secs_f64() * 1e6);
     Ok(())
 }
 
-struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     socket: PathBuf,
     bin: PathBuf,
 }
 
 impl Daemon {
-    fn start(bin: &Path, socket: PathBuf, args: &[String], log: &Path) -> Result<Self> {
-        let child = Command::new(bin)
+    /// Start a pool manager on the client host.
+    pub(crate) fn start(hosts: &Hosts, bin: &Path, socket: PathBuf, args: &[String], log: &Path) -> Result<Self> {
+        let child = hosts
+            .client(bin, &[])
             .arg("serve")
             .arg("--socket")
             .arg(&socket)
@@ -109,7 +113,7 @@ impl Daemon {
         Ok(Self { child, socket, bin: bin.into() })
     }
 
-    fn cli(&self, args: &[&str]) -> Result<String> {
+    pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
         let o = Command::new(&self.bin).args(args).arg("--socket").arg(&self.socket).env_remove("LD_PRELOAD").output()?;
         if !o.status.success() {
             bail!("pool-manager {args:?}: {}", String::from_utf8_lossy(&o.stderr));
@@ -126,7 +130,7 @@ impl Drop for Daemon {
     }
 }
 
-fn timestamp() -> String {
+pub(crate) fn timestamp() -> String {
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let (d, s) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -142,7 +146,8 @@ fn timestamp() -> String {
     format!("{year:04}{month:02}{day:02}-{:02}{:02}{:02}", s / 3600, s % 3600 / 60, s % 60)
 }
 
-pub(crate) fn run(runs: usize, configs: &[Config], out: Option<PathBuf>) -> Result<()> {
+/// The project's binaries next to this one: (pool-manager, libwarmpool_preload.so).
+pub(crate) fn artifacts() -> Result<(PathBuf, PathBuf)> {
     let exe = std::env::current_exe()?;
     let bindir = exe.parent().context("binary directory")?;
     let pool_manager = bindir.join("pool-manager");
@@ -152,46 +157,68 @@ pub(crate) fn run(runs: usize, configs: &[Config], out: Option<PathBuf>) -> Resu
             bail!("{} missing: build the workspace first (cargo build --release)", p.display());
         }
     }
-    let out = out.unwrap_or_else(|| PathBuf::from("results/reuse").join(timestamp()));
-    std::fs::create_dir_all(&out)?;
-    let work = std::env::temp_dir().join(format!("warmpool-reuse-{}", std::process::id()));
-    std::fs::create_dir_all(&work)?;
-    let result = run_in(runs, configs, &out, &work, &pool_manager, &preload);
-    let _ = std::fs::remove_dir_all(&work);
-    result
+    Ok((pool_manager, preload))
 }
 
-fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager: &Path, preload: &Path) -> Result<()> {
-    let nginx = Nginx::start(&work.join("nginx"))?;
+/// A scratch directory for one run, removed on drop.
+pub(crate) struct Scratch(pub(crate) PathBuf);
+
+impl Scratch {
+    pub(crate) fn new(what: &str) -> Result<Self> {
+        let p = std::env::temp_dir().join(format!("warmpool-{what}-{}", std::process::id()));
+        std::fs::create_dir_all(&p)?;
+        Ok(Self(p))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn run(runs: usize, configs: &[Config], out: Option<PathBuf>, hosts: &Hosts) -> Result<()> {
+    let (pool_manager, preload) = artifacts()?;
+    let out = out.unwrap_or_else(|| PathBuf::from("results/reuse").join(timestamp()));
+    std::fs::create_dir_all(&out)?;
+    let work = Scratch::new("reuse")?;
+    run_in(runs, configs, &out, &work.0, &pool_manager, &preload, hosts)
+}
+
+fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager: &Path, preload: &Path, hosts: &Hosts) -> Result<()> {
+    let nginx = Nginx::start(&work.join("nginx"), hosts)?;
     let dest = nginx.addr.to_string();
     // `warm` runs on the embedded default; `reuse` names the server as a reuse pool.
-    let warm = Daemon::start(pool_manager, work.join("warm.sock"), &[], &work.join("warm.log"))?;
-    let reuse = Daemon::start(pool_manager, work.join("reuse.sock"), &["--pool".into(), format!("{dest}=reuse")], &work.join("reuse.log"))?;
+    let warm = Daemon::start(hosts, pool_manager, work.join("warm.sock"), &[], &work.join("warm.log"))?;
+    let reuse =
+        Daemon::start(hosts, pool_manager, work.join("reuse.sock"), &["--pool".into(), format!("{dest}=reuse")], &work.join("reuse.log"))?;
     for d in [&warm, &reuse] {
         d.cli(&["prewarm", &dest]).ok();
     }
     std::thread::sleep(Duration::from_millis(200));
     let exe = std::env::current_exe()?;
-    let invoke = |c: Config| -> Result<f64> {
-        let mut cmd = Command::new(&exe);
-        cmd.arg("function").arg(&dest).env_remove("LD_PRELOAD").env_remove("WARMPOOL_PASSTHROUGH");
-        match c {
-            Config::Baseline => {}
+    let invoke = |c: Config| -> Result<(f64, f64)> {
+        let pre = preload.as_os_str();
+        let env: Vec<(&str, &std::ffi::OsStr)> = match c {
+            Config::Baseline => vec![],
             Config::DummyShim => {
-                cmd.env("LD_PRELOAD", preload).env("WARMPOOL_PASSTHROUGH", "1").env("WARMPOOL_SOCKET", &warm.socket);
+                vec![("LD_PRELOAD", pre), ("WARMPOOL_PASSTHROUGH", "1".as_ref()), ("WARMPOOL_SOCKET", warm.socket.as_os_str())]
             }
-            Config::Warm => {
-                cmd.env("LD_PRELOAD", preload).env("WARMPOOL_SOCKET", &warm.socket);
-            }
-            Config::Reuse => {
-                cmd.env("LD_PRELOAD", preload).env("WARMPOOL_SOCKET", &reuse.socket);
-            }
-        }
+            Config::Warm => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", warm.socket.as_os_str())],
+            Config::Reuse => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", reuse.socket.as_os_str())],
+        };
+        let mut cmd = hosts.client(&exe, &env);
+        cmd.arg("function").arg(&dest).env_remove("LD_PRELOAD").env_remove("WARMPOOL_PASSTHROUGH");
         let o = cmd.output()?;
         if !o.status.success() {
             bail!("{} function failed: {}", c.name(), String::from_utf8_lossy(&o.stderr));
         }
-        Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
+        let text = String::from_utf8_lossy(&o.stdout);
+        let mut f = text.split_whitespace().map(str::parse::<f64>);
+        match (f.next(), f.next()) {
+            (Some(Ok(total)), Some(Ok(connect))) => Ok((total, connect)),
+            _ => bail!("{} function printed {text:?}", c.name()),
+        }
     };
     // Warm-up, not recorded: page cache, nginx, both pools.
     for _ in 0..10 {
@@ -199,14 +226,16 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
             invoke(c)?;
         }
     }
-    let mut csv = String::from("config,run,latency_us\n");
+    let mut csv = String::from("config,run,latency_us,connect_us\n");
     let mut hists: Vec<Histogram<u64>> = configs.iter().map(|_| Histogram::new(3).expect("histogram")).collect();
+    let mut connects = hists.clone();
     let started = Instant::now();
     for run in 0..runs {
         for (i, &c) in configs.iter().enumerate() {
-            let us = invoke(c)?;
-            let _ = writeln!(csv, "{},{run},{us:.1}", c.name());
+            let (us, connect_us) = invoke(c)?;
+            let _ = writeln!(csv, "{},{run},{us:.1},{connect_us:.1}", c.name());
             hists[i].record((us * 10.0) as u64)?;
+            connects[i].record((connect_us * 10.0) as u64)?;
         }
         if (run + 1) % (runs / 10).max(1) == 0 {
             eprintln!("reuse: {}/{runs} runs per configuration ({:.0} s)", run + 1, started.elapsed().as_secs_f64());
@@ -218,18 +247,27 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     let base = configs.iter().position(|c| *c == Config::Baseline).map(|i| q(&hists[i], 0.5));
     let mut md = String::new();
     let _ = writeln!(md, "# Reuse test: connect → request → reply in a fresh process\n");
-    let _ = writeln!(md, "{runs} runs per configuration, real nginx on loopback, this machine (`{}`).\n", machine());
-    let _ = writeln!(md, "| config | median µs | p90 µs | p99 µs | median vs baseline | source study median µs |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "{runs} runs per configuration, real nginx; path: {}; machine: `{}`.\n", hosts.describe(), machine());
+    let _ = writeln!(md, "| config | median µs | p90 µs | p99 µs | median vs baseline | source study median µs | connect() median µs |");
+    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
     for (i, c) in configs.iter().enumerate() {
         let h = &hists[i];
         let ratio = base.map_or("-".into(), |b| format!("{:.2}x", q(h, 0.5) / b));
         let src = c.source_median_us().map_or("-".into(), |v| format!("{v:.0}"));
-        let _ = writeln!(md, "| {} | {:.1} | {:.1} | {:.1} | {ratio} | {src} |", c.name(), q(h, 0.5), q(h, 0.9), q(h, 0.99));
+        let _ = writeln!(
+            md,
+            "| {} | {:.1} | {:.1} | {:.1} | {ratio} | {src} | {:.1} |",
+            c.name(),
+            q(h, 0.5),
+            q(h, 0.9),
+            q(h, 0.99),
+            q(&connects[i], 0.5)
+        );
     }
     let _ = writeln!(md, "\nSource study: two CloudLab m510 nodes over 10 GbE (baseline 446 µs, dummy shim 459 µs, reuse 322 µs = 0.72x).");
-    let _ = writeln!(md, "Here client and server share one machine over loopback, so there is no wire RTT: the gap is the handshake and");
-    let _ = writeln!(md, "socket set-up cost only. `warm` is the pool manager on its embedded default.\n");
+    let _ = writeln!(md, "`warm` is the pool manager on its embedded default (first-use warm pools); `reuse` has a reuse pool for the server.");
+    let _ = writeln!(md, "On loopback a handshake costs microseconds, so asking the daemon costs more than it saves; the emulated path gives");
+    let _ = writeln!(md, "the handshake its RTT, as on a real network.\n");
     let _ = writeln!(md, "## What the pools did\n\n```\n# embedded default (warm)\n{}\n# reuse pool\n{}```", warm.cli(&["status"])?, reuse.cli(&["status"])?);
     std::fs::write(out.join("summary.md"), &md)?;
     print!("{md}");
@@ -237,7 +275,7 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     Ok(())
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| s.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())))

@@ -143,7 +143,7 @@ fn keep_window_when_idle() {
 }
 
 fn serve(cfg: Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         if cfg.keep_window_when_idle {
             keep_window_when_idle();
