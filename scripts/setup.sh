@@ -28,9 +28,10 @@ declare -A CHECK=(
     [ca-certificates]=""
     [build-essential]="cc"
     [pkg-config]="pkg-config"
+    [librsvg2-bin]="rsvg-convert"
 )
 ORDER=(nginx-light redis-server redis-tools curl python3 busybox-static iproute2 nftables
-       util-linux procps ca-certificates build-essential pkg-config)
+       util-linux procps ca-certificates build-essential pkg-config librsvg2-bin)
 
 have_cmd() {
     local c=$1

@@ -11,10 +11,12 @@
 //! Output: `reuse.csv` (`config,run,latency_us`) and `summary.md` beside the source's numbers.
 
 mod delay;
+mod fct;
 mod hosts;
 mod netns;
 mod nginx;
 mod reuse;
+mod svg;
 mod topo;
 
 use anyhow::Result;
@@ -44,6 +46,49 @@ enum Cmd {
         #[command(flatten)]
         path: PathArgs,
     },
+    /// Flow completion time, new vs warmed connections, without and with congestion.
+    Fct {
+        /// Flow sizes in bytes, comma-separated [default: 1 KB to 16 MB, powers of 4].
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<u64>,
+        /// Repetitions per size and configuration.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// Which cases: both, off, on.
+        #[arg(long, default_value = "both", value_parser = ["both", "off", "on"])]
+        congestion: String,
+        /// Bottleneck rate, server → client (local topology).
+        #[arg(long, default_value = "1gbit")]
+        rate: String,
+        /// Output directory [default: results/fct/<timestamp>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        path: PathArgs,
+    },
+    /// Server for `fct` (runs on the server host).
+    #[command(hide = true)]
+    ServeBytes {
+        /// Listen address.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Client for `fct` (runs on the client host, under the shim for warmed connections).
+    #[command(hide = true)]
+    FctClient {
+        /// Server address.
+        #[arg(long)]
+        server: std::net::SocketAddr,
+        /// Sizes.
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<u64>,
+        /// Repetitions.
+        #[arg(long)]
+        reps: usize,
+        /// Unrecorded 1 MB flows first.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
+    },
     /// One function invocation (used by `reuse`): connect, GET, read, print µs, exit.
     #[command(hide = true)]
     Function {
@@ -59,17 +104,18 @@ struct PathArgs {
     /// (root); `loopback`: both on 127.0.0.1, no emulated path.
     #[arg(long, default_value = "local", value_parser = ["local", "loopback"])]
     topology: String,
-    /// Round-trip time of the emulated path (local topology).
-    #[arg(long, default_value = "200us")]
-    rtt: String,
+    /// Round-trip time of the emulated path (local topology) [default: 200us for reuse,
+    /// 10ms for fct].
+    #[arg(long)]
+    rtt: Option<String>,
 }
 
 impl PathArgs {
-    fn hosts(&self, rate_bps: Option<u64>) -> Result<hosts::Hosts> {
+    fn hosts(&self, default_rtt: &str, rate_bps: Option<u64>) -> Result<hosts::Hosts> {
         if self.topology == "loopback" {
             return Ok(hosts::Hosts::Loopback);
         }
-        let rtt = topo::parse_duration(&self.rtt)?;
+        let rtt = topo::parse_duration(self.rtt.as_deref().unwrap_or(default_rtt))?;
         let t = topo::Topology::local(&format!("wp{}", std::process::id() % 100_000), rtt, rate_bps)?;
         let measured = t.calibrate()?;
         eprintln!("topology local: configured RTT {rtt:?}, measured {measured:?} (TCP handshake median)");
@@ -79,7 +125,19 @@ impl PathArgs {
 
 fn main() -> Result<()> {
     match Cli::parse().cmd {
-        Cmd::Reuse { runs, configs, out, path } => reuse::run(runs, &configs, out, &path.hosts(None)?),
+        Cmd::Reuse { runs, configs, out, path } => reuse::run(runs, &configs, out, &path.hosts("200us", None)?),
+        Cmd::Fct { sizes, reps, congestion, rate, out, path } => {
+            let sizes = if sizes.is_empty() { fct::SIZES.to_vec() } else { sizes };
+            let cases: &[bool] = match congestion.as_str() {
+                "off" => &[false],
+                "on" => &[true],
+                _ => &[false, true],
+            };
+            let hosts = path.hosts("10ms", Some(topo::parse_rate(&rate)?))?;
+            fct::run(&hosts, &sizes, reps, cases, out, &rate)
+        }
+        Cmd::ServeBytes { listen } => fct::serve(listen),
+        Cmd::FctClient { server, sizes, reps, warmup } => fct::client(server, &sizes, reps, warmup),
         Cmd::Function { addr } => reuse::function(addr),
     }
 }

@@ -84,7 +84,7 @@ pub(crate) fn function(addr: SocketAddr) -> Result<()> {
 
 pub(crate) struct Daemon {
     child: Child,
-    socket: PathBuf,
+    pub(crate) socket: PathBuf,
     bin: PathBuf,
 }
 
