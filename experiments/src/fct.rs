@@ -254,6 +254,14 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
             series.push(Series { name: format!("{}{}", c.name(), if g { ", congested" } else { "" }), points });
         }
     }
+    if let Hosts::Local(t) = hosts {
+        let _ = writeln!(
+            md,
+            "\nDelay line: {} packets forwarded, {} dropped at the bottleneck queue.",
+            t.delay.stats.forwarded.load(std::sync::atomic::Ordering::Relaxed),
+            t.delay.stats.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    }
     let _ = writeln!(md, "\nSource study (CloudLab, 10 GbE): warmed connections finished flows ≤ 1 MB 0.7-1.2 ms faster without");
     let _ = writeln!(md, "congestion and 2-24 ms faster with it.\n\n![FCT](fct.svg)\n\n## Pool\n\n```\n{status}```");
     let chart = Chart {

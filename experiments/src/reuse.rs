@@ -229,6 +229,7 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     let mut csv = String::from("config,run,latency_us,connect_us\n");
     let mut hists: Vec<Histogram<u64>> = configs.iter().map(|_| Histogram::new(3).expect("histogram")).collect();
     let mut connects = hists.clone();
+    let mut samples: Vec<Vec<f64>> = configs.iter().map(|_| Vec::with_capacity(runs)).collect();
     let started = Instant::now();
     for run in 0..runs {
         for (i, &c) in configs.iter().enumerate() {
@@ -236,6 +237,7 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
             let _ = writeln!(csv, "{},{run},{us:.1},{connect_us:.1}", c.name());
             hists[i].record((us * 10.0) as u64)?;
             connects[i].record((connect_us * 10.0) as u64)?;
+            samples[i].push(us);
         }
         if (run + 1) % (runs / 10).max(1) == 0 {
             eprintln!("reuse: {}/{runs} runs per configuration ({:.0} s)", run + 1, started.elapsed().as_secs_f64());
@@ -268,10 +270,22 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     let _ = writeln!(md, "`warm` is the pool manager on its embedded default (first-use warm pools); `reuse` has a reuse pool for the server.");
     let _ = writeln!(md, "On loopback a handshake costs microseconds, so asking the daemon costs more than it saves; the emulated path gives");
     let _ = writeln!(md, "the handshake its RTT, as on a real network.\n");
+    let series: Vec<crate::svg::Series> =
+        configs.iter().zip(&samples).map(|(c, v)| crate::svg::Series { name: c.name().into(), points: crate::svg::cdf(v) }).collect();
+    let chart = crate::svg::Chart {
+        title: "Reuse test: connect to completion, fresh process per run",
+        x_label: "latency (µs)",
+        y_label: "CDF",
+        x_scale: crate::svg::Scale::Linear,
+        y_scale: crate::svg::Scale::Linear,
+        series: &series,
+    };
+    crate::svg::write(&out.join("reuse_cdf.svg"), &crate::svg::render(&chart))?;
+    let _ = writeln!(md, "![CDF](reuse_cdf.svg)\n");
     let _ = writeln!(md, "## What the pools did\n\n```\n# embedded default (warm)\n{}\n# reuse pool\n{}```", warm.cli(&["status"])?, reuse.cli(&["status"])?);
     std::fs::write(out.join("summary.md"), &md)?;
     print!("{md}");
-    println!("\nwrote {} and {}", out.join("reuse.csv").display(), out.join("summary.md").display());
+    println!("\nwrote {}/{{reuse.csv,reuse_cdf.svg,reuse_cdf.png,summary.md}}", out.display());
     Ok(())
 }
 

@@ -32,6 +32,12 @@ pub const MAX_LIFETIME: Duration = Duration::from_secs(600);
 pub const QUARANTINE: Duration = Duration::from_millis(1);
 /// Bound on the daemon's own connects to a destination.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A refill triggered by a hand-out starts this much later, so that its connect (and, when
+/// the server runs on the same node, the server's accept) does not compete for a CPU with
+/// the function that was just handed a socket. Measured on a 2-vCPU node: a warm hand-out
+/// took 114 µs with an immediate refill and 47 µs with a deferred one. Only a request within
+/// this window that finds `min_idle` exhausted misses because of it.
+pub const REFILL_DELAY: Duration = Duration::from_millis(1);
 /// Bound on a hand-out probe (e.g. Redis PING).
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 

@@ -428,7 +428,7 @@ async fn acquire(
             (taken, pool.start_refill(now), pool.settings.clone())
         };
         shared.discard_all(discarded);
-        spawn_refills(shared, &key, refill, settings.connect_timeout);
+        spawn_refills(shared, &key, refill, settings.connect_timeout, defaults::REFILL_DELAY);
         match taken {
             Take::Ready(idle) => {
                 if settings.probe == Probe::RedisPing {
@@ -532,15 +532,19 @@ fn prewarm(shared: &Arc<Shared>, tenant: &Tenant, dest: SocketAddr, seq: u32) ->
         pool.last_request = now;
         (pool.start_refill(now), pool.settings.connect_timeout)
     };
-    spawn_refills(shared, &key, n, timeout);
+    spawn_refills(shared, &key, n, timeout, std::time::Duration::ZERO);
     Reply::msg(&Msg::StatusReply(&format!("prewarming {dest}: {n} connect(s) started")), seq)
 }
 
-fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeout: std::time::Duration) {
+/// Start `n` connects for `key`'s pool, each after `delay`.
+fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeout: std::time::Duration, delay: std::time::Duration) {
     for _ in 0..n {
         let shared = shared.clone();
         let key = key.clone();
         tokio::spawn(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let r = sock::connect(key.dest, timeout).await;
             let now = Instant::now();
             let mut pools = shared.lock();
@@ -602,7 +606,7 @@ async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         shared.discard_all(discarded);
         for (key, n, timeout) in refills {
-            spawn_refills(&shared, &key, n, timeout);
+            spawn_refills(&shared, &key, n, timeout, std::time::Duration::ZERO);
         }
     }
 }
