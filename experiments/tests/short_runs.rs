@@ -1,0 +1,91 @@
+//! Short runs of each experiment on the local topology (root: network namespaces and TUN;
+//! must run in CI), checking the files a user recomputes figures from.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    assert!(std::env::var("CI").map_or(true, |v| v != "true"), "{test} must run as root in CI");
+    eprintln!("SKIP {test}: needs root (network namespaces, TUN devices)");
+    false
+}
+
+fn out_dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("warmpool-exp-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn run(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_experiments")).args(args).output().expect("run experiments");
+    assert!(
+        o.status.success(),
+        "experiments {args:?} failed\nstdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn csv(path: &Path) -> (String, Vec<Vec<String>>) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut lines = text.lines();
+    let header = lines.next().expect("header row").to_owned();
+    (header, lines.map(|l| l.split(',').map(str::to_owned).collect()).collect())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
+    if !root_or_skip("reuse_short_run") {
+        return;
+    }
+    let out = out_dir("reuse");
+    run(&["reuse", "--runs", "6", "--out", out.to_str().unwrap()]);
+    let (header, rows) = csv(&out.join("reuse.csv"));
+    assert_eq!(header, "config,run,latency_us,connect_us");
+    assert_eq!(rows.len(), 24, "6 runs x 4 configurations");
+    for c in ["baseline", "dummy-shim", "warm", "reuse"] {
+        assert_eq!(rows.iter().filter(|r| r[0] == c).count(), 6, "{c}");
+    }
+    assert!(rows.iter().all(|r| r[2].parse::<f64>().unwrap() > 0.0));
+    let svg = std::fs::read_to_string(out.join("reuse_cdf.svg")).unwrap();
+    assert_eq!(svg.matches("<polyline").count(), 4);
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("| reuse |") && summary.contains("RTT 200µs"), "{summary}");
+    // The reuse pool served the reuse runs (status table: REUSE is the 9th column).
+    let reuse_block = summary.split("# reuse pool").nth(1).expect("pool status in summary");
+    let row = reuse_block.lines().find(|l| l.contains("198.18.0.2")).expect("pool row");
+    let reused: u64 = row.split_whitespace().nth(8).unwrap().parse().unwrap();
+    assert!(reused >= 6, "{row}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn fct_short_run_warmed_connections_skip_the_handshake_and_slow_start() {
+    if !root_or_skip("fct_short_run") {
+        return;
+    }
+    let out = out_dir("fct");
+    run(&["fct", "--reps", "3", "--sizes", "1024,65536", "--rtt", "5ms", "--out", out.to_str().unwrap()]);
+    let (header, rows) = csv(&out.join("fct.csv"));
+    assert_eq!(header, "config,congestion,size_bytes,rep,fct_us");
+    assert_eq!(rows.len(), 2 * 2 * 2 * 3, "configs x congestion x sizes x reps");
+    let med = |config: &str, size: &str| {
+        median(rows.iter().filter(|r| r[0] == config && r[1] == "off" && r[2] == size).map(|r| r[4].parse().unwrap()).collect())
+    };
+    // A new connection pays a handshake and slow start (>= 2 RTTs for 64 KB from IW10); a
+    // warmed one needs one RTT: the difference is several milliseconds at 5 ms RTT.
+    let (new, warm) = (med("new", "65536"), med("warm", "65536"));
+    assert!(warm + 5_000.0 < new, "64 KB: new {new} µs, warm {warm} µs");
+    assert!(out.join("fct.svg").exists() && out.join("summary.md").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
