@@ -2,11 +2,14 @@
 //! packet read from one side is written to the other after a one-way delay, optionally
 //! through a rate-limited bottleneck with a tail-drop queue, in the spirit of Mahimahi.
 //!
-//! One thread serves both directions. It blocks in `ppoll` (nanosecond timeout, timer
-//! slack 1 ns) until a packet arrives or the next delivery is near, then spins for the last
-//! [`SPIN`] so that deliveries land within microseconds of their deadline. The delay applied
-//! is the configured one minus a calibrated `offset` that absorbs the fixed cost of the
-//! user-space hop (see `Topology::calibrate`).
+//! One thread serves both directions. While traffic flows (a packet within the last
+//! [`ACTIVE`]) it polls both devices without sleeping, so a packet is timestamped when it
+//! arrives rather than when a sleeping thread gets a CPU back (tens of microseconds, and
+//! variable, on a virtual machine: too much for a 200 µs path). When the path is quiet it
+//! blocks in `ppoll` (nanosecond timeout, timer slack 1 ns) and spins only for the last
+//! [`SPIN`] before a delivery. The delay applied is the configured one minus a calibrated
+//! `offset` that absorbs the fixed cost of the user-space hop (see `Topology::calibrate`).
+//! The price is one busy CPU while an experiment's traffic flows.
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -16,6 +19,8 @@ use std::time::{Duration, Instant};
 
 /// Spin instead of sleeping when the next delivery is this close.
 const SPIN: Duration = Duration::from_micros(60);
+/// Keep polling without sleeping this long after the last packet.
+const ACTIVE: Duration = Duration::from_millis(50);
 /// Largest packet (TUN MTU is 1500; leave room for GSO-less jumbo mistakes).
 const MAX_PACKET: usize = 65_536;
 
@@ -91,6 +96,7 @@ fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &A
         Dir { from: b, to_index: 0, link: ba, queue: VecDeque::new(), link_free: now },
     ];
     let mut buf = vec![0u8; MAX_PACKET];
+    let mut last_packet = Instant::now() - ACTIVE;
     while !stop.load(Ordering::Relaxed) {
         // Deliver what is due.
         let now = Instant::now();
@@ -104,7 +110,7 @@ fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &A
         }
         let next = dirs.iter().filter_map(|d| d.queue.front().map(|(t, _)| *t)).min();
         let wait = next.map_or(Duration::from_millis(20), |t| t.saturating_duration_since(Instant::now()));
-        if wait > SPIN {
+        if wait > SPIN && last_packet.elapsed() >= ACTIVE {
             let sleep = wait - SPIN;
             let ts = libc::timespec { tv_sec: sleep.as_secs() as libc::time_t, tv_nsec: i64::from(sleep.subsec_nanos()) };
             let mut pfd = [
@@ -123,6 +129,7 @@ fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &A
                     break;
                 }
                 let arrival = Instant::now();
+                last_packet = arrival;
                 let size = n as usize;
                 let one_way = d.link.one_way.saturating_sub(Duration::from_nanos(offset.load(Ordering::Relaxed).max(0) as u64));
                 let deliver = match d.link.rate_bps {

@@ -161,3 +161,33 @@ fn two_cgroups_of_one_uid_never_receive_the_same_socket() {
     let tenants: HashSet<&str> = status.lines().skip(1).filter_map(|l| l.split_whitespace().next()).collect();
     assert_eq!(tenants.len(), 2, "{status}");
 }
+
+#[test]
+fn a_process_that_drops_root_is_served_as_its_new_uid() {
+    if !require_root("a_process_that_drops_root_is_served_as_its_new_uid") || !require_tool("nginx") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let dest = nginx.addr().to_string();
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let uid = 64_105;
+    // Started as root (the shim opens its link at load time, as root), then drops to `uid`
+    // before connecting, like a server's worker would.
+    let script = format!(
+        "import os, socket\nos.setgroups([])\nos.setgid({uid})\nos.setuid({uid})\n\
+         s = socket.create_connection(('127.0.0.1', {}))\n\
+         s.sendall(b'GET / HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n')\nprint(s.recv(100).split()[1].decode())\n",
+        nginx.port
+    );
+    for _ in 0..3 {
+        let mut c = Command::new(SYSTEM_PYTHON);
+        c.args(["-c", &script]);
+        shim_env(&mut c, &d);
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "200");
+    }
+    let status = d.status();
+    assert!(status.contains(&format!("{uid}:")), "requests after setuid must be identified as uid {uid}:\n{status}");
+    assert!(!status.lines().any(|l| l.starts_with("0:")), "nothing was asked as root:\n{status}");
+}

@@ -36,13 +36,15 @@ struct Neg {
 }
 
 struct State {
+    /// Effective uid and gid when the link was opened: the daemon identified us by them.
+    creds: (u32, u32),
     seq: u32,
     retry_at_ms: u64,
     neg: [Option<Neg>; NEG_SLOTS],
     neg_next: usize,
 }
 
-static STATE: Mutex<State> = Mutex::new(State { seq: 0, retry_at_ms: 0, neg: [None; NEG_SLOTS], neg_next: 0 });
+static STATE: Mutex<State> = Mutex::new(State { creds: (u32::MAX, u32::MAX), seq: 0, retry_at_ms: 0, neg: [None; NEG_SLOTS], neg_next: 0 });
 
 thread_local! {
     static FORK_GUARD: RefCell<Option<MutexGuard<'static, State>>> = const { RefCell::new(None) };
@@ -148,12 +150,18 @@ fn open_link() -> Option<i32> {
 /// is still starting up rather than inside its first `connect()`. A failure here costs
 /// nothing and sets no back-off: the first `connect()` simply tries again.
 pub(crate) fn open_early() {
-    let _st = lock();
+    let mut st = lock();
     if CONN.load(Ordering::Acquire) < 0 {
         if let Some(f) = open_link() {
+            st.creds = creds();
             CONN.store(f, Ordering::Release);
         }
     }
+}
+
+fn creds() -> (u32, u32) {
+    // SAFETY: geteuid/getegid have no preconditions.
+    unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
 /// Ask the daemon for a socket to `dest`. `None` means "run the real connect".
@@ -161,12 +169,20 @@ pub(crate) fn acquire(dest: &Dest) -> Option<(OwnedFd, u64)> {
     let mut st = lock();
     let now = now_ms();
     let mut fd = CONN.load(Ordering::Acquire);
+    // The daemon knows us by the credentials we had when the link was opened (often at load
+    // time). A process that changed them since (a server dropping root) must be identified
+    // again, or it would be served from its former tenant's pools.
+    if fd >= 0 && st.creds != creds() {
+        drop_link();
+        fd = -1;
+    }
     if fd < 0 {
         if now < st.retry_at_ms {
             return None;
         }
         match open_link() {
             Some(f) => {
+                st.creds = creds();
                 CONN.store(f, Ordering::Release);
                 fd = f;
             }
