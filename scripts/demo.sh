@@ -10,6 +10,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+bash scripts/setup-ebpf.sh
 cargo build --release --workspace
 target/release/experiments reuse --runs 300
 echo

@@ -29,9 +29,10 @@ declare -A CHECK=(
     [build-essential]="cc"
     [pkg-config]="pkg-config"
     [librsvg2-bin]="rsvg-convert"
+    [bpftool]="bpftool"
 )
 ORDER=(nginx-light redis-server redis-tools curl python3 busybox-static iproute2 nftables
-       util-linux procps ca-certificates build-essential pkg-config librsvg2-bin)
+       util-linux procps ca-certificates build-essential pkg-config librsvg2-bin bpftool)
 
 have_cmd() {
     local c=$1

@@ -9,6 +9,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 echo "test: running scripts/setup.sh"
 bash scripts/setup.sh
+echo "test: running scripts/setup-ebpf.sh"
+bash scripts/setup-ebpf.sh
 
 echo "test: cargo build --release --workspace"
 cargo build --release --workspace

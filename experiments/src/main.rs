@@ -1,14 +1,14 @@
 //! `experiments`: reproduce what the pool buys, on this machine, with real programs.
 //!
-//! `experiments reuse` runs the source study's reuse test locally: every run is a fresh
-//! process (a "function") that connects to a real nginx on loopback, sends one request,
-//! reads the reply and exits, timed from just before `connect()` to the end of the reply.
-//! Configurations run round-robin so that drift affects all alike:
-//! - `baseline`: no shim;
-//! - `dummy-shim`: the preload library intercepting everything but never asking the daemon;
-//! - `warm`: the pool manager on its embedded default (first-use warm pools);
-//! - `reuse`: the pool manager with a `reuse` pool for the server.
-//! Output: `reuse.csv` (`config,run,latency_us`) and `summary.md` beside the source's numbers.
+//! - `reuse`: every run is a fresh process (a "function") that connects to a real nginx,
+//!   sends one request, reads the reply and exits, timed from just before `connect()`;
+//!   configurations `baseline`, `dummy-shim`, `warm`, `reuse` run round-robin.
+//! - `fct`: flow completion times on new versus warmed connections, with and without
+//!   competing bulk flows through a bottleneck.
+//!
+//! Both run on `--topology local` (client and server hosts in network namespaces joined by
+//! a user-space delay line, see `topo`) or `--topology loopback`, and write CSV, SVG charts
+//! and a `summary.md` beside the source study's numbers.
 
 mod delay;
 mod fct;

@@ -136,6 +136,30 @@ pub enum TenantBy {
     Uid,
 }
 
+/// Whether to use the eBPF kernel assist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AssistMode {
+    /// Never.
+    Off,
+    /// When the build, the kernel and our privileges allow; otherwise say so once and run
+    /// without.
+    Auto,
+    /// Required: the daemon does not start without it.
+    On,
+}
+
+/// Kernel assist settings (`[kernel]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kernel {
+    /// Off, auto or on.
+    pub assist: AssistMode,
+    /// Cgroup v2 directories to attach to (default: the daemon's own cgroup).
+    pub cgroups: Vec<PathBuf>,
+    /// Upper bound for a learned initial window, in segments.
+    pub max_initial_window: u32,
+}
+
 /// The embedded-default behaviour for destinations not configured explicitly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Auto {
@@ -165,6 +189,8 @@ pub struct Config {
     pub keep_window_when_idle: bool,
     /// Destinations not listed.
     pub auto: Auto,
+    /// Kernel assist.
+    pub kernel: Kernel,
     /// Explicit pools, by resolved address (both the address as written and, for IPv4, its
     /// IPv4-mapped IPv6 form).
     pub pools: HashMap<SocketAddr, Arc<PoolSettings>>,
@@ -185,6 +211,7 @@ impl Default for Config {
                 forget_after: defaults::AUTO_FORGET_AFTER,
             },
             pools: HashMap::new(),
+            kernel: Kernel { assist: AssistMode::Off, cgroups: vec![], max_initial_window: defaults::MAX_INITIAL_WINDOW },
         }
     }
 }
@@ -311,6 +338,14 @@ impl Config {
                 c.auto.forget_after = parse_duration("auto.forget_after", &f)?;
             }
         }
+        if let Some(k) = file.kernel {
+            c.kernel.assist = k.assist.unwrap_or(AssistMode::Auto);
+            c.kernel.cgroups = k.cgroups;
+            c.kernel.max_initial_window = k.max_initial_window.unwrap_or(c.kernel.max_initial_window);
+            if c.kernel.max_initial_window < 10 {
+                return Err(ConfigError::Invalid { field: "kernel.max_initial_window".into(), reason: "must be at least 10 (the default initial window)".into() });
+            }
+        }
         for (i, p) in file.pool.into_iter().enumerate() {
             let dest = p.destination.clone();
             let policy = p.pool.policy.ok_or_else(|| ConfigError::Invalid {
@@ -333,8 +368,18 @@ struct FileConfig {
     tenant: Option<TenantBy>,
     keep_window_when_idle: Option<bool>,
     auto: Option<FileAuto>,
+    kernel: Option<FileKernel>,
     #[serde(default)]
     pool: Vec<FilePool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKernel {
+    assist: Option<AssistMode>,
+    #[serde(default)]
+    cgroups: Vec<PathBuf>,
+    max_initial_window: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -423,6 +468,10 @@ socket_mode = "0666"
 tenant = "uid+cgroup"
 keep_window_when_idle = true
 
+[kernel]
+assist = "off"              # off | auto | on: eBPF learned initial windows (see README)
+max_initial_window = 256
+
 [auto]
 enabled = true
 policy = "warm"
@@ -446,6 +495,7 @@ mod tests {
         assert_eq!(c.auto, d.auto);
         assert_eq!(c.socket, d.socket);
         assert_eq!(c.socket_mode, d.socket_mode);
+        assert_eq!(c.kernel, d.kernel);
     }
 
     #[test]
@@ -455,6 +505,9 @@ mod tests {
             metrics = "127.0.0.1:9464"
             [auto]
             enabled = false
+            [kernel]
+            assist = "on"
+            cgroups = ["/sys/fs/cgroup/functions"]
             [[pool]]
             destination = "127.0.0.1:6379"
             policy = "reuse"
@@ -465,6 +518,8 @@ mod tests {
         )
         .unwrap();
         assert!(!c.auto.enabled);
+        assert_eq!(c.kernel.assist, AssistMode::On);
+        assert_eq!(c.kernel.cgroups, vec![PathBuf::from("/sys/fs/cgroup/functions")]);
         let Lookup::Configured(s) = c.lookup(&"127.0.0.1:6379".parse().unwrap()) else { panic!() };
         assert_eq!((s.policy, s.min_idle, s.probe), (Policy::Reuse, 2, Probe::RedisPing));
         assert_eq!(s.quarantine, Duration::from_millis(2));

@@ -56,3 +56,7 @@ pub const AUTO_MAX_DESTINATIONS: usize = 64;
 pub const AUTO_FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Hand-out attempts when checks or probes discard candidates.
 pub const HANDOUT_ATTEMPTS: usize = 4;
+/// Upper bound for a learned initial window (segments). Large enough for a converged window
+/// on a fast intra-datacenter path, small enough that a wrongly learned value cannot flood a
+/// path: 256 segments of 1448 bytes is about 370 KB in the first RTT.
+pub const MAX_INITIAL_WINDOW: u32 = 256;

@@ -142,12 +142,35 @@ fn keep_window_when_idle() {
     }
 }
 
+/// Attach the eBPF kernel assist as configured. `auto` runs without it (said once, here)
+/// when the build, kernel or privileges do not allow it; `on` refuses to start.
+fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim_user::assist::KernelAssist>>> {
+    use config::AssistMode;
+    if k.assist == AssistMode::Off {
+        return Ok(None);
+    }
+    let cgroups = if k.cgroups.is_empty() { vec![shim_user::assist::own_cgroup_dir()?] } else { k.cgroups.clone() };
+    match shim_user::assist::KernelAssist::attach(&cgroups, k.max_initial_window) {
+        Ok(a) => {
+            info!(cgroups = ?cgroups, max_initial_window = k.max_initial_window, "kernel assist attached: learned initial windows on");
+            Ok(Some(std::sync::Mutex::new(a)))
+        }
+        Err(e) if k.assist == AssistMode::Auto => {
+            warn!("kernel assist unavailable, running without it: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(e).context("kernel assist = \"on\""),
+    }
+}
+
 fn serve(cfg: Config) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async move {
         if cfg.keep_window_when_idle {
             keep_window_when_idle();
         }
+        // Before binding: a daemon that cannot start leaves no socket file behind.
+        let assist = kernel_assist(&cfg.kernel)?;
         let path = cfg.socket.clone();
         let listener = server::bind(&path, cfg.socket_mode)?;
         let cancel = CancellationToken::new();
@@ -158,7 +181,9 @@ fn serve(cfg: Config) -> Result<()> {
             auto = cfg.auto.enabled,
             "pool manager listening"
         );
-        let shared = Arc::new(Shared::new(cfg));
+        let mut shared = Shared::new(cfg);
+        shared.assist = assist;
+        let shared = Arc::new(shared);
         let mut metrics_task = None;
         if let Some(addr) = metrics_addr {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;

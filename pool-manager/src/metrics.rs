@@ -133,6 +133,19 @@ pub fn render(shared: &Shared) -> String {
             }
         }
     }
+    let _ = writeln!(o, "# HELP warmpool_kernel_assist 1 when the eBPF kernel assist is attached.");
+    let _ = writeln!(o, "# TYPE warmpool_kernel_assist gauge");
+    let _ = writeln!(o, "warmpool_kernel_assist {}", u8::from(shared.assist.is_some()));
+    let _ = writeln!(o, "# HELP warmpool_learned_cwnd Congestion window (segments) connections to a destination converged to (kernel assist).");
+    let _ = writeln!(o, "# TYPE warmpool_learned_cwnd gauge");
+    let learned = shared.learned();
+    for (d, cwnd, _, _) in &learned {
+        let _ = writeln!(o, "warmpool_learned_cwnd{{dest=\"{d}\"}} {cwnd}");
+    }
+    let _ = writeln!(o, "# TYPE warmpool_learned_srtt_seconds gauge");
+    for (d, _, srtt, _) in &learned {
+        let _ = writeln!(o, "warmpool_learned_srtt_seconds{{dest=\"{d}\"}} {}", f64::from(*srtt) / 1e6);
+    }
     let _ = writeln!(o, "# HELP warmpool_pooled_socket_cwnd Congestion window (segments) of each idle pooled socket, from TCP_INFO.");
     let _ = writeln!(o, "# TYPE warmpool_pooled_socket_cwnd gauge");
     o.push_str(&cwnd_lines);

@@ -56,6 +56,8 @@ pub struct Shared {
     pub metrics: Metrics,
     next_lease: AtomicU64,
     daemon_uid: u32,
+    /// The eBPF kernel assist, when attached (detached when dropped).
+    pub assist: Option<Mutex<shim_user::assist::KernelAssist>>,
 }
 
 impl Shared {
@@ -69,7 +71,17 @@ impl Shared {
             next_lease: AtomicU64::new(1),
             // SAFETY: geteuid has no preconditions.
             daemon_uid: unsafe { libc::geteuid() },
+            assist: None,
         }
+    }
+
+    /// What the kernel assist learned: (destination, cwnd segments, srtt µs, samples).
+    pub fn learned(&self) -> Vec<(SocketAddr, u32, u32, u32)> {
+        let Some(a) = &self.assist else { return vec![] };
+        let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<_> = a.learned().into_iter().map(|(d, w)| (d, w.cwnd, w.srtt_us, w.samples)).collect();
+        v.sort();
+        v
     }
 
     /// The daemon's effective uid.

@@ -39,6 +39,13 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
             p.stats.discarded,
         );
     }
+    let learned = shared.learned();
+    if all && !learned.is_empty() {
+        out.push_str("\nLEARNED (kernel assist)\tCWND\tSRTT_US\tSAMPLES\n");
+        for (d, cwnd, srtt, n) in learned {
+            let _ = writeln!(out, "{d}\t{cwnd}\t{srtt}\t{n}");
+        }
+    }
     out
 }
 

@@ -120,25 +120,6 @@ fn two_uids_never_receive_the_same_socket() {
     assert!(own.contains(&format!("{a}:")) && !own.contains(&format!("{b}:")), "{own}");
 }
 
-/// A child cgroup of ours, removed on drop (after its processes exited).
-struct Cgroup(PathBuf);
-
-impl Cgroup {
-    fn new(name: &str) -> Self {
-        let root = shim_user::cgroup2_mount().expect("cgroup2 mounted");
-        let own = shim_user::cgroup_of(std::process::id() as i32).expect("our cgroup");
-        let path = root.join(own.trim_start_matches('/')).join(format!("warmpool-test-{}-{name}", std::process::id()));
-        std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
-        Self(path)
-    }
-}
-
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        let _ = wait_until(Duration::from_secs(2), || std::fs::remove_dir(&self.0).is_ok());
-    }
-}
-
 #[test]
 fn two_cgroups_of_one_uid_never_receive_the_same_socket() {
     if !require_root("two_cgroups_of_one_uid_never_receive_the_same_socket") || !require_tool("nginx") || !require_tool("setpriv") {

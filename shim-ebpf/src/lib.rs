@@ -14,6 +14,10 @@ pub mod names {
     pub const LEARNED: &str = "WARMPOOL_LEARNED";
     /// Hash: [`DemandKey`] → `u64` connect count.
     pub const DEMAND: &str = "WARMPOOL_DEMAND";
+    /// Array (1 entry): [`KernelConfig`].
+    pub const CONFIG: &str = "WARMPOOL_CONFIG";
+    /// The sockops program.
+    pub const SOCKOPS: &str = "warmpool_sockops";
 }
 
 /// A destination: IPv4 in the first 4 bytes of `addr` when `family == 2` (`AF_INET`).
@@ -44,6 +48,16 @@ pub struct LearnedWindow {
     pub _pad: u32,
 }
 
+/// Settings user space writes for the kernel programs (array map, index 0).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KernelConfig {
+    /// Non-zero: set `TCP_BPF_IW` on new connections to known destinations.
+    pub enabled: u32,
+    /// Upper bound for the initial window, in segments.
+    pub max_iw: u32,
+}
+
 /// Demand counter key: a destination as seen from one cgroup.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -52,6 +66,16 @@ pub struct DemandKey {
     pub cgroup_id: u64,
     /// The destination.
     pub dest: DestKey,
+}
+
+// SAFETY: each type is #[repr(C)], Copy, made only of integers, with explicit padding: every
+// bit pattern is a valid value, as aya::Pod requires.
+#[cfg(feature = "user")]
+mod user {
+    unsafe impl aya::Pod for super::DestKey {}
+    unsafe impl aya::Pod for super::LearnedWindow {}
+    unsafe impl aya::Pod for super::DemandKey {}
+    unsafe impl aya::Pod for super::KernelConfig {}
 }
 
 #[cfg(test)]
@@ -63,5 +87,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<DestKey>(), 24);
         assert_eq!(core::mem::size_of::<LearnedWindow>(), 16);
         assert_eq!(core::mem::size_of::<DemandKey>(), 32);
+        assert_eq!(core::mem::size_of::<KernelConfig>(), 8);
     }
 }

@@ -3,9 +3,12 @@
 //! Today this crate answers the questions the pool manager needs for tenancy: where cgroup v2
 //! is mounted (read from `/proc/self/mountinfo`, never hard-coded: it is `/sys/fs/cgroup` on
 //! most hosts and `/sys/fs/cgroup/unified` on hybrid ones) and which cgroup a process is in.
-//! Loading and attaching the eBPF programs from `shim-ebpf` will live here too.
+//! [`assist`] loads warmpool's eBPF programs (built from `shim-ebpf/programs`, embedded),
+//! attaches them to cgroups and reads their maps.
 
 use std::path::PathBuf;
+
+pub mod assist;
 
 /// Errors from cgroup discovery.
 #[derive(Debug, thiserror::Error)]

@@ -903,3 +903,35 @@ mod harness_selftest {
         assert_eq!(resp_encode(&["GET", "k"]), b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n".to_vec());
     }
 }
+
+/// A child cgroup (v2) of the test process's own cgroup, removed on drop once its processes
+/// have exited.
+#[derive(Debug)]
+pub struct Cgroup(pub PathBuf);
+
+impl Cgroup {
+    pub fn new(name: &str) -> Self {
+        let root = shim_user::cgroup2_mount().expect("cgroup2 mounted");
+        let own = shim_user::cgroup_of(std::process::id() as i32).expect("our cgroup");
+        let path = root.join(own.trim_start_matches('/')).join(format!("warmpool-test-{}-{name}", std::process::id()));
+        fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self(path)
+    }
+
+    /// `sh -c 'echo $$ > cgroup.procs && exec PROG ARGS'`: PROG runs inside this cgroup.
+    pub fn command(&self, prog: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new("/bin/sh");
+        let mut script = format!("echo $$ > {}/cgroup.procs && exec \"$0\"", self.0.display());
+        for i in 0..args.len() {
+            script.push_str(&format!(" \"${}\"", i + 1));
+        }
+        c.arg("-c").arg(script).arg(prog).args(args);
+        c
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = wait_until(Duration::from_secs(2), || fs::remove_dir(&self.0).is_ok());
+    }
+}

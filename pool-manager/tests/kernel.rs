@@ -1,0 +1,121 @@
+//! The eBPF kernel assist with the real kernel (root; must run in CI): learned congestion
+//! windows start new connections converged, and nothing stays attached after the daemon.
+
+mod common;
+
+use common::*;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients").join(name)
+}
+
+fn cwnd(cmd: &mut Command) -> u32 {
+    let o = cmd.output().expect("run cwnd.py");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    String::from_utf8_lossy(&o.stdout).trim().parse().expect("a number")
+}
+
+fn assist_available(test: &str) -> bool {
+    if !require_root(test) || !require_tool("python3") || !require_tool("bpftool") {
+        return false;
+    }
+    if !shim_user::assist::KernelAssist::built() {
+        assert!(!in_ci(), "{test}: this build has no eBPF programs; CI must build them");
+        eprintln!("SKIP {test}: built without the eBPF toolchain (scripts/setup-ebpf.sh)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn a_learned_window_starts_new_connections_converged_and_nothing_stays_attached() {
+    if !assist_available("a_learned_window_starts_new_connections_converged") {
+        return;
+    }
+    let port = free_port();
+    let mut sink = Command::new(tool_path("python3"))
+        .args([script("sink.py").to_str().unwrap(), &port.to_string()])
+        .env_remove("LD_PRELOAD")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sink");
+    {
+        use std::io::BufRead;
+        let mut line = String::new();
+        std::io::BufReader::new(sink.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+    }
+    let cg = Cgroup::new("assist");
+    let dir = TempDir::new();
+    let cfg = dir.join("pool.toml");
+    std::fs::write(
+        &cfg,
+        format!("[kernel]\nassist = \"on\"\ncgroups = [\"{}\"]\nmax_initial_window = 1000\n", cg.0.display()),
+    )
+    .unwrap();
+    let mut d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(d.metric("warmpool_kernel_assist"), 1.0, "{}", d.log());
+    let show = || {
+        let o = Command::new(tool_path("bpftool")).args(["cgroup", "show"]).arg(&cg.0).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    assert!(show().contains("warmpool_sockop"), "attached: {}", show());
+
+    let py = tool_path("python3");
+    let cw = script("cwnd.py");
+    let p = port.to_string();
+    let args = |mode: &'static str| [cw.to_str().unwrap().to_owned(), p.clone(), mode.to_owned()];
+    let run_in_cg = |mode: &'static str| {
+        let a = args(mode);
+        cwnd(&mut cg.command(&py, &[&a[0], &a[1], &a[2]]))
+    };
+    // Before anything was learned, a new connection starts at the kernel's IW10.
+    assert_eq!(run_in_cg("new"), 10);
+    // One bulk transfer; the window it converged to is learned when it closes.
+    run_in_cg("bulk");
+    let dest = format!("warmpool_learned_cwnd{{dest=\"127.0.0.1:{port}\"");
+    assert!(wait_until(Duration::from_secs(3), || d.metric(&dest) > 10.0), "nothing learned:\n{}", d.metrics());
+    let learned = d.metric(&dest) as u32;
+    // A new connection in the cgroup starts at the learned window, before sending anything.
+    assert_eq!(run_in_cg("new"), learned, "learned {learned}");
+    // Outside the attached cgroup nothing changes.
+    let a = args("new");
+    assert_eq!(cwnd(Command::new(&py).args(&a)), 10);
+    assert!(d.status().contains("LEARNED"), "{}", d.status());
+
+    // Stopped: detached, and new connections start at IW10 again.
+    assert!(d.stop().success());
+    assert!(!show().contains("warmpool"), "still attached after stop: {}", show());
+    assert_eq!(run_in_cg("new"), 10);
+    let _ = sink.kill();
+    let _ = sink.wait();
+}
+
+#[test]
+fn kernel_assist_on_refuses_to_start_where_it_cannot_attach_and_auto_runs_without() {
+    if !assist_available("kernel_assist_on_refuses_to_start") {
+        return;
+    }
+    let dir = TempDir::new();
+    let cfg = dir.join("pool.toml");
+    std::fs::write(&cfg, "[kernel]\nassist = \"on\"\ncgroups = [\"/nonexistent/cgroup\"]\n").unwrap();
+    let sock = dir.join("p.sock");
+    let o = Command::new(pool_manager_bin())
+        .args(["serve", "--socket"])
+        .arg(&sock)
+        .arg("--config")
+        .arg(&cfg)
+        .env_remove("LD_PRELOAD")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/cgroup"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!sock.exists(), "no socket file left behind");
+    std::fs::write(&cfg, "[kernel]\nassist = \"auto\"\ncgroups = [\"/nonexistent/cgroup\"]\n").unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(d.metric("warmpool_kernel_assist"), 0.0);
+    assert!(d.log().contains("kernel assist unavailable"), "{}", d.log());
+}

@@ -1,0 +1,156 @@
+//! warmpool's kernel side: one sockops program.
+//!
+//! - When an established connection to a destination closes, record the congestion window
+//!   and smoothed RTT it reached in [`LEARNED`] (an LRU hash keyed by destination), as an
+//!   EWMA (new = (3 * old + sample) / 4).
+//! - When a new active connection to a known destination is established (before it sent
+//!   any data: the kernel sets the initial window just before this callback, and
+//!   `TCP_BPF_IW` is refused once data went out), set `TCP_BPF_IW` to the learned window,
+//!   clamped to [`CONFIG`]'s maximum, so new and pre-warmed connections start converged.
+//!
+//! Entry points are thin and call `try_*` functions returning `Result`.
+
+#![no_std]
+#![no_main]
+
+use aya_ebpf::bindings::{
+    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+};
+use aya_ebpf::helpers::bpf_setsockopt;
+use core::ptr::read_volatile;
+use aya_ebpf::macros::{map, sock_ops};
+use aya_ebpf::maps::{Array, LruHashMap};
+use aya_ebpf::programs::SockOpsContext;
+use shim_ebpf::{DestKey, KernelConfig, LearnedWindow};
+
+/// Destination → what connections to it converged to.
+#[map(name = "WARMPOOL_LEARNED")]
+static LEARNED: LruHashMap<DestKey, LearnedWindow> = LruHashMap::with_max_entries(4096, 0);
+
+/// Index 0: settings written by user space.
+#[map(name = "WARMPOOL_CONFIG")]
+static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+const SOL_TCP: i32 = 6;
+const TCP_BPF_IW: i32 = 1001;
+const TCP_ESTABLISHED: u32 = 1;
+
+#[sock_ops]
+pub fn warmpool_sockops(ctx: SockOpsContext) -> u32 {
+    let _ = try_sockops(&ctx);
+    1
+}
+
+fn dest_of(ctx: &SockOpsContext) -> Option<DestKey> {
+    // Every context field is read with its own volatile load at its own offset: the verifier
+    // rejects "dereference of modified ctx ptr" when LLVM shares one pointer between fields.
+    // SAFETY: the context pointer is valid for the program's run and these fields are
+    // readable in sock_ops programs.
+    let ops = ctx.ops;
+    let (family, rp) = unsafe { (read_volatile(&(*ops).family), read_volatile(&(*ops).remote_port)) };
+    // remote_port holds the port in network byte order in the upper 16 bits on older
+    // kernels and the lower 16 on newer ones; keep the 16 bits that are set.
+    let port_be = if rp >> 16 != 0 { (rp >> 16) as u16 } else { rp as u16 };
+    let mut key = DestKey { family: 0, port_be, _pad: 0, addr: [0; 16] };
+    if family == AF_INET {
+        key.family = 2;
+        // SAFETY: as above.
+        let ip = unsafe { read_volatile(&(*ops).remote_ip4) };
+        key.addr[..4].copy_from_slice(&ip.to_ne_bytes());
+    } else if family == AF_INET6 {
+        key.family = 10;
+        // SAFETY: as above.
+        let w = unsafe {
+            [
+                read_volatile(&(*ops).remote_ip6[0]),
+                read_volatile(&(*ops).remote_ip6[1]),
+                read_volatile(&(*ops).remote_ip6[2]),
+                read_volatile(&(*ops).remote_ip6[3]),
+            ]
+        };
+        key.addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        key.addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        key.addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        key.addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    } else {
+        return None;
+    }
+    Some(key)
+}
+
+fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
+    match ctx.op() {
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            // Ask for state changes so we see the connection close.
+            let flags = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            set_initial_window(ctx)?;
+            flags
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32),
+        BPF_SOCK_OPS_STATE_CB => {
+            // args[0] = old state, args[1] = new state.
+            if ctx.arg(0) == TCP_ESTABLISHED {
+                learn(ctx);
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+fn config() -> KernelConfig {
+    CONFIG.get(0).copied().unwrap_or_default()
+}
+
+fn learn(ctx: &SockOpsContext) {
+    let Some(key) = dest_of(ctx) else { return };
+    // SAFETY: the context pointer is valid for the program's run; these fields are readable
+    // in sock_ops programs.
+    let (cwnd, srtt_us) = unsafe { (read_volatile(&(*ctx.ops).snd_cwnd), read_volatile(&(*ctx.ops).srtt_us) >> 3) };
+    if cwnd == 0 {
+        return;
+    }
+    let next = match LEARNED.get_ptr_mut(&key) {
+        // SAFETY: the map owns the value; we update it in place.
+        Some(v) => unsafe {
+            let old = *v;
+            LearnedWindow {
+                cwnd: (old.cwnd * 3 + cwnd) / 4,
+                srtt_us: (old.srtt_us * 3 + srtt_us) / 4,
+                samples: old.samples.saturating_add(1),
+                _pad: 0,
+            }
+        },
+        None => LearnedWindow { cwnd, srtt_us, samples: 1, _pad: 0 },
+    };
+    let _ = LEARNED.insert(&key, &next, 0);
+}
+
+fn set_initial_window(ctx: &SockOpsContext) -> Result<(), i64> {
+    let cfg = config();
+    if cfg.enabled == 0 {
+        return Ok(());
+    }
+    let Some(key) = dest_of(ctx) else { return Ok(()) };
+    // SAFETY: a map lookup returns a pointer valid for this program run.
+    let Some(learned) = (unsafe { LEARNED.get(&key) }) else { return Ok(()) };
+    let mut iw = learned.cwnd.min(cfg.max_iw);
+    if iw <= 10 {
+        return Ok(());
+    }
+    // SAFETY: bpf_setsockopt on the socket of this sock_ops context with a 4-byte value.
+    let r = unsafe { bpf_setsockopt(ctx.ops as *mut _, SOL_TCP, TCP_BPF_IW, (&mut iw as *mut u32).cast(), 4) };
+    if r < 0 {
+        Err(r)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

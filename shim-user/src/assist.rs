@@ -1,0 +1,130 @@
+//! Kernel assist: load warmpool's sockops program (built from `shim-ebpf/programs` and
+//! embedded in this library), attach it to cgroups, and read what it learned.
+//!
+//! The program learns, per destination, the congestion window connections converged to and
+//! sets `TCP_BPF_IW` on new connections to known destinations (see the program's docs).
+//! Dropping [`KernelAssist`] detaches everything.
+
+use shim_ebpf::{names, DestKey, KernelConfig, LearnedWindow};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+/// The object built by build.rs (empty when the eBPF toolchain was missing).
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warmpool-shim.o"));
+
+/// Why kernel assist is unavailable.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AssistError {
+    /// This build has no eBPF object.
+    #[error("this build has no eBPF programs (built without the nightly toolchain and bpf-linker)")]
+    NotBuilt,
+    /// Loading the object or a program failed (no privileges, old kernel, verifier).
+    #[error("loading the eBPF programs: {0}")]
+    Load(String),
+    /// Attaching to a cgroup failed.
+    #[error("attaching to cgroup {path}: {reason}")]
+    Attach {
+        /// The cgroup directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Loaded and attached programs; detached on drop.
+pub struct KernelAssist {
+    ebpf: aya::Ebpf,
+    cgroups: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for KernelAssist {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelAssist").field("cgroups", &self.cgroups).finish_non_exhaustive()
+    }
+}
+
+impl KernelAssist {
+    /// Whether this build carries the programs at all.
+    #[must_use]
+    pub fn built() -> bool {
+        !OBJECT.is_empty()
+    }
+
+    /// Load the programs and attach them to each cgroup directory; new connections to known
+    /// destinations start with at most `max_iw` segments.
+    ///
+    /// # Errors
+    /// See [`AssistError`].
+    pub fn attach(cgroups: &[PathBuf], max_iw: u32) -> Result<Self, AssistError> {
+        if !Self::built() {
+            return Err(AssistError::NotBuilt);
+        }
+        let mut ebpf = aya::Ebpf::load(OBJECT).map_err(|e| AssistError::Load(e.to_string()))?;
+        {
+            let map = ebpf.map_mut(names::CONFIG).ok_or_else(|| AssistError::Load(format!("map {} missing", names::CONFIG)))?;
+            let mut cfg: aya::maps::Array<_, KernelConfig> = aya::maps::Array::try_from(map).map_err(|e| AssistError::Load(e.to_string()))?;
+            cfg.set(0, KernelConfig { enabled: 1, max_iw }, 0).map_err(|e| AssistError::Load(e.to_string()))?;
+        }
+        let prog: &mut aya::programs::SockOps = ebpf
+            .program_mut(names::SOCKOPS)
+            .ok_or_else(|| AssistError::Load(format!("program {} missing", names::SOCKOPS)))?
+            .try_into()
+            .map_err(|e: aya::programs::ProgramError| AssistError::Load(e.to_string()))?;
+        prog.load().map_err(|e| AssistError::Load(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+        for cg in cgroups {
+            let dir = std::fs::File::open(cg).map_err(|e| AssistError::Attach { path: cg.clone(), reason: e.to_string() })?;
+            // With bpf_link (kernel 5.7+) an attachment coexists with others whatever the mode;
+            // `Single` is the mode link creation accepts.
+            prog.attach(&dir, aya::programs::CgroupAttachMode::Single)
+                .map_err(|e| AssistError::Attach { path: cg.clone(), reason: format!("{e}: {:?}", std::error::Error::source(&e)) })?;
+        }
+        Ok(Self { ebpf, cgroups: cgroups.to_vec() })
+    }
+
+    /// The cgroups the programs are attached to.
+    #[must_use]
+    pub fn cgroups(&self) -> &[PathBuf] {
+        &self.cgroups
+    }
+
+    /// Everything learned so far.
+    #[must_use]
+    pub fn learned(&self) -> Vec<(SocketAddr, LearnedWindow)> {
+        let Some(map) = self.ebpf.map(names::LEARNED) else { return vec![] };
+        let Ok(m) = aya::maps::HashMap::<_, DestKey, LearnedWindow>::try_from(map) else { return vec![] };
+        m.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((addr_of(&k)?, v))).collect()
+    }
+
+    /// What was learned for one destination.
+    #[must_use]
+    pub fn learned_for(&self, dest: SocketAddr) -> Option<LearnedWindow> {
+        self.learned().into_iter().find(|(a, _)| *a == dest).map(|(_, v)| v)
+    }
+}
+
+fn addr_of(k: &DestKey) -> Option<SocketAddr> {
+    let port = u16::from_be(k.port_be);
+    let ip: IpAddr = match k.family {
+        2 => Ipv4Addr::new(k.addr[0], k.addr[1], k.addr[2], k.addr[3]).into(),
+        10 => Ipv6Addr::from(k.addr).into(),
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// The cgroup v2 directory this process is in (the default attach point).
+///
+/// # Errors
+/// If cgroup2 is not mounted or the process has no v2 membership.
+pub fn own_cgroup_dir() -> Result<PathBuf, crate::CgroupError> {
+    let root = crate::cgroup2_mount()?;
+    let rel = crate::cgroup_of(std::process::id() as i32)?;
+    Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// Whether `path` is a cgroup v2 directory.
+#[must_use]
+pub fn is_cgroup_dir(path: &Path) -> bool {
+    path.join("cgroup.procs").exists()
+}
