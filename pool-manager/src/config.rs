@@ -158,6 +158,10 @@ pub struct Kernel {
     pub cgroups: Vec<PathBuf>,
     /// Upper bound for a learned initial window, in segments.
     pub max_initial_window: u32,
+    /// Prewarm destinations that demand (connects seen by the kernel) shows to be hot.
+    pub prewarm: bool,
+    /// Connects from one tenant to one destination that make it hot.
+    pub prewarm_threshold: u64,
 }
 
 /// The embedded-default behaviour for destinations not configured explicitly.
@@ -211,7 +215,13 @@ impl Default for Config {
                 forget_after: defaults::AUTO_FORGET_AFTER,
             },
             pools: HashMap::new(),
-            kernel: Kernel { assist: AssistMode::Off, cgroups: vec![], max_initial_window: defaults::MAX_INITIAL_WINDOW },
+            kernel: Kernel {
+                assist: AssistMode::Off,
+                cgroups: vec![],
+                max_initial_window: defaults::MAX_INITIAL_WINDOW,
+                prewarm: true,
+                prewarm_threshold: defaults::PREWARM_THRESHOLD,
+            },
         }
     }
 }
@@ -342,6 +352,14 @@ impl Config {
             c.kernel.assist = k.assist.unwrap_or(AssistMode::Auto);
             c.kernel.cgroups = k.cgroups;
             c.kernel.max_initial_window = k.max_initial_window.unwrap_or(c.kernel.max_initial_window);
+            c.kernel.prewarm = match k.prewarm.as_deref() {
+                None | Some("auto") => true,
+                Some("off") => false,
+                Some(other) => {
+                    return Err(ConfigError::Invalid { field: "kernel.prewarm".into(), reason: format!("{other:?}: expected \"auto\" or \"off\"") })
+                }
+            };
+            c.kernel.prewarm_threshold = k.prewarm_threshold.unwrap_or(c.kernel.prewarm_threshold).max(1);
             if c.kernel.max_initial_window < 10 {
                 return Err(ConfigError::Invalid { field: "kernel.max_initial_window".into(), reason: "must be at least 10 (the default initial window)".into() });
             }
@@ -380,6 +398,8 @@ struct FileKernel {
     #[serde(default)]
     cgroups: Vec<PathBuf>,
     max_initial_window: Option<u32>,
+    prewarm: Option<String>,
+    prewarm_threshold: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -471,6 +491,8 @@ keep_window_when_idle = true
 [kernel]
 assist = "off"              # off | auto | on: eBPF learned initial windows (see README)
 max_initial_window = 256
+prewarm = "auto"            # with assist: warm pools for destinations demand shows hot
+prewarm_threshold = 2
 
 [auto]
 enabled = true

@@ -60,3 +60,6 @@ pub const HANDOUT_ATTEMPTS: usize = 4;
 /// on a fast intra-datacenter path, small enough that a wrongly learned value cannot flood a
 /// path: 256 segments of 1448 bytes is about 370 KB in the first RTT.
 pub const MAX_INITIAL_WINDOW: u32 = 256;
+/// Connects (seen by the kernel's connect hooks) from one tenant to one destination after
+/// which the daemon keeps warm sockets for it: two means "this is not a one-off".
+pub const PREWARM_THRESHOLD: u64 = 2;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub connects_failed: AtomicU64,
     /// Client connections accepted.
     pub clients: AtomicU64,
+    /// Pools created because the kernel saw demand.
+    pub prewarmed: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_ns: AtomicU64,
 }
@@ -95,6 +97,9 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "# TYPE warmpool_connects_total counter");
     let _ = writeln!(o, "warmpool_connects_total{{result=\"ok\"}} {}", c(&m.connects_ok));
     let _ = writeln!(o, "warmpool_connects_total{{result=\"failed\"}} {}", c(&m.connects_failed));
+    let _ = writeln!(o, "# HELP warmpool_prewarmed_pools_total Pools created because the kernel's connect hooks showed demand.");
+    let _ = writeln!(o, "# TYPE warmpool_prewarmed_pools_total counter");
+    let _ = writeln!(o, "warmpool_prewarmed_pools_total {}", c(&m.prewarmed));
     let _ = writeln!(o, "# TYPE warmpool_clients_total counter");
     let _ = writeln!(o, "warmpool_clients_total {}", c(&m.clients));
     let _ = writeln!(o, "# HELP warmpool_handout_latency_seconds Daemon-side time from request to reply with a socket.");
@@ -141,6 +146,15 @@ pub fn render(shared: &Shared) -> String {
     let learned = shared.learned();
     for (d, cwnd, _, _) in &learned {
         let _ = writeln!(o, "warmpool_learned_cwnd{{dest=\"{d}\"}} {cwnd}");
+    }
+    let _ = writeln!(o, "# HELP warmpool_demand_connects TCP connects seen by the kernel's connect hooks, per destination and uid.");
+    let _ = writeln!(o, "# TYPE warmpool_demand_connects gauge");
+    let mut demand: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
+    for (_, uid, d, n) in shared.demand() {
+        *demand.entry((d.to_string(), uid)).or_default() += n;
+    }
+    for ((d, uid), n) in demand {
+        let _ = writeln!(o, "warmpool_demand_connects{{dest=\"{d}\",uid=\"{uid}\"}} {n}");
     }
     let _ = writeln!(o, "# TYPE warmpool_learned_srtt_seconds gauge");
     for (d, _, srtt, _) in &learned {

@@ -75,6 +75,12 @@ impl Shared {
         }
     }
 
+    /// Connect counts the kernel saw: (cgroup id, uid, destination, connects).
+    pub fn demand(&self) -> Vec<(u64, u32, SocketAddr, u64)> {
+        let Some(a) = &self.assist else { return vec![] };
+        a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).demand()
+    }
+
     /// What the kernel assist learned: (destination, cwnd segments, srtt µs, samples).
     pub fn learned(&self) -> Vec<(SocketAddr, u32, u32, u32)> {
         let Some(a) = &self.assist else { return vec![] };
@@ -588,10 +594,14 @@ fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeout: std::ti
 async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(defaults::SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut demand = DemandTracker::default();
     loop {
         tokio::select! {
             () = cancel.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        if shared.config.kernel.prewarm && shared.assist.is_some() {
+            demand.prewarm_hot(&shared);
         }
         let now = Instant::now();
         let mut discarded = Vec::new();
@@ -619,6 +629,75 @@ async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
         shared.discard_all(discarded);
         for (key, n, timeout) in refills {
             spawn_refills(&shared, &key, n, timeout, std::time::Duration::ZERO);
+        }
+    }
+}
+
+/// Turns the kernel's connect counts into prewarmed pools: a (tenant, destination) whose
+/// count rose and reached the threshold gets a pool filled to `min_idle`, under the
+/// configured settings if the destination has some, else the auto settings (bounded by
+/// `auto.max_destinations`).
+#[derive(Debug, Default)]
+struct DemandTracker {
+    seen: HashMap<(u64, u32, SocketAddr), u64>,
+    cgroup_paths: HashMap<u64, Option<Arc<str>>>,
+}
+
+impl DemandTracker {
+    fn prewarm_hot(&mut self, shared: &Arc<Shared>) {
+        let threshold = shared.config.kernel.prewarm_threshold;
+        let roots: Vec<std::path::PathBuf> = shared
+            .assist
+            .as_ref()
+            .map(|a| a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).cgroups().to_vec())
+            .unwrap_or_default();
+        let mut hot = Vec::new();
+        for (cg, uid, dest, n) in shared.demand() {
+            let before = self.seen.insert((cg, uid, dest), n).unwrap_or(0);
+            if n > before && n >= threshold {
+                hot.push((cg, uid, dest));
+            }
+        }
+        let now = Instant::now();
+        for (cg, uid, dest) in hot {
+            let cgroup: Arc<str> = match shared.config.tenant_by {
+                crate::config::TenantBy::Uid => Arc::from(""),
+                crate::config::TenantBy::UidAndCgroup => {
+                    let path = self
+                        .cgroup_paths
+                        .entry(cg)
+                        .or_insert_with(|| shim_user::assist::cgroup_path_of_id(cg, &roots).map(Arc::from));
+                    match path {
+                        Some(p) => p.clone(),
+                        None => continue,
+                    }
+                }
+            };
+            let key = PoolKey { tenant: Tenant { uid, cgroup }, dest };
+            let (n, timeout) = {
+                let mut pools = shared.lock();
+                if pools.contains_key(&key) {
+                    continue;
+                }
+                let settings = match shared.config.lookup(&dest) {
+                    Lookup::Configured(s) => s,
+                    Lookup::Auto(_) | Lookup::NotPooled => {
+                        if pools.values().filter(|p| p.auto).count() >= shared.config.auto.max_destinations {
+                            continue;
+                        }
+                        shared.config.auto.settings.clone()
+                    }
+                };
+                let configured = matches!(shared.config.lookup(&dest), Lookup::Configured(_));
+                let mut pool = Pool::new(settings, !configured, now);
+                let n = pool.start_refill(now);
+                let timeout = pool.settings.connect_timeout;
+                pools.insert(key.clone(), pool);
+                (n, timeout)
+            };
+            shared.metrics.prewarmed.fetch_add(1, Ordering::Relaxed);
+            info!(dest = %dest, uid, cgroup = %key.tenant.cgroup, "demand seen by the kernel: prewarming");
+            spawn_refills(shared, &key, n, timeout, std::time::Duration::ZERO);
         }
     }
 }

@@ -119,3 +119,41 @@ fn kernel_assist_on_refuses_to_start_where_it_cannot_attach_and_auto_runs_withou
     assert_eq!(d.metric("warmpool_kernel_assist"), 0.0);
     assert!(d.log().contains("kernel assist unavailable"), "{}", d.log());
 }
+
+#[test]
+fn demand_from_programs_without_the_shim_prewarms_a_pool_that_later_connects_use() {
+    if !assist_available("demand_prewarms_a_pool") || !require_tool("nginx") || !require_tool("curl") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let dest = nginx.addr().to_string();
+    let cg = Cgroup::new("demand");
+    let dir = TempDir::new();
+    let cfg = dir.join("pool.toml");
+    // No pools and no [auto] section: nothing would be pooled but for the demand.
+    std::fs::write(&cfg, format!("[kernel]\nassist = \"on\"\ncgroups = [\"{}\"]\nprewarm_threshold = 2\n", cg.0.display())).unwrap();
+    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let curl = tool_path("curl");
+    let url = nginx.url("/demand");
+    for i in 0..3 {
+        let o = cg.command(&curl, &["-sS", "--max-time", "5", "-o", "/dev/null", &url]).env_remove("LD_PRELOAD").output().unwrap();
+        assert!(o.status.success(), "plain curl #{i}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let idle = format!("warmpool_pool_sockets{{dest=\"{dest}\",uid=\"0\"");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            metric_samples(&d.metrics(), &idle).iter().any(|(l, v)| l.contains("state=\"idle\"") && *v >= 1.0)
+        }),
+        "no prewarmed pool:\n{}",
+        d.metrics()
+    );
+    assert!(d.metric("warmpool_prewarmed_pools_total") >= 1.0);
+    assert!(d.metric(&format!("warmpool_demand_connects{{dest=\"{dest}\"")) >= 3.0, "{}", d.metrics());
+    // A function with the shim in that cgroup is served warm on its very first connect.
+    let mut c = cg.command(&curl, &["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", &nginx.url("/served")]);
+    shim_env(&mut c, &d);
+    let o = c.output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.metric("warmpool_handouts_total{kind=\"warm\""), 1.0, "{}", d.metrics());
+    assert_eq!(d.metric("warmpool_handouts_total{kind=\"miss\""), 0.0);
+}

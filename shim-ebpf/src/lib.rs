@@ -18,6 +18,10 @@ pub mod names {
     pub const CONFIG: &str = "WARMPOOL_CONFIG";
     /// The sockops program.
     pub const SOCKOPS: &str = "warmpool_sockops";
+    /// The cgroup connect4 program (demand).
+    pub const CONNECT4: &str = "warmpool_connect4";
+    /// The cgroup connect6 program (demand).
+    pub const CONNECT6: &str = "warmpool_connect6";
 }
 
 /// A destination: IPv4 in the first 4 bytes of `addr` when `family == 2` (`AF_INET`).
@@ -58,12 +62,17 @@ pub struct KernelConfig {
     pub max_iw: u32,
 }
 
-/// Demand counter key: a destination as seen from one cgroup.
+/// Demand counter key: a destination as seen from one uid in one cgroup.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct DemandKey {
-    /// The connecting process's cgroup id (`bpf_get_current_cgroup_id`).
+    /// The connecting process's cgroup id (`bpf_get_current_cgroup_id`: the inode number
+    /// of its cgroup v2 directory).
     pub cgroup_id: u64,
+    /// The connecting process's uid.
+    pub uid: u32,
+    /// Explicit padding.
+    pub _pad: u32,
     /// The destination.
     pub dest: DestKey,
 }
@@ -86,7 +95,7 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<DestKey>(), 24);
         assert_eq!(core::mem::size_of::<LearnedWindow>(), 16);
-        assert_eq!(core::mem::size_of::<DemandKey>(), 32);
+        assert_eq!(core::mem::size_of::<DemandKey>(), 40);
         assert_eq!(core::mem::size_of::<KernelConfig>(), 8);
     }
 }

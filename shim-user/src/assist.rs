@@ -5,7 +5,7 @@
 //! sets `TCP_BPF_IW` on new connections to known destinations (see the program's docs).
 //! Dropping [`KernelAssist`] detaches everything.
 
-use shim_ebpf::{names, DestKey, KernelConfig, LearnedWindow};
+use shim_ebpf::{names, DemandKey, DestKey, KernelConfig, LearnedWindow};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
@@ -72,12 +72,30 @@ impl KernelAssist {
             .try_into()
             .map_err(|e: aya::programs::ProgramError| AssistError::Load(e.to_string()))?;
         prog.load().map_err(|e| AssistError::Load(format!("{e}: {:?}", std::error::Error::source(&e))))?;
-        for cg in cgroups {
-            let dir = std::fs::File::open(cg).map_err(|e| AssistError::Attach { path: cg.clone(), reason: e.to_string() })?;
-            // With bpf_link (kernel 5.7+) an attachment coexists with others whatever the mode;
-            // `Single` is the mode link creation accepts.
-            prog.attach(&dir, aya::programs::CgroupAttachMode::Single)
-                .map_err(|e| AssistError::Attach { path: cg.clone(), reason: format!("{e}: {:?}", std::error::Error::source(&e)) })?;
+        let attach_err = |cg: &PathBuf, e: &dyn std::error::Error| AssistError::Attach {
+            path: cg.clone(),
+            reason: format!("{e}: {:?}", e.source()),
+        };
+        let dirs = cgroups
+            .iter()
+            .map(|cg| std::fs::File::open(cg).map_err(|e| AssistError::Attach { path: cg.clone(), reason: e.to_string() }))
+            .collect::<Result<Vec<_>, _>>()?;
+        // With bpf_link (kernel 5.7+) an attachment coexists with others whatever the mode;
+        // `Single` is the mode link creation accepts.
+        let mode = aya::programs::CgroupAttachMode::Single;
+        for (cg, dir) in cgroups.iter().zip(&dirs) {
+            prog.attach(dir, mode).map_err(|e| attach_err(cg, &e))?;
+        }
+        for name in [names::CONNECT4, names::CONNECT6] {
+            let p: &mut aya::programs::CgroupSockAddr = ebpf
+                .program_mut(name)
+                .ok_or_else(|| AssistError::Load(format!("program {name} missing")))?
+                .try_into()
+                .map_err(|e: aya::programs::ProgramError| AssistError::Load(e.to_string()))?;
+            p.load().map_err(|e| AssistError::Load(format!("{name}: {e}: {:?}", std::error::Error::source(&e))))?;
+            for (cg, dir) in cgroups.iter().zip(&dirs) {
+                p.attach(dir, mode).map_err(|e| attach_err(cg, &e))?;
+            }
         }
         Ok(Self { ebpf, cgroups: cgroups.to_vec() })
     }
@@ -94,6 +112,14 @@ impl KernelAssist {
         let Some(map) = self.ebpf.map(names::LEARNED) else { return vec![] };
         let Ok(m) = aya::maps::HashMap::<_, DestKey, LearnedWindow>::try_from(map) else { return vec![] };
         m.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((addr_of(&k)?, v))).collect()
+    }
+
+    /// Connect counts so far: (cgroup id, uid, destination, connects).
+    #[must_use]
+    pub fn demand(&self) -> Vec<(u64, u32, SocketAddr, u64)> {
+        let Some(map) = self.ebpf.map(names::DEMAND) else { return vec![] };
+        let Ok(m) = aya::maps::HashMap::<_, DemandKey, u64>::try_from(map) else { return vec![] };
+        m.iter().filter_map(Result::ok).filter_map(|(k, n)| Some((k.cgroup_id, k.uid, addr_of(&k.dest)?, n))).collect()
     }
 
     /// What was learned for one destination.
@@ -121,6 +147,30 @@ pub fn own_cgroup_dir() -> Result<PathBuf, crate::CgroupError> {
     let root = crate::cgroup2_mount()?;
     let rel = crate::cgroup_of(std::process::id() as i32)?;
     Ok(root.join(rel.trim_start_matches('/')))
+}
+
+/// Find the cgroup directory with inode number `id` (a cgroup id) under `roots`, returning
+/// its path relative to the cgroup2 mount (as `/proc/PID/cgroup` shows it).
+#[must_use]
+pub fn cgroup_path_of_id(id: u64, roots: &[PathBuf]) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mount = crate::cgroup2_mount().ok()?;
+    let mut stack: Vec<PathBuf> = roots.to_vec();
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        seen += 1;
+        if seen > 10_000 {
+            return None;
+        }
+        if std::fs::metadata(&dir).ok()?.ino() == id {
+            let rel = dir.strip_prefix(&mount).ok()?;
+            return Some(format!("/{}", rel.display()).replace("//", "/"));
+        }
+        if let Ok(rd) = std::fs::read_dir(&dir) {
+            stack.extend(rd.filter_map(Result::ok).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+    }
+    None
 }
 
 /// Whether `path` is a cgroup v2 directory.

@@ -8,6 +8,10 @@
 //!   `TCP_BPF_IW` is refused once data went out), set `TCP_BPF_IW` to the learned window,
 //!   clamped to [`CONFIG`]'s maximum, so new and pre-warmed connections start converged.
 //!
+//! - cgroup connect4/connect6: count TCP connects per (cgroup, uid, destination) in
+//!   [`DEMAND`], so the pool manager sees demand from programs the preload shim does not
+//!   cover and can prewarm what is hot. They never change or refuse a connect.
+//!
 //! Entry points are thin and call `try_*` functions returning `Result`.
 
 #![no_std]
@@ -18,14 +22,20 @@ use aya_ebpf::bindings::{
 };
 use aya_ebpf::helpers::bpf_setsockopt;
 use core::ptr::read_volatile;
-use aya_ebpf::macros::{map, sock_ops};
+use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid};
+use aya_ebpf::macros::{cgroup_sock_addr, map, sock_ops};
+use aya_ebpf::programs::SockAddrContext;
 use aya_ebpf::maps::{Array, LruHashMap};
 use aya_ebpf::programs::SockOpsContext;
-use shim_ebpf::{DestKey, KernelConfig, LearnedWindow};
+use shim_ebpf::{DemandKey, DestKey, KernelConfig, LearnedWindow};
 
 /// Destination → what connections to it converged to.
 #[map(name = "WARMPOOL_LEARNED")]
 static LEARNED: LruHashMap<DestKey, LearnedWindow> = LruHashMap::with_max_entries(4096, 0);
+
+/// (cgroup, uid, destination) → TCP connects seen.
+#[map(name = "WARMPOOL_DEMAND")]
+static DEMAND: LruHashMap<DemandKey, u64> = LruHashMap::with_max_entries(8192, 0);
 
 /// Index 0: settings written by user space.
 #[map(name = "WARMPOOL_CONFIG")]
@@ -146,6 +156,60 @@ fn set_initial_window(ctx: &SockOpsContext) -> Result<(), i64> {
         Err(r)
     } else {
         Ok(())
+    }
+}
+
+const SOCK_STREAM: u32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn warmpool_connect4(ctx: SockAddrContext) -> i32 {
+    count_connect(&ctx, false);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn warmpool_connect6(ctx: SockAddrContext) -> i32 {
+    count_connect(&ctx, true);
+    1
+}
+
+fn count_connect(ctx: &SockAddrContext, v6: bool) {
+    let sa = ctx.sock_addr;
+    // SAFETY: the context is valid for this run; each field gets its own load (see dest_of).
+    let (ty, port) = unsafe { (read_volatile(&(*sa).type_), read_volatile(&(*sa).user_port)) };
+    if ty != SOCK_STREAM {
+        return;
+    }
+    let mut dest = DestKey { family: if v6 { 10 } else { 2 }, port_be: port as u16, _pad: 0, addr: [0; 16] };
+    if v6 {
+        // SAFETY: as above.
+        let w = unsafe {
+            [
+                read_volatile(&(*sa).user_ip6[0]),
+                read_volatile(&(*sa).user_ip6[1]),
+                read_volatile(&(*sa).user_ip6[2]),
+                read_volatile(&(*sa).user_ip6[3]),
+            ]
+        };
+        dest.addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
+        dest.addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
+        dest.addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
+        dest.addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+    } else {
+        // SAFETY: as above.
+        let ip = unsafe { read_volatile(&(*sa).user_ip4) };
+        dest.addr[..4].copy_from_slice(&ip.to_ne_bytes());
+    }
+    // SAFETY: plain helpers without arguments.
+    let (cgroup_id, uid) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_uid_gid() as u32) };
+    let key = DemandKey { cgroup_id, uid, _pad: 0, dest };
+    match DEMAND.get_ptr_mut(&key) {
+        // SAFETY: the map owns the value; a racing update may lose one count, which is fine
+        // for a demand signal.
+        Some(n) => unsafe { *n += 1 },
+        None => {
+            let _ = DEMAND.insert(&key, &1, 0);
+        }
     }
 }
 
