@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod defaults;
+pub mod exec;
 pub mod metrics;
 pub mod pool;
 pub mod server;

@@ -52,6 +52,16 @@ enum Cmd {
         #[arg(required = true)]
         destinations: Vec<String>,
     },
+    /// Run a program (static binaries too) with its connects served from the pool, through
+    /// a seccomp user-notification supervisor. Exits with the program's status.
+    Exec {
+        /// The daemon's socket.
+        #[arg(long, default_value = pool_manager::defaults::SOCKET)]
+        socket: PathBuf,
+        /// The program and its arguments.
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        command: Vec<String>,
+    },
     /// Print the embedded default configuration.
     Config,
 }
@@ -96,6 +106,10 @@ fn main() -> Result<()> {
                 }
             }
             Ok(())
+        }
+        Cmd::Exec { socket, command } => {
+            let code = pool_manager::exec::run(&socket, &command)?;
+            std::process::exit(code);
         }
         Cmd::Config => {
             print!("{}", config::EMBEDDED_DEFAULT);

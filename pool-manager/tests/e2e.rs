@@ -327,3 +327,55 @@ fn sockets_closed_by_the_server_are_dropped_and_the_next_function_gets_a_good_on
     assert!(served_after > served_before, "later functions were served from the pool");
     assert!(!nginx.error_log_text().contains("[error]"), "{}", nginx.error_log_text());
 }
+
+fn busybox() -> Option<std::path::PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"].iter().map(std::path::PathBuf::from).find(|p| p.exists())
+}
+
+#[test]
+fn static_busybox_wget_is_served_from_the_pool_through_exec() {
+    if !require_tool("nginx") {
+        return;
+    }
+    let Some(bb) = busybox() else {
+        assert!(!in_ci(), "busybox-static must be installed in CI");
+        eprintln!("SKIP: busybox not installed");
+        return;
+    };
+    // Debian's busybox-static ignores LD_PRELOAD: it is statically linked.
+    let ldd = Command::new("ldd").arg(&bb).output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+    assert!(!ldd.contains("libc.so"), "{} is not a static binary: {ldd}", bb.display());
+    let nginx = Nginx::start();
+    let dest = nginx.addr().to_string();
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    prewarm(&d, &dest, 1);
+    let wget = |d: &Daemon, path: &str| {
+        // busybox wget sends "Connection: close"; asking for keep-alive as well lets nginx keep
+        // the connection, so that it can be reused by the next invocation.
+        Command::new(pool_manager_bin())
+            .args(["exec", "--socket"])
+            .arg(&d.socket)
+            .arg("--")
+            .arg(&bb)
+            .args(["wget", "-q", "--header", "Connection: keep-alive", "-O", "-", &nginx.url(path)])
+            .env_remove("LD_PRELOAD")
+            .output()
+            .expect("run pool-manager exec")
+    };
+    for i in 0..5 {
+        let o = wget(&d, &format!("/static{i}"));
+        assert_eq!(ok_stdout(&o, "busybox wget"), "hello\n", "invocation {i}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conns: HashSet<u64> =
+        nginx.connections().iter().filter(|(_, u)| u.starts_with("/static")).map(|(c, _)| *c).collect();
+    assert_eq!(nginx.connections().iter().filter(|(_, u)| u.starts_with("/static")).count(), 5);
+    assert!(conns.len() <= 2, "five static invocations used {} connections", conns.len());
+    assert!(d.metric("warmpool_handouts_total{kind=\"reuse\"") >= 3.0, "{}", d.metrics());
+
+    // Fail open: with the daemon gone, the program's own connect runs.
+    let mut d = d;
+    assert!(d.stop().success());
+    let o = wget(&d, "/static-no-daemon");
+    assert_eq!(ok_stdout(&o, "busybox wget without a daemon"), "hello\n");
+}
