@@ -77,13 +77,17 @@ pub struct DemandKey {
     pub dest: DestKey,
 }
 
-// SAFETY: each type is #[repr(C)], Copy, made only of integers, with explicit padding: every
-// bit pattern is a valid value, as aya::Pod requires.
+/// `aya::Pod` for the map types: each is `#[repr(C)]`, `Copy`, made only of integers with
+/// explicit padding, so every bit pattern is a valid value, as `Pod` requires.
 #[cfg(feature = "user")]
 mod user {
+    // SAFETY: see the module docs.
     unsafe impl aya::Pod for super::DestKey {}
+    // SAFETY: see the module docs.
     unsafe impl aya::Pod for super::LearnedWindow {}
+    // SAFETY: see the module docs.
     unsafe impl aya::Pod for super::DemandKey {}
+    // SAFETY: see the module docs.
     unsafe impl aya::Pod for super::KernelConfig {}
 }
 

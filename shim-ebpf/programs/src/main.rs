@@ -3,6 +3,12 @@
 //! - When an established connection to a destination closes, record the congestion window
 //!   and smoothed RTT it reached in [`LEARNED`] (an LRU hash keyed by destination), as an
 //!   EWMA (new = (3 * old + sample) / 4).
+//! - The same on the passive side, keyed by the peer's address alone (its port is
+//!   ephemeral): every window is also learned under (address, port 0), so on our own servers
+//!   (experiments, peer links) connections from a known client start converged.
+//! - When a connection to a known peer picks its initial receive window
+//!   (`RWND_INIT`), advertise the configured maximum instead of Linux's 10 segments, so a
+//!   converged sender is not held to 10 segments by us.
 //! - When a new active connection to a known destination is established (before it sent
 //!   any data: the kernel sets the initial window just before this callback, and
 //!   `TCP_BPF_IW` is refused once data went out), set `TCP_BPF_IW` to the learned window,
@@ -18,7 +24,8 @@
 #![no_main]
 
 use aya_ebpf::bindings::{
-    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
+    BPF_SOCK_OPS_STATE_CB_FLAG,
 };
 use aya_ebpf::helpers::bpf_setsockopt;
 use core::ptr::read_volatile;
@@ -95,10 +102,28 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
             // Ask for state changes so we see the connection close.
             let flags = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-            set_initial_window(ctx)?;
+            set_initial_window(ctx, false)?;
             flags
         }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let flags = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+            set_initial_window(ctx, true)?;
+            flags
+        }
+        BPF_SOCK_OPS_RWND_INIT => {
+            let cfg = config();
+            if cfg.enabled != 0 {
+                if let Some(key) = dest_of(ctx) {
+                    let any = DestKey { port_be: 0, ..key };
+                    // SAFETY: map lookups return pointers valid for this program run.
+                    if unsafe { LEARNED.get(&key).is_some() || LEARNED.get(&any).is_some() } {
+                        // SAFETY: `reply` is the writable result of this callback.
+                        unsafe { (*ctx.ops).__bindgen_anon_1.reply = cfg.max_iw };
+                    }
+                }
+            }
+            Ok(())
+        }
         BPF_SOCK_OPS_STATE_CB => {
             // args[0] = old state, args[1] = new state.
             if ctx.arg(0) == TCP_ESTABLISHED {
@@ -116,6 +141,11 @@ fn config() -> KernelConfig {
 
 fn learn(ctx: &SockOpsContext) {
     let Some(key) = dest_of(ctx) else { return };
+    learn_key(ctx, key);
+    learn_key(ctx, DestKey { port_be: 0, ..key });
+}
+
+fn learn_key(ctx: &SockOpsContext, key: DestKey) {
     // SAFETY: the context pointer is valid for the program's run; these fields are readable
     // in sock_ops programs.
     let (cwnd, srtt_us) = unsafe { (read_volatile(&(*ctx.ops).snd_cwnd), read_volatile(&(*ctx.ops).srtt_us) >> 3) };
@@ -138,12 +168,15 @@ fn learn(ctx: &SockOpsContext) {
     let _ = LEARNED.insert(&key, &next, 0);
 }
 
-fn set_initial_window(ctx: &SockOpsContext) -> Result<(), i64> {
+fn set_initial_window(ctx: &SockOpsContext, any_port: bool) -> Result<(), i64> {
     let cfg = config();
     if cfg.enabled == 0 {
         return Ok(());
     }
-    let Some(key) = dest_of(ctx) else { return Ok(()) };
+    let Some(mut key) = dest_of(ctx) else { return Ok(()) };
+    if any_port {
+        key.port_be = 0;
+    }
     // SAFETY: a map lookup returns a pointer valid for this program run.
     let Some(learned) = (unsafe { LEARNED.get(&key) }) else { return Ok(()) };
     let mut iw = learned.cwnd.min(cfg.max_iw);
