@@ -142,7 +142,12 @@ impl Drop for Bulk {
 /// Which connection a flow gets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Conn {
+    /// A new connection, kernel defaults (IW10).
     New,
+    /// A new connection with the kernel assist: windows learned from earlier transfers (on
+    /// the server: initial congestion window; on the client: initial receive window).
+    Learned,
+    /// A warmed connection handed out by a `reuse` pool.
     Warm,
 }
 
@@ -150,7 +155,44 @@ impl Conn {
     fn name(self) -> &'static str {
         match self {
             Self::New => "new",
+            Self::Learned => "learned",
             Self::Warm => "warm",
+        }
+    }
+}
+
+/// A cgroup for one side of the experiment, removed on drop.
+struct Cg(PathBuf);
+
+impl Cg {
+    fn new(name: &str) -> Result<Self> {
+        let dir = shim_user::assist::own_cgroup_dir()?.join(format!("warmpool-fct-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        Ok(Self(dir))
+    }
+
+    /// The same command, started inside this cgroup.
+    fn wrap(&self, cmd: &std::process::Command) -> std::process::Command {
+        let mut c = std::process::Command::new("/bin/sh");
+        c.arg("-c").arg(format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", self.0.display()));
+        c.arg(cmd.get_program()).args(cmd.get_args());
+        for (k, v) in cmd.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+}
+
+impl Drop for Cg {
+    fn drop(&mut self) {
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.0).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }
@@ -164,9 +206,11 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
     let exe = std::env::current_exe()?;
     let port = hosts.server_port(SERVER_PORT)?;
     let server = SocketAddr::new(hosts.server_ip(), port);
-    let mut srv = hosts
-        .server(&exe)
-        .args(["serve-bytes", "--listen", &server.to_string()])
+    // Each side in a cgroup of its own, where the `learned` configuration attaches the kernel
+    // assist (and nothing else does).
+    let (client_cg, server_cg) = (Cg::new("client")?, Cg::new("server")?);
+    let mut srv = server_cg
+        .wrap(hosts.server(&exe).args(["serve-bytes", "--listen", &server.to_string()]))
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting serve-bytes")?;
@@ -193,18 +237,36 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
     let mut medians: Vec<(Conn, bool, u64, f64)> = vec![];
     for &congested in congestion {
         let bulk = if congested { Some(Bulk::start(hosts, server, BULK_FLOWS)?) } else { None };
-        for conn in [Conn::New, Conn::Warm] {
+        for conn in [Conn::New, Conn::Learned, Conn::Warm] {
             eprintln!("fct: {} connections, congestion {}", conn.name(), if congested { "on" } else { "off" });
             let env: Vec<(&str, &std::ffi::OsStr)> = match conn {
-                Conn::New => vec![],
+                Conn::New | Conn::Learned => vec![],
                 Conn::Warm => vec![("LD_PRELOAD", preload.as_os_str()), ("WARMPOOL_SOCKET", daemon.socket.as_os_str())],
             };
-            let warmup = if conn == Conn::Warm { 4 } else { 1 };
-            let o = hosts
-                .client(&exe, &env)
-                .args(["fct-client", "--server", &server.to_string(), "--sizes", &size_list])
-                .args(["--reps", &reps.to_string(), "--warmup", &warmup.to_string()])
-                .output()?;
+            let warmup = if conn == Conn::New { 1 } else { 4 };
+            let assist = if conn == Conn::Learned {
+                let toml = work.0.join("assist.toml");
+                std::fs::write(
+                    &toml,
+                    format!(
+                        "[kernel]\nassist = \"on\"\ncgroups = [\"{}\", \"{}\"]\nprewarm = \"off\"\n",
+                        client_cg.0.display(),
+                        server_cg.0.display()
+                    ),
+                )?;
+                let args = ["--config".to_owned(), toml.display().to_string()];
+                // Outside the namespaces: `ip netns exec` remounts /sys, hiding the cgroup
+                // file system, and cgroup attachments do not depend on the network namespace.
+                let (sock, log) = (work.0.join("assist.sock"), work.0.join("assist.log"));
+                Some(Daemon::start(&Hosts::Loopback, &pool_manager, sock, &args, &log)?)
+            } else {
+                None
+            };
+            let mut cmd = hosts.client(&exe, &env);
+            cmd.args(["fct-client", "--server", &server.to_string(), "--sizes", &size_list])
+                .args(["--reps", &reps.to_string(), "--warmup", &warmup.to_string()]);
+            let o = if conn == Conn::Learned { client_cg.wrap(&cmd).output()? } else { cmd.output()? };
+            drop(assist);
             if !o.status.success() {
                 bail!("fct-client ({}) failed: {}", conn.name(), String::from_utf8_lossy(&o.stderr));
             }
@@ -230,26 +292,29 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
     let mut md = String::new();
     let _ = writeln!(md, "# Flow completion time: new vs warmed connections\n");
     let _ = writeln!(md, "Path: {}; bottleneck {rate} (server → client); {reps} repetitions per point; machine: `{}`.", hosts.describe(), machine());
-    let _ = writeln!(md, "Congestion: {BULK_FLOWS} bulk downloads share the bottleneck. Times are medians in ms.\n");
-    let _ = writeln!(md, "| size | congestion | new | warm | new − warm | new / warm |");
-    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|");
+    let _ = writeln!(md, "Congestion: {BULK_FLOWS} bulk downloads share the bottleneck. Times are medians in ms. `learned IW`: new");
+    let _ = writeln!(md, "connections with the eBPF kernel assist attached to both hosts' cgroups after 4 warm-up transfers.\n");
+    let _ = writeln!(md, "| size | congestion | new | learned IW | warm | new / learned | new − warm | new / warm |");
+    let _ = writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|");
     let mut series = vec![];
     for &g in congestion {
         for &s in sizes {
-            if let (Some(n), Some(w)) = (med(Conn::New, g, s), med(Conn::Warm, g, s)) {
+            if let (Some(n), Some(l), Some(w)) = (med(Conn::New, g, s), med(Conn::Learned, g, s), med(Conn::Warm, g, s)) {
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2}x |",
+                    "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2}x | {:.2} | {:.2}x |",
                     human(s),
                     if g { "on" } else { "off" },
                     n / 1e3,
+                    l / 1e3,
                     w / 1e3,
+                    n / l,
                     (n - w) / 1e3,
                     n / w
                 );
             }
         }
-        for c in [Conn::New, Conn::Warm] {
+        for c in [Conn::New, Conn::Learned, Conn::Warm] {
             let points = sizes.iter().filter_map(|&s| med(c, g, s).map(|v| (s as f64, v / 1e3))).collect();
             series.push(Series { name: format!("{}{}", c.name(), if g { ", congested" } else { "" }), points });
         }

@@ -106,7 +106,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !socket.exists() {
             if Instant::now() > deadline {
-                bail!("pool-manager did not start; see {}", log.display());
+                bail!("pool-manager did not start:\n{}", std::fs::read_to_string(log).unwrap_or_default());
             }
             std::thread::sleep(Duration::from_millis(10));
         }

@@ -6,9 +6,10 @@
 //! - The same on the passive side, keyed by the peer's address alone (its port is
 //!   ephemeral): every window is also learned under (address, port 0), so on our own servers
 //!   (experiments, peer links) connections from a known client start converged.
-//! - When a connection to a known peer picks its initial receive window
-//!   (`RWND_INIT`), advertise the configured maximum instead of Linux's 10 segments, so a
-//!   converged sender is not held to 10 segments by us.
+//! - When an active connection to a known peer starts (`TCP_CONNECT_CB`), give it a receive
+//!   buffer large enough for the configured maximum window, and when it picks its initial
+//!   receive window (`RWND_INIT`) advertise that maximum instead of Linux's 10 segments, so
+//!   a converged sender is not held back by us.
 //! - When a new active connection to a known destination is established (before it sent
 //!   any data: the kernel sets the initial window just before this callback, and
 //!   `TCP_BPF_IW` is refused once data went out), set `TCP_BPF_IW` to the learned window,
@@ -25,7 +26,7 @@
 
 use aya_ebpf::bindings::{
     BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
-    BPF_SOCK_OPS_STATE_CB_FLAG,
+    BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
 };
 use aya_ebpf::helpers::bpf_setsockopt;
 use core::ptr::read_volatile;
@@ -51,6 +52,8 @@ static CONFIG: Array<KernelConfig> = Array::with_max_entries(1, 0);
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 const SOL_TCP: i32 = 6;
+const SOL_SOCKET: i32 = 1;
+const SO_RCVBUF: i32 = 8;
 const TCP_BPF_IW: i32 = 1001;
 const TCP_ESTABLISHED: u32 = 1;
 
@@ -110,17 +113,25 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
             set_initial_window(ctx, true)?;
             flags
         }
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            let cfg = config();
+            if cfg.enabled != 0 && known(ctx) {
+                // Room for a window of max_iw full segments (the kernel doubles the value for
+                // bookkeeping overhead and advertises about half of the buffer).
+                let mut bytes: i32 = (cfg.max_iw.min(4096) * 4096) as i32;
+                // SAFETY: bpf_setsockopt on this context's socket with a 4-byte value.
+                let r = unsafe { bpf_setsockopt(ctx.ops as *mut _, SOL_SOCKET, SO_RCVBUF, (&mut bytes as *mut i32).cast(), 4) };
+                if r < 0 {
+                    return Err(r);
+                }
+            }
+            Ok(())
+        }
         BPF_SOCK_OPS_RWND_INIT => {
             let cfg = config();
-            if cfg.enabled != 0 {
-                if let Some(key) = dest_of(ctx) {
-                    let any = DestKey { port_be: 0, ..key };
-                    // SAFETY: map lookups return pointers valid for this program run.
-                    if unsafe { LEARNED.get(&key).is_some() || LEARNED.get(&any).is_some() } {
-                        // SAFETY: `reply` is the writable result of this callback.
-                        unsafe { (*ctx.ops).__bindgen_anon_1.reply = cfg.max_iw };
-                    }
-                }
+            if cfg.enabled != 0 && known(ctx) {
+                // SAFETY: `reply` is the writable result of this callback.
+                unsafe { (*ctx.ops).__bindgen_anon_1.reply = cfg.max_iw };
             }
             Ok(())
         }
@@ -133,6 +144,14 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
         }
         _ => Ok(()),
     }
+}
+
+/// Whether something was learned about this connection's peer (any port).
+fn known(ctx: &SockOpsContext) -> bool {
+    let Some(key) = dest_of(ctx) else { return false };
+    let any = DestKey { port_be: 0, ..key };
+    // SAFETY: map lookups return pointers valid for this program run.
+    unsafe { LEARNED.get(&key).is_some() || LEARNED.get(&any).is_some() }
 }
 
 fn config() -> KernelConfig {
