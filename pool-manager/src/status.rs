@@ -46,6 +46,18 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
             let _ = writeln!(out, "{d}\t{cwnd}\t{srtt}\t{n}");
         }
     }
+    let mut demand: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
+    for (_, uid, d, n) in shared.demand() {
+        if all || uid == caller.tenant.uid {
+            *demand.entry((d.to_string(), uid)).or_default() += n;
+        }
+    }
+    if !demand.is_empty() {
+        out.push_str("\nDEMAND (kernel connect hooks)\tUID\tCONNECTS\n");
+        for ((d, uid), n) in demand {
+            let _ = writeln!(out, "{d}\t{uid}\t{n}");
+        }
+    }
     out
 }
 
