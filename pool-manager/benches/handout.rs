@@ -147,7 +147,7 @@ fn main() {
         let (shared, cancel) = (shared.clone(), cancel.clone());
         std::thread::spawn(move || {
             // The same runtime flavour as the daemon binary.
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
             rt.block_on(server::run(listener, shared, cancel)).unwrap();
         })
     };

@@ -178,7 +178,7 @@ fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim_user
 }
 
 fn serve(cfg: Config) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         if cfg.keep_window_when_idle {
             keep_window_when_idle();
