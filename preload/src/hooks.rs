@@ -327,6 +327,18 @@ fn mark_inheritable() {
     });
 }
 
+type SpawnArgs = (*mut pid_t, *const c_char, *const c_void, *const c_void, *const *mut c_char, *const *mut c_char);
+
+/// Both spawn functions: leased sockets the child can inherit are shared from now on.
+fn spawn_with(real: Option<crate::real::SpawnFn>, (pid, file, actions, attr, argv, envp): SpawnArgs) -> c_int {
+    mark_inheritable();
+    match real {
+        // SAFETY: the real function with the caller's arguments, under the caller's contract.
+        Some(f) => unsafe { f(pid, file, actions, attr, argv, envp) },
+        None => libc::ENOSYS,
+    }
+}
+
 /// Interposed `posix_spawn(3)`.
 ///
 /// # Safety
@@ -340,12 +352,7 @@ pub unsafe extern "C" fn posix_spawn(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    mark_inheritable();
-    match real::get().posix_spawn {
-        // SAFETY: the real posix_spawn with the caller's arguments.
-        Some(f) => unsafe { f(pid, path, actions, attr, argv, envp) },
-        None => libc::ENOSYS,
-    }
+    spawn_with(real::get().posix_spawn, (pid, path, actions, attr, argv, envp))
 }
 
 /// Interposed `posix_spawnp(3)`.
@@ -361,12 +368,7 @@ pub unsafe extern "C" fn posix_spawnp(
     argv: *const *mut c_char,
     envp: *const *mut c_char,
 ) -> c_int {
-    mark_inheritable();
-    match real::get().posix_spawnp {
-        // SAFETY: the real posix_spawnp with the caller's arguments.
-        Some(f) => unsafe { f(pid, file, actions, attr, argv, envp) },
-        None => libc::ENOSYS,
-    }
+    spawn_with(real::get().posix_spawnp, (pid, file, actions, attr, argv, envp))
 }
 
 /// Interposed `execve(2)`: after `vfork` the parent shares our memory, so marking here

@@ -12,7 +12,7 @@ type Dup2Fn = unsafe extern "C" fn(c_int, c_int) -> c_int;
 type Dup3Fn = unsafe extern "C" fn(c_int, c_int, c_int) -> c_int;
 type FcntlFn = unsafe extern "C" fn(c_int, c_int, ...) -> c_int;
 type CloseRangeFn = unsafe extern "C" fn(c_uint, c_uint, c_int) -> c_int;
-type SpawnFn = unsafe extern "C" fn(
+pub(crate) type SpawnFn = unsafe extern "C" fn(
     *mut pid_t,
     *const c_char,
     *const c_void,

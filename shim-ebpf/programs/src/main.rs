@@ -82,22 +82,26 @@ fn dest_of(ctx: &SockOpsContext) -> Option<DestKey> {
     } else if family == AF_INET6 {
         key.family = 10;
         // SAFETY: as above.
-        let w = unsafe {
-            [
-                read_volatile(&(*ops).remote_ip6[0]),
-                read_volatile(&(*ops).remote_ip6[1]),
-                read_volatile(&(*ops).remote_ip6[2]),
-                read_volatile(&(*ops).remote_ip6[3]),
-            ]
-        };
-        key.addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
-        key.addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
-        key.addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
-        key.addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        key.addr = unsafe { ip6(&(*ops).remote_ip6) };
     } else {
         return None;
     }
     Some(key)
+}
+
+/// An IPv6 address from a context's four 32-bit words (network order), each read with its
+/// own load.
+///
+/// # Safety
+/// `words` must point into a live BPF context.
+#[inline(always)]
+unsafe fn ip6(words: &[u32; 4]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        // SAFETY: per the function's contract.
+        out[i * 4..i * 4 + 4].copy_from_slice(&unsafe { read_volatile(w) }.to_ne_bytes());
+    }
+    out
 }
 
 fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
@@ -235,18 +239,7 @@ fn count_connect(ctx: &SockAddrContext, v6: bool) {
     let mut dest = DestKey { family: if v6 { 10 } else { 2 }, port_be: port as u16, _pad: 0, addr: [0; 16] };
     if v6 {
         // SAFETY: as above.
-        let w = unsafe {
-            [
-                read_volatile(&(*sa).user_ip6[0]),
-                read_volatile(&(*sa).user_ip6[1]),
-                read_volatile(&(*sa).user_ip6[2]),
-                read_volatile(&(*sa).user_ip6[3]),
-            ]
-        };
-        dest.addr[0..4].copy_from_slice(&w[0].to_ne_bytes());
-        dest.addr[4..8].copy_from_slice(&w[1].to_ne_bytes());
-        dest.addr[8..12].copy_from_slice(&w[2].to_ne_bytes());
-        dest.addr[12..16].copy_from_slice(&w[3].to_ne_bytes());
+        dest.addr = unsafe { ip6(&(*sa).user_ip6) };
     } else {
         // SAFETY: as above.
         let ip = unsafe { read_volatile(&(*sa).user_ip4) };
