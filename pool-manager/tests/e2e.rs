@@ -115,6 +115,9 @@ fn redis_cli_gets_connections_established_before_it_started() {
             .parse()
             .expect("CLIENT ID answers an integer");
         assert!(before.contains(&id), "run {i}: connection {id} did not exist before the process started ({before:?})");
+        // The next process may start before the refill (deferred by 1 ms, then one connect)
+        // has landed; wait for it, as the first one did.
+        assert!(wait_until(Duration::from_secs(5), || idle_sockets(&d, &idle) >= 1.0), "pool not refilled");
         let key = format!("k{i}");
         let set = ok_stdout(&shimmed(&d, "redis-cli", &["-p", &port, "SET", &key, &format!("v{i}")]), "redis-cli SET");
         assert_eq!(set.trim(), "OK");
