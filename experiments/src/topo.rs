@@ -12,7 +12,7 @@
 use crate::delay::{open_tun, DelayLine, Link};
 use crate::netns::Netns;
 use anyhow::{bail, Result};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -65,10 +65,7 @@ impl Topology {
         let mut samples = self.client.enter(move || {
             let mut v = Vec::with_capacity(n);
             for _ in 0..n {
-                let t = Instant::now();
-                let s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-                v.push(t.elapsed());
-                drop(s);
+                v.push(handshake_time(addr)?);
                 std::thread::sleep(Duration::from_millis(2));
             }
             Ok(v)
@@ -94,6 +91,47 @@ impl Topology {
         }
         Ok(measured)
     }
+}
+
+/// One TCP handshake to `addr`, timed by a prober that polls instead of sleeping: a sleeping
+/// thread's wake-up (tens of microseconds on a virtual machine, and variable) would be
+/// measured as path delay.
+fn handshake_time(addr: SocketAddr) -> Result<Duration> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let SocketAddr::V4(v4) = addr else { bail!("IPv4 only") };
+    // SAFETY: plain socket creation; the fd goes into an OwnedFd at once.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        bail!("socket: {}", std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd we own.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: v4.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
+        sin_zero: [0; 8],
+    };
+    let t = Instant::now();
+    // SAFETY: a valid sockaddr_in of the right length.
+    let r = unsafe {
+        libc::connect(sock.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
+    };
+    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+        bail!("connect {addr}: {}", std::io::Error::last_os_error());
+    }
+    loop {
+        let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+        // SAFETY: one pollfd, zero timeout.
+        if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(2) {
+            bail!("connect {addr}: timed out");
+        }
+        std::hint::spin_loop();
+    }
+    Ok(t.elapsed())
 }
 
 /// Parse `"200us"`, `"10ms"`, `"1s"`.
