@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 
 /// Default flow sizes: 1 KB to 16 MB, log-spaced (powers of 4).
 pub(crate) const SIZES: [u64; 8] = [1 << 10, 1 << 12, 1 << 14, 1 << 16, 1 << 18, 1 << 20, 1 << 22, 1 << 24];
-const SERVER_PORT: u16 = 9000;
+/// serve-bytes's port on the server host.
+pub(crate) const SERVER_PORT: u16 = 9000;
 /// Competing bulk flows in the congested case.
 const BULK_FLOWS: usize = 2;
 
@@ -107,7 +108,7 @@ impl Bulk {
             let stop = stop.clone();
             let sock = match hosts {
                 Hosts::Local(t) => t.client.enter(move || Ok(TcpStream::connect(server)?))?,
-                Hosts::Loopback => TcpStream::connect(server)?,
+                Hosts::Loopback | Hosts::Remote(_) => TcpStream::connect(server)?,
             };
             threads.push(std::thread::spawn(move || {
                 let mut s = sock;
@@ -209,19 +210,25 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
     // Each side in a cgroup of its own, where the `learned` configuration attaches the kernel
     // assist (and nothing else does).
     let (client_cg, server_cg) = (Cg::new("client")?, Cg::new("server")?);
-    let mut srv = server_cg
-        .wrap(hosts.server(&exe).args(["serve-bytes", "--listen", &server.to_string()]))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .context("starting serve-bytes")?;
-    let _srv_guard = KillOnDrop(srv.id());
-    {
+    let _srv_guard = if hosts.remote() {
+        if !hosts.reachable(server) {
+            bail!("nothing answers at {server}: run `experiments server` on the other node");
+        }
+        None
+    } else {
+        let mut srv = server_cg
+            .wrap(hosts.server(&exe).args(["serve-bytes", "--listen", &server.to_string()]))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .context("starting serve-bytes")?;
+        let guard = KillOnDrop(srv.id());
         let mut line = String::new();
         std::io::BufRead::read_line(&mut std::io::BufReader::new(srv.stdout.take().context("server stdout")?), &mut line)?;
         if line.trim() != "ready" {
             bail!("serve-bytes did not start: {line:?}");
         }
-    }
+        Some(guard)
+    };
     let mut cfg = std::fs::File::create(work.0.join("pool.toml"))?;
     writeln!(cfg, "[[pool]]\ndestination = \"{server}\"\npolicy = \"reuse\"\nmin_idle = 1\nmax_idle = 4\n")?;
     drop(cfg);

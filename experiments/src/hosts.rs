@@ -1,5 +1,6 @@
-//! Where an experiment's client side (functions, pool manager) and server side run:
-//! both on this host's loopback, or on the two hosts of a [`Topology`].
+//! Where an experiment's client side (functions, pool manager) and server side run: both on
+//! this host's loopback, on the two hosts of a [`Topology`], or here and on another machine
+//! that runs `experiments server` (two-node: the servers there are not started by us).
 
 use crate::topo::{Topology, SERVER_IP};
 use std::ffi::OsStr;
@@ -14,6 +15,8 @@ pub(crate) enum Hosts {
     Loopback,
     /// Client and server namespaces joined by the delay line.
     Local(Topology),
+    /// The client here, the servers on another machine (`experiments server` there).
+    Remote(IpAddr),
 }
 
 impl Hosts {
@@ -22,14 +25,20 @@ impl Hosts {
         match self {
             Self::Loopback => Ipv4Addr::LOCALHOST.into(),
             Self::Local(_) => SERVER_IP.into(),
+            Self::Remote(ip) => *ip,
         }
+    }
+
+    /// Whether the servers run elsewhere (and must not be started here).
+    pub(crate) fn remote(&self) -> bool {
+        matches!(self, Self::Remote(_))
     }
 
     /// A port for a server: any free one on loopback, a fixed one in our own namespace.
     pub(crate) fn server_port(&self, fixed: u16) -> anyhow::Result<u16> {
         Ok(match self {
             Self::Loopback => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
-            Self::Local(_) => fixed,
+            Self::Local(_) | Self::Remote(_) => fixed,
         })
     }
 
@@ -37,7 +46,7 @@ impl Hosts {
     /// passed as `env` arguments so that wrappers (`ip netns exec`) never see them.
     pub(crate) fn client(&self, prog: impl AsRef<OsStr>, env: &[(&str, &OsStr)]) -> Command {
         let mut c = match self {
-            Self::Loopback => Command::new("env"),
+            Self::Loopback | Self::Remote(_) => Command::new("env"),
             Self::Local(t) => {
                 let mut c = t.client.command("env");
                 c.env_remove("LD_PRELOAD");
@@ -57,7 +66,7 @@ impl Hosts {
     /// A command on the server host.
     pub(crate) fn server(&self, prog: impl AsRef<OsStr>) -> Command {
         match self {
-            Self::Loopback => Command::new(prog),
+            Self::Loopback | Self::Remote(_) => Command::new(prog),
             Self::Local(t) => t.server.command(prog),
         }
     }
@@ -66,7 +75,7 @@ impl Hosts {
     pub(crate) fn reachable(&self, addr: SocketAddr) -> bool {
         let probe = move || Ok(TcpStream::connect_timeout(&addr, Duration::from_millis(300)).is_ok());
         match self {
-            Self::Loopback => probe().unwrap_or(false),
+            Self::Loopback | Self::Remote(_) => probe().unwrap_or(false),
             Self::Local(t) => t.client.enter(probe).unwrap_or(false),
         }
     }
@@ -75,6 +84,7 @@ impl Hosts {
     pub(crate) fn describe(&self) -> String {
         match self {
             Self::Loopback => "loopback (no emulated path)".into(),
+            Self::Remote(ip) => format!("two-node: servers on {ip} (experiments server)"),
             Self::Local(t) => format!("local: two network namespaces, user-space delay line, RTT {:?}", t.rtt),
         }
     }

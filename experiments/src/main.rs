@@ -66,6 +66,13 @@ enum Cmd {
         #[command(flatten)]
         path: PathArgs,
     },
+    /// The server side of `--topology two-node`: nginx on port 8080 and the FCT byte server
+    /// on port 9000 of this machine, until interrupted.
+    Server {
+        /// Address to listen on (this node's address on the experiment network).
+        #[arg(long, default_value = "0.0.0.0")]
+        listen: std::net::IpAddr,
+    },
     /// Server for `fct` (runs on the server host).
     #[command(hide = true)]
     ServeBytes {
@@ -101,9 +108,13 @@ enum Cmd {
 #[derive(clap::Args, Debug)]
 struct PathArgs {
     /// `local`: client and server hosts in network namespaces joined by an emulated path
-    /// (root); `loopback`: both on 127.0.0.1, no emulated path.
-    #[arg(long, default_value = "local", value_parser = ["local", "loopback"])]
+    /// (root); `loopback`: both on 127.0.0.1, no emulated path; `two-node`: the servers run
+    /// on another machine (`experiments server` there, `--server` names it).
+    #[arg(long, default_value = "local", value_parser = ["local", "loopback", "two-node"])]
     topology: String,
+    /// The other node's address (two-node).
+    #[arg(long, required_if_eq("topology", "two-node"))]
+    server: Option<std::net::IpAddr>,
     /// Round-trip time of the emulated path (local topology) [default: 200us for reuse,
     /// 10ms for fct].
     #[arg(long)]
@@ -114,6 +125,9 @@ impl PathArgs {
     fn hosts(&self, default_rtt: &str, rate_bps: Option<u64>) -> Result<hosts::Hosts> {
         if self.topology == "loopback" {
             return Ok(hosts::Hosts::Loopback);
+        }
+        if let (true, Some(ip)) = (self.topology == "two-node", self.server) {
+            return Ok(hosts::Hosts::Remote(ip));
         }
         let rtt = topo::parse_duration(self.rtt.as_deref().unwrap_or(default_rtt))?;
         let t = topo::Topology::local(&format!("wp{}", std::process::id() % 100_000), rtt, rate_bps)?;
@@ -137,7 +151,25 @@ fn main() -> Result<()> {
             fct::run(&hosts, &sizes, reps, cases, out, &rate)
         }
         Cmd::ServeBytes { listen } => fct::serve(listen),
+        Cmd::Server { listen } => server(listen),
         Cmd::FctClient { server, sizes, reps, warmup } => fct::client(server, &sizes, reps, warmup),
         Cmd::Function { addr } => reuse::function(addr),
     }
+}
+
+/// `experiments server`: the server node of a two-node run.
+fn server(listen: std::net::IpAddr) -> Result<()> {
+    use std::net::SocketAddr;
+    // Our own server: idle connections keep their window, as on the local topology.
+    if let Err(e) = std::fs::write("/proc/sys/net/ipv4/tcp_slow_start_after_idle", "0") {
+        eprintln!("warning: cannot set net.ipv4.tcp_slow_start_after_idle = 0: {e}");
+    }
+    let work = reuse::Scratch::new("server")?;
+    let web = nginx::Nginx::start_at(&work.0.join("nginx"), SocketAddr::new(listen, nginx::HTTP_PORT))?;
+    let bytes = SocketAddr::new(listen, fct::SERVER_PORT);
+    println!("serving: nginx on {}, FCT byte server on {bytes}; on the client node run", web.addr);
+    println!("  experiments reuse --topology two-node --server <this node's address>");
+    println!("  experiments fct --topology two-node --server <this node's address>");
+    println!("Ctrl-C stops.");
+    fct::serve(bytes)
 }

@@ -7,12 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-/// A running nginx.
+/// A running nginx (ours, or another machine's in two-node mode).
 #[derive(Debug)]
 pub(crate) struct Nginx {
-    child: Child,
+    child: Option<Child>,
     pub(crate) addr: SocketAddr,
 }
+
+/// nginx's port on the server host.
+pub(crate) const HTTP_PORT: u16 = 8080;
 
 fn nginx_binary() -> Result<PathBuf> {
     for p in ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"] {
@@ -24,10 +27,25 @@ fn nginx_binary() -> Result<PathBuf> {
 }
 
 impl Nginx {
+    /// Start nginx here listening on `addr` (the two-node server side).
+    pub(crate) fn start_at(dir: &Path, addr: SocketAddr) -> Result<Self> {
+        Self::spawn(dir, addr, &Hosts::Loopback)
+    }
+
     /// Start nginx on the server host, files in `dir`, keep-alive on; `/` answers a short body.
     pub(crate) fn start(dir: &Path, hosts: &Hosts) -> Result<Self> {
-        let port = hosts.server_port(8080)?;
+        let port = hosts.server_port(HTTP_PORT)?;
         let addr = SocketAddr::new(hosts.server_ip(), port);
+        if hosts.remote() {
+            if !hosts.reachable(addr) {
+                bail!("nothing answers at {addr}: run `experiments server` on the other node");
+            }
+            return Ok(Self { child: None, addr });
+        }
+        Self::spawn(dir, addr, hosts)
+    }
+
+    fn spawn(dir: &Path, addr: SocketAddr, hosts: &Hosts) -> Result<Self> {
         for sub in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
             std::fs::create_dir_all(dir.join(sub))?;
         }
@@ -42,8 +60,17 @@ impl Nginx {
         );
         let path = dir.join("nginx.conf");
         std::fs::write(&path, conf)?;
-        let child = hosts
-            .server(nginx_binary()?)
+        let mut cmd = hosts.server(nginx_binary()?);
+        // SAFETY: prctl is async-signal-safe; nginx then dies with us even if we are killed
+        // without running destructors (e.g. `experiments server` stopped with a signal).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = cmd
             .arg("-e")
             .arg(dir.join("error.log"))
             .arg("-c")
@@ -56,11 +83,13 @@ impl Nginx {
             .stderr(Stdio::null())
             .spawn()
             .context("starting nginx")?;
-        let n = Self { child, addr };
+        let n = Self { child: Some(child), addr };
+        // Listening on every address: check it through loopback.
+        let probe = if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr };
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !hosts.reachable(addr) {
+        while !hosts.reachable(probe) {
             if Instant::now() > deadline {
-                bail!("nginx did not start; see {}/error.log", d);
+                bail!("nginx did not start; see {d}/error.log");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -70,8 +99,10 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            // SAFETY: signalling the child we started, by its PID.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let _ = child.wait();
+        }
     }
 }

@@ -92,3 +92,47 @@ fn fct_short_run_warmed_and_learned_connections_skip_slow_start() {
     assert!(out.join("fct.svg").exists() && out.join("summary.md").exists());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn two_node_mode_runs_against_experiments_server_on_another_host() {
+    if !root_or_skip("two_node_mode") {
+        return;
+    }
+    // The "other node" is this machine's loopback: `experiments server` as a separate process.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_experiments"))
+        .args(["server", "--listen", "127.0.0.1"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("start experiments server");
+    let _stop = KillOnDrop(server.id());
+    {
+        use std::io::BufRead;
+        let lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+        assert!(lines.map_while(Result::ok).any(|l| l == "ready"), "experiments server did not come up");
+    }
+    let out = out_dir("two-node");
+    let reuse_out = out.join("reuse");
+    let fct_out = out.join("fct");
+    let common = ["--topology", "two-node", "--server", "127.0.0.1"];
+    let mut args = vec!["reuse", "--runs", "3", "--out", reuse_out.to_str().unwrap()];
+    args.extend(common);
+    run(&args);
+    let mut args = vec!["fct", "--reps", "1", "--sizes", "1024", "--congestion", "off", "--out", fct_out.to_str().unwrap()];
+    args.extend(common);
+    run(&args);
+    assert_eq!(csv(&reuse_out.join("reuse.csv")).1.len(), 12);
+    assert_eq!(csv(&fct_out.join("fct.csv")).1.len(), 3, "new, learned, warm");
+    let summary = std::fs::read_to_string(reuse_out.join("summary.md")).unwrap();
+    assert!(summary.contains("two-node: servers on 127.0.0.1"), "{summary}");
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+/// Stops a process we started, by its PID, even when the test fails (its nginx follows).
+struct KillOnDrop(u32);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child by PID.
+        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+    }
+}
