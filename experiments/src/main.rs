@@ -10,6 +10,7 @@
 //! a user-space delay line, see `topo`) or `--topology loopback`, and write CSV, SVG charts
 //! and a `summary.md` beside the source study's numbers.
 
+mod burst;
 mod delay;
 mod fct;
 mod hosts;
@@ -65,6 +66,30 @@ enum Cmd {
         out: Option<PathBuf>,
         #[command(flatten)]
         path: PathArgs,
+    },
+    /// Burst start: N functions at once, with and without the pool.
+    Burst {
+        /// Burst sizes, comma-separated [default: 1,4,16,64,256].
+        #[arg(long, value_delimiter = ',')]
+        sizes: Vec<usize>,
+        /// Repetitions per size and configuration.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Output directory [default: results/burst/<timestamp>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        path: PathArgs,
+    },
+    /// Launcher for `burst` (runs on the client host).
+    #[command(hide = true)]
+    BurstClient {
+        /// Server address.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// How many functions.
+        #[arg(long)]
+        n: usize,
     },
     /// The server side of `--topology two-node`: nginx on port 8080 and the FCT byte server
     /// on port 9000 of this machine, until interrupted.
@@ -151,6 +176,11 @@ fn main() -> Result<()> {
             fct::run(&hosts, &sizes, reps, cases, out, &rate)
         }
         Cmd::ServeBytes { listen } => fct::serve(listen),
+        Cmd::Burst { sizes, reps, out, path } => {
+            let sizes = if sizes.is_empty() { burst::SIZES.to_vec() } else { sizes };
+            burst::run(&path.hosts("1ms", None)?, &sizes, reps, out)
+        }
+        Cmd::BurstClient { addr, n } => burst::client(addr, n),
         Cmd::Server { listen } => server(listen),
         Cmd::FctClient { server, sizes, reps, warmup } => fct::client(server, &sizes, reps, warmup),
         Cmd::Function { addr } => reuse::function(addr),

@@ -136,3 +136,22 @@ impl Drop for KillOnDrop {
         unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
     }
 }
+
+#[test]
+fn burst_short_run_writes_csv_and_the_pool_serves_the_burst() {
+    if !root_or_skip("burst_short_run") {
+        return;
+    }
+    let out = out_dir("burst");
+    run(&["burst", "--sizes", "1,8", "--reps", "2", "--out", out.to_str().unwrap()]);
+    let (header, rows) = csv(&out.join("burst.csv"));
+    assert_eq!(header, "config,n,rep,total_us");
+    assert_eq!(rows.len(), 2 * 2 * 2, "sizes x configs x reps");
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    // The pool handed out a warm socket to every function of the pool bursts (1+1+8+8).
+    let row = summary.lines().find(|l| l.contains("198.18.0.2")).expect("pool row");
+    let warm: u64 = row.split_whitespace().nth(7).unwrap().parse().unwrap();
+    assert!(warm >= 18, "{row}");
+    assert!(out.join("burst.svg").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}

@@ -1,0 +1,130 @@
+//! Burst start: N functions start at once, each connects to the server, sends a request,
+//! reads the reply and exits; the time until all are done, with and without the pool.
+//!
+//! One launcher process (`burst-client`) runs on the client host and starts the N function
+//! processes back to back, so the measurement is not dominated by entering the namespace
+//! N times. With the pool, a `warm` pool kept at `min_idle = N` serves them. (The source's
+//! burst also connects every function to a peer; peer links are not built yet.)
+
+use crate::hosts::Hosts;
+use crate::nginx::Nginx;
+use crate::reuse::{artifacts, machine, timestamp, Daemon, Scratch};
+use crate::svg::{self, Chart, Scale, Series};
+use anyhow::{bail, Context, Result};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Default burst sizes.
+pub(crate) const SIZES: [usize; 5] = [1, 4, 16, 64, 256];
+
+/// `burst-client`: start `n` functions at once, wait for all; print the total in µs.
+pub(crate) fn client(addr: SocketAddr, n: usize) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    let t = Instant::now();
+    let children: Vec<_> = (0..n)
+        .map(|_| Command::new(&exe).arg("function").arg(addr.to_string()).stdout(Stdio::null()).spawn())
+        .collect::<Result<_, _>>()?;
+    let mut failed = 0;
+    for mut c in children {
+        if !c.wait()?.success() {
+            failed += 1;
+        }
+    }
+    let us = t.elapsed().as_secs_f64() * 1e6;
+    if failed > 0 {
+        bail!("{failed} of {n} functions failed");
+    }
+    println!("{us:.0}");
+    Ok(())
+}
+
+/// The `burst` driver.
+pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathBuf>) -> Result<()> {
+    let (pool_manager, preload) = artifacts()?;
+    let out = out.unwrap_or_else(|| PathBuf::from("results/burst").join(timestamp()));
+    std::fs::create_dir_all(&out)?;
+    let work = Scratch::new("burst")?;
+    let nginx = Nginx::start(&work.0.join("nginx"), hosts)?;
+    let max = sizes.iter().copied().max().unwrap_or(1);
+    let toml = work.0.join("pool.toml");
+    std::fs::write(
+        &toml,
+        format!(
+            "[[pool]]\ndestination = \"{}\"\npolicy = \"warm\"\nmin_idle = {max}\nmax_idle = {max}\nmax_per_destination = {}\n",
+            nginx.addr,
+            2 * max
+        ),
+    )?;
+    let daemon = Daemon::start(hosts, &pool_manager, work.0.join("pool.sock"), &["--config".into(), toml.display().to_string()], &work.0.join("pool.log"))?;
+    daemon.cli(&["prewarm", &nginx.addr.to_string()])?;
+    let exe = std::env::current_exe()?;
+    let mut csv = String::from("config,n,rep,total_us\n");
+    let mut medians: Vec<(&str, usize, f64)> = vec![];
+    for &n in sizes {
+        for config in ["baseline", "pool"] {
+            let mut totals = vec![];
+            for rep in 0..reps {
+                if config == "pool" {
+                    wait_for_idle(&daemon, n)?;
+                }
+                let env: Vec<(&str, &std::ffi::OsStr)> = if config == "pool" {
+                    vec![("LD_PRELOAD", preload.as_os_str()), ("WARMPOOL_SOCKET", daemon.socket.as_os_str())]
+                } else {
+                    vec![]
+                };
+                let o = hosts.client(&exe, &env).args(["burst-client", "--addr", &nginx.addr.to_string(), "--n", &n.to_string()]).output()?;
+                if !o.status.success() {
+                    bail!("burst of {n} ({config}) failed: {}", String::from_utf8_lossy(&o.stderr));
+                }
+                let us: f64 = String::from_utf8_lossy(&o.stdout).trim().parse().context("burst-client output")?;
+                let _ = writeln!(csv, "{config},{n},{rep},{us:.0}");
+                totals.push(us);
+            }
+            totals.sort_by(f64::total_cmp);
+            medians.push((config, n, totals[totals.len() / 2]));
+            eprintln!("burst: n = {n}, {config}: {:.1} ms", totals[totals.len() / 2] / 1e3);
+        }
+    }
+    std::fs::write(out.join("burst.csv"), &csv)?;
+    let status = daemon.cli(&["status"])?;
+    let mut md = String::new();
+    let _ = writeln!(md, "# Burst start: N functions at once, each connect → request → reply\n");
+    let _ = writeln!(md, "Path: {}; {reps} repetitions; machine: `{}`. Median time until all N are done.\n", hosts.describe(), machine());
+    let _ = writeln!(md, "| N | baseline ms | pool ms | baseline / pool |");
+    let _ = writeln!(md, "|---:|---:|---:|---:|");
+    let med = |c: &str, n: usize| medians.iter().find(|m| m.0 == c && m.1 == n).map(|m| m.2);
+    for &n in sizes {
+        if let (Some(b), Some(p)) = (med("baseline", n), med("pool", n)) {
+            let _ = writeln!(md, "| {n} | {:.2} | {:.2} | {:.2}x |", b / 1e3, p / 1e3, b / p);
+        }
+    }
+    let _ = writeln!(md, "\nSource (Particle): network set-up is up to 84 % of burst-parallel start-up.\n\n![burst](burst.svg)\n\n```\n{status}```");
+    let series: Vec<Series> = ["baseline", "pool"]
+        .iter()
+        .map(|c| Series { name: (*c).into(), points: sizes.iter().filter_map(|&n| med(c, n).map(|v| (n as f64, v / 1e3))).collect() })
+        .collect();
+    let chart = Chart { title: "Burst start", x_label: "functions started at once", y_label: "time until all done (ms)", x_scale: Scale::Log, y_scale: Scale::Log, series: &series };
+    svg::write(&out.join("burst.svg"), &svg::render(&chart))?;
+    std::fs::write(out.join("summary.md"), &md)?;
+    print!("{md}");
+    println!("\nwrote {}/{{burst.csv,burst.svg,burst.png,summary.md}}", out.display());
+    Ok(())
+}
+
+fn wait_for_idle(daemon: &Daemon, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = daemon.cli(&["status"])?;
+        let idle: usize = status.lines().nth(1).and_then(|l| l.split_whitespace().nth(3)).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if idle >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the pool did not refill to {n} idle sockets:\n{status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
