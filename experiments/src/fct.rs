@@ -242,10 +242,11 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
     let size_list = sizes.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
     let mut csv = String::from("config,congestion,size_bytes,rep,fct_us\n");
     let mut medians: Vec<(Conn, bool, u64, f64)> = vec![];
+    let bar = crate::progress((congestion.len() * 3) as u64, "fct configurations");
     for &congested in congestion {
         let bulk = if congested { Some(Bulk::start(hosts, server, BULK_FLOWS)?) } else { None };
         for conn in [Conn::New, Conn::Learned, Conn::Warm] {
-            eprintln!("fct: {} connections, congestion {}", conn.name(), if congested { "on" } else { "off" });
+            bar.set_message(format!("fct: {} connections, congestion {}", conn.name(), if congested { "on" } else { "off" }));
             let env: Vec<(&str, &std::ffi::OsStr)> = match conn {
                 Conn::New | Conn::Learned => vec![],
                 Conn::Warm => vec![("LD_PRELOAD", preload.as_os_str()), ("WARMPOOL_SOCKET", daemon.socket.as_os_str())],
@@ -288,9 +289,11 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
             for (size, h) in per_size {
                 medians.push((conn, congested, size, h.value_at_quantile(0.5) as f64));
             }
+            bar.inc(1);
         }
         drop(bulk);
     }
+    bar.finish_and_clear();
     std::fs::write(out.join("fct.csv"), &csv)?;
     let status = daemon.cli(&["status"])?;
     drop(daemon);

@@ -203,3 +203,13 @@ fn server(listen: std::net::IpAddr) -> Result<()> {
     println!("Ctrl-C stops.");
     fct::serve(bytes)
 }
+
+/// A progress bar on stderr (drawn only when stderr is a terminal).
+pub(crate) fn progress(len: u64, what: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} ({elapsed}, ~{eta} left)") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what.to_owned());
+    bar
+}

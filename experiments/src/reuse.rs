@@ -230,7 +230,7 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     let mut hists: Vec<Histogram<u64>> = configs.iter().map(|_| Histogram::new(3).expect("histogram")).collect();
     let mut connects = hists.clone();
     let mut samples: Vec<Vec<f64>> = configs.iter().map(|_| Vec::with_capacity(runs)).collect();
-    let started = Instant::now();
+    let bar = crate::progress(runs as u64, "reuse runs per configuration");
     for run in 0..runs {
         for (i, &c) in configs.iter().enumerate() {
             let (us, connect_us) = invoke(c)?;
@@ -239,10 +239,9 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
             connects[i].record((connect_us * 10.0) as u64)?;
             samples[i].push(us);
         }
-        if (run + 1) % (runs / 10).max(1) == 0 {
-            eprintln!("reuse: {}/{runs} runs per configuration ({:.0} s)", run + 1, started.elapsed().as_secs_f64());
-        }
+        bar.inc(1);
     }
+    bar.finish_and_clear();
     std::fs::write(out.join("reuse.csv"), &csv)?;
 
     let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 10.0;
