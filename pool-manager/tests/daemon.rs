@@ -118,14 +118,10 @@ fn no_fd_leak_after_10000_acquire_give_back_cycles() {
         return;
     }
     let nginx = Nginx::start();
-    let dir = TempDir::new();
-    let cfg = dir.join("pool.toml");
-    std::fs::write(
-        &cfg,
-        format!("[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nmin_idle = 2\nquarantine = \"0ms\"\n", nginx.addr()),
-    )
-    .unwrap();
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::with_config(&format!(
+        "[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nmin_idle = 2\nquarantine = \"0ms\"\n",
+        nginx.addr()
+    ));
     let c = connect(&d);
     warm_pool(&d, &c, nginx.addr(), 2.0);
     let cycle = |seq: u32| {
@@ -187,10 +183,7 @@ fn sigterm_closes_pooled_sockets_and_removes_the_socket_file() {
         return;
     }
     let redis = Redis::start();
-    let dir = TempDir::new();
-    let cfg = dir.join("pool.toml");
-    std::fs::write(&cfg, format!("[[pool]]\ndestination = \"{}\"\npolicy = \"warm\"\nmin_idle = 3\n", redis.addr())).unwrap();
-    let mut d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let mut d = Daemon::with_config(&format!("[[pool]]\ndestination = \"{}\"\npolicy = \"warm\"\nmin_idle = 3\n", redis.addr()));
     let c = connect(&d);
     warm_pool(&d, &c, redis.addr(), 3.0);
     let clients = || redis.command(&["CLIENT", "LIST"]).lines().filter(|l| l.starts_with("id=")).count();

@@ -160,10 +160,7 @@ fn pooled_connect_behaves_like_a_real_one() {
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
     // The script connects several times in quick succession: keep enough sockets ready.
-    let dir = TempDir::new();
-    let cfg = dir.join("pool.toml");
-    std::fs::write(&cfg, format!("[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nmin_idle = 6\n")).unwrap();
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nmin_idle = 6\n"));
     prewarm(&d, &dest, 6);
     let out = ok_stdout(
         &shimmed(&d, "python3", &[client_script("semantics.py").to_str().unwrap(), "127.0.0.1", &nginx.port.to_string()]),

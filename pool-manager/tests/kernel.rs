@@ -49,14 +49,8 @@ fn a_learned_window_starts_new_connections_converged_and_nothing_stays_attached(
         assert_eq!(line.trim(), "ready");
     }
     let cg = Cgroup::new("assist");
-    let dir = TempDir::new();
-    let cfg = dir.join("pool.toml");
-    std::fs::write(
-        &cfg,
-        format!("[kernel]\nassist = \"on\"\ncgroups = [\"{}\"]\nmax_initial_window = 1000\n", cg.0.display()),
-    )
-    .unwrap();
-    let mut d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let mut d =
+        Daemon::with_config(&format!("[kernel]\nassist = \"on\"\ncgroups = [\"{}\"]\nmax_initial_window = 1000\n", cg.0.display()));
     assert_eq!(d.metric("warmpool_kernel_assist"), 1.0, "{}", d.log());
     let show = || {
         let o = Command::new(tool_path("bpftool")).args(["cgroup", "show"]).arg(&cg.0).output().unwrap();
@@ -128,11 +122,8 @@ fn demand_from_programs_without_the_shim_prewarms_a_pool_that_later_connects_use
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
     let cg = Cgroup::new("demand");
-    let dir = TempDir::new();
-    let cfg = dir.join("pool.toml");
     // No pools and no [auto] section: nothing would be pooled but for the demand.
-    std::fs::write(&cfg, format!("[kernel]\nassist = \"on\"\ncgroups = [\"{}\"]\nprewarm_threshold = 2\n", cg.0.display())).unwrap();
-    let d = Daemon::start(&["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::with_config(&format!("[kernel]\nassist = \"on\"\ncgroups = [\"{}\"]\nprewarm_threshold = 2\n", cg.0.display()));
     let curl = tool_path("curl");
     let url = nginx.url("/demand");
     for i in 0..3 {

@@ -6,7 +6,6 @@ use common::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 /// Other uids cannot read root's pyenv: use Debian's interpreter.
 const SYSTEM_PYTHON: &str = "/usr/bin/python3";

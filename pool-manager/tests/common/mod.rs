@@ -381,6 +381,14 @@ impl Daemon {
         Self::start_with_env(args, &[])
     }
 
+    /// `start` with a TOML configuration file holding `toml` (read once at start-up).
+    pub fn with_config(toml: &str) -> Daemon {
+        let dir = TempDir::new();
+        let cfg = dir.join("pool.toml");
+        fs::write(&cfg, toml).expect("write pool.toml");
+        Self::start(&["--config", cfg.to_str().expect("utf-8 temp path")])
+    }
+
     /// Same as `start`, with extra environment variables for the daemon.
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let dir = TempDir::new();
