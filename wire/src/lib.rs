@@ -24,6 +24,10 @@
 //! * `Prewarm` (32 bytes, laid out as `Acquire`): create the caller's pool for a destination
 //!   and fill it to `min_idle` now, before any function asks. Reply: `StatusReply` (a short
 //!   confirmation) or `Error`.
+//! * `AcquirePeer` (11..=266 bytes): `port: u16` (the channel), then the peer's name
+//!   `JOB/NAME` in UTF-8 (1..=256 bytes). Asks for this side's end of a link to another
+//!   function (see the pool manager's `peer` module). Reply: `Grant`, `Miss` or `Error`;
+//!   possibly preceded by `Miss(Pending)`.
 //!
 //! Replies (daemon → client):
 //!
@@ -33,6 +37,8 @@
 //! * `Miss` (13 bytes): `reason: u8` ([`MissReason`]), `retry_after_ms: u32`. The client runs
 //!   its own connect. A non-zero `retry_after_ms` means "do not ask for this destination
 //!   again within that time" so that unpooled destinations cost no round trip.
+//!   `Miss(Pending)` is not final: the daemon is making the socket (a peer link) and the
+//!   final answer, with the same `seq`, follows within `retry_after_ms`.
 //! * `StatusReply` (8 bytes + UTF-8 text): one pool per line, tab-separated columns.
 //! * `Error` (10 bytes + UTF-8 text): `code: u16` ([`ErrorCode`]) and a human-readable reason.
 //!   The client treats it as a miss.
@@ -43,6 +49,7 @@
 
 #![warn(missing_docs)]
 
+pub mod rdv;
 pub mod unix;
 
 /// Protocol version spoken by this crate.
@@ -53,6 +60,8 @@ pub const MAGIC: u16 = 0x5057;
 pub const HEADER_LEN: usize = 8;
 /// Largest message either side sends (a status reply may be this long).
 pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Longest peer name in `AcquirePeer`.
+pub const MAX_PEER_NAME: usize = 256;
 
 /// Message kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +75,8 @@ pub enum Kind {
     Status = 3,
     /// Fill the caller's pool for a destination ahead of demand.
     Prewarm = 4,
+    /// Ask for this side's end of a link to a peer function, by name.
+    AcquirePeer = 5,
     /// A socket is attached.
     Grant = 0x81,
     /// No socket: connect yourself.
@@ -83,6 +94,7 @@ impl Kind {
             2 => Self::Release,
             3 => Self::Status,
             4 => Self::Prewarm,
+            5 => Self::AcquirePeer,
             0x81 => Self::Grant,
             0x82 => Self::Miss,
             0x83 => Self::StatusReply,
@@ -124,6 +136,8 @@ pub enum MissReason {
     NotPooled = 2,
     /// The pool is at `max_per_destination`.
     AtLimit = 3,
+    /// Not final: the socket is being made; the answer follows within `retry_after_ms`.
+    Pending = 4,
 }
 
 /// Error codes carried by `Error`.
@@ -212,6 +226,13 @@ pub enum Msg<'a> {
     Status,
     /// See the module docs.
     Prewarm(Dest),
+    /// See the module docs.
+    AcquirePeer {
+        /// The channel: both ends of a link name the same one.
+        port: u16,
+        /// `JOB/NAME` of the other function.
+        name: &'a str,
+    },
     /// See the module docs.
     Grant {
         /// Lease id, to be named in `Release`.
@@ -308,6 +329,12 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
             header(buf, Kind::Status, seq);
             HEADER_LEN
         }
+        Msg::AcquirePeer { port, name } => {
+            header(buf, Kind::AcquirePeer, seq);
+            buf[8..10].copy_from_slice(&port.to_le_bytes());
+            let end = buf.len().min(10 + MAX_PEER_NAME);
+            10 + copy_text(name, &mut buf[10..end])
+        }
         Msg::Grant { lease, source } => {
             header(buf, Kind::Grant, seq);
             buf[8..16].copy_from_slice(&lease.to_le_bytes());
@@ -396,6 +423,14 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
             Msg::Release { lease: u64_at(8), disposition }
         }
         Kind::Status => Msg::Status,
+        Kind::AcquirePeer => {
+            need(11)?;
+            let name = core::str::from_utf8(&buf[10..]).map_err(|_| DecodeError::BadField)?;
+            if name.len() > MAX_PEER_NAME {
+                return Err(DecodeError::BadField);
+            }
+            Msg::AcquirePeer { port: u16::from_le_bytes([buf[8], buf[9]]), name }
+        }
         Kind::Grant => {
             need(17)?;
             let source = match buf[16] {
@@ -411,6 +446,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
                 1 => MissReason::Empty,
                 2 => MissReason::NotPooled,
                 3 => MissReason::AtLimit,
+                4 => MissReason::Pending,
                 _ => return Err(DecodeError::BadField),
             };
             Msg::Miss { reason, retry_after_ms: u32::from_le_bytes([buf[9], buf[10], buf[11], buf[12]]) }
@@ -438,7 +474,10 @@ mod tests {
         // Every strict prefix of a fixed-size message is rejected, never misread.
         for cut in 0..n {
             if let Ok((short, _)) = decode(&buf[..cut]) {
-                assert!(matches!(short, Msg::StatusReply(_) | Msg::Error { .. } | Msg::Status), "{short:?}");
+                assert!(
+                    matches!(short, Msg::StatusReply(_) | Msg::Error { .. } | Msg::Status | Msg::AcquirePeer { .. }),
+                    "{short:?}"
+                );
             }
         }
     }
@@ -451,6 +490,8 @@ mod tests {
         roundtrip(Msg::Acquire(v6));
         roundtrip(Msg::Release { lease: u64::MAX - 3, disposition: Disposition::Shared });
         roundtrip(Msg::Status);
+        roundtrip(Msg::AcquirePeer { port: 7000, name: "job/reducer-1" });
+        roundtrip(Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 });
         roundtrip(Msg::Prewarm(v6));
         roundtrip(Msg::Grant { lease: 9, source: Source::Reuse });
         roundtrip(Msg::Miss { reason: MissReason::NotPooled, retry_after_ms: 5000 });
