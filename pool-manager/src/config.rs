@@ -198,6 +198,34 @@ pub struct Config {
     /// Explicit pools, by resolved address (both the address as written and, for IPv4, its
     /// IPv4-mapped IPv6 form).
     pub pools: HashMap<SocketAddr, Arc<PoolSettings>>,
+    /// Peer links (`[peer]`), when this node takes part in a job.
+    pub peer: Option<PeerSettings>,
+}
+
+/// Peer-link settings (`[peer]`).
+#[derive(Debug, Clone)]
+pub struct PeerSettings {
+    /// This node's identity, `JOB/NAME`.
+    pub me: crate::peer::PeerName,
+    /// The rendezvous server.
+    pub rendezvous: SocketAddr,
+    /// Keys derived from the job secret (never logged).
+    pub keys: crate::peer::Keys,
+    /// Addresses that stand for peers.
+    pub virtual_range: crate::peer::VirtualRange,
+    /// The job's other members this node may link to (the declared topology): their
+    /// virtual addresses are recognised. Names that start links to us are learned too.
+    pub peers: Vec<crate::peer::PeerName>,
+    /// Links to keep ready: (peer, channel).
+    pub prewarm: Vec<(crate::peer::PeerName, u16)>,
+    /// How many ready links per prewarmed peer and channel.
+    pub prewarm_links: usize,
+    /// How long a hole-punching attempt may take before the relay is used.
+    pub punch_timeout: Duration,
+    /// How long a function may wait for a link.
+    pub link_timeout: Duration,
+    /// Use the rendezvous server as a relay when punching fails.
+    pub relay: bool,
 }
 
 impl Default for Config {
@@ -222,6 +250,7 @@ impl Default for Config {
                 prewarm: true,
                 prewarm_threshold: defaults::PREWARM_THRESHOLD,
             },
+            peer: None,
         }
     }
 }
@@ -364,6 +393,9 @@ impl Config {
                 return Err(ConfigError::Invalid { field: "kernel.max_initial_window".into(), reason: "must be at least 10 (the default initial window)".into() });
             }
         }
+        if let Some(p) = file.peer {
+            c.peer = Some(p.resolve()?);
+        }
         for (i, p) in file.pool.into_iter().enumerate() {
             let dest = p.destination.clone();
             let policy = p.pool.policy.ok_or_else(|| ConfigError::Invalid {
@@ -387,8 +419,100 @@ struct FileConfig {
     keep_window_when_idle: Option<bool>,
     auto: Option<FileAuto>,
     kernel: Option<FileKernel>,
+    peer: Option<FilePeer>,
     #[serde(default)]
     pool: Vec<FilePool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePeer {
+    name: String,
+    rendezvous: String,
+    secret_file: PathBuf,
+    virtual_range: Option<String>,
+    #[serde(default)]
+    peers: Vec<String>,
+    #[serde(default)]
+    prewarm: Vec<String>,
+    prewarm_links: Option<usize>,
+    punch_timeout: Option<String>,
+    link_timeout: Option<String>,
+    relay: Option<bool>,
+}
+
+impl FilePeer {
+    fn resolve(self) -> Result<PeerSettings, ConfigError> {
+        use crate::peer::{Keys, PeerName, VirtualRange};
+        let invalid = |field: &str, reason: String| ConfigError::Invalid { field: format!("peer.{field}"), reason };
+        let me = PeerName::parse(&self.name).map_err(|e| invalid("name", e))?;
+        let rendezvous = self
+            .rendezvous
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| invalid("rendezvous", format!("{:?} is not HOST:PORT", self.rendezvous)))?;
+        let secret = crate::peer::read_secret(&self.secret_file).map_err(|e| invalid("secret_file", e))?;
+        let virtual_range = match self.virtual_range {
+            Some(r) => VirtualRange::parse(&r).map_err(|e| invalid("virtual_range", e))?,
+            None => VirtualRange::default(),
+        };
+        let mut peers = Vec::new();
+        for p in &self.peers {
+            let n = PeerName::parse(p).map_err(|e| invalid("peers", e))?;
+            if n.job != me.job {
+                return Err(invalid("peers", format!("{n} is not in job {}", me.job)));
+            }
+            peers.push(n);
+        }
+        let mut prewarm = Vec::new();
+        for p in &self.prewarm {
+            let (n, port) = PeerName::parse_with_port(p).map_err(|e| invalid("prewarm", e))?;
+            if n.job != me.job {
+                return Err(invalid("prewarm", format!("{n} is not in job {}", me.job)));
+            }
+            if n == me {
+                return Err(invalid("prewarm", format!("{n} is this node itself")));
+            }
+            if !peers.contains(&n) {
+                peers.push(n.clone());
+            }
+            prewarm.push((n, port));
+        }
+        for (i, a) in peers.iter().enumerate() {
+            for b in &peers[..i] {
+                if virtual_range.addr_of(a) == virtual_range.addr_of(b) {
+                    return Err(invalid(
+                        "virtual_range",
+                        format!("{a} and {b} map to the same address {}; use a larger range", virtual_range.addr_of(a)),
+                    ));
+                }
+            }
+        }
+        let punch_timeout = match self.punch_timeout {
+            Some(d) => parse_duration("peer.punch_timeout", &d)?,
+            None => defaults::PUNCH_TIMEOUT,
+        };
+        let link_timeout = match self.link_timeout {
+            Some(d) => parse_duration("peer.link_timeout", &d)?,
+            None => defaults::LINK_TIMEOUT,
+        };
+        if punch_timeout.is_zero() || link_timeout <= punch_timeout {
+            return Err(invalid("link_timeout", "must be longer than punch_timeout (which must not be 0)".into()));
+        }
+        Ok(PeerSettings {
+            me,
+            rendezvous,
+            keys: Keys::derive(&secret),
+            virtual_range,
+            peers,
+            prewarm,
+            prewarm_links: self.prewarm_links.unwrap_or(1).min(64),
+            punch_timeout,
+            link_timeout,
+            relay: self.relay.unwrap_or(true),
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -63,3 +63,21 @@ pub const MAX_INITIAL_WINDOW: u32 = 256;
 /// Connects (seen by the kernel's connect hooks) from one tenant to one destination after
 /// which the daemon keeps warm sockets for it: two means "this is not a one-off".
 pub const PREWARM_THRESHOLD: u64 = 2;
+
+/// Addresses that stand for peers when `[peer] virtual_range` is not set: the upper quarter
+/// of 198.19.0.0/16, part of the benchmarking range (RFC 2544) that no real network routes.
+pub const PEER_VIRTUAL_RANGE: &str = "198.19.192.0/18";
+/// Hole punching gives up (and the relay takes over) after this long. Simultaneous open on a
+/// working path completes in about one RTT; three SYN attempts fit in a second on any
+/// terrestrial path.
+pub const PUNCH_TIMEOUT: Duration = Duration::from_secs(1);
+/// A function waits at most this long for a link (punch, relay, proofs).
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(10);
+/// Steps of a link's set-up that involve only the rendezvous server or the proofs.
+pub const RENDEZVOUS_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnect to the rendezvous server after this long when the control connection drops.
+pub const RENDEZVOUS_RECONNECT: Duration = Duration::from_millis(500);
+/// TCP keepalive on peer links: keeps NAT mappings and detects dead peers.
+pub const PEER_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
+/// The rendezvous server forgets an unfinished link after this long.
+pub const RENDEZVOUS_LINK_TTL: Duration = Duration::from_secs(30);

@@ -13,6 +13,7 @@
 pub mod config;
 pub mod defaults;
 pub mod exec;
+pub mod peer;
 pub mod metrics;
 pub mod pool;
 pub mod server;

@@ -64,6 +64,31 @@ enum Cmd {
     },
     /// Print the embedded default configuration.
     Config,
+    /// Run the public rendezvous server for peer links (hole punching, relay).
+    Rendezvous {
+        /// Address to listen on, e.g. 0.0.0.0:7700.
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// A job it serves and the file holding that job's secret: JOB=FILE (repeatable).
+        /// Only a key derived from the secret is kept in memory.
+        #[arg(long = "job", value_name = "JOB=FILE", required = true)]
+        jobs: Vec<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
+        /// Log format.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        log_format: String,
+    },
+    /// Print the virtual address that stands for a peer (connect() to it, through the
+    /// preload library, to get a link to that peer).
+    PeerAddr {
+        /// The peer, JOB/NAME.
+        peer: String,
+        /// The virtual range (the `[peer] virtual_range` of the config).
+        #[arg(long, default_value = pool_manager::defaults::PEER_VIRTUAL_RANGE)]
+        range: String,
+    },
 }
 
 fn main() -> Result<()> {
@@ -115,7 +140,55 @@ fn main() -> Result<()> {
             print!("{}", config::EMBEDDED_DEFAULT);
             Ok(())
         }
+        Cmd::Rendezvous { listen, jobs, metrics, log_format } => {
+            init_tracing(&log_format);
+            rendezvous(listen, &jobs, metrics)
+        }
+        Cmd::PeerAddr { peer, range } => {
+            use pool_manager::peer::{PeerName, VirtualRange};
+            let range = VirtualRange::parse(&range).map_err(anyhow::Error::msg)?;
+            let peer = PeerName::parse(&peer).map_err(anyhow::Error::msg)?;
+            println!("{}", range.addr_of(&peer));
+            Ok(())
+        }
     }
+}
+
+fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std::net::SocketAddr>) -> Result<()> {
+    use pool_manager::peer::{self, rendezvous::Server, Keys, PeerName};
+    let mut keys = std::collections::HashMap::new();
+    for j in jobs {
+        let (job, file) = j.split_once('=').with_context(|| format!("--job {j:?}: expected JOB=FILE"))?;
+        PeerName::parse(&format!("{job}/x")).map_err(|_| anyhow::anyhow!("--job {j:?}: {job:?} is not a valid job name"))?;
+        let secret = peer::read_secret(std::path::Path::new(file)).map_err(anyhow::Error::msg)?;
+        keys.insert(job.to_owned(), Keys::derive(&secret).rendezvous);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        let server = Arc::new(Server::new(keys));
+        let cancel = CancellationToken::new();
+        info!(%listen, jobs = jobs.len(), "rendezvous server listening");
+        if let Some(addr) = metrics {
+            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;
+            let s = server.clone();
+            tokio::spawn(pool_manager::metrics::serve_with(l, Arc::new(move || s.render_metrics()), cancel.clone()));
+        }
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => info!("SIGTERM: stopping"),
+                _ = int.recv() => info!("SIGINT: stopping"),
+            }
+            stop.cancel();
+        });
+        server.run(listener, cancel).await;
+        Ok(())
+    })
 }
 
 fn init_tracing(format: &str) {
@@ -195,8 +268,10 @@ fn serve(cfg: Config) -> Result<()> {
             auto = cfg.auto.enabled,
             "pool manager listening"
         );
+        let peer = cfg.peer.clone().map(|p| Arc::new(pool_manager::peer::agent::Agent::new(p)));
         let mut shared = Shared::new(cfg);
         shared.assist = assist;
+        shared.peer = peer;
         let shared = Arc::new(shared);
         let mut metrics_task = None;
         if let Some(addr) = metrics_addr {

@@ -169,13 +169,18 @@ pub fn render(shared: &Shared) -> String {
 /// Serve `/metrics` (and `/ready`) on `listener` until cancelled. A deliberately tiny
 /// HTTP/1.0 responder: one request per connection, bounded reads.
 pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, cancel: CancellationToken) {
+    serve_with(listener, Arc::new(move || render(&shared)), cancel).await;
+}
+
+/// [`serve`] with any renderer (the rendezvous server has its own counters).
+pub async fn serve_with(listener: tokio::net::TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>, cancel: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => return,
             a = listener.accept() => a,
         };
         let Ok((mut conn, _)) = accepted else { continue };
-        let shared = shared.clone();
+        let render = render.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let mut n = 0;
@@ -199,7 +204,7 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, cance
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", render(&shared)),
+                "/metrics" => ("200 OK", render()),
                 "/ready" | "/healthz" => ("200 OK", "ready\n".to_owned()),
                 _ => ("404 Not Found", "try /metrics\n".to_owned()),
             };

@@ -58,6 +58,8 @@ pub struct Shared {
     daemon_uid: u32,
     /// The eBPF kernel assist, when attached (detached when dropped).
     pub assist: Option<Mutex<shim_user::assist::KernelAssist>>,
+    /// Peer links, when `[peer]` is configured.
+    pub peer: Option<Arc<crate::peer::agent::Agent>>,
 }
 
 impl Shared {
@@ -72,6 +74,7 @@ impl Shared {
             // SAFETY: geteuid has no preconditions.
             daemon_uid: unsafe { libc::geteuid() },
             assist: None,
+            peer: None,
         }
     }
 
@@ -210,6 +213,9 @@ pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationTok
     let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut tasks = JoinSet::new();
     tasks.spawn(maintain(shared.clone(), cancel.clone()));
+    if let Some(agent) = &shared.peer {
+        tasks.spawn(crate::peer::agent::run(agent.clone(), cancel.clone()));
+    }
     loop {
         let mut guard = tokio::select! {
             () = cancel.cancelled() => break,
@@ -259,6 +265,8 @@ struct Lease {
     created: Instant,
     at_handout: sock::Counters,
     policy: Policy,
+    /// A peer link: never pooled again (the other end's function may still be using it).
+    peer: bool,
 }
 
 /// Serves one client process (one connection) until it goes away.
@@ -293,7 +301,7 @@ async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: CancellationToken) {
             Some(Reply::error(0, ErrorCode::Malformed, "message too long".into()))
         } else {
             match &peer {
-                Ok(p) => handle(&shared, p, &buf[..got.len], &mut leases).await,
+                Ok(p) => handle(&shared, p, &conn, &buf[..got.len], &mut leases).await,
                 Err(e) => {
                     let seq = wire::decode(&buf[..got.len]).map_or(0, |(_, s)| s);
                     Some(Reply::error(seq, ErrorCode::Denied, format!("client not identified: {e}")))
@@ -358,7 +366,7 @@ async fn send_reply(conn: &AsyncFd<OwnedFd>, r: Reply) -> bool {
     }
 }
 
-async fn handle(shared: &Arc<Shared>, peer: &Peer, buf: &[u8], leases: &mut HashMap<u64, Lease>) -> Option<Reply> {
+async fn handle(shared: &Arc<Shared>, peer: &Peer, conn: &AsyncFd<OwnedFd>, buf: &[u8], leases: &mut HashMap<u64, Lease>) -> Option<Reply> {
     let (msg, seq) = match wire::decode(buf) {
         Ok(m) => m,
         Err(e) => {
@@ -367,6 +375,29 @@ async fn handle(shared: &Arc<Shared>, peer: &Peer, buf: &[u8], leases: &mut Hash
         }
     };
     match msg {
+        Msg::Acquire(d) if shared.peer.as_ref().is_some_and(|a| is_virtual(a, d.socket_addr())) => {
+            let agent = shared.peer.as_ref().expect("checked");
+            let dest = d.socket_addr();
+            let v4 = match dest.ip() {
+                std::net::IpAddr::V4(v4) => v4,
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().expect("is_virtual checked"),
+            };
+            let Some(name) = agent.peer_for_addr(v4) else {
+                return Some(Reply::error(seq, ErrorCode::Denied, format!("{dest} is a peer address, but of no peer this node knows")));
+            };
+            Some(acquire_peer(shared, &peer.tenant, conn, name, dest, seq, leases).await)
+        }
+        Msg::AcquirePeer { port, name } => {
+            let Some(agent) = &shared.peer else {
+                return Some(Reply::error(seq, ErrorCode::Denied, "this pool manager has no [peer] configuration".into()));
+            };
+            let name = match crate::peer::PeerName::parse(name) {
+                Ok(n) => n,
+                Err(e) => return Some(Reply::error(seq, ErrorCode::Malformed, e)),
+            };
+            let dest = SocketAddr::new(agent.settings.virtual_range.addr_of(&name).into(), port);
+            Some(acquire_peer(shared, &peer.tenant, conn, name, dest, seq, leases).await)
+        }
         Msg::Acquire(d) => {
             let started = Instant::now();
             let (reply, lease) = acquire(shared, &peer.tenant, d.socket_addr(), seq, started).await;
@@ -394,6 +425,53 @@ async fn handle(shared: &Arc<Shared>, peer: &Peer, buf: &[u8], leases: &mut Hash
         Msg::Grant { .. } | Msg::Miss { .. } | Msg::StatusReply(_) | Msg::Error { .. } => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
             Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))
+        }
+    }
+}
+
+fn is_virtual(agent: &crate::peer::agent::Agent, dest: SocketAddr) -> bool {
+    let v4 = match dest.ip() {
+        std::net::IpAddr::V4(v4) => v4,
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4,
+            None => return false,
+        },
+    };
+    agent.settings.virtual_range.contains(v4)
+}
+
+/// A peer link for a function: answer `Miss(Pending)` at once (the shim then waits longer
+/// than for a pooled socket), then the link or a miss.
+async fn acquire_peer(
+    shared: &Arc<Shared>,
+    tenant: &Tenant,
+    conn: &AsyncFd<OwnedFd>,
+    name: crate::peer::PeerName,
+    dest: SocketAddr,
+    seq: u32,
+    leases: &mut HashMap<u64, Lease>,
+) -> Reply {
+    let agent = shared.peer.as_ref().expect("caller checked");
+    let started = Instant::now();
+    let wait_ms = agent.settings.link_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+    if !send_reply(conn, Reply::miss(seq, MissReason::Pending, wait_ms)).await {
+        return Reply::miss(seq, MissReason::Empty, 0);
+    }
+    match agent.acquire(&name, dest.port()).await {
+        Ok(l) => {
+            let id = shared.next_lease.fetch_add(1, Ordering::Relaxed);
+            let mut r = Reply::msg(&Msg::Grant { lease: id, source: Source::Warm }, seq);
+            r.fd = Some(l.fd.as_raw_fd());
+            shared.metrics.observe_handout(started.elapsed());
+            debug!(peer = %name, link = l.link, path = l.path.name(), "peer link handed out");
+            let key = PoolKey { tenant: tenant.clone(), dest };
+            let lease = Lease { sock: PooledSock { fd: l.fd }, key, created: l.since, at_handout: sock::Counters::default(), policy: Policy::Warm, peer: true };
+            leases.insert(id, lease);
+            r
+        }
+        Err(e) => {
+            info!(peer = %name, error = %e, "no peer link");
+            Reply::error(seq, ErrorCode::Internal, format!("no link to {name}: {e}"))
         }
     }
 }
@@ -502,11 +580,16 @@ fn grant(
     let at_handout = sock::counters(idle.sock.fd.as_raw_fd());
     let reply = Reply::msg(&Msg::Grant { lease: id, source: idle.source }, seq);
     shared.metrics.observe_handout(started.elapsed());
-    let lease = Lease { sock: idle.sock, key, created: idle.created, at_handout, policy };
+    let lease = Lease { sock: idle.sock, key, created: idle.created, at_handout, policy, peer: false };
     (reply, Some((id, lease)))
 }
 
 fn release(shared: &Shared, l: Lease, disposition: Disposition) {
+    if l.peer {
+        // Closing the daemon's reference ends the link: the other function sees EOF, as it
+        // would on any TCP connection its peer closed.
+        return;
+    }
     let verdict = match disposition {
         Disposition::Shared => Err(Discard::Shared),
         Disposition::Implicit => Err(Discard::Implicit),

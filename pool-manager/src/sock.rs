@@ -145,6 +145,15 @@ pub struct TcpInfo {
 
 /// `TCP_ESTABLISHED` in `tcpi_state`.
 pub const TCP_ESTABLISHED: u8 = 1;
+/// `TCP_CLOSE_WAIT`: the peer sent FIN.
+pub const TCP_CLOSE_WAIT: u8 = 8;
+
+/// TCP state and unread bytes of a socket (state 0 if TCP_INFO fails).
+#[must_use]
+pub fn state_and_unread(fd: RawFd) -> (u8, i32) {
+    let state = tcp_info(fd).map_or(0, |i| i.state);
+    (state, ioctl_int(fd, SIOCINQ).unwrap_or(0))
+}
 
 /// `TCP_INFO` of `fd`.
 #[must_use]

@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use wire::{Dest, Disposition, Msg};
+use wire::{Dest, Disposition, MissReason, Msg};
 
 /// The connection fd, or -1. Read without the lock by the close path.
 static CONN: AtomicI32 = AtomicI32::new(-1);
@@ -164,8 +164,29 @@ fn creds() -> (u32, u32) {
     unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
-/// Ask the daemon for a socket to `dest`. `None` means "run the real connect".
-pub(crate) fn acquire(dest: &Dest) -> Option<(OwnedFd, u64)> {
+/// What the daemon said to a request for a socket.
+pub(crate) enum Outcome {
+    /// A connected socket and its lease.
+    Grant(OwnedFd, u64),
+    /// Run the program's own call (no daemon, not pooled, nothing ready, any failure).
+    Bypass,
+    /// The daemon took the request on (`Miss(Pending)`: a peer link) and then said no: the
+    /// destination exists only through the daemon, so the program's own connect could only
+    /// hang. Fail the call with `ECONNREFUSED`.
+    Refused,
+}
+
+/// Ask the daemon for a socket to `dest`.
+pub(crate) fn acquire(dest: &Dest) -> Outcome {
+    request(&Msg::Acquire(*dest), Some(dest))
+}
+
+/// Ask the daemon for this side's end of a link to the peer `name` on channel `port`.
+pub(crate) fn acquire_peer(name: &str, port: u16) -> Outcome {
+    request(&Msg::AcquirePeer { port, name }, None)
+}
+
+fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
     let mut st = lock();
     let now = now_ms();
     let mut fd = CONN.load(Ordering::Acquire);
@@ -178,7 +199,7 @@ pub(crate) fn acquire(dest: &Dest) -> Option<(OwnedFd, u64)> {
     }
     if fd < 0 {
         if now < st.retry_at_ms {
-            return None;
+            return Outcome::Bypass;
         }
         match open_link() {
             Some(f) => {
@@ -189,29 +210,30 @@ pub(crate) fn acquire(dest: &Dest) -> Option<(OwnedFd, u64)> {
             None => {
                 st.retry_at_ms = now + BACKOFF_MS;
                 wlog!("pool manager not reachable; running without it for {BACKOFF_MS} ms");
-                return None;
+                return Outcome::Bypass;
             }
         }
     }
     st.seq = st.seq.wrapping_add(1);
     let seq = st.seq;
-    let mut buf = [0u8; 64];
-    let n = wire::encode(&Msg::Acquire(*dest), seq, &mut buf);
+    let mut buf = [0u8; 320];
+    let n = wire::encode(msg, seq, &mut buf);
     match round_trip(fd, &buf[..n], seq) {
-        Ok(Answer::Grant(sock, lease)) => Some((sock, lease)),
+        Ok(Answer::Grant(sock, lease)) => Outcome::Grant(sock, lease),
         Ok(Answer::Miss { retry_after_ms }) => {
             // "Not pooled": remember it so the next connect skips the round trip.
-            if retry_after_ms > 0 {
+            if let Some(dest) = dest.filter(|_| retry_after_ms > 0) {
                 let i = st.neg_next % NEG_SLOTS;
                 st.neg[i] = Some(Neg { dest: *dest, until_ms: now + u64::from(retry_after_ms) });
                 st.neg_next = st.neg_next.wrapping_add(1);
             }
-            None
+            Outcome::Bypass
         }
+        Ok(Answer::Refused) => Outcome::Refused,
         Err(()) => {
             drop_link();
             st.retry_at_ms = now + BACKOFF_MS;
-            None
+            Outcome::Bypass
         }
     }
 }
@@ -219,6 +241,29 @@ pub(crate) fn acquire(dest: &Dest) -> Option<(OwnedFd, u64)> {
 enum Answer {
     Grant(OwnedFd, u64),
     Miss { retry_after_ms: u32 },
+    Refused,
+}
+
+/// Longest wait the daemon may ask for with `Miss(Pending)`.
+const MAX_PENDING_MS: u32 = 60_000;
+
+/// Wait until `fd` is readable or `deadline_ms` passes.
+fn wait_readable(fd: i32, deadline_ms: u64) -> bool {
+    loop {
+        let left = deadline_ms.saturating_sub(now_ms());
+        if left == 0 {
+            return false;
+        }
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, left.min(i32::MAX as u64) as i32) };
+        if r > 0 {
+            return true;
+        }
+        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false;
+        }
+    }
 }
 
 /// Send one request and wait for the answer with the same sequence number.
@@ -228,7 +273,15 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
         return Err(());
     }
     let mut buf = [0u8; 512];
-    for _ in 0..MAX_STALE {
+    let mut pending_until: Option<u64> = None;
+    let mut stale = 0;
+    while stale < MAX_STALE {
+        if let Some(deadline) = pending_until {
+            if !wait_readable(fd, deadline) {
+                wlog!("pool manager did not finish a pending request in time");
+                return Err(());
+            }
+        }
         let got = wire::unix::recv(fd, &mut buf, 0).map_err(|e| {
             wlog!("pool manager did not answer: {e}");
         })?;
@@ -242,9 +295,14 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
             if let Msg::Grant { lease, .. } = msg {
                 release(lease, Disposition::Implicit);
             }
+            stale += 1;
             continue;
         }
         return Ok(match msg {
+            Msg::Miss { reason: MissReason::Pending, retry_after_ms } if pending_until.is_none() => {
+                pending_until = Some(now_ms() + u64::from(retry_after_ms.min(MAX_PENDING_MS)) + 1000);
+                continue;
+            }
             Msg::Grant { lease, .. } => match got.fd {
                 Some(sock) if table::fits(lease) => Answer::Grant(sock, lease),
                 _ => {
@@ -252,6 +310,12 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
                     Answer::Miss { retry_after_ms: 0 }
                 }
             },
+            Msg::Miss { .. } | Msg::Error { .. } if pending_until.is_some() => {
+                if let Msg::Error { text, .. } = msg {
+                    wlog!("pool manager: {text}");
+                }
+                Answer::Refused
+            }
             Msg::Miss { retry_after_ms, .. } => Answer::Miss { retry_after_ms },
             Msg::Error { text, .. } => {
                 wlog!("pool manager refused: {text}");

@@ -121,7 +121,14 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
     if SETTINGS.get().is_none_or(|s| s.passthrough) {
         return None;
     }
-    let (pooled, lease) = client::acquire(&dest)?;
+    let (pooled, lease) = match client::acquire(&dest) {
+        client::Outcome::Grant(fd, lease) => (fd, lease),
+        client::Outcome::Bypass => return None,
+        client::Outcome::Refused => {
+            set_errno(libc::ECONNREFUSED);
+            return Some(-1);
+        }
+    };
     let real = real::get();
     // SAFETY: F_GETFL/F_GETFD/F_SETFL on fds we were given; variadic calls with one int.
     let (status, fdflags) = unsafe { ((real.fcntl)(fd, libc::F_GETFL), (real.fcntl)(fd, libc::F_GETFD)) };
@@ -381,4 +388,71 @@ pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char,
     mark_inheritable();
     // SAFETY: the real execve with the caller's arguments.
     unsafe { (real::get().execve)(path, argv, envp) }
+}
+
+/// `int warmpool_connect_peer(const char *peer)`: this side's end of a link to another
+/// function of the same job, by name: `"JOB/NAME"` or `"JOB/NAME:PORT"` (the channel, 0 when
+/// absent; both ends must name the same channel). Returns a connected, blocking TCP socket
+/// (close-on-exec) that the program owns and closes like any other, or -1 with `errno`:
+/// `ENOTCONN` when no pool manager answers (or the shim is off), `ECONNREFUSED` when it has
+/// no link to give, `EINVAL` for a malformed name.
+///
+/// # Safety
+/// `peer` must be NULL or point to a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn warmpool_connect_peer(peer: *const c_char) -> c_int {
+    let Some(_entered) = enter() else {
+        set_errno(libc::ENOTCONN);
+        return -1;
+    };
+    if peer.is_null() {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let text = unsafe { std::ffi::CStr::from_ptr(peer) };
+    let Ok(text) = text.to_str() else {
+        set_errno(libc::EINVAL);
+        return -1;
+    };
+    let (name, port) = match text.rsplit_once(':') {
+        Some((n, p)) => match p.parse::<u16>() {
+            Ok(p) => (n, p),
+            Err(_) => {
+                set_errno(libc::EINVAL);
+                return -1;
+            }
+        },
+        None => (text, 0),
+    };
+    if name.is_empty() || name.len() > wire::MAX_PEER_NAME || !name.contains('/') {
+        set_errno(libc::EINVAL);
+        return -1;
+    }
+    let outcome = std::panic::catch_unwind(|| client::acquire_peer(name, port));
+    match outcome {
+        Ok(client::Outcome::Grant(sock, lease)) => {
+            let real = real::get();
+            let fd = sock.into_raw_fd();
+            // SAFETY: F_GETFL/F_SETFL/F_SETFD on the fd we just received; variadic with one int.
+            unsafe {
+                let fl = (real.fcntl)(fd, libc::F_GETFL);
+                if fl >= 0 {
+                    (real.fcntl)(fd, libc::F_SETFL, fl & !libc::O_NONBLOCK);
+                }
+                (real.fcntl)(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+            table::insert(fd, lease);
+            wlog!("fd {fd}: peer link to {text} (lease {lease})");
+            fd
+        }
+        Ok(client::Outcome::Refused) => {
+            set_errno(libc::ECONNREFUSED);
+            -1
+        }
+        Ok(client::Outcome::Bypass) | Err(_) => {
+            set_errno(libc::ENOTCONN);
+            -1
+        }
+    }
 }

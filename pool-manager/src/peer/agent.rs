@@ -1,0 +1,397 @@
+//! The daemon's side of peer links: the control connection to the rendezvous server, the
+//! links being made, the ready links (the peer pool), and the functions waiting for one.
+//!
+//! Which link a function gets: both managers hand out a (peer, channel)'s ready links in
+//! link-id order, so the n-th function on each side gets the same link when links were made
+//! ahead of demand. On demand, the rendezvous server pairs requests: a request from one side
+//! is answered with a link the other side asked for and this side has not claimed yet, if
+//! there is one; otherwise with a new link. Taking a ready link is reported (`Claimed`) so
+//! the server does not answer a later request with it again.
+
+use super::link::{self, LinkMetrics, LinkPath};
+use super::PeerName;
+use crate::config::PeerSettings;
+use crate::defaults;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wire::rdv::{Frame, Purpose};
+
+/// A link ready to be handed out.
+#[derive(Debug)]
+pub struct ReadyLink {
+    /// Link id (assigned by the rendezvous server).
+    pub link: u64,
+    /// The daemon's reference.
+    pub fd: OwnedFd,
+    /// Direct or relayed.
+    pub path: LinkPath,
+    /// When it became ready.
+    pub since: Instant,
+}
+
+type Channel = (String, u16);
+
+#[derive(Debug, Default)]
+struct State {
+    ready: BTreeMap<Channel, BTreeMap<u64, ReadyLink>>,
+    building: HashMap<u64, Channel>,
+    waiters: HashMap<u64, oneshot::Sender<Option<ReadyLink>>>,
+    requests: HashMap<u32, oneshot::Sender<u64>>,
+}
+
+/// The peer-link agent of one daemon.
+#[derive(Debug)]
+pub struct Agent {
+    /// Settings from `[peer]`.
+    pub settings: PeerSettings,
+    /// Counters.
+    pub metrics: LinkMetrics,
+    state: Mutex<State>,
+    control: Mutex<Option<mpsc::UnboundedSender<Frame>>>,
+    connected: AtomicBool,
+    next_req: AtomicU32,
+    known: Mutex<Vec<PeerName>>,
+}
+
+/// One line of the status table.
+#[derive(Debug)]
+pub struct ChannelStatus {
+    /// Peer name within the job.
+    pub peer: String,
+    /// Channel.
+    pub port: u16,
+    /// Ready links by path: (direct, relayed).
+    pub ready: (usize, usize),
+    /// Links being made.
+    pub building: usize,
+}
+
+impl Agent {
+    /// A new agent (not connected yet: see [`run`]).
+    #[must_use]
+    pub fn new(settings: PeerSettings) -> Self {
+        Self {
+            metrics: LinkMetrics::default(),
+            state: Mutex::new(State::default()),
+            control: Mutex::new(None),
+            connected: AtomicBool::new(false),
+            next_req: AtomicU32::new(1),
+            known: Mutex::new(settings.peers.clone()),
+            settings,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether the control connection is up.
+    #[must_use]
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    fn send(&self, f: Frame) -> bool {
+        let c = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.as_ref().is_some_and(|tx| tx.send(f).is_ok())
+    }
+
+    /// The peer behind a virtual address: one of the configured `peers` (and `prewarm`) or
+    /// a name that started a link to this node.
+    #[must_use]
+    pub fn peer_for_addr(&self, ip: std::net::Ipv4Addr) -> Option<PeerName> {
+        let known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        known.iter().find(|p| self.settings.virtual_range.addr_of(p) == ip).cloned()
+    }
+
+    fn learn(&self, peer: &PeerName) {
+        let mut known = self.known.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !known.contains(peer) && known.len() < 4096 {
+            known.push(peer.clone());
+        }
+    }
+
+    /// Status of every channel.
+    #[must_use]
+    pub fn status(&self) -> Vec<ChannelStatus> {
+        let st = self.lock();
+        let mut out: BTreeMap<Channel, ChannelStatus> = BTreeMap::new();
+        for (ch, links) in &st.ready {
+            let e = out.entry(ch.clone()).or_insert_with(|| ChannelStatus { peer: ch.0.clone(), port: ch.1, ready: (0, 0), building: 0 });
+            for l in links.values() {
+                match l.path {
+                    LinkPath::Direct => e.ready.0 += 1,
+                    LinkPath::Relayed => e.ready.1 += 1,
+                }
+            }
+        }
+        for ch in st.building.values() {
+            out.entry(ch.clone()).or_insert_with(|| ChannelStatus { peer: ch.0.clone(), port: ch.1, ready: (0, 0), building: 0 }).building += 1;
+        }
+        out.into_values().collect()
+    }
+
+    /// Take the lowest-numbered healthy ready link of a channel.
+    fn take_ready(&self, ch: &Channel) -> Option<ReadyLink> {
+        let mut st = self.lock();
+        let links = st.ready.get_mut(ch)?;
+        while let Some((_, l)) = links.pop_first() {
+            if alive(&l.fd) {
+                return Some(l);
+            }
+            debug!(link = l.link, "dropping a dead ready link");
+        }
+        None
+    }
+
+    /// This side's end of a link to `peer` on channel `port`, waiting up to the link timeout.
+    ///
+    /// # Errors
+    /// Why there is no link (the caller answers the function with a miss).
+    pub async fn acquire(&self, peer: &PeerName, port: u16) -> Result<ReadyLink, String> {
+        let me = &self.settings.me;
+        if peer.job != me.job {
+            return Err(format!("{peer} is not in job {}", me.job));
+        }
+        if peer == me {
+            return Err(format!("{peer} is this node itself"));
+        }
+        let ch: Channel = (peer.name.clone(), port);
+        let deadline = tokio::time::Instant::now() + self.settings.link_timeout;
+        for _ in 0..3 {
+            if let Some(l) = self.take_ready(&ch) {
+                self.send(Frame::Claimed { link: l.link });
+                self.metrics.handouts.fetch_add(1, Ordering::Relaxed);
+                return Ok(l);
+            }
+            let (tx, rx) = oneshot::channel();
+            let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+            self.lock().requests.insert(req, tx);
+            if !self.send(Frame::LinkRequest { req, peer: peer.name.clone(), port, prewarm: false }) {
+                self.lock().requests.remove(&req);
+                return Err("not connected to the rendezvous server".into());
+            }
+            let link = match tokio::time::timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, rx).await {
+                Ok(Ok(0)) => return Err(format!("{peer} is not registered with the rendezvous server")),
+                Ok(Ok(l)) => l,
+                Ok(Err(_)) => return Err("lost the rendezvous server".into()),
+                Err(_) => {
+                    self.lock().requests.remove(&req);
+                    return Err("the rendezvous server did not answer".into());
+                }
+            };
+            let (wtx, wrx) = oneshot::channel();
+            {
+                let mut st = self.lock();
+                if let Some(l) = st.ready.get_mut(&ch).and_then(|m| m.remove(&link)) {
+                    drop(st);
+                    self.metrics.handouts.fetch_add(1, Ordering::Relaxed);
+                    return Ok(l);
+                }
+                if !st.building.contains_key(&link) {
+                    continue; // taken by another function meanwhile, or failed: ask again
+                }
+                st.waiters.insert(link, wtx);
+            }
+            match tokio::time::timeout_at(deadline, wrx).await {
+                Ok(Ok(Some(l))) => {
+                    self.metrics.handouts.fetch_add(1, Ordering::Relaxed);
+                    return Ok(l);
+                }
+                Ok(_) => return Err(format!("the link to {peer} could not be made")),
+                Err(_) => {
+                    self.lock().waiters.remove(&link);
+                    return Err(format!("no link to {peer} within {:?}", self.settings.link_timeout));
+                }
+            }
+        }
+        Err(format!("no link to {peer}: links kept being taken by other functions"))
+    }
+
+    /// A link was made (or not): give it to its waiter or to the pool.
+    fn made(&self, link: u64, result: Option<ReadyLink>) {
+        let mut st = self.lock();
+        let ch = st.building.remove(&link);
+        let waiter = st.waiters.remove(&link);
+        match (result, waiter) {
+            (Some(l), Some(w)) => {
+                if let Err(Some(l)) = w.send(Some(l)) {
+                    // The function gave up waiting: keep the link for the next one.
+                    if let Some(ch) = ch {
+                        st.ready.entry(ch).or_default().insert(link, l);
+                    }
+                }
+            }
+            (Some(l), None) => {
+                if let Some(ch) = ch {
+                    st.ready.entry(ch).or_default().insert(link, l);
+                }
+            }
+            (None, Some(w)) => {
+                let _ = w.send(None);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// Close ready links that died, and drop empty channels.
+    fn sweep(&self) {
+        let mut st = self.lock();
+        for links in st.ready.values_mut() {
+            links.retain(|_, l| alive(&l.fd));
+        }
+        st.ready.retain(|_, l| !l.is_empty());
+    }
+
+    /// Ask for prewarmed links where fewer are ready or being made than configured. Only the
+    /// side with the smaller name asks, so a pair of prewarming nodes does not make twice as
+    /// many links.
+    fn prewarm(&self) {
+        let want = self.settings.prewarm_links;
+        for (peer, port) in &self.settings.prewarm {
+            if self.settings.me.name >= peer.name {
+                continue;
+            }
+            let ch: Channel = (peer.name.clone(), *port);
+            let have = {
+                let st = self.lock();
+                st.ready.get(&ch).map_or(0, BTreeMap::len) + st.building.values().filter(|c| **c == ch).count()
+            };
+            for _ in have..want {
+                let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+                self.send(Frame::LinkRequest { req, peer: peer.name.clone(), port: *port, prewarm: true });
+            }
+        }
+    }
+}
+
+/// Still connected, as far as the kernel knows: ESTABLISHED, or CLOSE_WAIT with data the
+/// function has yet to read (the peer sent its last bytes and closed before we handed out).
+fn alive(fd: &OwnedFd) -> bool {
+    let (state, unread) = crate::sock::state_and_unread(fd.as_raw_fd());
+    state == crate::sock::TCP_ESTABLISHED || (state == crate::sock::TCP_CLOSE_WAIT && unread > 0)
+}
+
+/// Run the agent until `cancel`: keep the control connection up, make links the rendezvous
+/// server asks for, keep prewarmed links ready.
+pub async fn run(agent: Arc<Agent>, cancel: CancellationToken) {
+    let s = &agent.settings;
+    info!(peer = %s.me, rendezvous = %s.rendezvous, virtual_range = %s.virtual_range, "peer links enabled");
+    loop {
+        let r = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = control(&agent, &cancel) => r,
+        };
+        agent.connected.store(false, Ordering::Relaxed);
+        *agent.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        // Requests waiting for an answer on the lost connection fail now (their senders drop).
+        agent.lock().requests.clear();
+        if let Err(e) = r {
+            warn!(error = %e, "rendezvous control connection lost; reconnecting");
+        }
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            () = tokio::time::sleep(defaults::RENDEZVOUS_RECONNECT) => {}
+        }
+    }
+}
+
+async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), String> {
+    let s = &agent.settings;
+    let mut conn = tokio::net::TcpStream::connect(s.rendezvous).await.map_err(|e| e.to_string())?;
+    let _ = conn.set_nodelay(true);
+    let observed = tokio::time::timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, link::handshake(&mut conn, &s.me, &s.keys, Purpose::Control, 0))
+        .await
+        .map_err(|_| "handshake timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    info!(observed = %observed, "registered with the rendezvous server");
+    let (mut rd, mut wr) = conn.into_split();
+    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+    *agent.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+    agent.connected.store(true, Ordering::Relaxed);
+    let writer = tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        while let Some(f) = rx.recv().await {
+            if wr.write_all(&f.encode()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let _writer = AbortOnDrop(writer);
+    agent.prewarm();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let frame = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            _ = tick.tick() => {
+                agent.sweep();
+                agent.prewarm();
+                continue;
+            }
+            f = read_half_frame(&mut rd) => f.map_err(|e| e.to_string())?,
+        };
+        match frame {
+            Frame::Assigned { req, link } => {
+                if let Some(tx) = agent.lock().requests.remove(&req) {
+                    let _ = tx.send(link);
+                }
+            }
+            Frame::LinkStart { link, peer, port } => {
+                let Ok(peer) = PeerName::parse(&format!("{}/{peer}", s.me.job)) else { continue };
+                agent.learn(&peer);
+                agent.lock().building.insert(link, (peer.name.clone(), port));
+                let agent = agent.clone();
+                tokio::spawn(async move {
+                    let cfg = &agent.settings;
+                    let r = tokio::time::timeout(cfg.link_timeout, link::make(cfg, link, &peer, &agent.metrics)).await;
+                    let made = match r {
+                        Ok(Ok(m)) => {
+                            let c = if m.path == LinkPath::Direct { &agent.metrics.direct } else { &agent.metrics.relayed };
+                            c.fetch_add(1, Ordering::Relaxed);
+                            agent.metrics.setup_us_sum.fetch_add(m.took.as_micros() as u64, Ordering::Relaxed);
+                            info!(link, peer = %peer, port, path = m.path.name(), took_us = m.took.as_micros() as u64, "peer link ready");
+                            Some(ReadyLink { link, fd: m.fd, path: m.path, since: Instant::now() })
+                        }
+                        Ok(Err(e)) => {
+                            agent.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                            warn!(link, peer = %peer, error = %e, "peer link failed");
+                            None
+                        }
+                        Err(_) => {
+                            agent.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                            warn!(link, peer = %peer, "peer link timed out");
+                            None
+                        }
+                    };
+                    agent.made(link, made);
+                });
+            }
+            Frame::Refused { reason } => return Err(format!("refused: {reason}")),
+            other => debug!(?other, "ignoring unexpected control frame"),
+        }
+    }
+}
+
+async fn read_half_frame(rd: &mut tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Frame> {
+    use tokio::io::AsyncReadExt;
+    let mut p = [0u8; 4];
+    rd.read_exact(&mut p).await?;
+    let n = wire::rdv::frame_len(p).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut body = vec![0u8; n];
+    rd.read_exact(&mut body).await?;
+    Frame::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,300 @@
+//! Making one end of one link: endpoint discovery on a link connection to the rendezvous
+//! server, TCP simultaneous open from the same local port, the relay when that fails, and
+//! the end-to-end proof before the link is usable.
+//!
+//! Every read here takes exactly the bytes of one frame or proof (`read_exact`, no buffered
+//! reader): the same byte stream becomes the function's the moment the proof is checked.
+
+use super::{mac, nonce, verify, Keys, PeerName};
+use crate::config::PeerSettings;
+use crate::defaults;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::time::timeout;
+use wire::rdv::{frame_len, Frame, Purpose, MAC_LEN, NONCE_LEN};
+
+/// How a link reaches the peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkPath {
+    /// A hole-punched TCP connection between the two hosts.
+    Direct,
+    /// Through the rendezvous server.
+    Relayed,
+}
+
+impl LinkPath {
+    /// `direct` or `relayed`.
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Relayed => "relayed",
+        }
+    }
+}
+
+/// Counters of link set-up.
+#[derive(Debug, Default)]
+pub struct LinkMetrics {
+    /// Links made, direct.
+    pub direct: AtomicU64,
+    /// Links made, relayed.
+    pub relayed: AtomicU64,
+    /// Links that could not be made.
+    pub failed: AtomicU64,
+    /// Simultaneous-open attempts.
+    pub punch_attempts: AtomicU64,
+    /// Punches that connected.
+    pub punch_ok: AtomicU64,
+    /// Sum of set-up times (from `LinkStart` to a proven link), µs.
+    pub setup_us_sum: AtomicU64,
+    /// Peer links handed to functions.
+    pub handouts: AtomicU64,
+}
+
+/// Why a link could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Talking to the rendezvous server failed.
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    /// The rendezvous server refused.
+    #[error("rendezvous refused: {0}")]
+    Refused(String),
+    /// No direct path and the relay is off or failed.
+    #[error("no path to the peer: {0}")]
+    NoPath(String),
+    /// The other end did not prove it belongs to the job.
+    #[error("peer failed authentication: {0}")]
+    Auth(String),
+}
+
+/// Write one frame.
+///
+/// # Errors
+/// I/O.
+pub async fn write_frame(s: &mut TcpStream, f: &Frame) -> std::io::Result<()> {
+    s.write_all(&f.encode()).await
+}
+
+/// Read exactly one frame.
+///
+/// # Errors
+/// I/O; malformed frames as `InvalidData`.
+pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
+    let mut p = [0u8; 4];
+    s.read_exact(&mut p).await?;
+    let n = frame_len(p).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    let mut body = vec![0u8; n];
+    s.read_exact(&mut body).await?;
+    Frame::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// The parts both sides MAC in the rendezvous handshake.
+#[must_use]
+pub fn hello_parts<'a>(job: &'a str, name: &'a str, purpose: &'a [u8; 1], link: &'a [u8; 8], nm: &'a [u8], nr: &'a [u8]) -> [&'a [u8]; 6] {
+    [job.as_bytes(), name.as_bytes(), purpose, link, nm, nr]
+}
+
+/// Authenticate to the rendezvous server on a fresh connection; returns the address it saw.
+///
+/// # Errors
+/// I/O, refusal, or a server that cannot prove it knows the key.
+pub async fn handshake(s: &mut TcpStream, me: &PeerName, keys: &Keys, purpose: Purpose, link: u64) -> Result<SocketAddr, LinkError> {
+    let io = |e: std::io::Error| LinkError::Rendezvous(e.to_string());
+    let nm: [u8; NONCE_LEN] = nonce();
+    let hello = Frame::Hello { job: me.job.clone(), name: me.name.clone(), purpose, link, nonce: nm };
+    write_frame(s, &hello).await.map_err(io)?;
+    let nr = match read_frame(s).await.map_err(io)? {
+        Frame::Challenge { nonce } => nonce,
+        Frame::Refused { reason } => return Err(LinkError::Refused(reason)),
+        other => return Err(LinkError::Rendezvous(format!("expected Challenge, got {other:?}"))),
+    };
+    let (p, l) = ([purpose as u8], link.to_le_bytes());
+    let parts = hello_parts(&me.job, &me.name, &p, &l, &nm, &nr);
+    let m = mac(&keys.rendezvous, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]]);
+    write_frame(s, &Frame::Auth { mac: m }).await.map_err(io)?;
+    match read_frame(s).await.map_err(io)? {
+        Frame::Welcome { observed, mac: mr } => {
+            let obs = observed.to_string();
+            if !verify(&keys.rendezvous, &[b"r", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], obs.as_bytes()], &mr) {
+                return Err(LinkError::Rendezvous("the server could not prove it knows the job key".into()));
+            }
+            Ok(observed)
+        }
+        Frame::Refused { reason } => Err(LinkError::Refused(reason)),
+        other => Err(LinkError::Rendezvous(format!("expected Welcome, got {other:?}"))),
+    }
+}
+
+/// A socket bound to `local` with address and port reuse, so that the link connection to the
+/// rendezvous server and the punch share one local port (and one NAT mapping).
+fn reusable_socket(local: SocketAddr) -> std::io::Result<TcpSocket> {
+    let s = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    s.set_reuseaddr(true)?;
+    s.set_reuseport(true)?;
+    s.bind(local)?;
+    Ok(s)
+}
+
+/// Connect to the rendezvous server from a fresh local port that can be reused for punching.
+///
+/// # Errors
+/// I/O.
+pub async fn connect_rendezvous(server: SocketAddr) -> std::io::Result<TcpStream> {
+    let any: SocketAddr = if server.is_ipv4() { "0.0.0.0:0".parse().expect("literal") } else { "[::]:0".parse().expect("literal") };
+    let s = reusable_socket(any)?;
+    let c = timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, s.connect(server))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect to the rendezvous server timed out"))??;
+    c.set_nodelay(true)?;
+    Ok(c)
+}
+
+/// Prove to each other that both ends hold the job's link key and agree on the link.
+async fn prove(s: &mut TcpStream, keys: &Keys, me: &PeerName, peer: &PeerName, link: u64) -> Result<(), LinkError> {
+    let io = |e: std::io::Error| LinkError::Auth(e.to_string());
+    let mine: [u8; NONCE_LEN] = nonce();
+    let me_s = me.to_string();
+    let mut hello = Vec::with_capacity(64);
+    hello.extend_from_slice(b"WPL1");
+    hello.extend_from_slice(&link.to_le_bytes());
+    hello.extend_from_slice(&mine);
+    hello.push(me_s.len() as u8);
+    hello.extend_from_slice(me_s.as_bytes());
+    s.write_all(&hello).await.map_err(io)?;
+    let mut head = [0u8; 4 + 8 + NONCE_LEN + 1];
+    s.read_exact(&mut head).await.map_err(io)?;
+    if &head[..4] != b"WPL1" {
+        return Err(LinkError::Auth("not a warmpool link".into()));
+    }
+    let their_link = u64::from_le_bytes(head[4..12].try_into().expect("8 bytes"));
+    let theirs = &head[12..12 + NONCE_LEN];
+    let mut name = vec![0u8; head[28] as usize];
+    s.read_exact(&mut name).await.map_err(io)?;
+    let peer_s = peer.to_string();
+    if their_link != link || name != peer_s.as_bytes() {
+        return Err(LinkError::Auth(format!("expected {peer_s} on link {link}, got {} on link {their_link}", String::from_utf8_lossy(&name))));
+    }
+    let l = link.to_le_bytes();
+    let tag = mac(&keys.link, &[b"link", &l, me_s.as_bytes(), peer_s.as_bytes(), &mine, theirs]);
+    s.write_all(&tag).await.map_err(io)?;
+    let mut got = [0u8; MAC_LEN];
+    s.read_exact(&mut got).await.map_err(io)?;
+    if !verify(&keys.link, &[b"link", &l, peer_s.as_bytes(), me_s.as_bytes(), theirs, &mine], &got) {
+        return Err(LinkError::Auth(format!("{peer_s} does not hold the job secret")));
+    }
+    Ok(())
+}
+
+/// Keepalive on a link: holds NAT mappings open and finds dead peers.
+fn keepalive(fd: &impl AsRawFd) {
+    let idle = defaults::PEER_KEEPALIVE_IDLE.as_secs() as libc::c_int;
+    for (level, opt, v) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 5),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3),
+    ] {
+        // SAFETY: setsockopt with an int option on a socket we own.
+        unsafe {
+            libc::setsockopt(fd.as_raw_fd(), level, opt, (&v as *const libc::c_int).cast(), std::mem::size_of::<libc::c_int>() as libc::socklen_t)
+        };
+    }
+}
+
+/// One made link.
+#[derive(Debug)]
+pub struct Made {
+    /// The daemon's reference to the link socket (non-blocking).
+    pub fd: OwnedFd,
+    /// Direct or relayed.
+    pub path: LinkPath,
+    /// Time from the start of set-up to a proven link.
+    pub took: Duration,
+}
+
+/// Try TCP simultaneous open from `local` to `peer` until `deadline`.
+async fn punch(local: SocketAddr, peer: SocketAddr, deadline: tokio::time::Instant, attempts: &AtomicU64) -> Option<TcpStream> {
+    let per_try = (deadline - tokio::time::Instant::now()) / 3;
+    loop {
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return None;
+        }
+        attempts.fetch_add(1, Ordering::Relaxed);
+        let s = reusable_socket(local).ok()?;
+        let until = (now + per_try.max(Duration::from_millis(50))).min(deadline);
+        match tokio::time::timeout_at(until, s.connect(peer)).await {
+            Ok(Ok(c)) => return Some(c),
+            // Refused (the peer's SYN had not left yet and its host answered ours) or
+            // another transient error: try again shortly.
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+            Err(_timeout) => {}
+        }
+    }
+}
+
+/// Make this side's end of `link` to `peer`.
+///
+/// # Errors
+/// See [`LinkError`].
+pub async fn make(cfg: &PeerSettings, link: u64, peer: &PeerName, m: &LinkMetrics) -> Result<Made, LinkError> {
+    let started = Instant::now();
+    let step = defaults::RENDEZVOUS_STEP_TIMEOUT;
+    let rdv_io = |e: std::io::Error| LinkError::Rendezvous(e.to_string());
+    let mut rdv = connect_rendezvous(cfg.rendezvous).await.map_err(rdv_io)?;
+    let local = rdv.local_addr().map_err(rdv_io)?;
+    timeout(step, handshake(&mut rdv, &cfg.me, &cfg.keys, Purpose::Link, link))
+        .await
+        .map_err(|_| LinkError::Rendezvous("handshake timed out".into()))??;
+    // Ping/Pong until the server sends the punch order (it waits for the other end).
+    let (peer_ep, delay) = loop {
+        match timeout(cfg.link_timeout, read_frame(&mut rdv)).await.map_err(|_| LinkError::Rendezvous("no punch order".into()))?.map_err(rdv_io)? {
+            Frame::Ping { token } => write_frame(&mut rdv, &Frame::Pong { token }).await.map_err(rdv_io)?,
+            Frame::Punch { peer, delay_us } => break (peer, Duration::from_micros(u64::from(delay_us))),
+            Frame::Refused { reason } => return Err(LinkError::Refused(reason)),
+            other => return Err(LinkError::Rendezvous(format!("unexpected {other:?}"))),
+        }
+    };
+    tokio::time::sleep(delay).await;
+    let deadline = tokio::time::Instant::now() + cfg.punch_timeout;
+    if let Some(mut direct) = punch(local, peer_ep, deadline, &m.punch_attempts).await {
+        m.punch_ok.fetch_add(1, Ordering::Relaxed);
+        match timeout(step, prove(&mut direct, &cfg.keys, &cfg.me, peer, link)).await {
+            Ok(Ok(())) => {
+                let _ = write_frame(&mut rdv, &Frame::Verdict { relay: false }).await;
+                return finish(direct, LinkPath::Direct, started);
+            }
+            Ok(Err(e @ LinkError::Auth(_))) => {
+                tracing::warn!(link, peer = %peer, error = %e, "direct link failed the end-to-end proof");
+            }
+            _ => {}
+        }
+    }
+    if !cfg.relay {
+        let _ = write_frame(&mut rdv, &Frame::Verdict { relay: false }).await;
+        return Err(LinkError::NoPath("hole punching failed and the relay is off".into()));
+    }
+    write_frame(&mut rdv, &Frame::Verdict { relay: true }).await.map_err(rdv_io)?;
+    match timeout(step, read_frame(&mut rdv)).await {
+        Ok(Ok(Frame::Relaying)) => {}
+        Ok(Ok(Frame::Refused { reason })) => return Err(LinkError::NoPath(reason)),
+        Ok(Ok(other)) => return Err(LinkError::Rendezvous(format!("expected Relaying, got {other:?}"))),
+        Ok(Err(e)) => return Err(rdv_io(e)),
+        Err(_) => return Err(LinkError::NoPath("the relay did not start".into())),
+    }
+    timeout(step, prove(&mut rdv, &cfg.keys, &cfg.me, peer, link)).await.map_err(|_| LinkError::Auth("proof timed out".into()))??;
+    finish(rdv, LinkPath::Relayed, started)
+}
+
+fn finish(s: TcpStream, path: LinkPath, started: Instant) -> Result<Made, LinkError> {
+    let std = s.into_std().map_err(|e| LinkError::Rendezvous(e.to_string()))?;
+    let fd = OwnedFd::from(std);
+    keepalive(&fd);
+    Ok(Made { fd, path, took: started.elapsed() })
+}

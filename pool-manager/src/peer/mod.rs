@@ -1,0 +1,259 @@
+//! Peer links: direct TCP connections between functions on different (NATed) hosts, made by
+//! hole punching through a rendezvous server, relayed through it when no direct path
+//! exists, authenticated end to end, and held in the pool like any other socket.
+//!
+//! How the pieces fit:
+//!
+//! ```text
+//!  node A: pool-manager serve (peer job/a)        public: pool-manager rendezvous
+//!    control connection ──────── Hello/Auth ──────►  members {job/a, job/b}
+//!    LinkRequest{b, port} ──────────────────────────► pairs requests, LinkStart to both
+//!    link connection from local port Lx ──────────► observes A's public endpoint, RTT
+//!          ◄── Punch{B's endpoint, delay} ─────────  (B gets the mirror image)
+//!    connect(Lx → B's endpoint) ═══ TCP simultaneous open ═══ connect(Ly → A's endpoint)
+//!    end-to-end proof on the new link (job secret), then hand-out over SCM_RIGHTS
+//!    (or, if no SYN got through: Verdict{relay} and the link connection *is* the link)
+//! ```
+//!
+//! A function asks by `connect()`ing to the peer's virtual address ([`VirtualRange`]) or by
+//! `warmpool_connect_peer("job/b")` in the preload library; both ends of a link ask for the
+//! same channel (the port). Submodules: [`agent`] (the daemon side), [`link`] (making one
+//! link), [`rendezvous`] (the server).
+
+pub mod agent;
+pub mod link;
+pub mod rendezvous;
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::path::Path;
+
+/// `JOB/NAME`: a function's identity among its job's peers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerName {
+    /// The job (the authentication domain: one secret per job).
+    pub job: String,
+    /// The function's name within the job.
+    pub name: String,
+}
+
+/// Longest job or name part.
+pub const MAX_PART: usize = 64;
+
+fn valid_part(s: &str) -> bool {
+    !s.is_empty() && s.len() <= MAX_PART && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
+impl PeerName {
+    /// Parse `JOB/NAME` (each part 1..=64 of `[A-Za-z0-9._-]`).
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (job, name) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected JOB/NAME"))?;
+        if !valid_part(job) || !valid_part(name) {
+            return Err(format!("{s:?}: JOB and NAME must each be 1-{MAX_PART} characters of A-Z a-z 0-9 . _ -"));
+        }
+        Ok(Self { job: job.into(), name: name.into() })
+    }
+
+    /// Parse `JOB/NAME[:PORT]` (the port is the channel; 0 when absent).
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse_with_port(s: &str) -> Result<(Self, u16), String> {
+        match s.rsplit_once(':') {
+            Some((n, p)) => Ok((Self::parse(n)?, p.parse().map_err(|_| format!("{s:?}: {p:?} is not a port"))?)),
+            None => Ok((Self::parse(s)?, 0)),
+        }
+    }
+}
+
+impl fmt::Display for PeerName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.job, self.name)
+    }
+}
+
+/// A 32-byte key.
+pub type Key = [u8; 32];
+
+/// The keys derived from a job secret. The rendezvous server gets only [`Keys::rendezvous`],
+/// so it can authenticate members but cannot forge the end-to-end proof on a link.
+#[derive(Clone)]
+pub struct Keys {
+    /// Authenticates managers to the rendezvous server and back.
+    pub rendezvous: Key,
+    /// Authenticates the two ends of a link to each other.
+    pub link: Key,
+}
+
+impl fmt::Debug for Keys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Keys(<redacted>)")
+    }
+}
+
+impl Keys {
+    /// Derive from the job secret.
+    #[must_use]
+    pub fn derive(secret: &[u8]) -> Self {
+        Self { rendezvous: mac(secret, &[b"warmpool rendezvous v1"]), link: mac(secret, &[b"warmpool link v1"]) }
+    }
+}
+
+/// Read a secret file: at least 16 bytes once surrounding whitespace is removed.
+///
+/// # Errors
+/// Unreadable or too short.
+pub fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("reading secret {}: {e}", path.display()))?;
+    let s = raw.trim_ascii().to_vec();
+    if s.len() < 16 {
+        return Err(format!("secret {} is shorter than 16 bytes", path.display()));
+    }
+    Ok(s)
+}
+
+/// `HMAC-SHA256(key, len-prefixed parts...)`: length prefixes make the concatenation
+/// unambiguous.
+#[must_use]
+pub fn mac(key: &[u8], parts: &[&[u8]]) -> Key {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(&(p.len() as u32).to_le_bytes());
+        m.update(p);
+    }
+    m.finalize().into_bytes().into()
+}
+
+/// Constant-time check of a MAC.
+#[must_use]
+pub fn verify(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
+    for p in parts {
+        m.update(&(p.len() as u32).to_le_bytes());
+        m.update(p);
+    }
+    m.verify_slice(tag).is_ok()
+}
+
+/// Fresh random bytes from the kernel.
+#[must_use]
+pub fn nonce<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let mut filled = 0;
+    while filled < N {
+        // SAFETY: getrandom writes at most N - filled bytes into our buffer.
+        let r = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), N - filled, 0) };
+        if r > 0 {
+            filled += r as usize;
+        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            panic!("getrandom failed: {}", std::io::Error::last_os_error());
+        }
+    }
+    b
+}
+
+/// The IPv4 range whose addresses stand for peers: `connect()` to one of them asks for a link
+/// to the peer it names. Every node computes the same address for a name (a hash), so
+/// functions can be given addresses without asking a daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtualRange {
+    base: u32,
+    prefix: u8,
+}
+
+impl Default for VirtualRange {
+    fn default() -> Self {
+        Self::parse(crate::defaults::PEER_VIRTUAL_RANGE).expect("valid default")
+    }
+}
+
+impl VirtualRange {
+    /// Parse `A.B.C.D/N` with 8 <= N <= 30.
+    ///
+    /// # Errors
+    /// A message saying what is wrong.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (a, n) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected A.B.C.D/N"))?;
+        let a: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
+        let prefix: u8 = n.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| format!("{s:?}: prefix length must be 8-30"))?;
+        let mask = u32::MAX << (32 - prefix);
+        Ok(Self { base: u32::from(a) & mask, prefix })
+    }
+
+    /// Whether `ip` is in the range.
+    #[must_use]
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - self.prefix);
+        u32::from(ip) & mask == self.base
+    }
+
+    /// The address standing for `peer` (never the network or broadcast address).
+    #[must_use]
+    pub fn addr_of(&self, peer: &PeerName) -> Ipv4Addr {
+        let hosts = (1u64 << (32 - self.prefix)) - 2;
+        // FNV-1a, 64 bit: stable across versions and machines.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in peer.to_string().bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Ipv4Addr::from(self.base + 1 + (h % hosts) as u32)
+    }
+}
+
+impl fmt::Display for VirtualRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", Ipv4Addr::from(self.base), self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        let p = PeerName::parse("shuffle-1/mapper.3").unwrap();
+        assert_eq!(p.to_string(), "shuffle-1/mapper.3");
+        assert_eq!(PeerName::parse_with_port("j/r:7000").unwrap(), (PeerName::parse("j/r").unwrap(), 7000));
+        assert_eq!(PeerName::parse_with_port("j/r").unwrap().1, 0);
+        for bad in ["", "j", "/n", "j/", "j/n/x", "j/n m", &format!("j/{}", "x".repeat(65))] {
+            assert!(PeerName::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(PeerName::parse_with_port("j/r:99999").is_err());
+    }
+
+    #[test]
+    fn virtual_addresses_are_stable_and_in_range() {
+        let r = VirtualRange::parse("198.19.192.0/18").unwrap();
+        let a = r.addr_of(&PeerName::parse("job/a").unwrap());
+        assert!(r.contains(a));
+        assert_eq!(a, r.addr_of(&PeerName::parse("job/a").unwrap()));
+        assert_ne!(a, r.addr_of(&PeerName::parse("job/b").unwrap()));
+        assert!(!r.contains("198.19.1.2".parse().unwrap()));
+        let tiny = VirtualRange::parse("198.18.7.4/30").unwrap();
+        for i in 0..100 {
+            let v = tiny.addr_of(&PeerName::parse(&format!("j/n{i}")).unwrap());
+            assert!(v == Ipv4Addr::new(198, 18, 7, 5) || v == Ipv4Addr::new(198, 18, 7, 6), "{v}");
+        }
+        assert!(VirtualRange::parse("198.19.0.0/31").is_err());
+        assert!(VirtualRange::parse("nope/8").is_err());
+    }
+
+    #[test]
+    fn keys_and_macs() {
+        let k = Keys::derive(b"0123456789abcdef");
+        assert_ne!(k.rendezvous, k.link);
+        let t = mac(&k.link, &[b"a", b"bc"]);
+        assert!(verify(&k.link, &[b"a", b"bc"], &t));
+        assert!(!verify(&k.link, &[b"ab", b"c"], &t), "length prefixes keep parts apart");
+        assert!(!verify(&k.rendezvous, &[b"a", b"bc"], &t));
+        assert_eq!(format!("{k:?}"), "Keys(<redacted>)");
+        assert_ne!(nonce::<16>(), nonce::<16>());
+    }
+}

@@ -1,0 +1,409 @@
+//! `pool-manager rendezvous`: the public coordination server for peer links.
+//!
+//! It authenticates members (per-job key, challenge–response both ways), tells each the
+//! address it sees (the NAT's mapping), pairs link requests, times the punch so both SYNs
+//! leave together (each side's start is delayed by half the difference of the two RTTs, as
+//! libp2p's DCUtR does), and, when both ends report that punching failed, splices their link
+//! connections. It holds no job secret, only the derived rendezvous key, and it carries no
+//! bytes for a direct link.
+
+use super::link::{read_frame, write_frame};
+use super::{mac, nonce, verify, Key};
+use crate::defaults;
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wire::rdv::{Frame, Purpose, NONCE_LEN};
+
+/// Counters.
+#[derive(Debug, Default)]
+pub struct RdvMetrics {
+    /// Links started (LinkStart sent to both ends).
+    pub links_started: AtomicU64,
+    /// Links whose ends reported a direct connection.
+    pub links_direct: AtomicU64,
+    /// Links spliced through this server.
+    pub links_relayed: AtomicU64,
+    /// Bytes carried for relayed links (both directions).
+    pub relay_bytes: AtomicU64,
+    /// Connections that failed authentication.
+    pub auth_failures: AtomicU64,
+}
+
+struct Member {
+    id: u64,
+    tx: mpsc::UnboundedSender<Frame>,
+}
+
+struct Side {
+    observed: SocketAddr,
+    rtt: Duration,
+    punch: Option<oneshot::Sender<Frame>>,
+}
+
+struct LinkRec {
+    job: String,
+    ends: [String; 2],
+    created: Instant,
+    sides: [Option<Side>; 2],
+    punched: bool,
+    direct_counted: bool,
+    parked: Option<(usize, TcpStream)>,
+}
+
+type PairKey = (String, String, String, u16);
+
+#[derive(Default)]
+struct State {
+    members: HashMap<(String, String), Member>,
+    links: HashMap<u64, LinkRec>,
+    pending: HashMap<PairKey, VecDeque<(u64, String)>>,
+}
+
+/// The rendezvous server.
+pub struct Server {
+    jobs: HashMap<String, Key>,
+    state: Mutex<State>,
+    /// Counters.
+    pub metrics: RdvMetrics,
+    next_link: AtomicU64,
+    next_member: AtomicU64,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("jobs", &self.jobs.len()).finish_non_exhaustive()
+    }
+}
+
+fn pair_key(job: &str, a: &str, b: &str, port: u16) -> PairKey {
+    let (lo, hi) = if a <= b { (a, b) } else { (b, a) };
+    (job.into(), lo.into(), hi.into(), port)
+}
+
+impl Server {
+    /// A server for these jobs (job → rendezvous key).
+    #[must_use]
+    pub fn new(jobs: HashMap<String, Key>) -> Self {
+        // Link ids start from the clock so that a restarted server does not reuse the ids
+        // of links that managers still hold.
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
+        Self { jobs, state: Mutex::new(State::default()), metrics: RdvMetrics::default(), next_link: AtomicU64::new(t), next_member: AtomicU64::new(1) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Members currently registered.
+    #[must_use]
+    pub fn members(&self) -> usize {
+        self.lock().members.len()
+    }
+
+    /// Prometheus text.
+    #[must_use]
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let mut o = String::new();
+        let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        for (name, help, kind, v) in [
+            ("warmpool_rendezvous_members", "Pool managers registered.", "gauge", self.members() as u64),
+            ("warmpool_rendezvous_links_started_total", "Links started.", "counter", c(&m.links_started)),
+            ("warmpool_rendezvous_links_direct_total", "Links reported direct (hole punched).", "counter", c(&m.links_direct)),
+            ("warmpool_rendezvous_links_relayed_total", "Links relayed through this server.", "counter", c(&m.links_relayed)),
+            ("warmpool_rendezvous_relay_bytes_total", "Bytes relayed, both directions.", "counter", c(&m.relay_bytes)),
+            ("warmpool_rendezvous_auth_failures_total", "Connections that failed authentication.", "counter", c(&m.auth_failures)),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        }
+        o
+    }
+
+    /// Serve on `listener` until `cancel`.
+    pub async fn run(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken) {
+        let gc = {
+            let s = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                let mut t = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        _ = t.tick() => s.gc(),
+                    }
+                }
+            })
+        };
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let (stream, addr) = tokio::select! {
+                () = cancel.cancelled() => break,
+                a = listener.accept() => match a {
+                    Ok(a) => a,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let s = self.clone();
+            let cancel = cancel.clone();
+            conns.spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    r = s.connection(stream, addr) => if let Err(e) = r {
+                        debug!(peer = %addr, error = %e, "rendezvous connection ended");
+                    },
+                }
+            });
+            while conns.try_join_next().is_some() {}
+        }
+        gc.abort();
+        conns.shutdown().await;
+    }
+
+    fn gc(&self) {
+        let mut st = self.lock();
+        st.links.retain(|_, l| l.created.elapsed() < defaults::RENDEZVOUS_LINK_TTL);
+        let State { links, pending, .. } = &mut *st;
+        for q in pending.values_mut() {
+            q.retain(|(id, _)| links.contains_key(id));
+        }
+        pending.retain(|_, q| !q.is_empty());
+    }
+
+    async fn connection(self: Arc<Self>, mut s: TcpStream, observed: SocketAddr) -> Result<(), String> {
+        let _ = s.set_nodelay(true);
+        let step = defaults::RENDEZVOUS_STEP_TIMEOUT;
+        let io = |e: std::io::Error| e.to_string();
+        let hello = timeout(step, read_frame(&mut s)).await.map_err(|_| "no hello".to_string())?.map_err(io)?;
+        let Frame::Hello { job, name, purpose, link, nonce: nm } = hello else {
+            return Err("expected Hello".into());
+        };
+        let nr: [u8; NONCE_LEN] = nonce();
+        write_frame(&mut s, &Frame::Challenge { nonce: nr }).await.map_err(io)?;
+        let auth = timeout(step, read_frame(&mut s)).await.map_err(|_| "no auth".to_string())?.map_err(io)?;
+        let (p, l) = ([purpose as u8], link.to_le_bytes());
+        let parts: [&[u8]; 6] = [job.as_bytes(), name.as_bytes(), &p, &l, &nm, &nr];
+        let key = self.jobs.get(&job);
+        let ok = match (&auth, key) {
+            (Frame::Auth { mac: m }, Some(k)) => {
+                verify(k, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]], m) && super::PeerName::parse(&format!("{job}/{name}")).is_ok()
+            }
+            _ => false,
+        };
+        let Some(k) = key.filter(|_| ok) else {
+            // The same answer for an unknown job and a wrong key: nobody learns which jobs exist.
+            self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            warn!(peer = %observed, "rendezvous authentication failed");
+            let _ = write_frame(&mut s, &Frame::Refused { reason: "authentication failed".into() }).await;
+            return Err("authentication failed".into());
+        };
+        let obs = observed.to_string();
+        let mr = mac(k, &[b"r", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], obs.as_bytes()]);
+        write_frame(&mut s, &Frame::Welcome { observed, mac: mr }).await.map_err(io)?;
+        match purpose {
+            Purpose::Control => self.control(s, job, name, observed).await,
+            Purpose::Link => self.link_end(s, job, name, link, observed).await,
+        }
+    }
+
+    async fn control(self: Arc<Self>, s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), String> {
+        let (mut rd, mut wr) = s.into_split();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
+        let id = self.next_member.fetch_add(1, Ordering::Relaxed);
+        // A newer registration of the same name replaces the older one (a restarted manager).
+        self.lock().members.insert((job.clone(), name.clone()), Member { id, tx: tx.clone() });
+        info!(job = %job, name = %name, observed = %observed, "member registered");
+        let writer = tokio::spawn(async move {
+            while let Some(f) = rx.recv().await {
+                if wr.write_all(&f.encode()).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let r = async {
+            loop {
+                let mut p = [0u8; 4];
+                rd.read_exact(&mut p).await.map_err(|e| e.to_string())?;
+                let n = wire::rdv::frame_len(p).map_err(|e| e.to_string())?;
+                let mut body = vec![0u8; n];
+                rd.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+                match Frame::decode(&body).map_err(|e| e.to_string())? {
+                    Frame::LinkRequest { req, peer, port, prewarm } => self.link_request(&job, &name, &tx, req, &peer, port, prewarm),
+                    Frame::Claimed { link } => self.claimed(&job, &name, link),
+                    other => return Err(format!("unexpected {other:?} on a control connection")),
+                }
+            }
+        }
+        .await;
+        writer.abort();
+        let mut st = self.lock();
+        if st.members.get(&(job.clone(), name.clone())).is_some_and(|m| m.id == id) {
+            st.members.remove(&(job.clone(), name.clone()));
+            info!(job = %job, name = %name, "member left");
+        }
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn link_request(&self, job: &str, me: &str, tx: &mpsc::UnboundedSender<Frame>, req: u32, peer: &str, port: u16, prewarm: bool) {
+        let mut st = self.lock();
+        let Some(other) = st.members.get(&(job.to_owned(), peer.to_owned())).map(|m| m.tx.clone()).filter(|_| peer != me) else {
+            let _ = tx.send(Frame::Assigned { req, link: 0 });
+            return;
+        };
+        let key = pair_key(job, me, peer, port);
+        if !prewarm {
+            if let Some(q) = st.pending.get_mut(&key) {
+                if let Some(i) = q.iter().position(|(_, by)| by == peer) {
+                    let (link, _) = q.remove(i).expect("index from position");
+                    let _ = tx.send(Frame::Assigned { req, link });
+                    return;
+                }
+            }
+        }
+        let link = self.next_link.fetch_add(1, Ordering::Relaxed);
+        st.links.insert(
+            link,
+            LinkRec {
+                job: job.into(),
+                ends: [me.into(), peer.into()],
+                created: Instant::now(),
+                sides: [None, None],
+                punched: false,
+                direct_counted: false,
+                parked: None,
+            },
+        );
+        if !prewarm {
+            st.pending.entry(key).or_default().push_back((link, me.into()));
+        }
+        self.metrics.links_started.fetch_add(1, Ordering::Relaxed);
+        let _ = tx.send(Frame::LinkStart { link, peer: peer.into(), port });
+        let _ = other.send(Frame::LinkStart { link, peer: me.into(), port });
+        let _ = tx.send(Frame::Assigned { req, link });
+    }
+
+    fn claimed(&self, job: &str, me: &str, link: u64) {
+        let mut st = self.lock();
+        for (key, q) in &mut st.pending {
+            if key.0 == job && (key.1 == me || key.2 == me) {
+                q.retain(|(id, by)| !(*id == link && by != me));
+            }
+        }
+    }
+
+    async fn link_end(self: Arc<Self>, mut s: TcpStream, job: String, name: String, link: u64, observed: SocketAddr) -> Result<(), String> {
+        let io = |e: std::io::Error| e.to_string();
+        let side = {
+            let st = self.lock();
+            st.links.get(&link).filter(|l| l.job == job).and_then(|l| l.ends.iter().position(|e| *e == name))
+        };
+        let Some(side) = side else {
+            let _ = write_frame(&mut s, &Frame::Refused { reason: format!("no link {link} for {job}/{name}") }).await;
+            return Err("unknown link".into());
+        };
+        let step = defaults::RENDEZVOUS_STEP_TIMEOUT;
+        let t0 = Instant::now();
+        let token = u64::from_le_bytes(nonce());
+        write_frame(&mut s, &Frame::Ping { token }).await.map_err(io)?;
+        match timeout(step, read_frame(&mut s)).await {
+            Ok(Ok(Frame::Pong { token: t })) if t == token => {}
+            _ => return Err("no pong".into()),
+        }
+        let rtt = t0.elapsed();
+        let (ptx, prx) = oneshot::channel();
+        {
+            let mut st = self.lock();
+            let Some(rec) = st.links.get_mut(&link) else { return Err("link expired".into()) };
+            rec.sides[side] = Some(Side { observed, rtt, punch: Some(ptx) });
+            if let (Some(a), Some(b)) = (&rec.sides[0], &rec.sides[1]) {
+                if !rec.punched {
+                    rec.punched = true;
+                    // Send both orders now; the nearer side waits half the RTT difference so
+                    // that both SYNs leave at about the same moment.
+                    let far = a.rtt.max(b.rtt);
+                    let orders = [
+                        Frame::Punch { peer: b.observed, delay_us: ((far - a.rtt) / 2).as_micros() as u32 },
+                        Frame::Punch { peer: a.observed, delay_us: ((far - b.rtt) / 2).as_micros() as u32 },
+                    ];
+                    for (i, order) in orders.into_iter().enumerate() {
+                        if let Some(tx) = rec.sides[i].as_mut().and_then(|s| s.punch.take()) {
+                            let _ = tx.send(order);
+                        }
+                    }
+                }
+            }
+        }
+        let order = timeout(defaults::RENDEZVOUS_LINK_TTL, prx).await.map_err(|_| "the other end never came".to_string())?.map_err(|_| "link dropped".to_string())?;
+        write_frame(&mut s, &order).await.map_err(io)?;
+        let verdict = timeout(defaults::RENDEZVOUS_LINK_TTL, read_frame(&mut s)).await.map_err(|_| "no verdict".to_string())?.map_err(io)?;
+        let Frame::Verdict { relay } = verdict else { return Err("expected Verdict".into()) };
+        if !relay {
+            let mut st = self.lock();
+            if let Some(rec) = st.links.get_mut(&link) {
+                if !rec.direct_counted {
+                    rec.direct_counted = true;
+                    self.metrics.links_direct.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Ok(());
+        }
+        let other = {
+            let mut st = self.lock();
+            let Some(rec) = st.links.get_mut(&link) else { return Err("link expired".into()) };
+            match rec.parked.take() {
+                Some((i, other)) if i != side => {
+                    st.links.remove(&link);
+                    other
+                }
+                _ => {
+                    // First to ask: park until the other end asks too (or the link expires).
+                    rec.parked = Some((side, s));
+                    return Ok(());
+                }
+            }
+        };
+        self.metrics.links_relayed.fetch_add(1, Ordering::Relaxed);
+        info!(link, job = %job, "relaying");
+        splice(s, other, &self.metrics.relay_bytes).await;
+        Ok(())
+    }
+}
+
+/// Tell both ends the relay starts, then copy both ways until both are done.
+async fn splice(mut a: TcpStream, mut b: TcpStream, bytes: &AtomicU64) {
+    if write_frame(&mut a, &Frame::Relaying).await.is_err() || write_frame(&mut b, &Frame::Relaying).await.is_err() {
+        return;
+    }
+    let (ar, aw) = a.into_split();
+    let (br, bw) = b.into_split();
+    tokio::join!(pump(ar, bw, bytes), pump(br, aw, bytes));
+}
+
+async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp::OwnedWriteHalf, bytes: &AtomicU64) {
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+        bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+    let _ = to.shutdown().await;
+}
