@@ -58,6 +58,15 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
             let _ = writeln!(out, "{d}\t{uid}\t{n}");
         }
     }
+    if let Some(agent) = &shared.peer {
+        let s = &agent.settings;
+        let state = if agent.connected() { "connected" } else { "not connected" };
+        let _ = writeln!(out, "\nPEER {} (rendezvous {}, {state})\tPORT\tADDR\tREADY_DIRECT\tREADY_RELAYED\tBUILDING", s.me, s.rendezvous);
+        for c in agent.status() {
+            let addr = s.virtual_range.addr_of(&crate::peer::PeerName { job: s.me.job.clone(), name: c.peer.clone() });
+            let _ = writeln!(out, "{}/{}\t{}\t{addr}\t{}\t{}\t{}", s.me.job, c.peer, c.port, c.ready.0, c.ready.1, c.building);
+        }
+    }
     out
 }
 
