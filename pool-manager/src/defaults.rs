@@ -81,3 +81,8 @@ pub const RENDEZVOUS_RECONNECT: Duration = Duration::from_millis(500);
 pub const PEER_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 /// The rendezvous server forgets an unfinished link after this long.
 pub const RENDEZVOUS_LINK_TTL: Duration = Duration::from_secs(30);
+/// Spare link connections a manager keeps at the rendezvous server (authenticated, endpoint
+/// and RTT known), so that a new link costs no connection set-up there.
+pub const SPARE_LINK_CONNECTIONS: usize = 2;
+/// The rendezvous server accepts at most this many spares per member.
+pub const MAX_SPARES: usize = 16;

@@ -22,6 +22,9 @@
 //! local port the manager will punch from) carries `Ping`/`Pong` (RTT), `Punch` (the peer's
 //! observed endpoint and a start delay so both ends start together), `Verdict`, and, when
 //! both ends ask for the relay, `Relaying`, after which it is a raw byte stream to the peer.
+//! A *spare* link connection (`Hello` with link 0) is made ahead of demand: it is
+//! authenticated, its endpoint and RTT are known, and it waits for a `Punch` that names its
+//! link, which saves a new connection, a handshake and an RTT probe when a link is needed.
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -94,7 +97,8 @@ pub enum Frame {
         /// Link id (0: refused, see `Refused`).
         link: u64,
     },
-    /// Rendezvous → manager (control): make your end of `link` to `peer`.
+    /// Rendezvous → manager (control): make your end of `link` to `peer`; with `spare`,
+    /// one of your spare link connections already got the punch order, only note the link.
     LinkStart {
         /// Link id.
         link: u64,
@@ -102,6 +106,8 @@ pub enum Frame {
         peer: String,
         /// Channel.
         port: u16,
+        /// Handled by a spare link connection.
+        spare: bool,
     },
     /// Manager → rendezvous (control): a function here took `link` from the pool.
     Claimed {
@@ -119,12 +125,19 @@ pub enum Frame {
         token: u64,
     },
     /// Rendezvous → manager (link): connect to `peer` from this connection's local port
-    /// after `delay_us`.
+    /// after `delay_us`. Names the link, so that a spare link connection (a `Hello` with
+    /// link 0, made ahead of demand) learns what it is for.
     Punch {
         /// The peer's observed endpoint.
         peer: SocketAddr,
         /// Wait this long first, so both ends start together.
         delay_us: u32,
+        /// Link id.
+        link: u64,
+        /// Peer name within the job.
+        name: String,
+        /// Channel.
+        port: u16,
     },
     /// Manager → rendezvous (link): `relay = false`: the direct link works, forget this
     /// connection; `true`: splice me to the peer.
@@ -327,16 +340,20 @@ impl Frame {
                 o.u32(*req);
                 o.u64(*link);
             }
-            Self::LinkStart { link, peer, port } => {
+            Self::LinkStart { link, peer, port, spare } => {
                 o.u64(*link);
                 o.str(peer);
                 o.u16(*port);
+                o.u8(u8::from(*spare));
             }
             Self::Claimed { link } => o.u64(*link),
             Self::Ping { token } | Self::Pong { token } => o.u64(*token),
-            Self::Punch { peer, delay_us } => {
+            Self::Punch { peer, delay_us, link, name, port } => {
                 o.addr(*peer);
                 o.u32(*delay_us);
+                o.u64(*link);
+                o.str(name);
+                o.u16(*port);
             }
             Self::Verdict { relay } => o.u8(u8::from(*relay)),
             Self::Relaying => {}
@@ -376,9 +393,9 @@ impl Frame {
             0x81 => Self::Challenge { nonce: i.array()? },
             0x82 => Self::Welcome { observed: i.addr()?, mac: i.array()? },
             0x83 => Self::Assigned { req: i.u32()?, link: i.u64()? },
-            0x84 => Self::LinkStart { link: i.u64()?, peer: i.str()?, port: i.u16()? },
+            0x84 => Self::LinkStart { link: i.u64()?, peer: i.str()?, port: i.u16()?, spare: i.bool()? },
             0x85 => Self::Ping { token: i.u64()? },
-            0x86 => Self::Punch { peer: i.addr()?, delay_us: i.u32()? },
+            0x86 => Self::Punch { peer: i.addr()?, delay_us: i.u32()?, link: i.u64()?, name: i.str()?, port: i.u16()? },
             0x87 => Self::Relaying,
             0x8f => Self::Refused { reason: i.str()? },
             t => return Err(FrameError::UnknownType(t)),
@@ -419,11 +436,11 @@ mod tests {
             Frame::Welcome { observed: v6, mac: [3; 32] },
             Frame::LinkRequest { req: 5, peer: "reducer-1".into(), port: 7000, prewarm: true },
             Frame::Assigned { req: 5, link: 77 },
-            Frame::LinkStart { link: 77, peer: "mapper-1".into(), port: 7000 },
+            Frame::LinkStart { link: 77, peer: "mapper-1".into(), port: 7000, spare: true },
             Frame::Claimed { link: 77 },
             Frame::Ping { token: 42 },
             Frame::Pong { token: 42 },
-            Frame::Punch { peer: v4, delay_us: 1500 },
+            Frame::Punch { peer: v4, delay_us: 1500, link: 77, name: "reducer-1".into(), port: 7000 },
             Frame::Verdict { relay: true },
             Frame::Relaying,
             Frame::Refused { reason: "bad mac".into() },

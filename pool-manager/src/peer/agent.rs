@@ -43,7 +43,11 @@ struct State {
     building: HashMap<u64, Channel>,
     waiters: HashMap<u64, oneshot::Sender<Option<ReadyLink>>>,
     requests: HashMap<u32, oneshot::Sender<u64>>,
+    /// Links recently made or failed (bounded), to tell "not started here yet" from "gone".
+    finished: std::collections::VecDeque<u64>,
 }
+
+const FINISHED_MEMORY: usize = 1024;
 
 /// The peer-link agent of one daemon.
 #[derive(Debug)]
@@ -57,6 +61,7 @@ pub struct Agent {
     connected: AtomicBool,
     next_req: AtomicU32,
     known: Mutex<Vec<PeerName>>,
+    spares: std::sync::atomic::AtomicUsize,
 }
 
 /// One line of the status table.
@@ -83,6 +88,7 @@ impl Agent {
             connected: AtomicBool::new(false),
             next_req: AtomicU32::new(1),
             known: Mutex::new(settings.peers.clone()),
+            spares: std::sync::atomic::AtomicUsize::new(0),
             settings,
         }
     }
@@ -194,9 +200,10 @@ impl Agent {
                     self.metrics.handouts.fetch_add(1, Ordering::Relaxed);
                     return Ok(l);
                 }
-                if !st.building.contains_key(&link) {
+                if st.finished.contains(&link) {
                     continue; // taken by another function meanwhile, or failed: ask again
                 }
+                // Being made, or its punch order has not reached us yet.
                 st.waiters.insert(link, wtx);
             }
             match tokio::time::timeout_at(deadline, wrx).await {
@@ -215,23 +222,23 @@ impl Agent {
     }
 
     /// A link was made (or not): give it to its waiter or to the pool.
-    fn made(&self, link: u64, result: Option<ReadyLink>) {
+    fn made(&self, link: u64, ch: Channel, result: Option<ReadyLink>) {
         let mut st = self.lock();
-        let ch = st.building.remove(&link);
+        st.building.remove(&link);
+        if st.finished.len() >= FINISHED_MEMORY {
+            st.finished.pop_front();
+        }
+        st.finished.push_back(link);
         let waiter = st.waiters.remove(&link);
         match (result, waiter) {
             (Some(l), Some(w)) => {
                 if let Err(Some(l)) = w.send(Some(l)) {
                     // The function gave up waiting: keep the link for the next one.
-                    if let Some(ch) = ch {
-                        st.ready.entry(ch).or_default().insert(link, l);
-                    }
+                    st.ready.entry(ch).or_default().insert(link, l);
                 }
             }
             (Some(l), None) => {
-                if let Some(ch) = ch {
-                    st.ready.entry(ch).or_default().insert(link, l);
-                }
+                st.ready.entry(ch).or_default().insert(link, l);
             }
             (None, Some(w)) => {
                 let _ = w.send(None);
@@ -267,6 +274,61 @@ impl Agent {
                 let req = self.next_req.fetch_add(1, Ordering::Relaxed);
                 self.send(Frame::LinkRequest { req, peer: peer.name.clone(), port: *port, prewarm: true });
             }
+        }
+    }
+}
+
+impl Agent {
+    /// Count a link's outcome and hand it on.
+    fn record(&self, link: u64, ch: Channel, peer: &PeerName, r: Result<Result<link::Made, link::LinkError>, tokio::time::error::Elapsed>) {
+        let made = match r {
+            Ok(Ok(m)) => {
+                let c = if m.path == LinkPath::Direct { &self.metrics.direct } else { &self.metrics.relayed };
+                c.fetch_add(1, Ordering::Relaxed);
+                self.metrics.setup_us_sum.fetch_add(m.took.as_micros() as u64, Ordering::Relaxed);
+                info!(link, peer = %peer, port = ch.1, path = m.path.name(), took_us = m.took.as_micros() as u64, "peer link ready");
+                Some(ReadyLink { link, fd: m.fd, path: m.path, since: Instant::now() })
+            }
+            Ok(Err(e)) => {
+                self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(link, peer = %peer, error = %e, "peer link failed");
+                None
+            }
+            Err(_) => {
+                self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                warn!(link, peer = %peer, "peer link timed out");
+                None
+            }
+        };
+        self.made(link, ch, made);
+    }
+
+    /// Keep [`defaults::SPARE_LINK_CONNECTIONS`] spare link connections at the rendezvous
+    /// server while the control connection is up.
+    fn replenish(self: &Arc<Self>) {
+        while self.connected() && self.spares.load(Ordering::Relaxed) < defaults::SPARE_LINK_CONNECTIONS {
+            self.spares.fetch_add(1, Ordering::Relaxed);
+            let agent = self.clone();
+            tokio::spawn(async move {
+                let cfg = &agent.settings;
+                let r = link::spare(cfg, || {}).await;
+                agent.spares.fetch_sub(1, Ordering::Relaxed);
+                let (rdv, order) = match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        debug!(error = %e, "spare link connection ended");
+                        return;
+                    }
+                };
+                let started = Instant::now();
+                agent.replenish();
+                let Ok(peer) = PeerName::parse(&format!("{}/{}", cfg.me.job, order.name)) else { return };
+                agent.learn(&peer);
+                let (link, ch) = (order.link, (order.name.clone(), order.port));
+                agent.lock().building.insert(link, ch.clone());
+                let r = tokio::time::timeout(cfg.link_timeout, link::complete(cfg, rdv, order, &peer, &agent.metrics, started)).await;
+                agent.record(link, ch, &peer, r);
+            });
         }
     }
 }
@@ -325,6 +387,7 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), S
     });
     let _writer = AbortOnDrop(writer);
     agent.prewarm();
+    agent.replenish();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let frame = tokio::select! {
@@ -332,6 +395,7 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), S
             _ = tick.tick() => {
                 agent.sweep();
                 agent.prewarm();
+                agent.replenish();
                 continue;
             }
             f = read_half_frame(&mut rd) => f.map_err(|e| e.to_string())?,
@@ -342,34 +406,19 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), S
                     let _ = tx.send(link);
                 }
             }
-            Frame::LinkStart { link, peer, port } => {
+            Frame::LinkStart { link, peer, port, spare } => {
                 let Ok(peer) = PeerName::parse(&format!("{}/{peer}", s.me.job)) else { continue };
                 agent.learn(&peer);
-                agent.lock().building.insert(link, (peer.name.clone(), port));
+                if spare {
+                    continue; // a spare link connection got the punch order and makes it
+                }
+                let ch: Channel = (peer.name.clone(), port);
+                agent.lock().building.insert(link, ch.clone());
                 let agent = agent.clone();
                 tokio::spawn(async move {
                     let cfg = &agent.settings;
                     let r = tokio::time::timeout(cfg.link_timeout, link::make(cfg, link, &peer, &agent.metrics)).await;
-                    let made = match r {
-                        Ok(Ok(m)) => {
-                            let c = if m.path == LinkPath::Direct { &agent.metrics.direct } else { &agent.metrics.relayed };
-                            c.fetch_add(1, Ordering::Relaxed);
-                            agent.metrics.setup_us_sum.fetch_add(m.took.as_micros() as u64, Ordering::Relaxed);
-                            info!(link, peer = %peer, port, path = m.path.name(), took_us = m.took.as_micros() as u64, "peer link ready");
-                            Some(ReadyLink { link, fd: m.fd, path: m.path, since: Instant::now() })
-                        }
-                        Ok(Err(e)) => {
-                            agent.metrics.failed.fetch_add(1, Ordering::Relaxed);
-                            warn!(link, peer = %peer, error = %e, "peer link failed");
-                            None
-                        }
-                        Err(_) => {
-                            agent.metrics.failed.fetch_add(1, Ordering::Relaxed);
-                            warn!(link, peer = %peer, "peer link timed out");
-                            None
-                        }
-                    };
-                    agent.made(link, made);
+                    agent.record(link, ch, &peer, r);
                 });
             }
             Frame::Refused { reason } => return Err(format!("refused: {reason}")),

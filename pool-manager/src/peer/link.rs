@@ -239,31 +239,84 @@ async fn punch(local: SocketAddr, peer: SocketAddr, deadline: tokio::time::Insta
     }
 }
 
-/// Make this side's end of `link` to `peer`.
+/// A punch order, as received on a link connection.
+#[derive(Debug)]
+pub struct Order {
+    /// Link id.
+    pub link: u64,
+    /// Peer name within the job.
+    pub name: String,
+    /// Channel.
+    pub port: u16,
+    peer_ep: SocketAddr,
+    delay: Duration,
+}
+
+/// Answer pings on a link connection until the punch order comes (`wait`: how long).
+async fn wait_order(rdv: &mut TcpStream, wait: Option<Duration>) -> Result<Order, LinkError> {
+    let rdv_io = |e: std::io::Error| LinkError::Rendezvous(e.to_string());
+    loop {
+        let f = match wait {
+            Some(w) => timeout(w, read_frame(rdv)).await.map_err(|_| LinkError::Rendezvous("no punch order".into()))?,
+            None => read_frame(rdv).await,
+        };
+        match f.map_err(rdv_io)? {
+            Frame::Ping { token } => write_frame(rdv, &Frame::Pong { token }).await.map_err(rdv_io)?,
+            Frame::Punch { peer, delay_us, link, name, port } => {
+                return Ok(Order { link, name, port, peer_ep: peer, delay: Duration::from_micros(u64::from(delay_us)) })
+            }
+            Frame::Refused { reason } => return Err(LinkError::Refused(reason)),
+            other => return Err(LinkError::Rendezvous(format!("unexpected {other:?}"))),
+        }
+    }
+}
+
+/// Make this side's end of `link` to `peer` on a new link connection.
 ///
 /// # Errors
 /// See [`LinkError`].
 pub async fn make(cfg: &PeerSettings, link: u64, peer: &PeerName, m: &LinkMetrics) -> Result<Made, LinkError> {
     let started = Instant::now();
-    let step = defaults::RENDEZVOUS_STEP_TIMEOUT;
     let rdv_io = |e: std::io::Error| LinkError::Rendezvous(e.to_string());
     let mut rdv = connect_rendezvous(cfg.rendezvous).await.map_err(rdv_io)?;
-    let local = rdv.local_addr().map_err(rdv_io)?;
-    timeout(step, handshake(&mut rdv, &cfg.me, &cfg.keys, Purpose::Link, link))
+    timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, handshake(&mut rdv, &cfg.me, &cfg.keys, Purpose::Link, link))
         .await
         .map_err(|_| LinkError::Rendezvous("handshake timed out".into()))??;
-    // Ping/Pong until the server sends the punch order (it waits for the other end).
-    let (peer_ep, delay) = loop {
-        match timeout(cfg.link_timeout, read_frame(&mut rdv)).await.map_err(|_| LinkError::Rendezvous("no punch order".into()))?.map_err(rdv_io)? {
-            Frame::Ping { token } => write_frame(&mut rdv, &Frame::Pong { token }).await.map_err(rdv_io)?,
-            Frame::Punch { peer, delay_us } => break (peer, Duration::from_micros(u64::from(delay_us))),
-            Frame::Refused { reason } => return Err(LinkError::Refused(reason)),
-            other => return Err(LinkError::Rendezvous(format!("unexpected {other:?}"))),
-        }
-    };
-    tokio::time::sleep(delay).await;
+    let order = wait_order(&mut rdv, Some(cfg.link_timeout)).await?;
+    if order.link != link || order.name != peer.name {
+        return Err(LinkError::Rendezvous(format!("punch order for link {} to {}, expected {link} to {peer}", order.link, order.name)));
+    }
+    complete(cfg, rdv, order, peer, m, started).await
+}
+
+/// A spare link connection: made, authenticated and measured now, waiting (without a time
+/// limit) for the punch order that names its link. `ready` fires once it is registered.
+///
+/// # Errors
+/// See [`LinkError`]; the order comes with the error-free result.
+pub async fn spare(cfg: &PeerSettings, ready: impl FnOnce()) -> Result<(TcpStream, Order), LinkError> {
+    let rdv_io = |e: std::io::Error| LinkError::Rendezvous(e.to_string());
+    let mut rdv = connect_rendezvous(cfg.rendezvous).await.map_err(rdv_io)?;
+    timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, handshake(&mut rdv, &cfg.me, &cfg.keys, Purpose::Link, 0))
+        .await
+        .map_err(|_| LinkError::Rendezvous("handshake timed out".into()))??;
+    ready();
+    let order = wait_order(&mut rdv, None).await?;
+    Ok((rdv, order))
+}
+
+/// Punch (then, if needed, relay) and prove, on a link connection that got its order.
+///
+/// # Errors
+/// See [`LinkError`].
+pub async fn complete(cfg: &PeerSettings, mut rdv: TcpStream, order: Order, peer: &PeerName, m: &LinkMetrics, started: Instant) -> Result<Made, LinkError> {
+    let step = defaults::RENDEZVOUS_STEP_TIMEOUT;
+    let rdv_io = |e: std::io::Error| LinkError::Rendezvous(e.to_string());
+    let local = rdv.local_addr().map_err(rdv_io)?;
+    let link = order.link;
+    tokio::time::sleep(order.delay).await;
     let deadline = tokio::time::Instant::now() + cfg.punch_timeout;
-    if let Some(mut direct) = punch(local, peer_ep, deadline, &m.punch_attempts).await {
+    if let Some(mut direct) = punch(local, order.peer_ep, deadline, &m.punch_attempts).await {
         m.punch_ok.fetch_add(1, Ordering::Relaxed);
         match timeout(step, prove(&mut direct, &cfg.keys, &cfg.me, peer, link)).await {
             Ok(Ok(())) => {

@@ -50,9 +50,17 @@ struct Side {
     punch: Option<oneshot::Sender<Frame>>,
 }
 
+struct Spare {
+    id: u64,
+    observed: SocketAddr,
+    rtt: Duration,
+    assign: oneshot::Sender<(u64, usize, Frame)>,
+}
+
 struct LinkRec {
     job: String,
     ends: [String; 2],
+    port: u16,
     created: Instant,
     sides: [Option<Side>; 2],
     punched: bool,
@@ -65,6 +73,7 @@ type PairKey = (String, String, String, u16);
 #[derive(Default)]
 struct State {
     members: HashMap<(String, String), Member>,
+    spares: HashMap<(String, String), VecDeque<Spare>>,
     links: HashMap<u64, LinkRec>,
     pending: HashMap<PairKey, VecDeque<(u64, String)>>,
 }
@@ -83,6 +92,26 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server").field("jobs", &self.jobs.len()).finish_non_exhaustive()
     }
+}
+
+/// The punch orders for both ends: the nearer end waits half the RTT difference so that
+/// both SYNs leave at about the same moment.
+fn orders(link: u64, rec: &LinkRec, a: (SocketAddr, Duration), b: (SocketAddr, Duration)) -> [Frame; 2] {
+    let far = a.1.max(b.1);
+    [
+        Frame::Punch { peer: b.0, delay_us: ((far - a.1) / 2).as_micros() as u32, link, name: rec.ends[1].clone(), port: rec.port },
+        Frame::Punch { peer: a.0, delay_us: ((far - b.1) / 2).as_micros() as u32, link, name: rec.ends[0].clone(), port: rec.port },
+    ]
+}
+
+fn pop_spare(q: Option<&mut VecDeque<Spare>>) -> Option<Spare> {
+    let q = q?;
+    while let Some(s) = q.pop_front() {
+        if !s.assign.is_closed() {
+            return Some(s);
+        }
+    }
+    None
 }
 
 fn pair_key(job: &str, a: &str, b: &str, port: u16) -> PairKey {
@@ -275,24 +304,45 @@ impl Server {
             }
         }
         let link = self.next_link.fetch_add(1, Ordering::Relaxed);
-        st.links.insert(
-            link,
-            LinkRec {
-                job: job.into(),
-                ends: [me.into(), peer.into()],
-                created: Instant::now(),
-                sides: [None, None],
-                punched: false,
-                direct_counted: false,
-                parked: None,
-            },
-        );
+        let mut rec = LinkRec {
+            job: job.into(),
+            ends: [me.into(), peer.into()],
+            port,
+            created: Instant::now(),
+            sides: [None, None],
+            punched: false,
+            direct_counted: false,
+            parked: None,
+        };
+        // Both ends have a spare link connection waiting: punch at once.
+        let (jm, jp) = ((job.to_owned(), me.to_owned()), (job.to_owned(), peer.to_owned()));
+        let mine = pop_spare(st.spares.get_mut(&jm));
+        let theirs = if mine.is_some() { pop_spare(st.spares.get_mut(&jp)) } else { None };
+        let spare = match (mine, theirs) {
+            (Some(a), Some(b)) => {
+                let [oa, ob] = orders(link, &rec, (a.observed, a.rtt), (b.observed, b.rtt));
+                rec.sides = [
+                    Some(Side { observed: a.observed, rtt: a.rtt, punch: None }),
+                    Some(Side { observed: b.observed, rtt: b.rtt, punch: None }),
+                ];
+                rec.punched = true;
+                let _ = a.assign.send((link, 0, oa));
+                let _ = b.assign.send((link, 1, ob));
+                true
+            }
+            (Some(a), None) => {
+                st.spares.entry(jm).or_default().push_front(a);
+                false
+            }
+            _ => false,
+        };
+        st.links.insert(link, rec);
         if !prewarm {
             st.pending.entry(key).or_default().push_back((link, me.into()));
         }
         self.metrics.links_started.fetch_add(1, Ordering::Relaxed);
-        let _ = tx.send(Frame::LinkStart { link, peer: peer.into(), port });
-        let _ = other.send(Frame::LinkStart { link, peer: me.into(), port });
+        let _ = tx.send(Frame::LinkStart { link, peer: peer.into(), port, spare });
+        let _ = other.send(Frame::LinkStart { link, peer: me.into(), port, spare });
         let _ = tx.send(Frame::Assigned { req, link });
     }
 
@@ -305,8 +355,20 @@ impl Server {
         }
     }
 
+    async fn probe_rtt(s: &mut TcpStream) -> Result<Duration, String> {
+        let t0 = Instant::now();
+        let token = u64::from_le_bytes(nonce());
+        write_frame(s, &Frame::Ping { token }).await.map_err(|e| e.to_string())?;
+        match timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, read_frame(s)).await {
+            Ok(Ok(Frame::Pong { token: t })) if t == token => Ok(t0.elapsed()),
+            _ => Err("no pong".into()),
+        }
+    }
+
     async fn link_end(self: Arc<Self>, mut s: TcpStream, job: String, name: String, link: u64, observed: SocketAddr) -> Result<(), String> {
-        let io = |e: std::io::Error| e.to_string();
+        if link == 0 {
+            return self.spare(s, job, name, observed).await;
+        }
         let side = {
             let st = self.lock();
             st.links.get(&link).filter(|l| l.job == job).and_then(|l| l.ends.iter().position(|e| *e == name))
@@ -315,15 +377,7 @@ impl Server {
             let _ = write_frame(&mut s, &Frame::Refused { reason: format!("no link {link} for {job}/{name}") }).await;
             return Err("unknown link".into());
         };
-        let step = defaults::RENDEZVOUS_STEP_TIMEOUT;
-        let t0 = Instant::now();
-        let token = u64::from_le_bytes(nonce());
-        write_frame(&mut s, &Frame::Ping { token }).await.map_err(io)?;
-        match timeout(step, read_frame(&mut s)).await {
-            Ok(Ok(Frame::Pong { token: t })) if t == token => {}
-            _ => return Err("no pong".into()),
-        }
-        let rtt = t0.elapsed();
+        let rtt = Self::probe_rtt(&mut s).await?;
         let (ptx, prx) = oneshot::channel();
         {
             let mut st = self.lock();
@@ -332,13 +386,7 @@ impl Server {
             if let (Some(a), Some(b)) = (&rec.sides[0], &rec.sides[1]) {
                 if !rec.punched {
                     rec.punched = true;
-                    // Send both orders now; the nearer side waits half the RTT difference so
-                    // that both SYNs leave at about the same moment.
-                    let far = a.rtt.max(b.rtt);
-                    let orders = [
-                        Frame::Punch { peer: b.observed, delay_us: ((far - a.rtt) / 2).as_micros() as u32 },
-                        Frame::Punch { peer: a.observed, delay_us: ((far - b.rtt) / 2).as_micros() as u32 },
-                    ];
+                    let orders = orders(link, rec, (a.observed, a.rtt), (b.observed, b.rtt));
                     for (i, order) in orders.into_iter().enumerate() {
                         if let Some(tx) = rec.sides[i].as_mut().and_then(|s| s.punch.take()) {
                             let _ = tx.send(order);
@@ -348,6 +396,48 @@ impl Server {
             }
         }
         let order = timeout(defaults::RENDEZVOUS_LINK_TTL, prx).await.map_err(|_| "the other end never came".to_string())?.map_err(|_| "link dropped".to_string())?;
+        self.after_order(s, job, link, side, order).await
+    }
+
+    /// A spare link connection: measured, then parked until a link needs it (or it closes).
+    async fn spare(self: Arc<Self>, mut s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), String> {
+        let rtt = Self::probe_rtt(&mut s).await?;
+        let (tx, rx) = oneshot::channel();
+        let id = self.next_member.fetch_add(1, Ordering::Relaxed);
+        let full = {
+            let mut st = self.lock();
+            let q = st.spares.entry((job.clone(), name.clone())).or_default();
+            let full = q.len() >= defaults::MAX_SPARES;
+            if !full {
+                q.push_back(Spare { id, observed, rtt, assign: tx });
+            }
+            full
+        };
+        if full {
+            let _ = write_frame(&mut s, &Frame::Refused { reason: "too many spare link connections".into() }).await;
+            return Err("too many spares".into());
+        }
+        let mut probe = [0u8; 1];
+        let assigned = tokio::select! {
+            a = rx => a.ok(),
+            // The manager sends nothing on a spare before its punch order: any byte or EOF
+            // means it is gone (or broken).
+            _ = s.read(&mut probe) => None,
+        };
+        let Some((link, side, order)) = assigned else {
+            let mut st = self.lock();
+            if let Some(q) = st.spares.get_mut(&(job.clone(), name.clone())) {
+                q.retain(|sp| sp.id != id);
+            }
+            return Ok(());
+        };
+        self.after_order(s, job, link, side, order).await
+    }
+
+    /// Send the punch order, then act on the end's verdict: forget a direct link, splice a
+    /// relayed one once both ends ask.
+    async fn after_order(self: Arc<Self>, mut s: TcpStream, job: String, link: u64, side: usize, order: Frame) -> Result<(), String> {
+        let io = |e: std::io::Error| e.to_string();
         write_frame(&mut s, &order).await.map_err(io)?;
         let verdict = timeout(defaults::RENDEZVOUS_LINK_TTL, read_frame(&mut s)).await.map_err(|_| "no verdict".to_string())?.map_err(io)?;
         let Frame::Verdict { relay } = verdict else { return Err("expected Verdict".into()) };
