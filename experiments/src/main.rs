@@ -14,6 +14,7 @@ mod burst;
 mod delay;
 mod fct;
 mod hosts;
+mod link;
 mod netns;
 mod nginx;
 mod reuse;
@@ -121,6 +122,43 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         warmup: usize,
     },
+    /// Peer links: time from connect() to a usable link (on demand, prewarmed, relayed) and
+    /// link throughput (direct, relayed).
+    Link {
+        /// Connects per case.
+        #[arg(long, default_value_t = 50)]
+        reps: usize,
+        /// Bytes for the throughput runs.
+        #[arg(long, default_value_t = 1_000_000_000)]
+        bytes: u64,
+        /// Output directory [default: results/link/<timestamp>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        path: PathArgs,
+    },
+    /// Client for `link`: sequential connects through the shim, µs each.
+    #[command(hide = true)]
+    PeerClient {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        rounds: usize,
+    },
+    /// Sender for `link`'s throughput runs.
+    #[command(hide = true)]
+    PeerSend {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    /// Receiver for `link`'s throughput runs.
+    #[command(hide = true)]
+    PeerRecv {
+        #[arg(long)]
+        target: std::net::SocketAddr,
+    },
     /// One function invocation (used by `reuse`): connect, GET, read, print µs, exit.
     #[command(hide = true)]
     Function {
@@ -184,6 +222,15 @@ fn main() -> Result<()> {
         Cmd::Server { listen } => server(listen),
         Cmd::FctClient { server, sizes, reps, warmup } => fct::client(server, &sizes, reps, warmup),
         Cmd::Function { addr } => reuse::function(addr),
+        Cmd::Link { reps, bytes, out, path } => {
+            if path.topology == "two-node" {
+                anyhow::bail!("link runs on --topology local or loopback (both pool managers are started here)");
+            }
+            link::run(&path.hosts("10ms", None)?, reps, bytes, out)
+        }
+        Cmd::PeerClient { target, rounds } => link::client(target, rounds),
+        Cmd::PeerSend { target, bytes } => link::send(target, bytes),
+        Cmd::PeerRecv { target } => link::recv(target),
     }
 }
 

@@ -226,6 +226,9 @@ pub struct PeerSettings {
     pub link_timeout: Duration,
     /// Use the rendezvous server as a relay when punching fails.
     pub relay: bool,
+    /// Try hole punching at all (off: every link is relayed; for NATs known to map
+    /// endpoint-dependently, where punching can only cost its timeout).
+    pub punch: bool,
 }
 
 impl Default for Config {
@@ -439,6 +442,7 @@ struct FilePeer {
     punch_timeout: Option<String>,
     link_timeout: Option<String>,
     relay: Option<bool>,
+    punch: Option<bool>,
 }
 
 impl FilePeer {
@@ -497,6 +501,9 @@ impl FilePeer {
             Some(d) => parse_duration("peer.link_timeout", &d)?,
             None => defaults::LINK_TIMEOUT,
         };
+        if self.punch == Some(false) && self.relay == Some(false) {
+            return Err(invalid("punch", "with punch = false and relay = false no link can be made".into()));
+        }
         if punch_timeout.is_zero() || link_timeout <= punch_timeout {
             return Err(invalid("link_timeout", "must be longer than punch_timeout (which must not be 0)".into()));
         }
@@ -511,6 +518,7 @@ impl FilePeer {
             punch_timeout,
             link_timeout,
             relay: self.relay.unwrap_or(true),
+            punch: self.punch.unwrap_or(true),
         })
     }
 }

@@ -218,24 +218,60 @@ pub struct Made {
     pub took: Duration,
 }
 
-/// Try TCP simultaneous open from `local` to `peer` until `deadline`.
+/// Try to connect `local` ⇄ `peer` until `deadline`: TCP simultaneous open, plus a listener
+/// on the same local port. Behind NATs that drop unsolicited SYNs, the two SYNs cross and
+/// simultaneous open connects. Where the peer's host answers a SYN that arrives before its
+/// own connect() with RST (no NAT, or a NAT that rejects), the listener accepts the peer's
+/// next SYN instead; retries are jittered so the two sides do not stay in lockstep. Only a
+/// connection from `peer` itself is taken.
 async fn punch(local: SocketAddr, peer: SocketAddr, deadline: tokio::time::Instant, attempts: &AtomicU64) -> Option<TcpStream> {
     let per_try = (deadline - tokio::time::Instant::now()) / 3;
-    loop {
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            return None;
+    let listener = match reusable_socket(local).and_then(|s| s.listen(16)) {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::debug!(%local, error = %e, "no listener on the punch port; simultaneous open only");
+            None
         }
-        attempts.fetch_add(1, Ordering::Relaxed);
-        let s = reusable_socket(local).ok()?;
-        let until = (now + per_try.max(Duration::from_millis(50))).min(deadline);
-        match tokio::time::timeout_at(until, s.connect(peer)).await {
-            Ok(Ok(c)) => return Some(c),
-            // Refused (the peer's SYN had not left yet and its host answered ours) or
-            // another transient error: try again shortly.
-            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
-            Err(_timeout) => {}
+    };
+    let accept = async {
+        match &listener {
+            Some(l) => loop {
+                match l.accept().await {
+                    Ok((s, from)) if from == peer => return s,
+                    Ok((_, from)) => tracing::debug!(%from, "ignoring a connection that is not the peer"),
+                    Err(e) => tracing::debug!(error = %e, "accept on the punch port failed"),
+                }
+            },
+            None => std::future::pending().await,
         }
+    };
+    let connect = async {
+        loop {
+            let now = tokio::time::Instant::now();
+            attempts.fetch_add(1, Ordering::Relaxed);
+            let s = match reusable_socket(local) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(%local, error = %e, "cannot bind the punch socket");
+                    return std::future::pending().await;
+                }
+            };
+            let until = (now + per_try.max(Duration::from_millis(50))).min(deadline);
+            match tokio::time::timeout_at(until, s.connect(peer)).await {
+                Ok(Ok(c)) => return c,
+                Ok(Err(e)) => {
+                    tracing::debug!(%local, %peer, error = %e, "punch attempt failed");
+                    let jitter = u64::from(nonce::<1>()[0] % 20) + 2;
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                Err(_timeout) => tracing::debug!(%local, %peer, "punch attempt timed out"),
+            }
+        }
+    };
+    tokio::select! {
+        s = accept => Some(s),
+        s = connect => Some(s),
+        () = tokio::time::sleep_until(deadline) => None,
     }
 }
 
@@ -316,7 +352,8 @@ pub async fn complete(cfg: &PeerSettings, mut rdv: TcpStream, order: Order, peer
     let link = order.link;
     tokio::time::sleep(order.delay).await;
     let deadline = tokio::time::Instant::now() + cfg.punch_timeout;
-    if let Some(mut direct) = punch(local, order.peer_ep, deadline, &m.punch_attempts).await {
+    let direct = if cfg.punch { punch(local, order.peer_ep, deadline, &m.punch_attempts).await } else { None };
+    if let Some(mut direct) = direct {
         m.punch_ok.fetch_add(1, Ordering::Relaxed);
         match timeout(step, prove(&mut direct, &cfg.keys, &cfg.me, peer, link)).await {
             Ok(Ok(())) => {
