@@ -196,6 +196,9 @@ impl PathArgs {
         let t = topo::Topology::local(&format!("wp{}", std::process::id() % 100_000), rtt, rate_bps)?;
         let measured = t.calibrate()?;
         eprintln!("topology local: configured RTT {rtt:?}, measured {measured:?} (TCP handshake median)");
+        if measured.abs_diff(rtt) * 20 > rtt {
+            eprintln!("warning: the emulated path is more than 5 % off its configured RTT; is the machine busy?");
+        }
         Ok(hosts::Hosts::Local(t))
     }
 }

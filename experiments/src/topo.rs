@@ -84,8 +84,12 @@ impl Topology {
             if excess.unsigned_abs() * 50 <= self.rtt.as_nanos() as u64 {
                 break;
             }
-            // The excess is spread over both directions.
-            let off = (self.delay.offset_ns.load(Ordering::Relaxed) + excess / 2).clamp(0, self.rtt.as_nanos() as i64 / 2);
+            // The excess is spread over both directions. The line's own overhead is tens of
+            // microseconds: a larger excess means a busy machine (the line's thread was not
+            // scheduled), and trimming all of it away would leave no delay at all once the
+            // machine is idle again. Trim at most an eighth of the path, at most 1 ms.
+            let cap = (self.rtt.as_nanos() as i64 / 8).min(1_000_000);
+            let off = (self.delay.offset_ns.load(Ordering::Relaxed) + excess / 2).clamp(0, cap);
             self.delay.offset_ns.store(off, Ordering::Relaxed);
             measured = self.measure_rtt(50)?;
         }

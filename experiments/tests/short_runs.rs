@@ -155,3 +155,32 @@ fn burst_short_run_writes_csv_and_the_pool_serves_the_burst() {
     assert!(out.join("burst.svg").exists());
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn link_short_run_times_links_and_relays() {
+    if !root_or_skip("link_short_run") {
+        return;
+    }
+    let out = out_dir("link");
+    run(&["link", "--rtt", "5ms", "--reps", "4", "--bytes", "20000000", "--out", out.to_str().unwrap()]);
+    let (header, rows) = csv(&out.join("link.csv"));
+    assert_eq!(header, "config,rep,connect_us");
+    for c in ["on-demand", "prewarmed", "relayed"] {
+        assert_eq!(rows.iter().filter(|r| r[0] == c).count(), 4, "{c}");
+    }
+    let med = |c: &str| median(rows.iter().filter(|r| r[0] == c).map(|r| r[2].parse::<f64>().unwrap()).collect());
+    // A new link needs the rendezvous and the punch: at least one RTT of the 5 ms path; a
+    // prewarmed link is handed out without touching the path.
+    assert!(med("on-demand") > 5_000.0, "on-demand {} us", med("on-demand"));
+    assert!(med("relayed") > 5_000.0, "relayed {} us", med("relayed"));
+    assert!(med("prewarmed") < 5_000.0, "prewarmed {} us", med("prewarmed"));
+    let (header, rows) = csv(&out.join("throughput.csv"));
+    assert_eq!(header, "path,bytes,seconds,gbit_per_s");
+    assert_eq!(rows.iter().map(|r| r[0].as_str()).collect::<Vec<_>>(), ["direct", "relayed"]);
+    // The direct phase's links were made by hole punching, the relayed phase's by the relay.
+    let direct = std::fs::read_to_string(out.join("status-direct.txt")).unwrap();
+    assert!(direct.contains("exp/b"), "{direct}");
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("| on-demand |") && summary.contains("3 RTTs + 5 ms"), "{summary}");
+    let _ = std::fs::remove_dir_all(&out);
+}
