@@ -189,6 +189,11 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// Tenant grouping.
     pub tenant_by: TenantBy,
+    /// Uids allowed to use the pool (`None`: every uid).
+    pub allow_uids: Option<Vec<u32>>,
+    /// Cgroup v2 paths (as in `/proc/PID/cgroup`) whose members, and members of cgroups below
+    /// them, may use the pool (`None`: every cgroup).
+    pub allow_cgroups: Option<Vec<String>>,
     /// Set `net.ipv4.tcp_slow_start_after_idle = 0` so idle pooled sockets keep their window.
     pub keep_window_when_idle: bool,
     /// Destinations not listed.
@@ -238,6 +243,8 @@ impl Default for Config {
             socket_mode: defaults::SOCKET_MODE,
             metrics: None,
             tenant_by: TenantBy::UidAndCgroup,
+            allow_uids: None,
+            allow_cgroups: None,
             keep_window_when_idle: true,
             auto: Auto {
                 enabled: true,
@@ -270,6 +277,25 @@ pub enum Lookup {
 }
 
 impl Config {
+    /// Whether a client may use the pool under `allow_uids` and `allow_cgroups`; `Err` is the
+    /// reason it may not, as told to the client.
+    ///
+    /// # Errors
+    /// The text of the refusal.
+    pub fn admits(&self, uid: u32, cgroup: &str) -> Result<(), String> {
+        if let Some(uids) = &self.allow_uids {
+            if !uids.contains(&uid) {
+                return Err(format!("uid {uid} is not allowed by this pool manager's allow_uids"));
+            }
+        }
+        if let Some(roots) = &self.allow_cgroups {
+            if !roots.iter().any(|r| cgroup_within(cgroup, r)) {
+                return Err(format!("cgroup {cgroup} is not allowed by this pool manager's allow_cgroups"));
+            }
+        }
+        Ok(())
+    }
+
     /// Settings for a destination.
     #[must_use]
     pub fn lookup(&self, dest: &SocketAddr) -> Lookup {
@@ -368,6 +394,12 @@ impl Config {
         if let Some(k) = file.keep_window_when_idle {
             c.keep_window_when_idle = k;
         }
+        if let Some(v) = file.allow_uids {
+            c.allow_uids = Some(parse_allow_uids(&v)?);
+        }
+        if let Some(v) = file.allow_cgroups {
+            c.allow_cgroups = Some(parse_allow_cgroups(&v)?);
+        }
         // Configuring anything means "pool what I configured": first-use pooling stays on
         // only where the file says so with an [auto] section.
         c.auto.enabled = false;
@@ -419,6 +451,8 @@ struct FileConfig {
     socket_mode: Option<String>,
     metrics: Option<String>,
     tenant: Option<TenantBy>,
+    allow_uids: Option<Vec<toml::Value>>,
+    allow_cgroups: Option<Vec<toml::Value>>,
     keep_window_when_idle: Option<bool>,
     auto: Option<FileAuto>,
     kernel: Option<FileKernel>,
@@ -592,6 +626,58 @@ impl FileSettings {
     }
 }
 
+/// Whether the cgroup `path` (as read from `/proc/PID/cgroup`) is `root` or below it. A path
+/// with a `..` component (a process outside the daemon's cgroup namespace) is within nothing.
+#[must_use]
+pub fn cgroup_within(path: &str, root: &str) -> bool {
+    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return false;
+    }
+    let root = root.trim_end_matches('/');
+    root.is_empty() || path == root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn parse_allow_uids(v: &[toml::Value]) -> Result<Vec<u32>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { field: "allow_uids".into(), reason };
+    if v.is_empty() {
+        return Err(invalid("an empty list would refuse every client; remove the key to allow every uid".into()));
+    }
+    v.iter()
+        .map(|u| match u {
+            // u32::MAX is (uid_t)-1, "no uid".
+            toml::Value::Integer(n) => u32::try_from(*n)
+                .ok()
+                .filter(|n| *n != u32::MAX)
+                .ok_or_else(|| invalid(format!("{n} is not a uid (0 to 4294967294)"))),
+            other => Err(invalid(format!("{other} is not a uid: write numbers, e.g. allow_uids = [0, 1000]"))),
+        })
+        .collect()
+}
+
+fn parse_allow_cgroups(v: &[toml::Value]) -> Result<Vec<String>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid { field: "allow_cgroups".into(), reason };
+    if v.is_empty() {
+        return Err(invalid("an empty list would refuse every client; remove the key to allow every cgroup".into()));
+    }
+    let example = "write cgroup v2 paths as in /proc/PID/cgroup, e.g. \"/system.slice/fn.slice\"";
+    v.iter()
+        .map(|p| {
+            let toml::Value::String(p) = p else { return Err(invalid(format!("{p} is not a cgroup path: {example}"))) };
+            if !p.starts_with('/') {
+                return Err(invalid(format!("{p:?} is not absolute: {example}")));
+            }
+            if p == "/sys/fs/cgroup" || p.starts_with("/sys/fs/cgroup/") {
+                return Err(invalid(format!("{p:?} is a path under the cgroup2 mount: {example} (without the mount point)")));
+            }
+            let trimmed = if p.len() > 1 { p.trim_end_matches('/') } else { p.as_str() };
+            if trimmed.len() > 1 && trimmed[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+                return Err(invalid(format!("{p:?} has an empty, \".\" or \"..\" component: {example}")));
+            }
+            Ok(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() })
+        })
+        .collect()
+}
+
 /// Parse `"250ms"`, `"5s"`, `"10m"`, `"1h"`, `"100us"`.
 ///
 /// # Errors
@@ -616,8 +702,10 @@ pub fn parse_duration(field: &str, s: &str) -> Result<Duration, ConfigError> {
 pub const EMBEDDED_DEFAULT: &str = r#"# warmpool embedded default: every destination a function connects to becomes a small
 # warm pool on first use (pre-connected sockets, never reused: safe for any protocol).
 socket = "/run/warmpool/pool.sock"
-socket_mode = "0666"
+socket_mode = "0666"          # who may connect at all (e.g. "0660": owner and group)
 tenant = "uid+cgroup"
+# allow_uids = [0, 1000]      # serve only these uids (absent: every uid)
+# allow_cgroups = ["/system.slice/fn.slice"]   # only these cgroups and those below them
 keep_window_when_idle = true
 
 [kernel]
@@ -650,6 +738,51 @@ mod tests {
         assert_eq!(c.socket, d.socket);
         assert_eq!(c.socket_mode, d.socket_mode);
         assert_eq!(c.kernel, d.kernel);
+        assert_eq!((c.allow_uids, c.allow_cgroups), (None, None));
+    }
+
+    #[test]
+    fn allow_lists() {
+        let c = Config::from_toml("allow_uids = [0, 1000]\nallow_cgroups = [\"/system.slice/fn.slice/\", \"/a\"]\n").unwrap();
+        assert_eq!(c.allow_uids, Some(vec![0, 1000]));
+        assert_eq!(c.allow_cgroups, Some(vec!["/system.slice/fn.slice".to_owned(), "/a".to_owned()]));
+        assert!(c.admits(1000, "/system.slice/fn.slice").is_ok());
+        assert!(c.admits(0, "/system.slice/fn.slice/f1.scope").is_ok());
+        assert!(c.admits(0, "/a/b/c").is_ok());
+        let e = c.admits(1001, "/a").unwrap_err();
+        assert_eq!(e, "uid 1001 is not allowed by this pool manager's allow_uids");
+        let e = c.admits(0, "/system.slice/fn.slice2").unwrap_err();
+        assert_eq!(e, "cgroup /system.slice/fn.slice2 is not allowed by this pool manager's allow_cgroups");
+        assert!(c.admits(0, "/ab").is_err());
+        assert!(c.admits(0, "/a/../b").is_err(), "outside the daemon's cgroup namespace");
+        assert!(c.admits(0, "").is_err());
+        // Absent lists allow everything.
+        assert!(Config::default().admits(12345, "/anything").is_ok());
+        let only_uids = Config::from_toml("allow_uids = [7]\n").unwrap();
+        assert!(only_uids.admits(7, "/x").is_ok() && only_uids.admits(8, "/x").is_err());
+        let root = Config::from_toml("allow_cgroups = [\"/\"]\n").unwrap();
+        assert!(root.admits(1, "/x/y").is_ok() && root.admits(1, "/").is_ok() && root.admits(1, "/../x").is_err());
+    }
+
+    #[test]
+    fn bad_allow_lists_name_the_problem() {
+        for (text, want) in [
+            ("allow_uids = [\"root\"]", "allow_uids: \"root\" is not a uid"),
+            ("allow_uids = [-1]", "allow_uids: -1 is not a uid"),
+            ("allow_uids = [4294967295]", "allow_uids: 4294967295 is not a uid"),
+            ("allow_uids = [1.5]", "allow_uids: 1.5 is not a uid"),
+            ("allow_uids = []", "allow_uids: an empty list"),
+            ("allow_uids = 0", "allow_uids"),
+            ("allow_cgroups = [\"system.slice\"]", "allow_cgroups: \"system.slice\" is not absolute"),
+            ("allow_cgroups = [3]", "allow_cgroups: 3 is not a cgroup path"),
+            ("allow_cgroups = [\"/a/../b\"]", "\"..\" component"),
+            ("allow_cgroups = [\"/a//b\"]", "empty"),
+            ("allow_cgroups = [\"/sys/fs/cgroup/fn.slice\"]", "under the cgroup2 mount"),
+            ("allow_cgroups = []", "allow_cgroups: an empty list"),
+        ] {
+            let e = Config::from_toml(text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

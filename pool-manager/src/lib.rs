@@ -13,6 +13,7 @@
 pub mod config;
 pub mod defaults;
 pub mod exec;
+pub mod handover;
 pub mod peer;
 pub mod metrics;
 pub mod pool;

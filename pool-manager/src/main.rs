@@ -36,6 +36,11 @@ enum Cmd {
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
+        /// Take over from the pool manager running on the socket: its listening socket,
+        /// pooled sockets, clients and leases move to this process (an upgrade without
+        /// losing a warm connection). Starts fresh when none is running.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Print the pools of a running daemon as a table.
     Status {
@@ -94,7 +99,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { socket, config, pools, metrics, log_format } => {
+        Cmd::Serve { socket, config, pools, metrics, log_format, takeover } => {
             init_tracing(&log_format);
             let mut cfg = match &config {
                 Some(path) => Config::from_file(path)?,
@@ -114,7 +119,7 @@ fn main() -> Result<()> {
             if metrics.is_some() {
                 cfg.metrics = metrics;
             }
-            serve(cfg)
+            serve(cfg, takeover)
         }
         Cmd::Status { socket } => {
             let text = request(&socket, &pool_manager::wire::Msg::Status)?;
@@ -250,7 +255,23 @@ fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim_user
     }
 }
 
-fn serve(cfg: Config) -> Result<()> {
+fn serve(cfg: Config, takeover: bool) -> Result<()> {
+    // Before anything else: the predecessor stops serving as soon as it hands over.
+    let received = if takeover {
+        match pool_manager::handover::take(&cfg.socket) {
+            Ok(r) => {
+                info!(from = %cfg.socket.display(), "took over: {}", r.summary);
+                Some(r)
+            }
+            Err(e @ pool_manager::handover::TakeoverError::NotRunning(..)) => {
+                warn!("{e}; starting fresh");
+                None
+            }
+            Err(e) => return Err(e).context("--takeover"),
+        }
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         if cfg.keep_window_when_idle {
@@ -259,7 +280,10 @@ fn serve(cfg: Config) -> Result<()> {
         // Before binding: a daemon that cannot start leaves no socket file behind.
         let assist = kernel_assist(&cfg.kernel)?;
         let path = cfg.socket.clone();
-        let listener = server::bind(&path, cfg.socket_mode)?;
+        let (listener, idle, clients) = match received {
+            Some(r) => r.into_parts(),
+            None => (server::bind(&path, cfg.socket_mode)?, Vec::new(), Vec::new()),
+        };
         let cancel = CancellationToken::new();
         let metrics_addr = cfg.metrics;
         info!(
@@ -272,6 +296,7 @@ fn serve(cfg: Config) -> Result<()> {
         let mut shared = Shared::new(cfg);
         shared.assist = assist;
         shared.peer = peer;
+        let adopted = pool_manager::handover::adopt(&shared, idle, clients);
         let shared = Arc::new(shared);
         let mut metrics_task = None;
         if let Some(addr) = metrics_addr {
@@ -291,12 +316,14 @@ fn serve(cfg: Config) -> Result<()> {
             }
             stop.cancel();
         });
-        let result = server::run(listener, shared, cancel.clone()).await;
+        let result = server::run_with(listener, shared.clone(), cancel.clone(), adopted).await;
         cancel.cancel();
         if let Some(t) = metrics_task {
             let _ = t.await;
         }
-        if let Err(e) = std::fs::remove_file(&path) {
+        if shared.handed_over.load(std::sync::atomic::Ordering::Relaxed) {
+            info!("handed over to a successor; the socket file stays");
+        } else if let Err(e) = std::fs::remove_file(&path) {
             warn!(error = %e, "removing {}", path.display());
         }
         result.context("serving")

@@ -28,6 +28,8 @@ pub struct Metrics {
     pub not_pooled: AtomicU64,
     /// Requests refused (malformed, unknown tenant).
     pub errors: AtomicU64,
+    /// Requests refused because the client is not in `allow_uids` / `allow_cgroups`.
+    pub denied: AtomicU64,
     /// Clean give-backs that went to quarantine.
     pub returned: AtomicU64,
     /// Discards by reason (index = position in [`Discard::ALL`]).
@@ -86,6 +88,9 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "warmpool_fallbacks_total{{reason=\"at_limit\"}} {}", c(&m.miss_at_limit));
     let _ = writeln!(o, "warmpool_fallbacks_total{{reason=\"not_pooled\"}} {}", c(&m.not_pooled));
     let _ = writeln!(o, "warmpool_fallbacks_total{{reason=\"error\"}} {}", c(&m.errors));
+    let _ = writeln!(o, "# HELP warmpool_denied_total Requests refused because the client's uid or cgroup is not in allow_uids / allow_cgroups.");
+    let _ = writeln!(o, "# TYPE warmpool_denied_total counter");
+    let _ = writeln!(o, "warmpool_denied_total {}", c(&m.denied));
     let _ = writeln!(o, "# HELP warmpool_returned_total Sockets given back clean and quarantined for reuse.");
     let _ = writeln!(o, "# TYPE warmpool_returned_total counter");
     let _ = writeln!(o, "warmpool_returned_total {}", c(&m.returned));

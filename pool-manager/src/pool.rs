@@ -231,6 +231,32 @@ impl<S> Pool<S> {
         self.idle = keep;
     }
 
+    /// The idle and quarantined sockets with their history, for a hand-over.
+    pub fn drain_idle(&mut self) -> Vec<Idle<S>> {
+        let mut out: Vec<Idle<S>> = self.idle.drain(..).collect();
+        out.extend(self.quarantine.drain(..).map(|q| q.idle));
+        out
+    }
+
+    /// A socket handed over by a predecessor: back through quarantine (it is checked again
+    /// before anyone gets it), unless the pool is full or it is too old.
+    pub fn adopt(&mut self, now: Instant, idle: Idle<S>) -> Result<(), (S, Discard)> {
+        if self.idle.len() + self.quarantine.len() >= self.settings.max_idle {
+            return Err((idle.sock, Discard::OverCapacity));
+        }
+        if now.duration_since(idle.created) >= self.settings.max_lifetime {
+            return Err((idle.sock, Discard::Lifetime));
+        }
+        let until = now + self.settings.quarantine;
+        self.quarantine.push_back(Quarantined { idle: Idle { since: now, ..idle }, until });
+        Ok(())
+    }
+
+    /// A lease handed over by a predecessor now counts against this pool.
+    pub fn adopt_lease(&mut self) {
+        self.leased += 1;
+    }
+
     /// Everything the pool holds, for removal (leased sockets stay with their leases).
     pub fn drain(&mut self) -> Vec<S> {
         let mut out: Vec<S> = self.idle.drain(..).map(|i| i.sock).collect();

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 use tokio::io::unix::AsyncFd;
@@ -60,6 +60,17 @@ pub struct Shared {
     pub assist: Option<Mutex<shim_user::assist::KernelAssist>>,
     /// Peer links, when `[peer]` is configured.
     pub peer: Option<Arc<crate::peer::agent::Agent>>,
+    /// Fired when a successor takes over: client tasks hand their connections over.
+    pub(crate) handover: CancellationToken,
+    /// Client connections (with their leases) collected for the successor.
+    pub(crate) handed: Mutex<Vec<crate::handover::HandedClient>>,
+    /// Client tasks alive.
+    pub(crate) active_clients: AtomicUsize,
+    /// The listening socket's fd number while `run` holds it.
+    pub(crate) listener_fd: std::sync::atomic::AtomicI32,
+    /// Set once everything went to a successor: the socket file now belongs to it.
+    pub handed_over: std::sync::atomic::AtomicBool,
+    pub(crate) handover_done: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -75,6 +86,12 @@ impl Shared {
             daemon_uid: unsafe { libc::geteuid() },
             assist: None,
             peer: None,
+            handover: CancellationToken::new(),
+            handed: Mutex::new(Vec::new()),
+            active_clients: AtomicUsize::new(0),
+            listener_fd: std::sync::atomic::AtomicI32::new(-1),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            handover_done: tokio::sync::Notify::new(),
         }
     }
 
@@ -91,6 +108,11 @@ impl Shared {
         let mut v: Vec<_> = a.learned().into_iter().map(|(d, w)| (d, w.cwnd, w.srtt_us, w.samples)).collect();
         v.sort();
         v
+    }
+
+    /// Lease ids continue above those a predecessor handed out.
+    pub(crate) fn raise_next_lease(&self, min: u64) {
+        self.next_lease.fetch_max(min, Ordering::Relaxed);
     }
 
     /// The daemon's effective uid.
@@ -209,9 +231,29 @@ pub fn bind(path: &Path, mode: u32) -> Result<OwnedFd, ServeError> {
 /// # Errors
 /// If the listener cannot be registered with the reactor.
 pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationToken) -> std::io::Result<()> {
+    run_with(listener, shared, cancel, Vec::new()).await
+}
+
+/// [`run`], serving also client connections (with their leases) adopted from a predecessor.
+///
+/// # Errors
+/// If the listener cannot be registered with the reactor.
+pub async fn run_with(
+    listener: OwnedFd,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    adopted: Vec<crate::handover::HandedClient>,
+) -> std::io::Result<()> {
+    shared.listener_fd.store(listener.as_raw_fd(), Ordering::Relaxed);
     // SAFETY: AsyncFd owns the OwnedFd, so the fd stays open exactly as long as it is registered.
     let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut tasks = JoinSet::new();
+    for h in adopted {
+        shared.active_clients.fetch_add(1, Ordering::Relaxed);
+        let leases: HashMap<u64, Lease> = h.leases.into_iter().collect();
+        let refusal = shared.config.admits(h.peer.tenant.uid, &h.peer.tenant.cgroup).err();
+        tasks.spawn(client_with(shared.clone(), h.conn, Ok((h.peer, refusal)), leases, cancel.clone()));
+    }
     tasks.spawn(maintain(shared.clone(), cancel.clone()));
     if let Some(agent) = &shared.peer {
         tasks.spawn(crate::peer::agent::run(agent.clone(), cancel.clone()));
@@ -219,6 +261,7 @@ pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationTok
     loop {
         let mut guard = tokio::select! {
             () = cancel.cancelled() => break,
+            () = shared.handover.cancelled() => break,
             g = listener.readable() => g?,
         };
         let accepted = guard.try_io(|l| {
@@ -232,6 +275,7 @@ pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationTok
         match accepted {
             Ok(Ok(conn)) => {
                 shared.metrics.clients.fetch_add(1, Ordering::Relaxed);
+                shared.active_clients.fetch_add(1, Ordering::Relaxed);
                 tasks.spawn(client(shared.clone(), conn, cancel.clone()));
             }
             Ok(Err(e)) => {
@@ -244,6 +288,13 @@ pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationTok
         }
         // Reap finished client tasks so the set does not grow with every client ever seen.
         while tasks.try_join_next().is_some() {}
+    }
+    if shared.handover.is_cancelled() && !cancel.is_cancelled() {
+        // The successor's task is sending everything; stop once it is done (or gave up).
+        tokio::select! {
+            () = shared.handover_done.notified() => {}
+            () = cancel.cancelled() => {}
+        }
     }
     cancel.cancel();
     while tasks.join_next().await.is_some() {}
@@ -259,30 +310,70 @@ pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationTok
 
 /// A socket handed out, as the daemon remembers it.
 #[derive(Debug)]
-struct Lease {
-    sock: PooledSock,
-    key: PoolKey,
-    created: Instant,
-    at_handout: sock::Counters,
-    policy: Policy,
+pub(crate) struct Lease {
+    pub(crate) sock: PooledSock,
+    pub(crate) key: PoolKey,
+    pub(crate) created: Instant,
+    pub(crate) at_handout: sock::Counters,
+    pub(crate) policy: Policy,
     /// A peer link: never pooled again (the other end's function may still be using it).
-    peer: bool,
+    pub(crate) peer: bool,
+}
+
+/// Identify a client and check it against `allow_uids` / `allow_cgroups`: the peer, and the
+/// refusal its requests get when it is not allowed.
+fn identify(shared: &Shared, conn: &OwnedFd) -> Result<(Peer, Option<String>), tenant::TenantError> {
+    use crate::config::TenantBy;
+    let by = shared.config.tenant_by;
+    // The cgroup allow-list needs the cgroup even where tenants are told apart by uid only.
+    let read_cgroup = if shared.config.allow_cgroups.is_some() { TenantBy::UidAndCgroup } else { by };
+    let mut peer = tenant::identify(conn.as_raw_fd(), read_cgroup)?;
+    let refusal = shared.config.admits(peer.tenant.uid, &peer.tenant.cgroup).err();
+    if by == TenantBy::Uid {
+        peer.tenant.cgroup = Arc::from("");
+    }
+    Ok((peer, refusal))
 }
 
 /// Serves one client process (one connection) until it goes away.
 async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: CancellationToken) {
-    let peer = tenant::identify(conn.as_raw_fd(), shared.config.tenant_by);
+    let peer = identify(&shared, &conn);
     match &peer {
-        Ok(p) => debug!(pid = p.pid, uid = p.tenant.uid, cgroup = %p.tenant.cgroup, "client connected"),
+        Ok((p, _)) => debug!(pid = p.pid, uid = p.tenant.uid, cgroup = %p.tenant.cgroup, "client connected"),
         Err(e) => warn!(error = %e, "cannot identify client; it will get no sockets"),
     }
+    client_with(shared, conn, peer, HashMap::new(), cancel).await;
+}
+
+/// Decrements the live-client count when a client task ends, however it ends.
+struct ActiveClient(Arc<Shared>);
+
+impl Drop for ActiveClient {
+    fn drop(&mut self) {
+        self.0.active_clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn client_with(
+    shared: Arc<Shared>,
+    conn: OwnedFd,
+    peer: Result<(Peer, Option<String>), tenant::TenantError>,
+    mut leases: HashMap<u64, Lease>,
+    cancel: CancellationToken,
+) {
+    let _active = ActiveClient(shared.clone());
+    let mut refusal_logged = false;
     // SAFETY: AsyncFd owns the OwnedFd, so the fd stays open exactly as long as it is registered.
     let Ok(conn) = (unsafe { AsyncFd::register(conn) }) else { return };
-    let mut leases: HashMap<u64, Lease> = HashMap::new();
     let mut buf = vec![0u8; 512];
+    let mut handing_over = false;
     loop {
         let mut guard = tokio::select! {
             () = cancel.cancelled() => break,
+            () = shared.handover.cancelled() => {
+                handing_over = true;
+                break;
+            }
             g = conn.readable() => match g { Ok(g) => g, Err(_) => break },
         };
         let got = match guard.try_io(|c| wire::unix::recv(c.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT)) {
@@ -299,9 +390,28 @@ async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: CancellationToken) {
             Some(Reply::error(0, ErrorCode::UnexpectedFd, "no request carries a file descriptor".into()))
         } else if got.truncated {
             Some(Reply::error(0, ErrorCode::Malformed, "message too long".into()))
+        } else if matches!(wire::decode(&buf[..got.len]), Ok((Msg::Takeover, _))) {
+            let seq = wire::decode(&buf[..got.len]).map_or(0, |(_, s)| s);
+            match &peer {
+                Ok((p, _)) if p.tenant.uid == 0 || p.tenant.uid == shared.daemon_uid => {
+                    crate::handover::give(&shared, &conn, p).await;
+                    // Whatever this connection held stays with this (stopping) daemon.
+                    return;
+                }
+                _ => Some(Reply::error(seq, ErrorCode::Denied, "only the daemon's own uid or root may take over".into())),
+            }
         } else {
             match &peer {
-                Ok(p) => handle(&shared, p, &conn, &buf[..got.len], &mut leases).await,
+                Ok((p, None)) => handle(&shared, p, &conn, &buf[..got.len], &mut leases).await,
+                Ok((p, Some(why))) => {
+                    if !refusal_logged {
+                        // Once per client connection, at its first request (not at connect:
+                        // the shim links every process at load time, asking or not).
+                        refusal_logged = true;
+                        info!(pid = p.pid, uid = p.tenant.uid, reason = %why, "client not allowed: its requests are refused");
+                    }
+                    refuse(&shared, &buf[..got.len], why)
+                }
                 Err(e) => {
                     let seq = wire::decode(&buf[..got.len]).map_or(0, |(_, s)| s);
                     Some(Reply::error(seq, ErrorCode::Denied, format!("client not identified: {e}")))
@@ -314,6 +424,14 @@ async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: CancellationToken) {
             }
         }
     }
+    if handing_over {
+        if let Ok((p, _)) = peer {
+            let conn = conn.into_inner();
+            let leases = leases.drain().collect();
+            shared.handed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(crate::handover::HandedClient { conn, peer: p, leases });
+        }
+        return;
+    }
     // Whatever is still leased was not given back cleanly: close it, never reuse it.
     if !leases.is_empty() {
         let mut pools = shared.lock();
@@ -323,6 +441,22 @@ async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: CancellationToken) {
                 p.stats.discarded += 1;
             }
             shared.metrics.discard(Discard::LeaseLost);
+        }
+    }
+}
+
+/// The answer to a request from a client that is not allowed: never a socket.
+fn refuse(shared: &Shared, buf: &[u8], why: &str) -> Option<Reply> {
+    match wire::decode(buf) {
+        // No lease can exist, and a give-back gets no answer from anyone.
+        Ok((Msg::Release { .. }, _)) => None,
+        Ok((_, seq)) => {
+            shared.metrics.denied.fetch_add(1, Ordering::Relaxed);
+            Some(Reply::error(seq, ErrorCode::Denied, why.to_owned()))
+        }
+        Err(e) => {
+            shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            Some(Reply::error(0, e.code(), e.to_string()))
         }
     }
 }
@@ -350,9 +484,14 @@ impl Reply {
 }
 
 async fn send_reply(conn: &AsyncFd<OwnedFd>, r: Reply) -> bool {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+    send_within(conn, &r.bytes, r.fd, std::time::Duration::from_secs(1)).await
+}
+
+/// Send one message (and fd), waiting up to `wait` for room in the socket buffer.
+pub(crate) async fn send_within(conn: &AsyncFd<OwnedFd>, bytes: &[u8], fd: Option<i32>, wait: std::time::Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + wait;
     loop {
-        match wire::unix::send(conn.as_raw_fd(), &r.bytes, r.fd, libc::MSG_DONTWAIT) {
+        match wire::unix::send(conn.as_raw_fd(), bytes, fd, libc::MSG_DONTWAIT) {
             Ok(_) => return true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 let ready = tokio::time::timeout_at(deadline, conn.writable()).await;
@@ -422,7 +561,8 @@ async fn handle(shared: &Arc<Shared>, peer: &Peer, conn: &AsyncFd<OwnedFd>, buf:
             Some(Reply::msg(&Msg::StatusReply(&text), seq))
         }
         Msg::Prewarm(d) => Some(prewarm(shared, &peer.tenant, d.socket_addr(), seq)),
-        Msg::Grant { .. } | Msg::Miss { .. } | Msg::StatusReply(_) | Msg::Error { .. } => {
+        Msg::Takeover => Some(Reply::error(seq, ErrorCode::Denied, "take-over is only possible as the first request of a connection from the daemon's uid".into())),
+        Msg::Grant { .. } | Msg::Miss { .. } | Msg::StatusReply(_) | Msg::Error { .. } | Msg::Handover { .. } => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
             Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))
         }
@@ -477,7 +617,7 @@ async fn acquire_peer(
 }
 
 /// Settings for a destination, creating the caller's pool if needed. `None`: not pooled.
-fn pool_for<'a>(
+pub(crate) fn pool_for<'a>(
     shared: &Shared,
     pools: &'a mut HashMap<PoolKey, Pool<PooledSock>>,
     key: &PoolKey,
@@ -743,19 +883,24 @@ impl DemandTracker {
         }
         let now = Instant::now();
         for (cg, uid, dest) in hot {
-            let cgroup: Arc<str> = match shared.config.tenant_by {
-                crate::config::TenantBy::Uid => Arc::from(""),
-                crate::config::TenantBy::UidAndCgroup => {
-                    let path = self
-                        .cgroup_paths
-                        .entry(cg)
-                        .or_insert_with(|| shim_user::assist::cgroup_path_of_id(cg, &roots).map(Arc::from));
-                    match path {
-                        Some(p) => p.clone(),
-                        None => continue,
-                    }
+            let by_uid = shared.config.tenant_by == crate::config::TenantBy::Uid;
+            let cgroup: Arc<str> = if by_uid && shared.config.allow_cgroups.is_none() {
+                Arc::from("")
+            } else {
+                let path = self
+                    .cgroup_paths
+                    .entry(cg)
+                    .or_insert_with(|| shim_user::assist::cgroup_path_of_id(cg, &roots).map(Arc::from));
+                match path {
+                    Some(p) => p.clone(),
+                    None => continue,
                 }
             };
+            // No sockets kept for a tenant that may not have them.
+            if shared.config.admits(uid, &cgroup).is_err() {
+                continue;
+            }
+            let cgroup = if by_uid { Arc::from("") } else { cgroup };
             let key = PoolKey { tenant: Tenant { uid, cgroup }, dest };
             let (n, timeout) = {
                 let mut pools = shared.lock();

@@ -28,6 +28,10 @@
 //!   `JOB/NAME` in UTF-8 (1..=256 bytes). Asks for this side's end of a link to another
 //!   function (see the pool manager's `peer` module). Reply: `Grant`, `Miss` or `Error`;
 //!   possibly preceded by `Miss(Pending)`.
+//! * `Takeover` (8 bytes): sent by a successor pool manager (same uid as the running one, or
+//!   root) on its own connection: the running daemon stops, and answers with `Handover`
+//!   messages carrying its listening socket, its pooled sockets, its client connections and
+//!   their leases, then `Handover(Done)`, and exits.
 //!
 //! Replies (daemon → client):
 //!
@@ -42,6 +46,8 @@
 //! * `StatusReply` (8 bytes + UTF-8 text): one pool per line, tab-separated columns.
 //! * `Error` (10 bytes + UTF-8 text): `code: u16` ([`ErrorCode`]) and a human-readable reason.
 //!   The client treats it as a miss.
+//! * `Handover` (9 bytes + UTF-8 text, one fd except for `Done`): `item: u8`
+//!   ([`HandoverItem`]) and tab-separated metadata (see the pool manager's `handover` module).
 //!
 //! A receiver closes any fd attached to a message that must not carry one, and treats a
 //! truncated control message (`MSG_CTRUNC`) as an error. Any message shorter than its kind
@@ -77,12 +83,16 @@ pub enum Kind {
     Prewarm = 4,
     /// Ask for this side's end of a link to a peer function, by name.
     AcquirePeer = 5,
+    /// A successor asks the running daemon to hand everything over.
+    Takeover = 6,
     /// A socket is attached.
     Grant = 0x81,
     /// No socket: connect yourself.
     Miss = 0x82,
     /// The pool table.
     StatusReply = 0x83,
+    /// One item of a hand-over to a successor.
+    Handover = 0x84,
     /// The request was refused.
     Error = 0x8f,
 }
@@ -95,6 +105,8 @@ impl Kind {
             3 => Self::Status,
             4 => Self::Prewarm,
             5 => Self::AcquirePeer,
+            6 => Self::Takeover,
+            0x84 => Self::Handover,
             0x81 => Self::Grant,
             0x82 => Self::Miss,
             0x83 => Self::StatusReply,
@@ -138,6 +150,22 @@ pub enum MissReason {
     AtLimit = 3,
     /// Not final: the socket is being made; the answer follows within `retry_after_ms`.
     Pending = 4,
+}
+
+/// What a `Handover` message carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum HandoverItem {
+    /// The end of the hand-over (no fd).
+    Done = 0,
+    /// The listening socket.
+    Listener = 1,
+    /// An idle pooled socket.
+    Idle = 2,
+    /// A client connection (a function's link to the daemon).
+    Client = 3,
+    /// A leased socket of the client handed over last.
+    Lease = 4,
 }
 
 /// Error codes carried by `Error`.
@@ -250,6 +278,15 @@ pub enum Msg<'a> {
     /// See the module docs.
     StatusReply(&'a str),
     /// See the module docs.
+    Takeover,
+    /// See the module docs.
+    Handover {
+        /// What the attached fd is.
+        item: HandoverItem,
+        /// Its metadata.
+        text: &'a str,
+    },
+    /// See the module docs.
     Error {
         /// What kind of refusal.
         code: ErrorCode,
@@ -328,6 +365,15 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         Msg::Status => {
             header(buf, Kind::Status, seq);
             HEADER_LEN
+        }
+        Msg::Takeover => {
+            header(buf, Kind::Takeover, seq);
+            HEADER_LEN
+        }
+        Msg::Handover { item, text } => {
+            header(buf, Kind::Handover, seq);
+            buf[8] = item as u8;
+            9 + copy_text(text, &mut buf[9..])
         }
         Msg::AcquirePeer { port, name } => {
             header(buf, Kind::AcquirePeer, seq);
@@ -423,6 +469,19 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
             Msg::Release { lease: u64_at(8), disposition }
         }
         Kind::Status => Msg::Status,
+        Kind::Takeover => Msg::Takeover,
+        Kind::Handover => {
+            need(9)?;
+            let item = match buf[8] {
+                0 => HandoverItem::Done,
+                1 => HandoverItem::Listener,
+                2 => HandoverItem::Idle,
+                3 => HandoverItem::Client,
+                4 => HandoverItem::Lease,
+                _ => return Err(DecodeError::BadField),
+            };
+            Msg::Handover { item, text: core::str::from_utf8(&buf[9..]).map_err(|_| DecodeError::BadField)? }
+        }
         Kind::AcquirePeer => {
             need(11)?;
             let name = core::str::from_utf8(&buf[10..]).map_err(|_| DecodeError::BadField)?;
@@ -475,7 +534,7 @@ mod tests {
         for cut in 0..n {
             if let Ok((short, _)) = decode(&buf[..cut]) {
                 assert!(
-                    matches!(short, Msg::StatusReply(_) | Msg::Error { .. } | Msg::Status | Msg::AcquirePeer { .. }),
+                    matches!(short, Msg::StatusReply(_) | Msg::Error { .. } | Msg::Status | Msg::AcquirePeer { .. } | Msg::Takeover | Msg::Handover { .. }),
                     "{short:?}"
                 );
             }
@@ -491,6 +550,9 @@ mod tests {
         roundtrip(Msg::Release { lease: u64::MAX - 3, disposition: Disposition::Shared });
         roundtrip(Msg::Status);
         roundtrip(Msg::AcquirePeer { port: 7000, name: "job/reducer-1" });
+        roundtrip(Msg::Takeover);
+        roundtrip(Msg::Handover { item: HandoverItem::Lease, text: "7\t198.18.0.2:80\t5" });
+        roundtrip(Msg::Handover { item: HandoverItem::Done, text: "" });
         roundtrip(Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 });
         roundtrip(Msg::Prewarm(v6));
         roundtrip(Msg::Grant { lease: 9, source: Source::Reuse });
