@@ -563,6 +563,12 @@ impl Nginx {
 
     /// `keepalive_timeout` value verbatim, e.g. "75s", "2s", "0" (disables keep-alive).
     pub fn start_with(keepalive_timeout: &str) -> Nginx {
+        Self::start_with_connections(keepalive_timeout, 1024)
+    }
+
+    /// `start_with` and `worker_connections` (default 1024). nginx also needs an
+    /// RLIMIT_NOFILE above that; it inherits the test process's limit.
+    pub fn start_with_connections(keepalive_timeout: &str, worker_connections: u32) -> Nginx {
         let bin = tool_path("nginx");
         let dir = TempDir::new();
         let port = free_port();
@@ -584,7 +590,7 @@ error_log {d}/error.log info;
 pid {d}/nginx.pid;
 
 events {{
-    worker_connections 1024;
+    worker_connections {worker_connections};
 }}
 
 http {{
@@ -942,5 +948,28 @@ impl Cgroup {
 impl Drop for Cgroup {
     fn drop(&mut self) {
         let _ = wait_until(Duration::from_secs(2), || fs::remove_dir(&self.0).is_ok());
+    }
+}
+
+impl Nginx {
+    /// Stop nginx (by PID) and start it again on the same port with the same
+    /// configuration: every connection it had is closed by the server.
+    pub fn restart(&mut self) {
+        terminate_child(&mut self.child, Duration::from_secs(5));
+        let (out, err) = log_stdio(&self.dir.join("nginx.out"));
+        self.child = Command::new(tool_path("nginx"))
+            .arg("-e")
+            .arg(&self.error_log)
+            .arg("-c")
+            .arg(&self.conf)
+            .arg("-p")
+            .arg(self.dir.path())
+            .env_remove("LD_PRELOAD")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("respawn nginx");
+        self.wait_ready();
     }
 }
