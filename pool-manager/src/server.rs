@@ -251,7 +251,12 @@ pub async fn run_with(
     for h in adopted {
         shared.active_clients.fetch_add(1, Ordering::Relaxed);
         let leases: HashMap<u64, Lease> = h.leases.into_iter().collect();
-        let refusal = shared.config.admits(h.peer.tenant.uid, &h.peer.tenant.cgroup).err();
+        // Judge the client by this daemon's configuration (it may differ from the
+        // predecessor's); the tenant stays the one its leases were made for.
+        let refusal = match identify(&shared, &h.conn) {
+            Ok((_, refusal)) => refusal,
+            Err(_) => shared.config.admits(h.peer.tenant.uid, &h.peer.tenant.cgroup).err(),
+        };
         tasks.spawn(client_with(shared.clone(), h.conn, Ok((h.peer, refusal)), leases, cancel.clone()));
     }
     tasks.spawn(maintain(shared.clone(), cancel.clone()));
