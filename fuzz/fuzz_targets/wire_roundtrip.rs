@@ -1,0 +1,186 @@
+//! Structured messages (built with `arbitrary`) through `encode` then `decode`.
+//!
+//! * `encode` never panics for any buffer of at least 32 bytes (its documented minimum) up
+//!   to `MAX_MESSAGE`, returns at most the buffer's length and writes nothing past what it
+//!   returns.
+//! * Fixed-size messages have the lengths the protocol documents.
+//! * `decode` gives back the same message and sequence number; text bodies that do not fit
+//!   come back cut on a char boundary, as long as fits. The only things `encode` does not
+//!   check are a `Dest` whose domain is neither 4 nor 6 and an empty `AcquirePeer` name:
+//!   `decode` must reject exactly those.
+#![no_main]
+
+use std::cell::RefCell;
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use warmpool_wire::{
+    decode, encode, DecodeError, Dest, Disposition, ErrorCode, HandoverItem, MissReason, Msg, Source, HEADER_LEN,
+    MAX_MESSAGE, MAX_PEER_NAME,
+};
+
+/// Poison for the bytes `encode` must not write.
+const FILL: u8 = 0xA5;
+/// How far past the returned length the poison is checked (refilling and scanning up to
+/// 64 KiB on every run would cost most of the fuzzing time).
+const GUARD: usize = 256;
+
+thread_local! {
+    // All `FILL` between runs.
+    static BUF: RefCell<Vec<u8>> = RefCell::new(vec![FILL; MAX_MESSAGE]);
+}
+
+#[derive(Debug, Arbitrary)]
+struct ADest {
+    domain: u8,
+    port: u16,
+    addr: [u8; 16],
+    scope_id: u32,
+}
+
+#[derive(Debug, Arbitrary)]
+enum AMsg {
+    Acquire(ADest),
+    Release { lease: u64, disposition: u8 },
+    Status,
+    Prewarm(ADest),
+    AcquirePeer { port: u16, name: String },
+    Grant { lease: u64, source: u8 },
+    Miss { reason: u8, retry_after_ms: u32 },
+    StatusReply(String),
+    Takeover,
+    Handover { item: u8, text: String },
+    Error { code: u8, text: String },
+}
+
+#[derive(Debug, Arbitrary)]
+struct Input {
+    msg: AMsg,
+    seq: u32,
+    /// Buffer size is 32 + this, modulo the largest message.
+    extra: u16,
+}
+
+fn pick<T: Copy>(all: &[T], i: u8) -> T {
+    all[usize::from(i) % all.len()]
+}
+
+fn dest(d: &ADest) -> Dest {
+    Dest { domain: d.domain, port: d.port, addr: d.addr, scope_id: d.scope_id }
+}
+
+fn build(m: &AMsg) -> Msg<'_> {
+    match m {
+        AMsg::Acquire(d) => Msg::Acquire(dest(d)),
+        AMsg::Prewarm(d) => Msg::Prewarm(dest(d)),
+        AMsg::Release { lease, disposition } => Msg::Release {
+            lease: *lease,
+            disposition: pick(&[Disposition::Clean, Disposition::Shared, Disposition::Implicit], *disposition),
+        },
+        AMsg::Status => Msg::Status,
+        AMsg::AcquirePeer { port, name } => Msg::AcquirePeer { port: *port, name },
+        AMsg::Grant { lease, source } => {
+            Msg::Grant { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source) }
+        }
+        AMsg::Miss { reason, retry_after_ms } => Msg::Miss {
+            reason: pick(&[MissReason::Empty, MissReason::NotPooled, MissReason::AtLimit, MissReason::Pending], *reason),
+            retry_after_ms: *retry_after_ms,
+        },
+        AMsg::StatusReply(t) => Msg::StatusReply(t),
+        AMsg::Takeover => Msg::Takeover,
+        AMsg::Handover { item, text } => Msg::Handover {
+            item: pick(
+                &[HandoverItem::Done, HandoverItem::Listener, HandoverItem::Idle, HandoverItem::Client, HandoverItem::Lease],
+                *item,
+            ),
+            text,
+        },
+        AMsg::Error { code, text } => Msg::Error {
+            code: pick(
+                &[ErrorCode::Malformed, ErrorCode::Version, ErrorCode::UnexpectedFd, ErrorCode::Denied, ErrorCode::Internal],
+                *code,
+            ),
+            text,
+        },
+    }
+}
+
+fuzz_target!(|input: Input| {
+    BUF.with(|b| {
+        let buf = &mut *b.borrow_mut();
+        let len = 32 + usize::from(input.extra) % (MAX_MESSAGE - 32 + 1);
+        // (Nothing can be written past `len`: `encode` is safe code and gets a slice.)
+        let n = encode(&build(&input.msg), input.seq, &mut buf[..len]);
+        assert!((HEADER_LEN..=len).contains(&n), "encode returned {n} for a {len}-byte buffer");
+        let dirty = (n + GUARD).min(len);
+        assert!(buf[n..dirty].iter().all(|&x| x == FILL), "encode wrote past its length {n}");
+        check(&input, &buf[..n], len);
+        buf[..dirty].fill(FILL);
+    });
+});
+
+/// `bytes` is what `encode` wrote for `input` into a `len`-byte buffer.
+fn check(input: &Input, bytes: &[u8], len: usize) {
+    let msg = build(&input.msg);
+    let n = bytes.len();
+
+    let fixed = match msg {
+        Msg::Acquire(_) | Msg::Prewarm(_) => Some(32),
+        Msg::Release { .. } | Msg::Grant { .. } => Some(17),
+        Msg::Miss { .. } => Some(13),
+        Msg::Status | Msg::Takeover => Some(HEADER_LEN),
+        // (Exhaustive on purpose: a new message kind must be added to this target.)
+        Msg::AcquirePeer { .. } | Msg::StatusReply(_) | Msg::Handover { .. } | Msg::Error { .. } => None,
+    };
+    if let Some(f) = fixed {
+        assert_eq!(n, f, "{msg:?}");
+    }
+
+    let got = decode(bytes);
+    if let Msg::Acquire(d) | Msg::Prewarm(d) = msg {
+        if d.domain != 4 && d.domain != 6 {
+            assert_eq!(got, Err(DecodeError::BadField), "domain {} accepted", d.domain);
+            return;
+        }
+    }
+    if let Msg::AcquirePeer { name: "", .. } = msg {
+        assert_eq!(got, Err(DecodeError::Truncated), "empty peer name accepted");
+        return;
+    }
+    let (back, seq) = match got {
+        Ok(v) => v,
+        Err(e) => panic!("{msg:?} encoded as {bytes:02x?} does not decode: {e}"),
+    };
+    assert_eq!(seq, input.seq);
+    match (msg, back) {
+        (Msg::StatusReply(t), Msg::StatusReply(t2)) => check_text(t, t2, len - HEADER_LEN),
+        (Msg::AcquirePeer { port, name }, Msg::AcquirePeer { port: p2, name: n2 }) => {
+            assert_eq!(port, p2);
+            check_text(name, n2, (len - HEADER_LEN - 2).min(MAX_PEER_NAME));
+        }
+        (Msg::Handover { item, text }, Msg::Handover { item: i2, text: t2 }) => {
+            assert_eq!(item, i2);
+            check_text(text, t2, len - HEADER_LEN - 1);
+        }
+        (Msg::Error { code, text }, Msg::Error { code: c2, text: t2 }) => {
+            assert_eq!(code, c2);
+            check_text(text, t2, len - HEADER_LEN - 2);
+        }
+        (m, b) => assert_eq!(m, b),
+    }
+}
+
+/// `got` is `sent`, or, if that did not fit in `room` bytes, its longest prefix that does and
+/// ends on a char boundary.
+fn check_text(sent: &str, got: &str, room: usize) {
+    if sent.len() <= room {
+        assert_eq!(sent, got);
+    } else {
+        assert!(sent.starts_with(got), "cut text is not a prefix");
+        let mut n = room;
+        while !sent.is_char_boundary(n) {
+            n -= 1;
+        }
+        assert_eq!(got.len(), n, "text cut at {} instead of {n} (room {room})", got.len());
+    }
+}
