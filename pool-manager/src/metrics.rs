@@ -204,7 +204,16 @@ pub async fn serve_with(listener: tokio::net::TcpListener, render: Arc<dyn Fn() 
             () = cancel.cancelled() => return,
             a = listener.accept() => a,
         };
-        let Ok((mut conn, _)) = accepted else { continue };
+        let mut conn = match accepted {
+            Ok((c, _)) => c,
+            Err(e) => {
+                // Out of fds (EMFILE/ENFILE): the pending connection keeps the listener
+                // readable, so retrying at once would spin. Back off like the main listener.
+                tracing::debug!(error = %e, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
         let render = render.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];

@@ -239,7 +239,10 @@ async fn punch(local: SocketAddr, peer: SocketAddr, deadline: tokio::time::Insta
                 match l.accept().await {
                     Ok((s, from)) if from == peer => return s,
                     Ok((_, from)) => tracing::debug!(%from, "ignoring a connection that is not the peer"),
-                    Err(e) => tracing::debug!(error = %e, "accept on the punch port failed"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "accept on the punch port failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                 }
             },
             None => std::future::pending().await,
