@@ -18,6 +18,7 @@ mod link;
 mod netns;
 mod nginx;
 mod reuse;
+mod shuffle;
 mod svg;
 mod topo;
 
@@ -137,6 +138,56 @@ enum Cmd {
         #[command(flatten)]
         path: PathArgs,
     },
+    /// Shuffle: reduce-by-key among mappers (client host) and reducers (server host) over
+    /// peer links, through Redis, and through a local S3-compatible object store.
+    Shuffle {
+        /// Mappers.
+        #[arg(long, default_value_t = 4)]
+        mappers: usize,
+        /// Reducers.
+        #[arg(long, default_value_t = 4)]
+        reducers: usize,
+        /// Bytes each mapper produces.
+        #[arg(long, default_value_t = 16_000_000)]
+        bytes: u64,
+        /// Exchanges, comma-separated.
+        #[arg(long, value_enum, value_delimiter = ',', default_value = "peer,peer-prewarmed,redis,s3")]
+        via: Vec<shuffle::Via>,
+        /// Repetitions.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Output directory [default: results/shuffle/<timestamp>].
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        path: PathArgs,
+    },
+    /// A shuffle mapper.
+    #[command(hide = true)]
+    ShuffleMap {
+        #[arg(long)]
+        id: usize,
+        #[arg(long)]
+        reducers: usize,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, value_enum)]
+        via: shuffle::Via,
+        #[arg(long)]
+        target: std::net::SocketAddr,
+    },
+    /// A shuffle reducer.
+    #[command(hide = true)]
+    ShuffleReduce {
+        #[arg(long)]
+        id: usize,
+        #[arg(long)]
+        mappers: usize,
+        #[arg(long, value_enum)]
+        via: shuffle::Via,
+        #[arg(long)]
+        target: std::net::SocketAddr,
+    },
     /// Client for `link`: sequential connects through the shim, µs each.
     #[command(hide = true)]
     PeerClient {
@@ -232,6 +283,14 @@ fn main() -> Result<()> {
             link::run(&path.hosts("10ms", None)?, reps, bytes, out)
         }
         Cmd::PeerClient { target, rounds } => link::client(target, rounds),
+        Cmd::Shuffle { mappers, reducers, bytes, via, reps, out, path } => {
+            if path.topology == "two-node" {
+                anyhow::bail!("shuffle runs on --topology local or loopback");
+            }
+            shuffle::run(&path.hosts("1ms", None)?, mappers, reducers, bytes, &via, reps, out)
+        }
+        Cmd::ShuffleMap { id, reducers, bytes, via, target } => shuffle::map(id, reducers, bytes, via, target),
+        Cmd::ShuffleReduce { id, mappers, via, target } => shuffle::reduce(id, mappers, via, target),
         Cmd::PeerSend { target, bytes } => link::send(target, bytes),
         Cmd::PeerRecv { target } => link::recv(target),
     }

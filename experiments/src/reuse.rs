@@ -173,6 +173,11 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        // WARMPOOL_KEEP=1 keeps the run's logs and configurations for inspection.
+        if std::env::var_os("WARMPOOL_KEEP").is_some_and(|v| v == "1") {
+            eprintln!("kept {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }

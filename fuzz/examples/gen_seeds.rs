@@ -115,7 +115,7 @@ fn rdv_seeds(dir: &Path) {
         ("claimed", Frame::Claimed { link: 77 }),
         ("ping", Frame::Ping { token: 42 }),
         ("pong", Frame::Pong { token: 42 }),
-        ("punch", Frame::Punch { peer: v4, delay_us: 1500, link: 77, name: "reducer-1".into(), port: 7000 }),
+        ("punch", Frame::Punch { peer: v4, delay_us: 1500, rtt_hint_us: 3000, link: 77, name: "reducer-1".into(), port: 7000 }),
         ("verdict", Frame::Verdict { relay: true }),
         ("relaying", Frame::Relaying),
         ("refused", Frame::Refused { reason: "bad mac".into() }),
@@ -136,7 +136,7 @@ fn rdv_seeds(dir: &Path) {
     std::fs::write(dir.join("seed-ok-stream-all"), &stream).expect("write seed");
     let body_only = frames[0].1.encode()[4..].to_vec();
     std::fs::write(dir.join("seed-ok-hello-body-only"), body_only).expect("write seed");
-    let mut bad_family = Frame::Punch { peer: v4, delay_us: 1, link: 1, name: "n".into(), port: 1 }.encode();
+    let mut bad_family = Frame::Punch { peer: v4, delay_us: 1, rtt_hint_us: 2, link: 1, name: "n".into(), port: 1 }.encode();
     bad_family[5] = 5;
     std::fs::write(dir.join("seed-bad-punch-family"), bad_family).expect("write seed");
     let mut too_big = ((MAX_FRAME + 1) as u32).to_le_bytes().to_vec();

@@ -132,6 +132,9 @@ pub enum Frame {
         peer: SocketAddr,
         /// Wait this long first, so both ends start together.
         delay_us: u32,
+        /// The sum of both ends' RTTs to the rendezvous server: an upper estimate of the
+        /// RTT between them, which bounds how long one connect attempt may wait.
+        rtt_hint_us: u32,
         /// Link id.
         link: u64,
         /// Peer name within the job.
@@ -348,9 +351,10 @@ impl Frame {
             }
             Self::Claimed { link } => o.u64(*link),
             Self::Ping { token } | Self::Pong { token } => o.u64(*token),
-            Self::Punch { peer, delay_us, link, name, port } => {
+            Self::Punch { peer, delay_us, rtt_hint_us, link, name, port } => {
                 o.addr(*peer);
                 o.u32(*delay_us);
+                o.u32(*rtt_hint_us);
                 o.u64(*link);
                 o.str(name);
                 o.u16(*port);
@@ -395,7 +399,7 @@ impl Frame {
             0x83 => Self::Assigned { req: i.u32()?, link: i.u64()? },
             0x84 => Self::LinkStart { link: i.u64()?, peer: i.str()?, port: i.u16()?, spare: i.bool()? },
             0x85 => Self::Ping { token: i.u64()? },
-            0x86 => Self::Punch { peer: i.addr()?, delay_us: i.u32()?, link: i.u64()?, name: i.str()?, port: i.u16()? },
+            0x86 => Self::Punch { peer: i.addr()?, delay_us: i.u32()?, rtt_hint_us: i.u32()?, link: i.u64()?, name: i.str()?, port: i.u16()? },
             0x87 => Self::Relaying,
             0x8f => Self::Refused { reason: i.str()? },
             t => return Err(FrameError::UnknownType(t)),
@@ -440,7 +444,7 @@ mod tests {
             Frame::Claimed { link: 77 },
             Frame::Ping { token: 42 },
             Frame::Pong { token: 42 },
-            Frame::Punch { peer: v4, delay_us: 1500, link: 77, name: "reducer-1".into(), port: 7000 },
+            Frame::Punch { peer: v4, delay_us: 1500, rtt_hint_us: 3000, link: 77, name: "reducer-1".into(), port: 7000 },
             Frame::Verdict { relay: true },
             Frame::Relaying,
             Frame::Refused { reason: "bad mac".into() },

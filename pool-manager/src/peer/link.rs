@@ -224,8 +224,11 @@ pub struct Made {
 /// own connect() with RST (no NAT, or a NAT that rejects), the listener accepts the peer's
 /// next SYN instead; retries are jittered so the two sides do not stay in lockstep. Only a
 /// connection from `peer` itself is taken.
-async fn punch(local: SocketAddr, peer: SocketAddr, deadline: tokio::time::Instant, attempts: &AtomicU64) -> Option<TcpStream> {
-    let per_try = (deadline - tokio::time::Instant::now()) / 3;
+async fn punch(local: SocketAddr, peer: SocketAddr, rtt_hint: Duration, deadline: tokio::time::Instant, attempts: &AtomicU64) -> Option<TcpStream> {
+    // One attempt waits a few RTTs (never less than 30 ms, at most a third of the budget):
+    // a lost SYN is sent again much sooner than the kernel's 1 s SYN timeout, and an
+    // attempt is never given up before the answer to it can arrive.
+    let per_try = (rtt_hint * 3).max(Duration::from_millis(30)).min((deadline - tokio::time::Instant::now()) / 3);
     let listener = match reusable_socket(local).and_then(|s| s.listen(16)) {
         Ok(l) => Some(l),
         Err(e) => {
@@ -259,7 +262,7 @@ async fn punch(local: SocketAddr, peer: SocketAddr, deadline: tokio::time::Insta
                     return std::future::pending().await;
                 }
             };
-            let until = (now + per_try.max(Duration::from_millis(50))).min(deadline);
+            let until = (now + per_try).min(deadline);
             match tokio::time::timeout_at(until, s.connect(peer)).await {
                 Ok(Ok(c)) => return c,
                 Ok(Err(e)) => {
@@ -289,6 +292,7 @@ pub struct Order {
     pub port: u16,
     peer_ep: SocketAddr,
     delay: Duration,
+    rtt_hint: Duration,
 }
 
 /// Answer pings on a link connection until the punch order comes (`wait`: how long).
@@ -301,8 +305,15 @@ async fn wait_order(rdv: &mut TcpStream, wait: Option<Duration>) -> Result<Order
         };
         match f.map_err(rdv_io)? {
             Frame::Ping { token } => write_frame(rdv, &Frame::Pong { token }).await.map_err(rdv_io)?,
-            Frame::Punch { peer, delay_us, link, name, port } => {
-                return Ok(Order { link, name, port, peer_ep: peer, delay: Duration::from_micros(u64::from(delay_us)) })
+            Frame::Punch { peer, delay_us, rtt_hint_us, link, name, port } => {
+                return Ok(Order {
+                    link,
+                    name,
+                    port,
+                    peer_ep: peer,
+                    delay: Duration::from_micros(u64::from(delay_us)),
+                    rtt_hint: Duration::from_micros(u64::from(rtt_hint_us)),
+                });
             }
             Frame::Refused { reason } => return Err(LinkError::Refused(reason)),
             other => return Err(LinkError::Rendezvous(format!("unexpected {other:?}"))),
@@ -355,7 +366,7 @@ pub async fn complete(cfg: &PeerSettings, mut rdv: TcpStream, order: Order, peer
     let link = order.link;
     tokio::time::sleep(order.delay).await;
     let deadline = tokio::time::Instant::now() + cfg.punch_timeout;
-    let direct = if cfg.punch { punch(local, order.peer_ep, deadline, &m.punch_attempts).await } else { None };
+    let direct = if cfg.punch { punch(local, order.peer_ep, order.rtt_hint, deadline, &m.punch_attempts).await } else { None };
     if let Some(mut direct) = direct {
         m.punch_ok.fetch_add(1, Ordering::Relaxed);
         // The proof is two small writes in a row: without NODELAY, Nagle holds the second

@@ -98,9 +98,10 @@ impl std::fmt::Debug for Server {
 /// both SYNs leave at about the same moment.
 fn orders(link: u64, rec: &LinkRec, a: (SocketAddr, Duration), b: (SocketAddr, Duration)) -> [Frame; 2] {
     let far = a.1.max(b.1);
+    let rtt_hint_us = (a.1 + b.1).as_micros().min(u128::from(u32::MAX)) as u32;
     [
-        Frame::Punch { peer: b.0, delay_us: ((far - a.1) / 2).as_micros() as u32, link, name: rec.ends[1].clone(), port: rec.port },
-        Frame::Punch { peer: a.0, delay_us: ((far - b.1) / 2).as_micros() as u32, link, name: rec.ends[0].clone(), port: rec.port },
+        Frame::Punch { peer: b.0, delay_us: ((far - a.1) / 2).as_micros() as u32, rtt_hint_us, link, name: rec.ends[1].clone(), port: rec.port },
+        Frame::Punch { peer: a.0, delay_us: ((far - b.1) / 2).as_micros() as u32, rtt_hint_us, link, name: rec.ends[0].clone(), port: rec.port },
     ]
 }
 
