@@ -30,9 +30,12 @@ declare -A CHECK=(
     [pkg-config]="pkg-config"
     [librsvg2-bin]="rsvg-convert"
     [bpftool]="bpftool"
+    [python3-venv]=""
+    [g++]="g++"
 )
 ORDER=(nginx-light redis-server redis-tools curl python3 busybox-static iproute2 nftables
-       util-linux procps ca-certificates build-essential pkg-config librsvg2-bin bpftool)
+       util-linux procps ca-certificates build-essential pkg-config librsvg2-bin bpftool
+       python3-venv g++)
 
 have_cmd() {
     local c=$1
@@ -98,6 +101,19 @@ if ! [ -x /bin/busybox ] && ! command -v busybox >/dev/null 2>&1; then
     exit 1
 fi
 log "tools: nginx redis-server redis-cli curl python3 setpriv cc busybox ok"
+
+# The S3-compatible object store for `experiments shuffle`: moto's server (PyPI) in its own
+# virtual environment, so the system Python stays untouched.
+S3VENV=${WARMPOOL_S3VENV:-/opt/warmpool/s3venv}
+if [ -x "$S3VENV/bin/moto_server" ]; then
+    log "S3 server: $S3VENV/bin/moto_server present"
+else
+    log "S3 server: installing moto[server] into $S3VENV"
+    ${SUDO[@]+"${SUDO[@]}"} mkdir -p "$(dirname "$S3VENV")"
+    ${SUDO[@]+"${SUDO[@]}"} /usr/bin/python3 -m venv "$S3VENV"
+    ${SUDO[@]+"${SUDO[@]}"} "$S3VENV/bin/pip" install -q --disable-pip-version-check 'moto[server]>=5,<6'
+    [ -x "$S3VENV/bin/moto_server" ] || { log "ERROR: moto_server missing after install" >&2; exit 1; }
+fi
 
 if command -v cargo >/dev/null 2>&1; then
     log "cargo: $(cargo --version)"

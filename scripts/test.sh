@@ -21,4 +21,13 @@ cargo test --release --workspace -- --test-threads=1 "$@"
 status=$?
 set -e
 echo "test: cargo test exited with status $status"
+# Bounded fuzzing of the wire and rendezvous protocols (seed corpus in fuzz/corpus), only
+# for a full run (no test-name filter given).
+if [ "$#" -eq 0 ] && [ "${WARMPOOL_FUZZ_SECONDS:-30}" != 0 ]; then
+    echo "test: scripts/fuzz.sh ${WARMPOOL_FUZZ_SECONDS:-30}"
+    if ! bash scripts/fuzz.sh "${WARMPOOL_FUZZ_SECONDS:-30}"; then
+        echo "test: fuzzing found a failure"
+        status=1
+    fi
+fi
 exit "$status"

@@ -184,3 +184,27 @@ fn link_short_run_times_links_and_relays() {
     assert!(summary.contains("| on-demand |") && summary.contains("3 RTTs + 5 ms"), "{summary}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn shuffle_short_run_every_exchange_computes_the_same_result() {
+    if !root_or_skip("shuffle_short_run") {
+        return;
+    }
+    let out = out_dir("shuffle");
+    // The driver checks every reducer's digest against a local computation and fails the
+    // run on any difference, so a successful run is a correct shuffle over every exchange.
+    run(&["shuffle", "--rtt", "1ms", "--mappers", "2", "--reducers", "3", "--bytes", "640000", "--reps", "1", "--out", out.to_str().unwrap()]);
+    let (header, rows) = csv(&out.join("shuffle.csv"));
+    assert_eq!(header, "via,rep,mappers,reducers,bytes_per_mapper,job_ms,bytes_moved");
+    let vias: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(vias, ["peer", "peer-prewarmed", "redis", "s3"]);
+    for r in &rows {
+        assert!(r[5].parse::<f64>().unwrap() > 0.0);
+    }
+    // Through a store every byte is written and read: twice the payload.
+    let moved = |v: &str| rows.iter().find(|r| r[0] == v).unwrap()[6].parse::<u64>().unwrap();
+    assert_eq!(moved("s3"), 2 * moved("peer"));
+    let status = std::fs::read_to_string(out.join("status-peer.txt")).unwrap();
+    assert!(status.contains("PEER shuf/a"), "{status}");
+    let _ = std::fs::remove_dir_all(&out);
+}
