@@ -12,6 +12,7 @@ use crate::reuse::{artifacts, machine, timestamp, Daemon, Scratch};
 use crate::svg::{self, Chart, Scale, Series};
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -21,11 +22,18 @@ use std::time::{Duration, Instant};
 pub(crate) const SIZES: [usize; 5] = [1, 4, 16, 64, 256];
 
 /// `burst-client`: start `n` functions at once, wait for all; print the total in µs.
-pub(crate) fn client(addr: SocketAddr, n: usize) -> Result<()> {
+pub(crate) fn client(addr: SocketAddr, n: usize, peer: Option<SocketAddr>) -> Result<()> {
     let exe = std::env::current_exe()?;
     let t = Instant::now();
     let children: Vec<_> = (0..n)
-        .map(|_| Command::new(&exe).arg("function").arg(addr.to_string()).stdout(Stdio::null()).spawn())
+        .map(|_| {
+            let mut c = Command::new(&exe);
+            c.arg("function").arg(addr.to_string());
+            if let Some(p) = peer {
+                c.arg("--peer").arg(p.to_string());
+            }
+            c.stdout(Stdio::null()).spawn()
+        })
         .collect::<Result<_, _>>()?;
     let mut failed = 0;
     for mut c in children {
@@ -41,8 +49,49 @@ pub(crate) fn client(addr: SocketAddr, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// `peer-echo-server`: the peers of a burst without the pool: answer one line per connection.
+pub(crate) fn echo_server(listen: SocketAddr) -> Result<()> {
+    let l = std::net::TcpListener::bind(listen)?;
+    for c in l.incoming() {
+        let Ok(mut c) = c else { continue };
+        std::thread::spawn(move || {
+            let mut b = [0u8; 5];
+            if c.read_exact(&mut b).is_ok() {
+                let _ = c.write_all(&b);
+            }
+        });
+    }
+    Ok(())
+}
+
+/// `peer-echo`: the peers of a burst with the pool: take `n` link ends (through the shim)
+/// and answer one line on each.
+pub(crate) fn echo_links(target: SocketAddr, n: usize) -> Result<()> {
+    std::thread::scope(|sc| -> Result<()> {
+        let hs: Vec<_> = (0..n)
+            .map(|_| {
+                sc.spawn(move || -> Result<()> {
+                    let mut c = std::net::TcpStream::connect(target).with_context(|| format!("peer link {target}"))?;
+                    let mut b = [0u8; 5];
+                    c.read_exact(&mut b)?;
+                    c.write_all(&b)?;
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
+        }
+        Ok(())
+    })
+}
+
+const PEER_CHANNEL: u16 = 7300;
+const ECHO_PORT: u16 = 7301;
+const BURST_RDV_PORT: u16 = 7302;
+
 /// The `burst` driver.
-pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathBuf>) -> Result<()> {
+pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathBuf>, peer: bool) -> Result<()> {
     let (pool_manager, preload) = artifacts()?;
     let out = out.unwrap_or_else(|| PathBuf::from("results/burst").join(timestamp()));
     std::fs::create_dir_all(&out)?;
@@ -50,10 +99,45 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
     let nginx = Nginx::start(&work.0.join("nginx"), hosts)?;
     let max = sizes.iter().copied().max().unwrap_or(1);
     let toml = work.0.join("pool.toml");
+    // With peers: every function also exchanges a line with a peer on the server host. Without
+    // the pool that peer is a plain echo server (as if the hosts could reach each other);
+    // with the pool it is a function behind `burst/b`'s pool manager, reached over a link
+    // from a pool kept at N prewarmed links.
+    let mut peer_procs = vec![];
+    let mut peer_cfg = String::new();
+    let mut echo_addr = None;
+    let mut b_socket = PathBuf::new();
+    if peer {
+        let ip = hosts.server_ip();
+        let echo = SocketAddr::new(ip, hosts.server_port(ECHO_PORT)?);
+        peer_procs.push(KillOnDrop(hosts.server(std::env::current_exe()?).args(["peer-echo-server", "--listen", &echo.to_string()]).stdout(Stdio::null()).spawn()?));
+        echo_addr = Some(echo);
+        let rdv = SocketAddr::new(ip, hosts.server_port(BURST_RDV_PORT)?);
+        let secret = work.0.join("burst.secret");
+        std::fs::write(&secret, "burst-experiment-secret-0123")?;
+        peer_procs.push(KillOnDrop(
+            hosts
+                .server(&pool_manager)
+                .args(["rendezvous", "--listen", &rdv.to_string(), "--job", &format!("burst={}", secret.display())])
+                .env_remove("LD_PRELOAD")
+                .stderr(std::fs::File::create(work.0.join("rdv.log"))?)
+                .spawn()?,
+        ));
+        let common = |name: &str, other: &str| {
+            format!("[peer]\nname = \"burst/{name}\"\nrendezvous = \"{rdv}\"\nsecret_file = \"{}\"\npeers = [\"burst/{other}\"]\n", secret.display())
+        };
+        b_socket = work.0.join("b.sock");
+        let b_toml = work.0.join("b.toml");
+        std::fs::write(&b_toml, format!("socket = \"{}\"\n{}", b_socket.display(), common("b", "a")))?;
+        peer_procs.push(KillOnDrop(
+            hosts.server(&pool_manager).args(["serve", "--config"]).arg(&b_toml).env_remove("LD_PRELOAD").stderr(std::fs::File::create(work.0.join("b.log"))?).spawn()?,
+        ));
+        peer_cfg = format!("{}prewarm = [\"burst/b:{PEER_CHANNEL}\"]\nprewarm_links = {max}\n", common("a", "b"));
+    }
     std::fs::write(
         &toml,
         format!(
-            "[[pool]]\ndestination = \"{}\"\npolicy = \"warm\"\nmin_idle = {max}\nmax_idle = {max}\nmax_per_destination = {}\n",
+            "[[pool]]\ndestination = \"{}\"\npolicy = \"warm\"\nmin_idle = {max}\nmax_idle = {max}\nmax_per_destination = {}\n{peer_cfg}",
             nginx.addr,
             2 * max
         ),
@@ -69,13 +153,46 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
             for rep in 0..reps {
                 if config == "pool" {
                     wait_for_idle(&daemon, n)?;
+                    if peer {
+                        wait_for_links(&daemon, n)?;
+                    }
                 }
+                let peer_target = match (peer, config) {
+                    (false, _) => None,
+                    (true, "pool") => Some(SocketAddr::new(vaddr(&pool_manager, "burst/b")?, PEER_CHANNEL)),
+                    (true, _) => echo_addr,
+                };
+                // The peers' side takes its n link ends (they are ready in its pool too).
+                let echo = if peer && config == "pool" {
+                    let to_a = SocketAddr::new(vaddr(&pool_manager, "burst/a")?, PEER_CHANNEL);
+                    Some(
+                        hosts
+                            .server(&exe)
+                            .args(["peer-echo", "--target", &to_a.to_string(), "--n", &n.to_string()])
+                            .env("LD_PRELOAD", &preload)
+                            .env("WARMPOOL_SOCKET", &b_socket)
+                            .stdout(Stdio::null())
+                            .spawn()?,
+                    )
+                } else {
+                    None
+                };
                 let env: Vec<(&str, &std::ffi::OsStr)> = if config == "pool" {
                     vec![("LD_PRELOAD", preload.as_os_str()), ("WARMPOOL_SOCKET", daemon.socket.as_os_str())]
                 } else {
                     vec![]
                 };
-                let o = hosts.client(&exe, &env).args(["burst-client", "--addr", &nginx.addr.to_string(), "--n", &n.to_string()]).output()?;
+                let mut cmd = hosts.client(&exe, &env);
+                cmd.args(["burst-client", "--addr", &nginx.addr.to_string(), "--n", &n.to_string()]);
+                if let Some(p) = peer_target {
+                    cmd.args(["--peer", &p.to_string()]);
+                }
+                let o = cmd.output()?;
+                if let Some(mut e) = echo {
+                    if !e.wait()?.success() {
+                        bail!("the peers' side of a burst of {n} failed");
+                    }
+                }
                 if !o.status.success() {
                     bail!("burst of {n} ({config}) failed: {}", String::from_utf8_lossy(&o.stderr));
                 }
@@ -91,7 +208,8 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
     std::fs::write(out.join("burst.csv"), &csv)?;
     let status = daemon.cli(&["status"])?;
     let mut md = String::new();
-    let _ = writeln!(md, "# Burst start: N functions at once, each connect → request → reply\n");
+    let what = if peer { "connect → request → reply, then one exchange with a peer function" } else { "connect → request → reply" };
+    let _ = writeln!(md, "# Burst start: N functions at once, each {what}\n");
     let _ = writeln!(md, "Path: {}; {reps} repetitions; machine: `{}`. Median time until all N are done.\n", hosts.describe(), machine());
     let _ = writeln!(md, "| N | baseline ms | pool ms | baseline / pool |");
     let _ = writeln!(md, "|---:|---:|---:|---:|");
@@ -112,6 +230,44 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
     print!("{md}");
     println!("\nwrote {}/{{burst.csv,burst.svg,burst.png,summary.md}}", out.display());
     Ok(())
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child we started, by PID.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn vaddr(pool_manager: &std::path::Path, peer: &str) -> Result<std::net::IpAddr> {
+    let o = Command::new(pool_manager).args(["peer-addr", peer]).output()?;
+    Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
+}
+
+/// Wait until `n` links to `burst/b` are ready in the daemon's pool.
+fn wait_for_links(daemon: &Daemon, n: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let status = daemon.cli(&["status"])?;
+        let ready: usize = status
+            .lines()
+            .filter(|l| l.starts_with("burst/b"))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some(f.get(3)?.parse::<usize>().ok()? + f.get(4)?.parse::<usize>().ok()?)
+            })
+            .sum();
+        if ready >= n {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the pool did not make {n} peer links:\n{status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn wait_for_idle(daemon: &Daemon, n: usize) -> Result<()> {

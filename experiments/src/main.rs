@@ -80,6 +80,10 @@ enum Cmd {
         /// Output directory [default: results/burst/<timestamp>].
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Every function also exchanges a line with a peer function on the server host
+        /// (with the pool: over a prewarmed peer link). Local and loopback topologies.
+        #[arg(long)]
+        peer: bool,
         #[command(flatten)]
         path: PathArgs,
     },
@@ -90,6 +94,23 @@ enum Cmd {
         #[arg(long)]
         addr: std::net::SocketAddr,
         /// How many functions.
+        #[arg(long)]
+        n: usize,
+        /// Peer address.
+        #[arg(long)]
+        peer: Option<std::net::SocketAddr>,
+    },
+    /// Peers of a burst without the pool.
+    #[command(hide = true)]
+    PeerEchoServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+    /// Peers of a burst with the pool.
+    #[command(hide = true)]
+    PeerEcho {
+        #[arg(long)]
+        target: std::net::SocketAddr,
         #[arg(long)]
         n: usize,
     },
@@ -215,6 +236,9 @@ enum Cmd {
     Function {
         /// Server address.
         addr: std::net::SocketAddr,
+        /// Then exchange a line with a peer here.
+        #[arg(long)]
+        peer: Option<std::net::SocketAddr>,
     },
 }
 
@@ -268,14 +292,19 @@ fn main() -> Result<()> {
             fct::run(&hosts, &sizes, reps, cases, out, &rate)
         }
         Cmd::ServeBytes { listen } => fct::serve(listen),
-        Cmd::Burst { sizes, reps, out, path } => {
+        Cmd::Burst { sizes, reps, out, peer, path } => {
             let sizes = if sizes.is_empty() { burst::SIZES.to_vec() } else { sizes };
-            burst::run(&path.hosts("1ms", None)?, &sizes, reps, out)
+            if peer && path.topology == "two-node" {
+                anyhow::bail!("burst --peer runs on --topology local or loopback");
+            }
+            burst::run(&path.hosts("1ms", None)?, &sizes, reps, out, peer)
         }
-        Cmd::BurstClient { addr, n } => burst::client(addr, n),
+        Cmd::BurstClient { addr, n, peer } => burst::client(addr, n, peer),
+        Cmd::PeerEchoServer { listen } => burst::echo_server(listen),
+        Cmd::PeerEcho { target, n } => burst::echo_links(target, n),
         Cmd::Server { listen } => server(listen),
         Cmd::FctClient { server, sizes, reps, warmup } => fct::client(server, &sizes, reps, warmup),
-        Cmd::Function { addr } => reuse::function(addr),
+        Cmd::Function { addr, peer } => reuse::function(addr, peer),
         Cmd::Link { reps, bytes, out, path } => {
             if path.topology == "two-node" {
                 anyhow::bail!("link runs on --topology local or loopback (both pool managers are started here)");

@@ -44,8 +44,9 @@ impl Config {
     }
 }
 
-/// One function invocation: connect, GET, read the whole reply, close; print µs.
-pub(crate) fn function(addr: SocketAddr) -> Result<()> {
+/// One function invocation: connect, GET, read the whole reply, close; with `peer`, then
+/// also exchange one line with a peer at that address; print µs.
+pub(crate) fn function(addr: SocketAddr, peer: Option<SocketAddr>) -> Result<()> {
     let t0 = Instant::now();
     let mut s = TcpStream::connect(addr)?;
     let connected = t0.elapsed();
@@ -76,8 +77,17 @@ pub(crate) fn function(addr: SocketAddr) -> Result<()> {
         }
         buf.extend_from_slice(&chunk[..n]);
     }
-    let us = t0.elapsed().as_secs_f64() * 1e6;
     drop(s);
+    if let Some(p) = peer {
+        let mut s = TcpStream::connect(p).with_context(|| format!("peer {p}"))?;
+        s.write_all(b"ping\n")?;
+        let mut got = [0u8; 5];
+        s.read_exact(&mut got)?;
+        if &got != b"ping\n" {
+            bail!("peer answered {got:?}");
+        }
+    }
+    let us = t0.elapsed().as_secs_f64() * 1e6;
     println!("{us:.1} {:.1}", connected.as_secs_f64() * 1e6);
     Ok(())
 }

@@ -208,3 +208,21 @@ fn shuffle_short_run_every_exchange_computes_the_same_result() {
     assert!(status.contains("PEER shuf/a"), "{status}");
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn burst_with_peers_short_run_uses_prewarmed_links() {
+    if !root_or_skip("burst_with_peers_short_run") {
+        return;
+    }
+    let out = out_dir("burst-peer");
+    run(&["burst", "--peer", "--sizes", "1,4", "--reps", "1", "--out", out.to_str().unwrap()]);
+    let (header, rows) = csv(&out.join("burst.csv"));
+    assert_eq!(header, "config,n,rep,total_us");
+    assert_eq!(rows.len(), 4, "2 sizes x 2 configurations");
+    let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(summary.contains("one exchange with a peer function"), "{summary}");
+    // The pool's functions reached their peers over links from the pool (every burst checks
+    // its peers' answers; the status shows the peer section of the pool).
+    assert!(summary.contains("PEER burst/a"), "{summary}");
+    let _ = std::fs::remove_dir_all(&out);
+}

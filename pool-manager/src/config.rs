@@ -548,7 +548,7 @@ impl FilePeer {
             virtual_range,
             peers,
             prewarm,
-            prewarm_links: self.prewarm_links.unwrap_or(1).min(64),
+            prewarm_links: self.prewarm_links.unwrap_or(1).min(1024),
             punch_timeout,
             link_timeout,
             relay: self.relay.unwrap_or(true),
