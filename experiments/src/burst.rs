@@ -8,6 +8,7 @@
 
 use crate::hosts::Hosts;
 use crate::nginx::Nginx;
+use crate::peers::{vaddr, wait_ready_links, KillOnDrop};
 use crate::reuse::{artifacts, machine, timestamp, Daemon, Scratch};
 use crate::svg::{self, Chart, Scale, Series};
 use anyhow::{bail, Context, Result};
@@ -154,7 +155,7 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
                 if config == "pool" {
                     wait_for_idle(&daemon, n)?;
                     if peer {
-                        wait_for_links(&daemon, n)?;
+                        wait_ready_links(&daemon, "burst/b", Some(PEER_CHANNEL), n)?;
                     }
                 }
                 let peer_target = match (peer, config) {
@@ -230,44 +231,6 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
     print!("{md}");
     println!("\nwrote {}/{{burst.csv,burst.svg,burst.png,summary.md}}", out.display());
     Ok(())
-}
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        // SAFETY: signalling a child we started, by PID.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-fn vaddr(pool_manager: &std::path::Path, peer: &str) -> Result<std::net::IpAddr> {
-    let o = Command::new(pool_manager).args(["peer-addr", peer]).output()?;
-    Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
-}
-
-/// Wait until `n` links to `burst/b` are ready in the daemon's pool.
-fn wait_for_links(daemon: &Daemon, n: usize) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let status = daemon.cli(&["status"])?;
-        let ready: usize = status
-            .lines()
-            .filter(|l| l.starts_with("burst/b"))
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                Some(f.get(3)?.parse::<usize>().ok()? + f.get(4)?.parse::<usize>().ok()?)
-            })
-            .sum();
-        if ready >= n {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("the pool did not make {n} peer links:\n{status}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 fn wait_for_idle(daemon: &Daemon, n: usize) -> Result<()> {

@@ -12,13 +12,14 @@
 //! (so the path a ⇄ b and a ⇄ rendezvous each cross the emulated RTT once).
 
 use crate::hosts::Hosts;
+use crate::peers::{vaddr, wait_ready_links, KillOnDrop};
 use crate::reuse::{artifacts, machine, timestamp, Daemon, Scratch};
 use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const RDV_PORT: u16 = 7700;
@@ -79,26 +80,13 @@ pub(crate) fn recv(target: SocketAddr) -> Result<()> {
 }
 
 struct Side {
-    rdv: Child,
-    b: Child,
+    // Field order: exp/a's manager stops first, then exp/b's, then the rendezvous server.
     a: Daemon,
+    _b: KillOnDrop,
+    _rdv: KillOnDrop,
     b_socket: PathBuf,
 }
 
-impl Drop for Side {
-    fn drop(&mut self) {
-        for c in [&mut self.b, &mut self.rdv] {
-            // SAFETY: signalling children we started, by PID.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-}
-
-fn vaddr(pool_manager: &Path, peer: &str) -> Result<std::net::IpAddr> {
-    let o = std::process::Command::new(pool_manager).args(["peer-addr", peer]).output()?;
-    Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
-}
 
 fn start(hosts: &Hosts, work: &Path, pool_manager: &Path, punch: bool, prewarm: usize) -> Result<Side> {
     let server_ip = hosts.server_ip();
@@ -107,14 +95,14 @@ fn start(hosts: &Hosts, work: &Path, pool_manager: &Path, punch: bool, prewarm: 
     let secret = work.join("job.secret");
     std::fs::write(&secret, "experiments-link-secret-0123456789")?;
     let tag = if punch { "direct" } else { "relay" };
-    let rdv = hosts
+    let rdv = KillOnDrop(hosts
         .server(pool_manager)
         .args(["rendezvous", "--listen", &rdv_addr.to_string(), "--job", &format!("exp={}", secret.display())])
         .env_remove("LD_PRELOAD")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(work.join(format!("rdv-{tag}.log")))?)
         .spawn()
-        .context("starting the rendezvous server")?;
+        .context("starting the rendezvous server")?);
     let deadline = Instant::now() + Duration::from_secs(10);
     while !hosts.reachable(rdv_addr) {
         if Instant::now() > deadline {
@@ -131,14 +119,16 @@ fn start(hosts: &Hosts, work: &Path, pool_manager: &Path, punch: bool, prewarm: 
     let b_toml = work.join(format!("b-{tag}.toml"));
     let b_socket = work.join(format!("b-{tag}.sock"));
     std::fs::write(&b_toml, format!("socket = \"{}\"\n{}", b_socket.display(), cfg("b", "a", "")))?;
-    let b = hosts
-        .server(pool_manager)
-        .args(["serve", "--config"])
-        .arg(&b_toml)
-        .env_remove("LD_PRELOAD")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(work.join(format!("b-{tag}.log")))?)
-        .spawn()?;
+    let b = KillOnDrop(
+        hosts
+            .server(pool_manager)
+            .args(["serve", "--config"])
+            .arg(&b_toml)
+            .env_remove("LD_PRELOAD")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(work.join(format!("b-{tag}.log")))?)
+            .spawn()?,
+    );
     let a_toml = work.join(format!("a-{tag}.toml"));
     let extra = if prewarm > 0 { format!("prewarm = [\"exp/b:{PREWARMED}\"]\nprewarm_links = {prewarm}") } else { String::new() };
     std::fs::write(&a_toml, cfg("a", "b", &extra))?;
@@ -158,20 +148,9 @@ fn start(hosts: &Hosts, work: &Path, pool_manager: &Path, punch: bool, prewarm: 
         std::thread::sleep(Duration::from_millis(20));
     }
     std::thread::sleep(Duration::from_millis(300));
-    Ok(Side { rdv, b, a, b_socket })
+    Ok(Side { a, _b: b, _rdv: rdv, b_socket })
 }
 
-fn ready_links(a: &Daemon, port: u16) -> Result<usize> {
-    let status = a.cli(&["status"])?;
-    Ok(status
-        .lines()
-        .filter(|l| l.starts_with("exp/b") && l.split_whitespace().nth(1) == Some(&port.to_string()))
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            Some(f.get(3)?.parse::<usize>().ok()? + f.get(4)?.parse::<usize>().ok()?)
-        })
-        .sum())
-}
 
 fn connects(hosts: &Hosts, a: &Daemon, preload: &Path, target: SocketAddr, rounds: usize) -> Result<Vec<f64>> {
     let exe = std::env::current_exe()?;
@@ -229,13 +208,7 @@ pub(crate) fn run(hosts: &Hosts, reps: usize, bytes: u64, out: Option<PathBuf>) 
         let side = start(hosts, &work.0, &pool_manager, punch, if punch { prewarm } else { 0 })?;
         let mut cases = vec![(if punch { "on-demand" } else { "relayed" }, ON_DEMAND, reps)];
         if punch {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while ready_links(&side.a, PREWARMED)? < prewarm {
-                if Instant::now() > deadline {
-                    bail!("prewarmed links did not become ready:\n{}", side.a.cli(&["status"])?);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            wait_ready_links(&side.a, "exp/b", Some(PREWARMED), prewarm)?;
             cases.push(("prewarmed", PREWARMED, prewarm));
         }
         for (name, port, n) in cases {

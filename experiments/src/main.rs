@@ -17,6 +17,7 @@ mod hosts;
 mod link;
 mod netns;
 mod nginx;
+mod peers;
 mod reuse;
 mod shuffle;
 mod svg;

@@ -11,14 +11,15 @@
 //! driver checks that every transport produced the same digests as a local computation.
 
 use crate::hosts::Hosts;
+use crate::peers::{ready_links, vaddr, wait_ready_links, KillOnDrop};
 use crate::reuse::{artifacts, machine, timestamp, Daemon, Scratch};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 const RECORD: usize = 64;
@@ -319,18 +320,6 @@ fn expected(mappers: usize, reducers: usize, bytes: u64) -> Result<Vec<String>> 
     Ok(accs.iter().map(digest).collect())
 }
 
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            // SAFETY: signalling children we started, by PID.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let _ = c.wait();
-        }
-    }
-}
-
 fn wait_port(hosts: &Hosts, addr: SocketAddr, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !hosts.reachable(addr) {
@@ -363,11 +352,11 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
     let exe = std::env::current_exe()?;
     let want = expected(mappers, reducers, bytes)?;
     // Servers on the server host.
-    let mut servers = Killed(vec![]);
+    let mut servers: Vec<KillOnDrop> = vec![];
     let redis_addr = SocketAddr::new(server_ip, hosts.server_port(REDIS_PORT)?);
     let s3_addr = SocketAddr::new(server_ip, hosts.server_port(S3_PORT)?);
     if vias.contains(&Via::Redis) {
-        servers.0.push(
+        servers.push(KillOnDrop(
             hosts
                 .server("redis-server")
                 .args(["--bind", &server_ip.to_string(), "--port", &redis_addr.port().to_string(), "--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -375,7 +364,7 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
                 .stdout(Stdio::null())
                 .spawn()
                 .context("starting redis-server")?,
-        );
+        ));
         wait_port(hosts, redis_addr, "redis-server")?;
     }
     if vias.contains(&Via::S3) {
@@ -383,7 +372,7 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
         if !bin.exists() {
             bail!("{} missing: run scripts/setup.sh (it installs moto's S3 server in a venv) or set WARMPOOL_S3_SERVER", bin.display());
         }
-        servers.0.push(
+        servers.push(KillOnDrop(
             hosts
                 .server(&bin)
                 .args(["-H", &server_ip.to_string(), "-p", &s3_addr.port().to_string()])
@@ -391,7 +380,7 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
                 .stderr(std::fs::File::create(w.join("s3.log"))?)
                 .spawn()
                 .context("starting the S3 server")?,
-        );
+        ));
         wait_port(hosts, s3_addr, "the S3 server")?;
         let code = match hosts {
             Hosts::Local(t) => t.client.enter(move || Ok(http(s3_addr, "PUT", "/shuffle", &[])?.0))?,
@@ -407,21 +396,21 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
         let peers = matches!(via, Via::Peer | Via::PeerPrewarmed);
         // Peer links: a rendezvous server and shuf/b's manager on the server host, shuf/a's
         // manager on the client host (fresh for every transport, so nothing is left over).
-        let mut peer_procs = Killed(vec![]);
+        let mut peer_procs: Vec<KillOnDrop> = vec![];
         let mut a = None;
         let mut b_socket = PathBuf::new();
         if peers {
             let rdv = SocketAddr::new(server_ip, hosts.server_port(RDV_PORT)?);
             let secret = w.join("shuf.secret");
             std::fs::write(&secret, "shuffle-experiment-secret-000")?;
-            peer_procs.0.push(
+            peer_procs.push(KillOnDrop(
                 hosts
                     .server(&pool_manager)
                     .args(["rendezvous", "--listen", &rdv.to_string(), "--job", &format!("shuf={}", secret.display())])
                     .env_remove("LD_PRELOAD")
                     .stderr(std::fs::File::create(w.join(format!("rdv-{}.log", via.name())))?)
                     .spawn()?,
-            );
+            ));
             wait_port(hosts, rdv, "the rendezvous server")?;
             let channels: Vec<String> = (0..reducers).map(|j| format!("\"shuf/b:{}\"", CHANNEL_BASE + j as u16)).collect();
             let prewarm = if via == Via::PeerPrewarmed { format!("prewarm = [{}]\nprewarm_links = {mappers}\n", channels.join(", ")) } else { String::new() };
@@ -431,7 +420,7 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
             b_socket = w.join(format!("b-{}.sock", via.name()));
             let b_toml = w.join(format!("b-{}.toml", via.name()));
             std::fs::write(&b_toml, format!("socket = \"{}\"\n{}", b_socket.display(), cfg("b", "a", "")))?;
-            peer_procs.0.push(
+            peer_procs.push(KillOnDrop(
                 hosts
                     .server(&pool_manager)
                     .args(["serve", "--config"])
@@ -439,14 +428,14 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
                     .env_remove("LD_PRELOAD")
                     .stderr(std::fs::File::create(w.join(format!("b-{}.log", via.name())))?)
                     .spawn()?,
-            );
+            ));
             let a_toml = w.join(format!("a-{}.toml", via.name()));
             std::fs::write(&a_toml, cfg("a", "b", &prewarm))?;
             let d = Daemon::start(hosts, &pool_manager, w.join(format!("a-{}.sock", via.name())), &["--config".into(), a_toml.display().to_string()], &w.join(format!("a-{}.log", via.name())))?;
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
                 let st = d.cli(&["status"])?;
-                let ready: usize = st.lines().filter(|l| l.starts_with("shuf/b")).filter_map(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok()).sum();
+                let ready = ready_links(&st, "shuf/b", None);
                 if st.contains(", connected)") && b_socket.exists() && (via != Via::PeerPrewarmed || ready >= mappers * reducers) {
                     break;
                 }
@@ -461,14 +450,7 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
         for rep in 0..reps {
             if via == Via::PeerPrewarmed && rep > 0 {
                 // Wait for the pool to make the next job's links.
-                let d = a.as_ref().expect("peer daemon");
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while d.cli(&["status"])?.lines().filter(|l| l.starts_with("shuf/b")).filter_map(|l| l.split_whitespace().nth(3)?.parse::<usize>().ok()).sum::<usize>() < mappers * reducers {
-                    if Instant::now() > deadline {
-                        bail!("prewarmed links did not refill");
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
+                wait_ready_links(a.as_ref().expect("peer daemon"), "shuf/b", None, mappers * reducers)?;
             }
             let (map_target, reduce_target) = match via {
                 Via::Peer | Via::PeerPrewarmed => {
@@ -567,10 +549,6 @@ fn connect_on(hosts: &Hosts, addr: SocketAddr) -> Result<(TcpStream, BufReader<T
     }
 }
 
-fn vaddr(pool_manager: &Path, peer: &str) -> Result<std::net::IpAddr> {
-    let o = Command::new(pool_manager).args(["peer-addr", peer]).output()?;
-    Ok(String::from_utf8_lossy(&o.stdout).trim().parse()?)
-}
 
 #[cfg(test)]
 mod tests {

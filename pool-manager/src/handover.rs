@@ -253,7 +253,9 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
         }
     }
     shared.raise_next_lease(max_lease + 1);
-    info!(pooled = kept, closed, clients = out.len(), "adopted the predecessor's pools and clients");
+    if kept + closed > 0 || !out.is_empty() {
+        info!(pooled = kept, closed, clients = out.len(), "adopted the predecessor's pools and clients");
+    }
     out
 }
 

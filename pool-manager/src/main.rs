@@ -179,18 +179,7 @@ fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std
             let s = server.clone();
             tokio::spawn(pool_manager::metrics::serve_with(l, Arc::new(move || s.render_metrics()), cancel.clone()));
         }
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
-            stop.cancel();
-        });
+        tokio::spawn(cancel_on_signal(cancel.clone()));
         server.run(listener, cancel).await;
         Ok(())
     })
@@ -220,6 +209,19 @@ fn request(socket: &std::path::Path, msg: &pool_manager::wire::Msg<'_>) -> Resul
         Ok((other, _)) => bail!("unexpected answer {other:?}"),
         Err(e) => bail!("bad answer from the pool manager: {e}"),
     }
+}
+
+/// Fire `cancel` on SIGTERM or SIGINT.
+async fn cancel_on_signal(cancel: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: stopping"),
+        _ = int.recv() => info!("SIGINT: stopping"),
+    }
+    cancel.cancel();
 }
 
 fn keep_window_when_idle() {
@@ -304,18 +306,7 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
             info!(%addr, "metrics at http://{addr}/metrics");
             metrics_task = Some(tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone())));
         }
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => info!("SIGTERM: stopping"),
-                _ = int.recv() => info!("SIGINT: stopping"),
-            }
-            stop.cancel();
-        });
+        tokio::spawn(cancel_on_signal(cancel.clone()));
         let result = server::run_with(listener, shared.clone(), cancel.clone(), adopted).await;
         cancel.cancel();
         if let Some(t) = metrics_task {

@@ -7,40 +7,14 @@ mod common;
 
 use common::*;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 /// Other uids cannot read root's pyenv: use Debian's interpreter.
-const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 /// The uid (and gid) of the unprivileged functions.
 const NOBODY: u32 = 65_534;
 
-/// Copies of what other uids must read, in a world-readable temporary directory: the
-/// checkout itself may live under a directory only root can enter (e.g. /root).
-struct Staged {
-    dir: TempDir,
-}
-
-impl Staged {
-    fn new() -> Self {
-        let dir = TempDir::new();
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients/http_get.py");
-        for (from, to) in [(preload_path(), "libwarmpool_preload.so"), (script, "http_get.py"), (pool_manager_bin(), "pool-manager")] {
-            std::fs::copy(&from, dir.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
-        }
-        Self { dir }
-    }
-    fn preload(&self) -> PathBuf {
-        self.dir.join("libwarmpool_preload.so")
-    }
-    fn script(&self) -> PathBuf {
-        self.dir.join("http_get.py")
-    }
-    fn bin(&self) -> PathBuf {
-        self.dir.join("pool-manager")
-    }
-}
 
 /// `prog args` as `uid` (gid `gid`, no supplementary groups), or as root when `uid` is None.
 fn as_user(uid: Option<(u32, u32)>, prog: &Path, args: &[&str]) -> Command {
@@ -335,4 +309,87 @@ fn bad_allow_lists_and_socket_mode_are_clear_errors() {
         assert!(err.contains(want), "{toml:?}: expected {want:?} in: {err}");
         assert!(!socket.exists(), "{toml:?}: a daemon that does not start leaves no socket");
     }
+}
+
+/// The preload library does nothing in the pool manager itself: a daemon started with the
+/// shim in its environment (as `pool-manager exec` or a careless unit file would give it)
+/// still makes its own connections, and never becomes its own client.
+#[test]
+fn the_shim_does_nothing_in_the_daemon_itself() {
+    if !(require_tool("nginx") && require_tool("python3")) {
+        return;
+    }
+    let nginx = Nginx::start();
+    // Started by hand: the shim in the daemon's environment points at the daemon's own socket.
+    let dir = TempDir::new();
+    let sock = dir.join("self.sock");
+    let metrics = localhost(free_port());
+    let log_path = dir.join("daemon.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(pool_manager_bin())
+        .args(["serve", "--socket", sock.to_str().unwrap(), "--metrics", &metrics.to_string(), "--pool", &format!("{}=warm", nginx.addr())])
+        .env("LD_PRELOAD", preload_path())
+        .env("WARMPOOL_SOCKET", &sock)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let d = Daemon { child, socket: sock, metrics, log_path, dir };
+    assert!(wait_until(Duration::from_secs(10), || d.socket.exists()), "{}", d.log());
+    // Fill the pool (the CLI is the one client): the daemon connects with its own connects,
+    // not through itself ...
+    let o = Command::new(pool_manager_bin()).args(["prewarm", "--socket", d.socket.to_str().unwrap(), &nginx.addr().to_string()]).env_remove("LD_PRELOAD").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(wait_until(Duration::from_secs(5), || d.metric("warmpool_connects_total{result=\"ok\"}") >= 1.0), "{}", d.log());
+    // ... and the daemon never became its own client: the CLI was the only one.
+    assert_eq!(d.metric("warmpool_clients_total"), 1.0, "the daemon linked to itself:\n{}", d.log());
+}
+
+/// The preload library does nothing in a setuid program even when the loader loads it
+/// (from /etc/ld.so.preload, which applies to setuid programs too; here bind-mounted in a
+/// private mount namespace so nothing else on the machine sees it).
+#[test]
+fn the_shim_does_nothing_in_setuid_programs() {
+    if !(require_root("the_shim_does_nothing_in_setuid_programs") && require_tool("nginx") && require_tool("unshare")) {
+        return;
+    }
+    let nginx = Nginx::start();
+    let st = Staged::new();
+    let d = Daemon::start(&["--pool", &format!("{}=warm", nginx.addr())]);
+    // A setuid-root copy of the system Python and the staged library, readable by nobody.
+    let suid_python = st.preload().with_file_name("python3-suid");
+    std::fs::copy(SYSTEM_PYTHON, &suid_python).unwrap();
+    std::fs::set_permissions(&suid_python, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
+    let plain_python = st.preload().with_file_name("python3-plain");
+    std::fs::copy(SYSTEM_PYTHON, &plain_python).unwrap();
+    std::fs::set_permissions(&plain_python, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let etc = st.preload().with_file_name("etc");
+    let port = nginx.addr().port().to_string();
+    let run = |python: &Path, args: &str| {
+        // In a private mount namespace: a copy of /etc with an ld.so.preload naming the
+        // library, bind-mounted over /etc. The host's /etc is never written.
+        let script = format!(
+            "rm -rf {etc} && cp -a /etc {etc} && echo {lib} > {etc}/ld.so.preload && mount --bind {etc} /etc && \
+             exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups env WARMPOOL_SOCKET={sock} {python} {args}",
+            etc = etc.display(),
+            lib = st.preload().display(),
+            sock = d.socket.display(),
+            python = python.display(),
+        );
+        Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap()
+    };
+    // The setuid copy really runs with euid 0 here (no nosuid mount in the way).
+    let o = run(&suid_python, "-c 'import os; print(os.geteuid())'");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "0", "{}", String::from_utf8_lossy(&o.stderr));
+    let get = format!("{} blocking 127.0.0.1 {port} /suid", st.script().display());
+    let before = d.metric("warmpool_clients_total");
+    // Control: the same program without the setuid bit is served through the pool.
+    let o = run(&plain_python, &get);
+    assert!(o.status.success(), "{}{}", text(&o), String::from_utf8_lossy(&o.stderr));
+    assert!(d.metric("warmpool_clients_total") > before, "control: the preloaded plain program linked to the daemon\n{}", d.log());
+    let before = d.metric("warmpool_clients_total");
+    let o = run(&suid_python, &get);
+    assert!(o.status.success(), "{}{}", text(&o), String::from_utf8_lossy(&o.stderr));
+    assert_eq!(d.metric("warmpool_clients_total"), before, "a setuid program must not talk to the daemon\n{}", d.log());
 }

@@ -4,44 +4,12 @@ mod common;
 
 use common::*;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Other uids cannot read root's pyenv: use Debian's interpreter.
-const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
-fn client_script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients").join(name)
-}
 
-/// Copies of what other uids must read, in a world-readable temporary directory: the
-/// checkout itself may live under a directory only root can enter (e.g. /root).
-struct Staged {
-    dir: TempDir,
-}
-
-impl Staged {
-    fn new() -> Self {
-        let dir = TempDir::new();
-        for (from, to) in [
-            (preload_path(), "libwarmpool_preload.so"),
-            (client_script("http_get.py"), "http_get.py"),
-            (pool_manager_bin(), "pool-manager"),
-        ] {
-            std::fs::copy(&from, dir.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
-        }
-        Self { dir }
-    }
-    fn preload(&self) -> PathBuf {
-        self.dir.join("libwarmpool_preload.so")
-    }
-    fn script(&self) -> PathBuf {
-        self.dir.join("http_get.py")
-    }
-    fn bin(&self) -> PathBuf {
-        self.dir.join("pool-manager")
-    }
-}
 
 /// Run `python3 http_get.py blocking ...` under the shim as `uid`, optionally inside `cgroup`
 /// (moved there by a shell before exec); returns the local port the function used.

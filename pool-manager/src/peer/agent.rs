@@ -398,7 +398,7 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), S
                 agent.replenish();
                 continue;
             }
-            f = read_half_frame(&mut rd) => f.map_err(|e| e.to_string())?,
+            f = link::read_frame(&mut rd) => f.map_err(|e| e.to_string())?,
         };
         match frame {
             Frame::Assigned { req, link } => {
@@ -427,15 +427,6 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), S
     }
 }
 
-async fn read_half_frame(rd: &mut tokio::net::tcp::OwnedReadHalf) -> std::io::Result<Frame> {
-    use tokio::io::AsyncReadExt;
-    let mut p = [0u8; 4];
-    rd.read_exact(&mut p).await?;
-    let n = wire::rdv::frame_len(p).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; n];
-    rd.read_exact(&mut body).await?;
-    Frame::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 

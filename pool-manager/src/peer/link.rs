@@ -81,11 +81,11 @@ pub async fn write_frame(s: &mut TcpStream, f: &Frame) -> std::io::Result<()> {
     s.write_all(&f.encode()).await
 }
 
-/// Read exactly one frame.
+/// Read exactly one frame (from a stream or the read half of one).
 ///
 /// # Errors
 /// I/O; malformed frames as `InvalidData`.
-pub async fn read_frame(s: &mut TcpStream) -> std::io::Result<Frame> {
+pub async fn read_frame(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Frame> {
     let mut p = [0u8; 4];
     s.read_exact(&mut p).await?;
     let n = frame_len(p).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;

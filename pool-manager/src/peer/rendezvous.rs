@@ -265,12 +265,7 @@ impl Server {
         });
         let r = async {
             loop {
-                let mut p = [0u8; 4];
-                rd.read_exact(&mut p).await.map_err(|e| e.to_string())?;
-                let n = wire::rdv::frame_len(p).map_err(|e| e.to_string())?;
-                let mut body = vec![0u8; n];
-                rd.read_exact(&mut body).await.map_err(|e| e.to_string())?;
-                match Frame::decode(&body).map_err(|e| e.to_string())? {
+                match read_frame(&mut rd).await.map_err(|e| e.to_string())? {
                     Frame::LinkRequest { req, peer, port, prewarm } => self.link_request(&job, &name, &tx, req, &peer, port, prewarm),
                     Frame::Claimed { link } => self.claimed(&job, &name, link),
                     other => return Err(format!("unexpected {other:?} on a control connection")),

@@ -973,3 +973,44 @@ impl Nginx {
         self.wait_ready();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Other uids
+// ---------------------------------------------------------------------------------------
+
+/// The system Python (the one other uids can run, whatever PATH says).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
+/// A file in `tests/clients/`.
+pub fn client_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients").join(name)
+}
+
+/// Copies of what other uids must read, in a world-readable temporary directory: the
+/// checkout itself may live under a directory only root can enter (e.g. /root).
+pub struct Staged {
+    dir: TempDir,
+}
+
+impl Staged {
+    pub fn new() -> Self {
+        let dir = TempDir::new();
+        for (from, to) in [
+            (preload_path(), "libwarmpool_preload.so"),
+            (client_script("http_get.py"), "http_get.py"),
+            (pool_manager_bin(), "pool-manager"),
+        ] {
+            fs::copy(&from, dir.join(to)).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+        }
+        Self { dir }
+    }
+    pub fn preload(&self) -> PathBuf {
+        self.dir.join("libwarmpool_preload.so")
+    }
+    pub fn script(&self) -> PathBuf {
+        self.dir.join("http_get.py")
+    }
+    pub fn bin(&self) -> PathBuf {
+        self.dir.join("pool-manager")
+    }
+}
