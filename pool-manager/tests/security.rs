@@ -84,6 +84,9 @@ fn served(nginx: &Nginx, uri: &str) -> Vec<(u64, u64)> {
 /// The request for `uri` was the first and only one on a connection of its own: the program
 /// connected itself (a pooled socket is made by the daemon and, with `reuse`, used again).
 fn assert_own_connection(nginx: &Nginx, uri: &str) {
+    // nginx logs a request when it finalizes it, which may be just after the client has its
+    // answer.
+    wait_until(Duration::from_secs(3), || !served(nginx, uri).is_empty());
     let all = nginx.log_entries();
     let mine = served(nginx, uri);
     assert_eq!(mine.len(), 1, "{uri}: {all:?}");

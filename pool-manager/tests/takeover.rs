@@ -70,6 +70,8 @@ fn takeover_keeps_pooled_sockets_and_leases() {
     let mut line = String::new();
     out.read_line(&mut line).unwrap();
     assert!(line.starts_with("ready"), "{line}");
+    // (nginx logs a request just after answering it.)
+    assert!(wait_until(Duration::from_secs(3), || nginx.log_entries().iter().any(|e| e.2 == "/before")));
     let conns_before = nginx.distinct_connections();
 
     let started = Instant::now();
@@ -97,6 +99,7 @@ fn takeover_keeps_pooled_sockets_and_leases() {
     for _ in 0..3 {
         function(&new, &nginx, "/after-takeover");
     }
+    assert!(wait_until(Duration::from_secs(3), || nginx.log_entries().iter().filter(|e| e.2 == "/after-takeover").count() == 3));
     assert_eq!(nginx.distinct_connections(), conns_before, "no warm connection was lost in the restart");
     assert!(new.metric("warmpool_handouts_total{kind=\"reuse\"}") >= 3.0);
     // And the successor is a full daemon: it stops cleanly and removes the socket.
