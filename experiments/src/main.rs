@@ -258,6 +258,11 @@ struct PathArgs {
     /// 10ms for fct].
     #[arg(long)]
     rtt: Option<String>,
+    /// On a virtual machine with the haltpoll cpuidle driver: the guest halt polling window
+    /// for this run (restored afterwards; root). 0 makes every wake-up of an idle vCPU cost
+    /// tens of microseconds; the kernel's default is 200000.
+    #[arg(long, value_name = "NS")]
+    halt_poll_ns: Option<u64>,
 }
 
 impl PathArgs {
@@ -280,7 +285,13 @@ impl PathArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().cmd {
+    let cli = Cli::parse();
+    let halt = match &cli.cmd {
+        Cmd::Reuse { path, .. } | Cmd::Fct { path, .. } | Cmd::Burst { path, .. } | Cmd::Link { path, .. } | Cmd::Shuffle { path, .. } => path.halt_poll_ns,
+        _ => None,
+    };
+    let _halt = reuse::HaltPoll::set(halt)?;
+    match cli.cmd {
         Cmd::Reuse { runs, configs, out, path } => reuse::run(runs, &configs, out, &path.hosts("200us", None)?),
         Cmd::Fct { sizes, reps, congestion, rate, out, path } => {
             let sizes = if sizes.is_empty() { fct::SIZES.to_vec() } else { sizes };
