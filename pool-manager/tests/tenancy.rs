@@ -7,10 +7,6 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// Other uids cannot read root's pyenv: use Debian's interpreter.
-
-
-
 /// Run `python3 http_get.py blocking ...` under the shim as `uid`, optionally inside `cgroup`
 /// (moved there by a shell before exec); returns the local port the function used.
 fn function(st: &Staged, d: &Daemon, uid: u32, cgroup: Option<&Path>, port: u16) -> String {
@@ -21,11 +17,11 @@ fn function(st: &Staged, d: &Daemon, uid: u32, cgroup: Option<&Path>, port: u16)
         None => py,
     };
     let mut c = Command::new(tool_path("setpriv"));
-    if cgroup.is_some() {
+    if let Some(cgroup) = cgroup {
         // Join the cgroup as root first, then drop to the uid.
         c = Command::new("/bin/sh");
         c.args(["-c", &format!("echo $$ > {}/cgroup.procs && exec {} --reuid={uid} --regid={uid} --clear-groups {} {} blocking 127.0.0.1 {port} /tenant",
-            cgroup.unwrap().display(), tool_path("setpriv").display(), SYSTEM_PYTHON, script.display())]);
+            cgroup.display(), tool_path("setpriv").display(), SYSTEM_PYTHON, script.display())]);
     } else {
         c.args([&format!("--reuid={uid}"), &format!("--regid={uid}"), "--clear-groups", "/bin/sh", "-c", &inner]);
     }
