@@ -372,10 +372,15 @@ async fn client_with(
     let Ok(conn) = (unsafe { AsyncFd::register(conn) }) else { return };
     let mut buf = vec![0u8; 512];
     let mut handing_over = false;
+    // Made once: a fresh `cancelled()` future per request would register a waiter with the
+    // token (a lock) every time round.
+    let stop = cancel.cancelled();
+    let handover = shared.handover.cancelled();
+    tokio::pin!(stop, handover);
     loop {
         let mut guard = tokio::select! {
-            () = cancel.cancelled() => break,
-            () = shared.handover.cancelled() => {
+            () = &mut stop => break,
+            () = &mut handover => {
                 handing_over = true;
                 break;
             }
