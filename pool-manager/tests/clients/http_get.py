@@ -23,8 +23,8 @@ def request(host, path):
     return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: keep-alive\r\n\r\n".encode()
 
 
-def blocking(host, port, path):
-    s = socket.create_connection((host, port), timeout=5)
+def exchange(s, host, path):
+    """One keep-alive GET on connected socket `s`: (status, body)."""
     s.sendall(request(host, path))
     buf = b""
     while b"\r\n\r\n" not in buf:
@@ -36,6 +36,12 @@ def blocking(host, port, path):
     status, length = parse(head)
     while len(body) < length:
         body += s.recv(4096)
+    return status, body
+
+
+def blocking(host, port, path):
+    s = socket.create_connection((host, port), timeout=5)
+    status, body = exchange(s, host, path)
     local = s.getsockname()[1]
     s.close()
     return local, status, body
@@ -64,4 +70,5 @@ def main():
     print(local, status, body.decode().strip())
 
 
-main()
+if __name__ == "__main__":
+    main()
