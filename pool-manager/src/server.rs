@@ -400,32 +400,32 @@ async fn client_with(
             Some(Reply::error(0, ErrorCode::UnexpectedFd, "no request carries a file descriptor".into()))
         } else if got.truncated {
             Some(Reply::error(0, ErrorCode::Malformed, "message too long".into()))
-        } else if matches!(wire::decode(&buf[..got.len]), Ok((Msg::Takeover, _))) {
-            let seq = wire::decode(&buf[..got.len]).map_or(0, |(_, s)| s);
-            match &peer {
-                Ok((p, _)) if p.tenant.uid == 0 || p.tenant.uid == shared.daemon_uid => {
+        } else {
+            // Decoded once; every path below works on the decoded message.
+            match (wire::decode(&buf[..got.len]), &peer) {
+                (Err(e), _) => {
+                    shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                    Some(Reply::error(0, e.code(), e.to_string()))
+                }
+                (Ok((Msg::Takeover, _)), Ok((p, _))) if p.tenant.uid == 0 || p.tenant.uid == shared.daemon_uid => {
                     crate::handover::give(&shared, &conn, p).await;
                     // Whatever this connection held stays with this (stopping) daemon.
                     return;
                 }
-                _ => Some(Reply::error(seq, ErrorCode::Denied, "only the daemon's own uid or root may take over".into())),
-            }
-        } else {
-            match &peer {
-                Ok((p, None)) => handle(&shared, p, &conn, &buf[..got.len], &mut leases).await,
-                Ok((p, Some(why))) => {
+                (Ok((Msg::Takeover, seq)), _) => {
+                    Some(Reply::error(seq, ErrorCode::Denied, "only the daemon's own uid or root may take over".into()))
+                }
+                (Ok((msg, seq)), Ok((p, None))) => handle(&shared, p, &conn, msg, seq, &mut leases).await,
+                (Ok((msg, seq)), Ok((p, Some(why)))) => {
                     if !refusal_logged {
                         // Once per client connection, at its first request (not at connect:
                         // the shim links every process at load time, asking or not).
                         refusal_logged = true;
                         info!(pid = p.pid, uid = p.tenant.uid, reason = %why, "client not allowed: its requests are refused");
                     }
-                    refuse(&shared, &buf[..got.len], why)
+                    refuse(&shared, &msg, seq, why)
                 }
-                Err(e) => {
-                    let seq = wire::decode(&buf[..got.len]).map_or(0, |(_, s)| s);
-                    Some(Reply::error(seq, ErrorCode::Denied, format!("client not identified: {e}")))
-                }
+                (Ok((_, seq)), Err(e)) => Some(Reply::error(seq, ErrorCode::Denied, format!("client not identified: {e}"))),
             }
         };
         if let Some(r) = reply {
@@ -456,19 +456,13 @@ async fn client_with(
 }
 
 /// The answer to a request from a client that is not allowed: never a socket.
-fn refuse(shared: &Shared, buf: &[u8], why: &str) -> Option<Reply> {
-    match wire::decode(buf) {
+fn refuse(shared: &Shared, msg: &Msg<'_>, seq: u32, why: &str) -> Option<Reply> {
+    if matches!(msg, Msg::Release { .. }) {
         // No lease can exist, and a give-back gets no answer from anyone.
-        Ok((Msg::Release { .. }, _)) => None,
-        Ok((_, seq)) => {
-            shared.metrics.denied.fetch_add(1, Ordering::Relaxed);
-            Some(Reply::error(seq, ErrorCode::Denied, why.to_owned()))
-        }
-        Err(e) => {
-            shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            Some(Reply::error(0, e.code(), e.to_string()))
-        }
+        return None;
     }
+    shared.metrics.denied.fetch_add(1, Ordering::Relaxed);
+    Some(Reply::error(seq, ErrorCode::Denied, why.to_owned()))
 }
 
 /// A reply and the fd to attach.
@@ -480,7 +474,13 @@ struct Reply {
 
 impl Reply {
     fn msg(m: &Msg<'_>, seq: u32) -> Self {
-        let mut bytes = vec![0u8; wire::MAX_MESSAGE];
+        // Fixed-size messages fit in 64 bytes; only text bodies need more (a zeroed 64 KiB
+        // buffer per grant was measurable on the hand-out path).
+        let cap = match m {
+            Msg::StatusReply(t) | Msg::Error { text: t, .. } => (16 + t.len()).min(wire::MAX_MESSAGE),
+            _ => 64,
+        };
+        let mut bytes = vec![0u8; cap];
         let n = wire::encode(m, seq, &mut bytes);
         bytes.truncate(n);
         Self { bytes, fd: None }
@@ -515,14 +515,14 @@ pub(crate) async fn send_within(conn: &AsyncFd<OwnedFd>, bytes: &[u8], fd: Optio
     }
 }
 
-async fn handle(shared: &Arc<Shared>, peer: &Peer, conn: &AsyncFd<OwnedFd>, buf: &[u8], leases: &mut HashMap<u64, Lease>) -> Option<Reply> {
-    let (msg, seq) = match wire::decode(buf) {
-        Ok(m) => m,
-        Err(e) => {
-            shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            return Some(Reply::error(0, e.code(), e.to_string()));
-        }
-    };
+async fn handle(
+    shared: &Arc<Shared>,
+    peer: &Peer,
+    conn: &AsyncFd<OwnedFd>,
+    msg: Msg<'_>,
+    seq: u32,
+    leases: &mut HashMap<u64, Lease>,
+) -> Option<Reply> {
     match msg {
         Msg::Acquire(d) if shared.peer.as_ref().is_some_and(|a| is_virtual(a, d.socket_addr())) => {
             let agent = shared.peer.as_ref().expect("checked");
@@ -571,8 +571,7 @@ async fn handle(shared: &Arc<Shared>, peer: &Peer, conn: &AsyncFd<OwnedFd>, buf:
             Some(Reply::msg(&Msg::StatusReply(&text), seq))
         }
         Msg::Prewarm(d) => Some(prewarm(shared, &peer.tenant, d.socket_addr(), seq)),
-        Msg::Takeover => Some(Reply::error(seq, ErrorCode::Denied, "take-over is only possible as the first request of a connection from the daemon's uid".into())),
-        Msg::Grant { .. } | Msg::Miss { .. } | Msg::StatusReply(_) | Msg::Error { .. } | Msg::Handover { .. } => {
+        Msg::Grant { .. } | Msg::Miss { .. } | Msg::StatusReply(_) | Msg::Error { .. } | Msg::Handover { .. } | Msg::Takeover => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
             Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))
         }

@@ -9,6 +9,8 @@ import socket
 import sys
 import threading
 
+from http_get import exchange
+
 port, threads, rounds = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 errors = []
 
@@ -18,17 +20,11 @@ def worker(n):
         try:
             s = socket.create_connection(("127.0.0.1", port), timeout=5)
             path = f"/t{n}/r{i}"
-            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n\r\n".encode())
-            buf = b""
-            while not buf.endswith(b"hello\n"):
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                buf += chunk
+            status, body = exchange(s, "127.0.0.1", path)
             s.close()
-            if not buf.startswith(b"HTTP/1.1 200") or not buf.endswith(b"hello\n"):
-                errors.append(f"{path}: {buf[:60]!r}")
-        except Exception as e:  # noqa: BLE001 - every failure counts
+            if status != 200 or body != b"hello\n":
+                errors.append(f"{path}: {status} {body[:60]!r}")
+        except BaseException as e:  # noqa: BLE001 - every failure counts (SystemExit too)
             errors.append(f"thread {n} round {i}: {e!r}")
 
 
