@@ -15,7 +15,7 @@ use std::cell::RefCell;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use warmpool_wire::{
-    decode, encode, DecodeError, Dest, Disposition, ErrorCode, HandoverItem, MissReason, Msg, Source, HEADER_LEN,
+    decode, encode, DecodeError, Dest, Disposition, ErrorCode, HandoverItem, MissReason, Msg, Source, HEADER_LEN, OFFER_LEN,
     MAX_MESSAGE, MAX_PEER_NAME,
 };
 
@@ -49,6 +49,9 @@ enum AMsg {
     Miss { reason: u8, retry_after_ms: u32 },
     StatusReply(String),
     Takeover,
+    Prefetch,
+    Taken { lease: u64 },
+    Offer { lease: u64, source: u8, last: bool, dest: ADest },
     Handover { item: u8, text: String },
     Error { code: u8, text: String },
 }
@@ -88,6 +91,11 @@ fn build(m: &AMsg) -> Msg<'_> {
         },
         AMsg::StatusReply(t) => Msg::StatusReply(t),
         AMsg::Takeover => Msg::Takeover,
+        AMsg::Prefetch => Msg::Prefetch,
+        AMsg::Taken { lease } => Msg::Taken { lease: *lease },
+        AMsg::Offer { lease, source, last, dest: d } => {
+            Msg::Offer { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source), last: *last, dest: dest(d) }
+        }
         AMsg::Handover { item, text } => Msg::Handover {
             item: pick(
                 &[HandoverItem::Done, HandoverItem::Listener, HandoverItem::Idle, HandoverItem::Client, HandoverItem::Lease],
@@ -108,7 +116,9 @@ fn build(m: &AMsg) -> Msg<'_> {
 fuzz_target!(|input: Input| {
     BUF.with(|b| {
         let buf = &mut *b.borrow_mut();
-        let len = 32 + usize::from(input.extra) % (MAX_MESSAGE - 32 + 1);
+        // The smallest buffer `encode` accepts: 32 bytes, or an Offer's length.
+        let min = if matches!(input.msg, AMsg::Offer { .. }) { OFFER_LEN } else { 32 };
+        let len = min + usize::from(input.extra) % (MAX_MESSAGE - min + 1);
         // (Nothing can be written past `len`: `encode` is safe code and gets a slice.)
         let n = encode(&build(&input.msg), input.seq, &mut buf[..len]);
         assert!((HEADER_LEN..=len).contains(&n), "encode returned {n} for a {len}-byte buffer");
@@ -128,7 +138,9 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         Msg::Acquire(_) | Msg::Prewarm(_) => Some(32),
         Msg::Release { .. } | Msg::Grant { .. } => Some(17),
         Msg::Miss { .. } => Some(13),
-        Msg::Status | Msg::Takeover => Some(HEADER_LEN),
+        Msg::Status | Msg::Takeover | Msg::Prefetch => Some(HEADER_LEN),
+        Msg::Taken { .. } => Some(16),
+        Msg::Offer { .. } => Some(OFFER_LEN),
         // (Exhaustive on purpose: a new message kind must be added to this target.)
         Msg::AcquirePeer { .. } | Msg::StatusReply(_) | Msg::Handover { .. } | Msg::Error { .. } => None,
     };
@@ -137,7 +149,7 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
     }
 
     let got = decode(bytes);
-    if let Msg::Acquire(d) | Msg::Prewarm(d) = msg {
+    if let Msg::Acquire(d) | Msg::Prewarm(d) | Msg::Offer { dest: d, .. } = msg {
         if d.domain != 4 && d.domain != 6 {
             assert_eq!(got, Err(DecodeError::BadField), "domain {} accepted", d.domain);
             return;

@@ -28,6 +28,14 @@
 //!   `JOB/NAME` in UTF-8 (1..=256 bytes). Asks for this side's end of a link to another
 //!   function (see the pool manager's `peer` module). Reply: `Grant`, `Miss` or `Error`;
 //!   possibly preceded by `Miss(Pending)`.
+//! * `Prefetch` (8 bytes): sent once, at load time, without waiting: "I am starting; give me
+//!   now a socket for each destination of mine whose pool prefetches". Reply: one `Offer`
+//!   per such socket (the last one flagged), or `Miss(Empty)` if there is none. Offered
+//!   sockets are leased to the process; it uses one when the program connects to its
+//!   destination, and tells the daemon with `Taken`.
+//! * `Taken` (16 bytes): `lease: u64`. An offered socket is now the program's. No reply. An
+//!   offer never taken is given back by the daemon when the process goes away, if the socket
+//!   carried no byte (its counters are those it was offered with).
 //! * `Takeover` (8 bytes): sent by a successor pool manager (same uid as the running one, or
 //!   root) on its own connection: the running daemon stops, and answers with `Handover`
 //!   messages carrying its listening socket, its pooled sockets, its client connections and
@@ -38,6 +46,9 @@
 //! * `Grant` (17 bytes + one fd in `SCM_RIGHTS`): `lease: u64`, `source: u8` ([`Source`]).
 //!   The fd is a connected TCP socket to the requested destination, owned by the caller from
 //!   now on; the daemon keeps a duplicate until the lease ends.
+//! * `Offer` (41 bytes + one fd): `lease: u64`, `source: u8`, `last: u8` (1 on the final
+//!   offer of the reply), then the destination as in `Acquire` (`domain: u8`, `port: u16`,
+//!   `addr: [u8; 16]`, `scope_id: u32`, without the flags byte).
 //! * `Miss` (13 bytes): `reason: u8` ([`MissReason`]), `retry_after_ms: u32`. The client runs
 //!   its own connect. A non-zero `retry_after_ms` means "do not ask for this destination
 //!   again within that time" so that unpooled destinations cost no round trip.
@@ -85,6 +96,10 @@ pub enum Kind {
     AcquirePeer = 5,
     /// A successor asks the running daemon to hand everything over.
     Takeover = 6,
+    /// Ask, at load time, for sockets to the destinations that prefetch.
+    Prefetch = 7,
+    /// An offered socket was used by the program.
+    Taken = 8,
     /// A socket is attached.
     Grant = 0x81,
     /// No socket: connect yourself.
@@ -93,6 +108,8 @@ pub enum Kind {
     StatusReply = 0x83,
     /// One item of a hand-over to a successor.
     Handover = 0x84,
+    /// A socket offered ahead of demand; a destination is attached.
+    Offer = 0x85,
     /// The request was refused.
     Error = 0x8f,
 }
@@ -106,6 +123,9 @@ impl Kind {
             4 => Self::Prewarm,
             5 => Self::AcquirePeer,
             6 => Self::Takeover,
+            7 => Self::Prefetch,
+            8 => Self::Taken,
+            0x85 => Self::Offer,
             0x84 => Self::Handover,
             0x81 => Self::Grant,
             0x82 => Self::Miss,
@@ -280,6 +300,24 @@ pub enum Msg<'a> {
     /// See the module docs.
     Takeover,
     /// See the module docs.
+    Prefetch,
+    /// See the module docs.
+    Taken {
+        /// Lease id from the offer.
+        lease: u64,
+    },
+    /// See the module docs.
+    Offer {
+        /// Lease id, to be named in `Taken` and `Release`.
+        lease: u64,
+        /// Warm or reused.
+        source: Source,
+        /// The final offer of this reply.
+        last: bool,
+        /// Where the attached socket is connected to (as a program would ask for it).
+        dest: Dest,
+    },
+    /// See the module docs.
     Handover {
         /// What the attached fd is.
         item: HandoverItem,
@@ -340,10 +378,14 @@ fn header(buf: &mut [u8], kind: Kind, seq: u32) {
     buf[4..8].copy_from_slice(&seq.to_le_bytes());
 }
 
+/// Length of an `Offer`, the longest fixed-size message.
+pub const OFFER_LEN: usize = 41;
+
 /// Encode `msg` into `buf`, returning the length written. Text bodies are cut to fit.
 ///
 /// # Panics
-/// If `buf` is shorter than 32 bytes (every fixed-size message fits in 32).
+/// If `buf` is shorter than 32 bytes (every fixed-size message but `Offer` fits in 32), or
+/// shorter than [`OFFER_LEN`] for an `Offer`.
 pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
     assert!(buf.len() >= 32, "encode buffer must hold at least 32 bytes");
     match *msg {
@@ -369,6 +411,27 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         Msg::Takeover => {
             header(buf, Kind::Takeover, seq);
             HEADER_LEN
+        }
+        Msg::Prefetch => {
+            header(buf, Kind::Prefetch, seq);
+            HEADER_LEN
+        }
+        Msg::Taken { lease } => {
+            header(buf, Kind::Taken, seq);
+            buf[8..16].copy_from_slice(&lease.to_le_bytes());
+            16
+        }
+        Msg::Offer { lease, source, last, dest } => {
+            assert!(buf.len() >= OFFER_LEN, "an Offer needs {OFFER_LEN} bytes");
+            header(buf, Kind::Offer, seq);
+            buf[8..16].copy_from_slice(&lease.to_le_bytes());
+            buf[16] = source as u8;
+            buf[17] = u8::from(last);
+            buf[18] = dest.domain;
+            buf[19..21].copy_from_slice(&dest.port.to_le_bytes());
+            buf[21..37].copy_from_slice(&dest.addr);
+            buf[37..41].copy_from_slice(&dest.scope_id.to_le_bytes());
+            OFFER_LEN
         }
         Msg::Handover { item, text } => {
             header(buf, Kind::Handover, seq);
@@ -413,6 +476,14 @@ fn copy_text(text: &str, out: &mut [u8]) -> usize {
     }
     out[..n].copy_from_slice(&text.as_bytes()[..n]);
     n
+}
+
+fn source_of(b: u8) -> Result<Source, DecodeError> {
+    match b {
+        1 => Ok(Source::Warm),
+        2 => Ok(Source::Reuse),
+        _ => Err(DecodeError::BadField),
+    }
 }
 
 /// Decode one datagram. Returns the message and the sequence number.
@@ -470,6 +541,33 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         }
         Kind::Status => Msg::Status,
         Kind::Takeover => Msg::Takeover,
+        Kind::Prefetch => Msg::Prefetch,
+        Kind::Taken => {
+            need(16)?;
+            Msg::Taken { lease: u64_at(8) }
+        }
+        Kind::Offer => {
+            need(OFFER_LEN)?;
+            let source = source_of(buf[16])?;
+            let last = match buf[17] {
+                0 => false,
+                1 => true,
+                _ => return Err(DecodeError::BadField),
+            };
+            let domain = buf[18];
+            if domain != 4 && domain != 6 {
+                return Err(DecodeError::BadField);
+            }
+            let mut addr = [0u8; 16];
+            addr.copy_from_slice(&buf[21..37]);
+            let dest = Dest {
+                domain,
+                port: u16::from_le_bytes([buf[19], buf[20]]),
+                addr,
+                scope_id: u32::from_le_bytes([buf[37], buf[38], buf[39], buf[40]]),
+            };
+            Msg::Offer { lease: u64_at(8), source, last, dest }
+        }
         Kind::Handover => {
             need(9)?;
             let item = match buf[8] {
@@ -492,12 +590,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         }
         Kind::Grant => {
             need(17)?;
-            let source = match buf[16] {
-                1 => Source::Warm,
-                2 => Source::Reuse,
-                _ => return Err(DecodeError::BadField),
-            };
-            Msg::Grant { lease: u64_at(8), source }
+            Msg::Grant { lease: u64_at(8), source: source_of(buf[16])? }
         }
         Kind::Miss => {
             need(13)?;
@@ -534,7 +627,16 @@ mod tests {
         for cut in 0..n {
             if let Ok((short, _)) = decode(&buf[..cut]) {
                 assert!(
-                    matches!(short, Msg::StatusReply(_) | Msg::Error { .. } | Msg::Status | Msg::AcquirePeer { .. } | Msg::Takeover | Msg::Handover { .. }),
+                    matches!(
+                        short,
+                        Msg::StatusReply(_)
+                            | Msg::Error { .. }
+                            | Msg::Status
+                            | Msg::AcquirePeer { .. }
+                            | Msg::Takeover
+                            | Msg::Prefetch
+                            | Msg::Handover { .. }
+                    ),
                     "{short:?}"
                 );
             }
@@ -551,6 +653,10 @@ mod tests {
         roundtrip(Msg::Status);
         roundtrip(Msg::AcquirePeer { port: 7000, name: "job/reducer-1" });
         roundtrip(Msg::Takeover);
+        roundtrip(Msg::Prefetch);
+        roundtrip(Msg::Taken { lease: 1 << 40 });
+        roundtrip(Msg::Offer { lease: 3, source: Source::Warm, last: false, dest: v4 });
+        roundtrip(Msg::Offer { lease: u64::MAX, source: Source::Reuse, last: true, dest: v6 });
         roundtrip(Msg::Handover { item: HandoverItem::Lease, text: "7\t198.18.0.2:80\t5" });
         roundtrip(Msg::Handover { item: HandoverItem::Done, text: "" });
         roundtrip(Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 });
