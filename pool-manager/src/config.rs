@@ -32,7 +32,7 @@ pub enum ConfigError {
         source: Box<toml::de::Error>,
     },
     /// A `--pool` flag is not `HOST:PORT=warm|reuse`.
-    #[error("--pool {0:?}: expected HOST:PORT=warm|reuse")]
+    #[error("--pool {0:?}: expected HOST:PORT=warm|reuse, optionally with +prefetch")]
     PoolFlag(String),
     /// A destination did not resolve.
     #[error("destination {dest:?}: {reason}")]
@@ -105,6 +105,9 @@ pub struct PoolSettings {
     pub probe: Probe,
     /// Bound on the daemon's connects.
     pub connect_timeout: Duration,
+    /// Offer each starting process of a tenant one ready socket at load time (the shim's
+    /// `Prefetch`), so that its first `connect()` here needs no round trip to the daemon.
+    pub prefetch: bool,
 }
 
 impl PoolSettings {
@@ -121,6 +124,7 @@ impl PoolSettings {
             quarantine: defaults::QUARANTINE,
             probe: Probe::None,
             connect_timeout: defaults::CONNECT_TIMEOUT,
+            prefetch: false,
         }
     }
 }
@@ -342,18 +346,22 @@ impl Config {
         Ok(())
     }
 
-    /// Parse a `--pool HOST:PORT=warm|reuse` flag and add it.
+    /// Parse a `--pool HOST:PORT=warm|reuse[+prefetch]` flag and add it.
     ///
     /// # Errors
     /// [`ConfigError::PoolFlag`] or [`ConfigError::Destination`].
     pub fn add_pool_flag(&mut self, flag: &str) -> Result<(), ConfigError> {
         let (dest, policy) = flag.rsplit_once('=').ok_or_else(|| ConfigError::PoolFlag(flag.into()))?;
+        let (policy, prefetch) = match policy.strip_suffix("+prefetch") {
+            Some(p) => (p, true),
+            None => (policy, false),
+        };
         let policy = match policy {
             "warm" => Policy::Warm,
             "reuse" => Policy::Reuse,
             _ => return Err(ConfigError::PoolFlag(flag.into())),
         };
-        self.add_pool(dest, PoolSettings::with_policy(policy))
+        self.add_pool(dest, PoolSettings { prefetch, ..PoolSettings::with_policy(policy) })
     }
 
     /// Load a TOML file on top of the defaults.
@@ -597,6 +605,7 @@ struct FileSettings {
     quarantine: Option<String>,
     probe: Option<Probe>,
     connect_timeout: Option<String>,
+    prefetch: Option<bool>,
 }
 
 impl FileSettings {
@@ -612,6 +621,7 @@ impl FileSettings {
         s.quarantine = dur("quarantine", self.quarantine, s.quarantine)?;
         s.connect_timeout = dur("connect_timeout", self.connect_timeout, s.connect_timeout)?;
         s.probe = self.probe.unwrap_or(s.probe);
+        s.prefetch = self.prefetch.unwrap_or(s.prefetch);
         let invalid = |reason: &str| Err(ConfigError::Invalid { field: at.into(), reason: reason.into() });
         if s.min_idle > s.max_idle {
             return invalid("min_idle must not exceed max_idle");
@@ -621,6 +631,11 @@ impl FileSettings {
         }
         if s.max_per_destination == 0 {
             return invalid("max_per_destination must be at least 1");
+        }
+        if s.prefetch && s.probe != Probe::None {
+            // An offer waits in a process for its first connect; a probe at offer time would
+            // say nothing about the socket by then.
+            return invalid("prefetch cannot be combined with a probe");
         }
         Ok(s)
     }
@@ -829,7 +844,14 @@ mod tests {
         let mut c = Config::default();
         assert!(matches!(c.add_pool_flag("127.0.0.1:80"), Err(ConfigError::PoolFlag(_))));
         assert!(matches!(c.add_pool_flag("127.0.0.1:80=maybe"), Err(ConfigError::PoolFlag(_))));
+        assert!(matches!(c.add_pool_flag("127.0.0.1:80=prefetch"), Err(ConfigError::PoolFlag(_))));
         c.add_pool_flag("127.0.0.1:80=reuse").unwrap();
+        c.add_pool_flag("127.0.0.1:81=warm+prefetch").unwrap();
+        let p81 = c.pools.get(&"127.0.0.1:81".parse().unwrap()).unwrap();
+        assert!(p81.prefetch && p81.policy == Policy::Warm);
+        assert!(!c.pools.get(&"127.0.0.1:80".parse().unwrap()).unwrap().prefetch);
+        let c = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"reuse\"\nprefetch = true\n").unwrap();
+        assert!(c.pools.get(&"127.0.0.1:1".parse().unwrap()).unwrap().prefetch);
     }
 
     #[test]

@@ -86,3 +86,7 @@ pub const RENDEZVOUS_LINK_TTL: Duration = Duration::from_secs(30);
 pub const SPARE_LINK_CONNECTIONS: usize = 2;
 /// The rendezvous server accepts at most this many spares per member.
 pub const MAX_SPARES: usize = 16;
+
+/// Most sockets offered to one starting process (`Prefetch`): one per prefetching
+/// destination, at most this many destinations.
+pub const MAX_PREFETCH: usize = 8;

@@ -246,7 +246,9 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
                         pool.adopt_lease();
                     }
                 }
-                let lease = Lease { sock: PooledSock { fd: m.fd }, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer };
+                // An offer not yet taken arrives as an ordinary lease: if its process goes
+                // away without using it, it is closed rather than pooled again.
+                let lease = Lease { sock: PooledSock { fd: m.fd }, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer, offered: None };
                 leases.push((m.id, lease));
             }
             out.push(HandedClient { conn, peer, leases });

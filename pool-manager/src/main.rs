@@ -307,7 +307,11 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
             metrics_task = Some(tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone())));
         }
         tokio::spawn(cancel_on_signal(cancel.clone()));
-        let result = server::run_with(listener, shared.clone(), cancel.clone(), adopted).await;
+        // On a worker thread, not in `block_on`: a listener event then accepts and starts the
+        // client's task where it was seen, with no hop through the main thread.
+        let result = tokio::spawn(server::run_with(listener, shared.clone(), cancel.clone(), adopted))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         cancel.cancel();
         if let Some(t) = metrics_task {
             let _ = t.await;

@@ -42,6 +42,12 @@ pub struct Metrics {
     pub clients: AtomicU64,
     /// Pools created because the kernel saw demand.
     pub prewarmed: AtomicU64,
+    /// Sockets offered to starting processes (`Prefetch`).
+    pub prefetch_offered: AtomicU64,
+    /// Offers the program used.
+    pub prefetch_taken: AtomicU64,
+    /// Offers never used, back in their pools.
+    pub prefetch_returned: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_ns: AtomicU64,
 }
@@ -91,6 +97,11 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "# HELP warmpool_denied_total Requests refused because the client's uid or cgroup is not in allow_uids / allow_cgroups.");
     let _ = writeln!(o, "# TYPE warmpool_denied_total counter");
     let _ = writeln!(o, "warmpool_denied_total {}", c(&m.denied));
+    let _ = writeln!(o, "# HELP warmpool_prefetch_total Sockets offered to processes at load time, and what became of them.");
+    let _ = writeln!(o, "# TYPE warmpool_prefetch_total counter");
+    let _ = writeln!(o, "warmpool_prefetch_total{{outcome=\"offered\"}} {}", c(&m.prefetch_offered));
+    let _ = writeln!(o, "warmpool_prefetch_total{{outcome=\"taken\"}} {}", c(&m.prefetch_taken));
+    let _ = writeln!(o, "warmpool_prefetch_total{{outcome=\"returned\"}} {}", c(&m.prefetch_returned));
     let _ = writeln!(o, "# HELP warmpool_returned_total Sockets given back clean and quarantined for reuse.");
     let _ = writeln!(o, "# TYPE warmpool_returned_total counter");
     let _ = writeln!(o, "warmpool_returned_total {}", c(&m.returned));

@@ -137,22 +137,47 @@ impl<S> Pool<S> {
     /// pool cold so that idle timeouts shrink it when demand drops).
     pub fn take(&mut self, now: Instant, check: Check<'_, S>, discarded: &mut Vec<(S, Discard)>) -> Take<S> {
         self.last_request = now;
+        let t = self.take_idle(now, check, discarded);
+        match &t {
+            Take::Ready(i) => self.count_handout(i.source),
+            Take::Empty | Take::AtLimit => {
+                self.starved = !self.quarantine.is_empty();
+                self.stats.miss += 1;
+            }
+        }
+        t
+    }
+
+    /// Take a ready socket to offer ahead of demand (`Prefetch`): as [`Pool::take`], but an
+    /// offer is no hand-out (counted by [`Pool::count_handout`] when used) and an empty pool
+    /// no miss.
+    pub fn take_for_offer(&mut self, now: Instant, check: Check<'_, S>, discarded: &mut Vec<(S, Discard)>) -> Option<Idle<S>> {
+        self.last_request = now;
+        match self.take_idle(now, check, discarded) {
+            Take::Ready(i) => Some(i),
+            Take::Empty | Take::AtLimit => None,
+        }
+    }
+
+    /// Count a hand-out in the pool's statistics.
+    pub fn count_handout(&mut self, source: Source) {
+        match source {
+            Source::Warm => self.stats.warm += 1,
+            Source::Reuse => self.stats.reuse += 1,
+        }
+    }
+
+    fn take_idle(&mut self, now: Instant, check: Check<'_, S>, discarded: &mut Vec<(S, Discard)>) -> Take<S> {
         self.promote(now, check, discarded);
         while let Some(i) = self.idle.pop() {
             match self.expired(&i, now).map_or_else(|| check(&i.sock), Err) {
                 Ok(()) => {
                     self.leased += 1;
-                    match i.source {
-                        Source::Warm => self.stats.warm += 1,
-                        Source::Reuse => self.stats.reuse += 1,
-                    }
                     return Take::Ready(i);
                 }
                 Err(why) => discarded.push((i.sock, why)),
             }
         }
-        self.starved = !self.quarantine.is_empty();
-        self.stats.miss += 1;
         if self.total() >= self.settings.max_per_destination {
             Take::AtLimit
         } else {
@@ -236,6 +261,13 @@ impl<S> Pool<S> {
         let mut out: Vec<Idle<S>> = self.idle.drain(..).collect();
         out.extend(self.quarantine.drain(..).map(|q| q.idle));
         out
+    }
+
+    /// An offered socket the process never used: no longer leased, and back through
+    /// quarantine with its history (a warm socket stays warm).
+    pub fn unoffer(&mut self, now: Instant, idle: Idle<S>) -> Result<(), (S, Discard)> {
+        self.leased = self.leased.saturating_sub(1);
+        self.adopt(now, idle)
     }
 
     /// A socket handed over by a predecessor: back through quarantine (it is checked again

@@ -323,6 +323,9 @@ pub(crate) struct Lease {
     pub(crate) policy: Policy,
     /// A peer link: never pooled again (the other end's function may still be using it).
     pub(crate) peer: bool,
+    /// Offered at load time (`Prefetch`) and not yet `Taken`: where it came from, so that an
+    /// offer the process never used goes back to its pool as it was.
+    pub(crate) offered: Option<Source>,
 }
 
 /// Identify a client and check it against `allow_uids` / `allow_cgroups`: the peer, and the
@@ -377,19 +380,31 @@ async fn client_with(
     let stop = cancel.cancelled();
     let handover = shared.handover.cancelled();
     tokio::pin!(stop, handover);
+    // A new client has usually sent its first request already (the shim's `Prefetch` right
+    // after connecting): read it now rather than after the reactor's next turn reports the
+    // fresh registration readable.
+    let mut first = true;
     loop {
-        let mut guard = tokio::select! {
-            () = &mut stop => break,
-            () = &mut handover => {
-                handing_over = true;
-                break;
+        let got = if std::mem::take(&mut first) {
+            match wire::unix::recv(conn.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT) {
+                Ok(r) => r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
             }
-            g = conn.readable() => match g { Ok(g) => g, Err(_) => break },
-        };
-        let got = match guard.try_io(|c| wire::unix::recv(c.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT)) {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => break,
-            Err(_would_block) => continue,
+        } else {
+            let mut guard = tokio::select! {
+                () = &mut stop => break,
+                () = &mut handover => {
+                    handing_over = true;
+                    break;
+                }
+                g = conn.readable() => match g { Ok(g) => g, Err(_) => break },
+            };
+            match guard.try_io(|c| wire::unix::recv(c.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT)) {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => break,
+                Err(_would_block) => continue,
+            }
         };
         if got.len == 0 && got.fd.is_none() {
             break; // EOF: the process is gone (or closed its link)
@@ -414,6 +429,16 @@ async fn client_with(
                 }
                 (Ok((Msg::Takeover, seq)), _) => {
                     Some(Reply::error(seq, ErrorCode::Denied, "only the daemon's own uid or root may take over".into()))
+                }
+                (Ok((Msg::Prefetch, seq)), Ok((p, None))) => {
+                    let mut sent = true;
+                    for r in prefetch(&shared, &p.tenant, seq, &mut leases) {
+                        sent = sent && send_reply(&conn, r).await;
+                    }
+                    if !sent {
+                        break;
+                    }
+                    None
                 }
                 (Ok((msg, seq)), Ok((p, None))) => handle(&shared, p, &conn, msg, seq, &mut leases).await,
                 (Ok((msg, seq)), Ok((p, Some(why)))) => {
@@ -441,6 +466,14 @@ async fn client_with(
             shared.handed.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(crate::handover::HandedClient { conn, peer: p, leases });
         }
         return;
+    }
+    // Offers the process never used go back to their pools, if they carried no byte.
+    let now = Instant::now();
+    let unused: Vec<u64> = leases.iter().filter(|(_, l)| l.offered.is_some()).map(|(id, _)| *id).collect();
+    for id in unused {
+        if let Some(l) = leases.remove(&id) {
+            unoffer(&shared, l, now);
+        }
     }
     // Whatever is still leased was not given back cleanly: close it, never reuse it.
     if !leases.is_empty() {
@@ -566,12 +599,34 @@ async fn handle(
             }
             None
         }
+        Msg::Taken { lease } => {
+            if let Some(source) = leases.get_mut(&lease).and_then(|l| l.offered.take()) {
+                shared.metrics.prefetch_taken.fetch_add(1, Ordering::Relaxed);
+                match source {
+                    Source::Warm => shared.metrics.handout_warm.fetch_add(1, Ordering::Relaxed),
+                    Source::Reuse => shared.metrics.handout_reuse.fetch_add(1, Ordering::Relaxed),
+                };
+                let key = &leases[&lease].key;
+                if let Some(p) = shared.lock().get_mut(key) {
+                    p.count_handout(source);
+                }
+            }
+            None
+        }
+        // Answered in `client_with` (several replies).
+        Msg::Prefetch => None,
         Msg::Status => {
             let text = status::render(shared, peer);
             Some(Reply::msg(&Msg::StatusReply(&text), seq))
         }
         Msg::Prewarm(d) => Some(prewarm(shared, &peer.tenant, d.socket_addr(), seq)),
-        Msg::Grant { .. } | Msg::Miss { .. } | Msg::StatusReply(_) | Msg::Error { .. } | Msg::Handover { .. } | Msg::Takeover => {
+        Msg::Grant { .. }
+        | Msg::Offer { .. }
+        | Msg::Miss { .. }
+        | Msg::StatusReply(_)
+        | Msg::Error { .. }
+        | Msg::Handover { .. }
+        | Msg::Takeover => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
             Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))
         }
@@ -614,7 +669,7 @@ async fn acquire_peer(
             shared.metrics.observe_handout(started.elapsed());
             debug!(peer = %name, link = l.link, path = l.path.name(), "peer link handed out");
             let key = PoolKey { tenant: tenant.clone(), dest };
-            let lease = Lease { sock: PooledSock { fd: l.fd }, key, created: l.since, at_handout: sock::Counters::default(), policy: Policy::Warm, peer: true };
+            let lease = Lease { sock: PooledSock { fd: l.fd }, key, created: l.since, at_handout: sock::Counters::default(), policy: Policy::Warm, peer: true, offered: None };
             leases.insert(id, lease);
             r
         }
@@ -729,8 +784,107 @@ fn grant(
     let at_handout = sock::counters(idle.sock.fd.as_raw_fd());
     let reply = Reply::msg(&Msg::Grant { lease: id, source: idle.source }, seq);
     shared.metrics.observe_handout(started.elapsed());
-    let lease = Lease { sock: idle.sock, key, created: idle.created, at_handout, policy, peer: false };
+    let lease = Lease { sock: idle.sock, key, created: idle.created, at_handout, policy, peer: false, offered: None };
     (reply, Some((id, lease)))
+}
+
+/// The answer to `Prefetch`: one ready socket from each of the tenant's pools that
+/// prefetch, as `Offer`s (the last one flagged), or `Miss(Empty)`. Nothing is connected or
+/// waited for: a pool with nothing ready offers nothing (and refills as after a hand-out).
+fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: &mut HashMap<u64, Lease>) -> Vec<Reply> {
+    let now = Instant::now();
+    // Configured destinations that prefetch (each IPv4 one is also listed IPv4-mapped: once
+    // is enough), and this tenant's auto pools if the auto settings prefetch.
+    let mut dests: Vec<SocketAddr> = shared
+        .config
+        .pools
+        .iter()
+        .filter(|(a, s)| s.prefetch && !matches!(a.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()))
+        .map(|(a, _)| *a)
+        .collect();
+    if shared.config.auto.enabled && shared.config.auto.settings.prefetch {
+        let pools = shared.lock();
+        dests.extend(pools.iter().filter(|(k, p)| p.auto && k.tenant == *tenant).map(|(k, _)| k.dest));
+    }
+    dests.sort_unstable();
+    dests.dedup();
+    dests.truncate(defaults::MAX_PREFETCH);
+    let mut offers = Vec::new();
+    for dest in dests {
+        let key = PoolKey { tenant: tenant.clone(), dest };
+        let mut discarded = Vec::new();
+        let (taken, refill, settings) = {
+            let mut pools = shared.lock();
+            let Some(pool) = pool_for(shared, &mut pools, &key, now) else { continue };
+            let taken = pool.take_for_offer(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded);
+            pool.stats.discarded += discarded.len() as u64;
+            (taken, pool.start_refill(now), pool.settings.clone())
+        };
+        shared.discard_all(discarded);
+        spawn_refills(shared, &key, refill, settings.connect_timeout, defaults::REFILL_DELAY);
+        if let Some(idle) = taken {
+            let id = shared.next_lease.fetch_add(1, Ordering::Relaxed);
+            let fd = idle.sock.fd.as_raw_fd();
+            let at_handout = sock::counters(fd);
+            offers.push((id, idle.source, dest, fd));
+            let lease = Lease {
+                sock: idle.sock,
+                key,
+                created: idle.created,
+                at_handout,
+                policy: settings.policy,
+                peer: false,
+                offered: Some(idle.source),
+            };
+            leases.insert(id, lease);
+            shared.metrics.prefetch_offered.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    if offers.is_empty() {
+        return vec![Reply::miss(seq, MissReason::Empty, 0)];
+    }
+    let n = offers.len();
+    offers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (lease, source, dest, fd))| {
+            let dest = wire::Dest::from_socket_addr(dest);
+            let mut r = Reply::msg(&Msg::Offer { lease, source, last: i + 1 == n, dest }, seq);
+            // The fd stays open in `leases` while it is sent.
+            r.fd = Some(fd);
+            r
+        })
+        .collect()
+}
+
+/// An offer the process never used (it went away without `Taken`): back to its pool if it
+/// carried no byte in either direction since it was offered, else closed.
+fn unoffer(shared: &Shared, l: Lease, now: Instant) {
+    let source = l.offered.unwrap_or(Source::Reuse);
+    let verdict = sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout);
+    let mut pools = shared.lock();
+    let Some(pool) = pools.get_mut(&l.key) else {
+        shared.metrics.discard(Discard::PoolRemoved);
+        return;
+    };
+    let outcome = match verdict {
+        Ok(()) => pool.unoffer(now, crate::pool::Idle { sock: l.sock, created: l.created, since: now, source }),
+        Err(why) => {
+            pool.lease_ended();
+            Err((l.sock, why))
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            shared.metrics.prefetch_returned.fetch_add(1, Ordering::Relaxed);
+        }
+        Err((s, why)) => {
+            pool.stats.discarded += 1;
+            drop(pools);
+            shared.metrics.discard(why);
+            drop(s);
+        }
+    }
 }
 
 fn release(shared: &Shared, l: Lease, disposition: Disposition) {

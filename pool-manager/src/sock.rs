@@ -271,6 +271,20 @@ pub fn return_check(fd: RawFd, at_handout: Counters) -> Result<(), Discard> {
     }
 }
 
+/// The check on an offer that comes back unused: as [`return_check`], and not a byte sent
+/// or received since `at_offer`.
+///
+/// # Errors
+/// The reason to discard it.
+pub fn untouched(fd: RawFd, at_offer: Counters) -> Result<(), Discard> {
+    return_check(fd, at_offer)?;
+    let now = counters(fd);
+    if now.acked != at_offer.acked || now.received != at_offer.received {
+        return Err(Discard::Shared);
+    }
+    Ok(())
+}
+
 /// Congestion window in segments (0 if unknown).
 #[must_use]
 pub fn cwnd(fd: RawFd) -> u32 {
