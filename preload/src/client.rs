@@ -8,6 +8,15 @@
 //! the fd from [`CONN`]. Fork: the lock is taken in the prepare handler so the child never
 //! inherits it held; the child forgets the parent's connection and leases, the parent marks
 //! its leases shared because the child now holds the same sockets.
+//!
+//! Prefetch: right after opening the link at load time, the shim sends `Prefetch` and does
+//! not wait. The daemon answers with `Offer`s (a socket per destination whose pool
+//! prefetches) while the program starts up. The first request reads them (they are queued
+//! ahead of any other answer) and keeps them in [`State::offers`]; a `connect()` to an
+//! offered destination then takes its socket without a round trip and sends `Taken`. Offers
+//! live on high, close-on-exec fd numbers; a fork child closes its copies; an offer never
+//! used goes back to the pool when the process goes away (the daemon checks that it carried
+//! no byte).
 
 use crate::log::wlog;
 use crate::{real, table, SETTINGS};
@@ -29,6 +38,16 @@ const NEG_SLOTS: usize = 32;
 /// Keep the link out of the low fd numbers that programs tend to assume are theirs.
 const HIGH_FD: i32 = 512;
 
+/// Most offers kept (the daemon sends at most this many).
+const OFFER_SLOTS: usize = 8;
+
+#[derive(Clone, Copy)]
+struct Offer {
+    dest: Dest,
+    fd: i32,
+    lease: u64,
+}
+
 #[derive(Clone, Copy)]
 struct Neg {
     dest: Dest,
@@ -42,9 +61,31 @@ struct State {
     retry_at_ms: u64,
     neg: [Option<Neg>; NEG_SLOTS],
     neg_next: usize,
+    /// The `Prefetch` whose answer has not been read yet (0: none).
+    prefetch_seq: u32,
+    /// Sockets offered at load time and not used yet.
+    offers: [Option<Offer>; OFFER_SLOTS],
 }
 
-static STATE: Mutex<State> = Mutex::new(State { creds: (u32::MAX, u32::MAX), seq: 0, retry_at_ms: 0, neg: [None; NEG_SLOTS], neg_next: 0 });
+static STATE: Mutex<State> = Mutex::new(State {
+    creds: (u32::MAX, u32::MAX),
+    seq: 0,
+    retry_at_ms: 0,
+    neg: [None; NEG_SLOTS],
+    neg_next: 0,
+    prefetch_seq: 0,
+    offers: [None; OFFER_SLOTS],
+});
+
+/// Close every offer (their daemon-side leases end when the link does). Async-signal-safe:
+/// used in a fork child.
+fn close_offers(st: &mut State) {
+    st.prefetch_seq = 0;
+    for o in st.offers.iter_mut().filter_map(Option::take) {
+        // SAFETY: our own copy of an offered socket.
+        unsafe { (real::get().close)(o.fd) };
+    }
+}
 
 thread_local! {
     static FORK_GUARD: RefCell<Option<MutexGuard<'static, State>>> = const { RefCell::new(None) };
@@ -83,7 +124,9 @@ pub(crate) fn forget_link(fd: i32) {
     let _ = CONN.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
 }
 
-fn drop_link() {
+fn drop_link(st: &mut State) {
+    // Offers belong to the link they came on (and to the identity it was opened with).
+    close_offers(st);
     let fd = CONN.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
         // SAFETY: closing our own link fd through the real close.
@@ -149,12 +192,15 @@ fn open_link() -> Option<i32> {
 /// Open the link at load time, so that the daemon identifies this process while the program
 /// is still starting up rather than inside its first `connect()`. A failure here costs
 /// nothing and sets no back-off: the first `connect()` simply tries again.
-pub(crate) fn open_early() {
+pub(crate) fn open_early(prefetch: bool) {
     let mut st = lock();
     if CONN.load(Ordering::Acquire) < 0 {
         if let Some(f) = open_link() {
             st.creds = creds();
             CONN.store(f, Ordering::Release);
+            if prefetch {
+                send_prefetch(&mut st, f);
+            }
         }
     }
 }
@@ -194,7 +240,7 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
     // time). A process that changed them since (a server dropping root) must be identified
     // again, or it would be served from its former tenant's pools.
     if fd >= 0 && st.creds != creds() {
-        drop_link();
+        drop_link(&mut st);
         fd = -1;
     }
     if fd < 0 {
@@ -214,7 +260,15 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
             }
         }
     }
-    st.seq = st.seq.wrapping_add(1);
+    if st.prefetch_seq != 0 && settle_prefetch(&mut st, fd).is_err() {
+        drop_link(&mut st);
+        st.retry_at_ms = now + BACKOFF_MS;
+        return Outcome::Bypass;
+    }
+    if let Some((sock, lease)) = dest.and_then(|d| take_offer(&mut st, fd, d)) {
+        return Outcome::Grant(sock, lease);
+    }
+    st.seq = st.seq.wrapping_add(1).max(1);
     let seq = st.seq;
     let mut buf = [0u8; 320];
     let n = wire::encode(msg, seq, &mut buf);
@@ -231,11 +285,75 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
         }
         Ok(Answer::Refused) => Outcome::Refused,
         Err(()) => {
-            drop_link();
+            drop_link(&mut st);
             st.retry_at_ms = now + BACKOFF_MS;
             Outcome::Bypass
         }
     }
+}
+
+/// Send `Prefetch` on a freshly opened link, without waiting for the answer.
+fn send_prefetch(st: &mut State, fd: i32) {
+    st.seq = st.seq.wrapping_add(1).max(1);
+    let mut buf = [0u8; 32];
+    let n = wire::encode(&Msg::Prefetch, st.seq, &mut buf);
+    if wire::unix::send(fd, &buf[..n], None, libc::MSG_DONTWAIT).is_ok() {
+        st.prefetch_seq = st.seq;
+    }
+}
+
+/// Read the answer to our `Prefetch` (it comes before any other) and keep the offers.
+/// `Err` means the link is unusable.
+fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
+    let mut buf = [0u8; 64];
+    while st.prefetch_seq != 0 {
+        let got = wire::unix::recv(fd, &mut buf, 0).map_err(|e| {
+            wlog!("pool manager did not answer the prefetch: {e}");
+        })?;
+        if got.len == 0 || got.ctrunc {
+            return Err(());
+        }
+        let Ok((msg, seq)) = wire::decode(&buf[..got.len]) else { return Err(()) };
+        if seq != st.prefetch_seq {
+            return Err(());
+        }
+        match (msg, got.fd) {
+            (Msg::Offer { lease, dest, last, .. }, Some(sock)) => {
+                if last {
+                    st.prefetch_seq = 0;
+                }
+                let real = real::get();
+                // Out of the program's low fd numbers; close-on-exec came with MSG_CMSG_CLOEXEC.
+                // SAFETY: F_DUPFD_CLOEXEC on the fd we were just given; variadic call with one int.
+                let high = unsafe { (real.fcntl)(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
+                let slot = st.offers.iter_mut().find(|o| o.is_none());
+                match slot {
+                    Some(slot) if high >= 0 && table::fits(lease) => *slot = Some(Offer { dest, fd: high, lease }),
+                    _ => {
+                        if high >= 0 {
+                            // SAFETY: the duplicate we just made.
+                            unsafe { (real.close)(high) };
+                        }
+                        // Not kept: the program will never use it (the daemon takes it back).
+                    }
+                }
+            }
+            (Msg::Miss { .. } | Msg::Error { .. }, None) => st.prefetch_seq = 0,
+            _ => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// The offered socket for `dest`, if the daemon offered one at load time: now the
+/// program's (`Taken` is sent).
+fn take_offer(st: &mut State, fd: i32, dest: &Dest) -> Option<(OwnedFd, u64)> {
+    let o = st.offers.iter_mut().find(|o| o.is_some_and(|o| o.dest == *dest))?.take()?;
+    let mut buf = [0u8; 32];
+    let n = wire::encode(&Msg::Taken { lease: o.lease }, 0, &mut buf);
+    let _ = wire::unix::send(fd, &buf[..n], None, libc::MSG_DONTWAIT);
+    // SAFETY: the offer's fd is ours and referenced nowhere else.
+    Some((unsafe { OwnedFd::from_raw_fd(o.fd) }, o.lease))
 }
 
 enum Answer {
@@ -364,6 +482,8 @@ extern "C" fn after_fork_child() {
     }
     let _ = FORK_GUARD.try_with(|slot| {
         if let Some(mut g) = slot.borrow_mut().take() {
+            // The offers are the parent's: close our copies (a plain close, no message).
+            close_offers(&mut g);
             g.seq = 0;
             g.retry_at_ms = 0;
         }

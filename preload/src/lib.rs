@@ -14,7 +14,8 @@
 //!
 //! Environment: `WARMPOOL_SOCKET` (default `/run/warmpool/pool.sock`), `WARMPOOL_DISABLE=1`,
 //! `WARMPOOL_LOG=1`, `WARMPOOL_TIMEOUT_MS` (daemon answer bound, default 50),
-//! `WARMPOOL_PASSTHROUGH=1` (intercept everything but never ask the daemon: measures the
+//! `WARMPOOL_PREFETCH=0` (take no sockets offered at load time), `WARMPOOL_PASSTHROUGH=1`
+//! (intercept everything but never ask the daemon: measures the
 //! shim's own cost), `WARMPOOL_LAZY=1` (open the daemon link at the first `connect()`
 //! instead of at load time).
 
@@ -100,7 +101,8 @@ fn init_inner() {
     client::install_fork_handlers();
     OFF.store(false, Ordering::Release);
     if !passthrough && !truthy(env(c"WARMPOOL_LAZY")) {
-        client::open_early();
+        // WARMPOOL_PREFETCH=0: open the link, but take no offers.
+        client::open_early(env(c"WARMPOOL_PREFETCH") != Some(b"0".as_slice()));
     }
 }
 
