@@ -42,7 +42,7 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         runs: usize,
         /// Configurations, comma-separated.
-        #[arg(long, default_value = "baseline,dummy-shim,warm,reuse", value_delimiter = ',')]
+        #[arg(long, default_value = "baseline,dummy-shim,warm,reuse,prefetch", value_delimiter = ',')]
         configs: Vec<reuse::Config>,
         /// Output directory [default: results/reuse/<timestamp>].
         #[arg(long)]

@@ -22,6 +22,8 @@ pub(crate) enum Config {
     Warm,
     /// Pool manager, a reuse pool for the server.
     Reuse,
+    /// The reuse pool with prefetch: the socket is offered while the process starts.
+    Prefetch,
 }
 
 impl Config {
@@ -31,6 +33,7 @@ impl Config {
             Self::DummyShim => "dummy-shim",
             Self::Warm => "warm",
             Self::Reuse => "reuse",
+            Self::Prefetch => "prefetch",
         }
     }
     /// Median from the source study (two CloudLab m510 nodes, 10 GbE), µs.
@@ -39,7 +42,7 @@ impl Config {
             Self::Baseline => Some(446.0),
             Self::DummyShim => Some(459.0),
             Self::Reuse => Some(322.0),
-            Self::Warm => None,
+            Self::Warm | Self::Prefetch => None,
         }
     }
 }
@@ -207,7 +210,14 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     let warm = Daemon::start(hosts, pool_manager, work.join("warm.sock"), &[], &work.join("warm.log"))?;
     let reuse =
         Daemon::start(hosts, pool_manager, work.join("reuse.sock"), &["--pool".into(), format!("{dest}=reuse")], &work.join("reuse.log"))?;
-    for d in [&warm, &reuse] {
+    let prefetch = Daemon::start(
+        hosts,
+        pool_manager,
+        work.join("prefetch.sock"),
+        &["--pool".into(), format!("{dest}=reuse+prefetch")],
+        &work.join("prefetch.log"),
+    )?;
+    for d in [&warm, &reuse, &prefetch] {
         d.cli(&["prewarm", &dest]).ok();
     }
     std::thread::sleep(Duration::from_millis(200));
@@ -221,6 +231,7 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
             }
             Config::Warm => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", warm.socket.as_os_str())],
             Config::Reuse => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", reuse.socket.as_os_str())],
+            Config::Prefetch => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", prefetch.socket.as_os_str())],
         };
         let mut cmd = hosts.client(&exe, &env);
         cmd.arg("function").arg(&dest).env_remove("LD_PRELOAD").env_remove("WARMPOOL_PASSTHROUGH");
@@ -281,7 +292,9 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
         );
     }
     let _ = writeln!(md, "\nSource study: two CloudLab m510 nodes over 10 GbE (baseline 446 µs, dummy shim 459 µs, reuse 322 µs = 0.72x).");
-    let _ = writeln!(md, "`warm` is the pool manager on its embedded default (first-use warm pools); `reuse` has a reuse pool for the server.");
+    let _ = writeln!(md, "`warm` is the pool manager on its embedded default (first-use warm pools); `reuse` has a reuse pool for the server;");
+    let _ = writeln!(md, "`prefetch` is that reuse pool with `prefetch`: the daemon offers the socket while the process starts, and connect()");
+    let _ = writeln!(md, "takes it without a round trip to the daemon.");
     let _ = writeln!(md, "On loopback a handshake costs microseconds, so asking the daemon costs more than it saves; the emulated path gives");
     let _ = writeln!(md, "the handshake its RTT, as on a real network.\n");
     let series: Vec<crate::svg::Series> =
@@ -296,7 +309,13 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     };
     crate::svg::write(&out.join("reuse_cdf.svg"), &crate::svg::render(&chart))?;
     let _ = writeln!(md, "![CDF](reuse_cdf.svg)\n");
-    let _ = writeln!(md, "## What the pools did\n\n```\n# embedded default (warm)\n{}\n# reuse pool\n{}```", warm.cli(&["status"])?, reuse.cli(&["status"])?);
+    let _ = writeln!(
+        md,
+        "## What the pools did\n\n```\n# embedded default (warm)\n{}\n# reuse pool\n{}\n# reuse pool with prefetch\n{}```",
+        warm.cli(&["status"])?,
+        reuse.cli(&["status"])?,
+        prefetch.cli(&["status"])?
+    );
     std::fs::write(out.join("summary.md"), &md)?;
     print!("{md}");
     println!("\nwrote {}/{{reuse.csv,reuse_cdf.svg,reuse_cdf.png,summary.md}}", out.display());
