@@ -50,7 +50,6 @@ enum AMsg {
     StatusReply(String),
     Takeover,
     Prefetch,
-    Taken { lease: u64 },
     Offer { lease: u64, source: u8, last: bool, dest: ADest },
     Handover { item: u8, text: String },
     Error { code: u8, text: String },
@@ -78,7 +77,7 @@ fn build(m: &AMsg) -> Msg<'_> {
         AMsg::Prewarm(d) => Msg::Prewarm(dest(d)),
         AMsg::Release { lease, disposition } => Msg::Release {
             lease: *lease,
-            disposition: pick(&[Disposition::Clean, Disposition::Shared, Disposition::Implicit], *disposition),
+            disposition: pick(&[Disposition::Clean, Disposition::Shared, Disposition::Implicit, Disposition::Unused], *disposition),
         },
         AMsg::Status => Msg::Status,
         AMsg::AcquirePeer { port, name } => Msg::AcquirePeer { port: *port, name },
@@ -92,7 +91,6 @@ fn build(m: &AMsg) -> Msg<'_> {
         AMsg::StatusReply(t) => Msg::StatusReply(t),
         AMsg::Takeover => Msg::Takeover,
         AMsg::Prefetch => Msg::Prefetch,
-        AMsg::Taken { lease } => Msg::Taken { lease: *lease },
         AMsg::Offer { lease, source, last, dest: d } => {
             Msg::Offer { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source), last: *last, dest: dest(d) }
         }
@@ -139,7 +137,6 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         Msg::Release { .. } | Msg::Grant { .. } => Some(17),
         Msg::Miss { .. } => Some(13),
         Msg::Status | Msg::Takeover | Msg::Prefetch => Some(HEADER_LEN),
-        Msg::Taken { .. } => Some(16),
         Msg::Offer { .. } => Some(OFFER_LEN),
         // (Exhaustive on purpose: a new message kind must be added to this target.)
         Msg::AcquirePeer { .. } | Msg::StatusReply(_) | Msg::Handover { .. } | Msg::Error { .. } => None,

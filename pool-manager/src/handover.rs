@@ -246,8 +246,8 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
                         pool.adopt_lease();
                     }
                 }
-                // An offer not yet taken arrives as an ordinary lease: if its process goes
-                // away without using it, it is closed rather than pooled again.
+                // An offer arrives as an ordinary lease: if its process later releases it as
+                // unused, it is closed rather than pooled again.
                 let lease = Lease { sock: PooledSock { fd: m.fd }, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer, offered: None };
                 leases.push((m.id, lease));
             }

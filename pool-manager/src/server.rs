@@ -323,8 +323,8 @@ pub(crate) struct Lease {
     pub(crate) policy: Policy,
     /// A peer link: never pooled again (the other end's function may still be using it).
     pub(crate) peer: bool,
-    /// Offered at load time (`Prefetch`) and not yet `Taken`: where it came from, so that an
-    /// offer the process never used goes back to its pool as it was.
+    /// Offered at load time (`Prefetch`): where it came from, so that an offer the process
+    /// releases as `Unused` goes back to its pool as it was.
     pub(crate) offered: Option<Source>,
 }
 
@@ -467,14 +467,6 @@ async fn client_with(
         }
         return;
     }
-    // Offers the process never used go back to their pools, if they carried no byte.
-    let now = Instant::now();
-    let unused: Vec<u64> = leases.iter().filter(|(_, l)| l.offered.is_some()).map(|(id, _)| *id).collect();
-    for id in unused {
-        if let Some(l) = leases.remove(&id) {
-            unoffer(&shared, l, now);
-        }
-    }
     // Whatever is still leased was not given back cleanly: close it, never reuse it.
     if !leases.is_empty() {
         let mut pools = shared.lock();
@@ -594,22 +586,23 @@ async fn handle(
             }
         }
         Msg::Release { lease, disposition } => {
-            if let Some(l) = leases.remove(&lease) {
-                release(shared, l, disposition);
-            }
-            None
-        }
-        Msg::Taken { lease } => {
-            if let Some(source) = leases.get_mut(&lease).and_then(|l| l.offered.take()) {
-                shared.metrics.prefetch_taken.fetch_add(1, Ordering::Relaxed);
-                match source {
-                    Source::Warm => shared.metrics.handout_warm.fetch_add(1, Ordering::Relaxed),
-                    Source::Reuse => shared.metrics.handout_reuse.fetch_add(1, Ordering::Relaxed),
-                };
-                let key = &leases[&lease].key;
-                if let Some(p) = shared.lock().get_mut(key) {
-                    p.count_handout(source);
+            match leases.remove(&lease) {
+                Some(l) if l.offered.is_some() && disposition == Disposition::Unused => unoffer(shared, l, Instant::now()),
+                Some(mut l) => {
+                    if let Some(source) = l.offered.take() {
+                        // An offer the program connected with: a hand-out after all.
+                        shared.metrics.prefetch_taken.fetch_add(1, Ordering::Relaxed);
+                        match source {
+                            Source::Warm => shared.metrics.handout_warm.fetch_add(1, Ordering::Relaxed),
+                            Source::Reuse => shared.metrics.handout_reuse.fetch_add(1, Ordering::Relaxed),
+                        };
+                        if let Some(p) = shared.lock().get_mut(&l.key) {
+                            p.count_handout(source);
+                        }
+                    }
+                    release(shared, l, disposition);
                 }
+                None => {}
             }
             None
         }
@@ -857,8 +850,8 @@ fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: &mut HashMa
         .collect()
 }
 
-/// An offer the process never used (it went away without `Taken`): back to its pool if it
-/// carried no byte in either direction since it was offered, else closed.
+/// An offer the process released as never used: back to its pool if it carried no byte in
+/// either direction since it was offered, else closed.
 fn unoffer(shared: &Shared, l: Lease, now: Instant) {
     let source = l.offered.unwrap_or(Source::Reuse);
     let verdict = sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout);
@@ -895,7 +888,8 @@ fn release(shared: &Shared, l: Lease, disposition: Disposition) {
     }
     let verdict = match disposition {
         Disposition::Shared => Err(Discard::Shared),
-        Disposition::Implicit => Err(Discard::Implicit),
+        // `Unused` names an offer; for anything else it is a confused client.
+        Disposition::Implicit | Disposition::Unused => Err(Discard::Implicit),
         Disposition::Clean if l.policy == Policy::Warm => Err(Discard::WarmPolicy),
         Disposition::Clean => sock::return_check(l.sock.fd.as_raw_fd(), l.at_handout),
     };

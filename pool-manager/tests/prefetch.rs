@@ -74,10 +74,12 @@ fn offers_a_process_never_uses_go_back_to_the_pool() {
     }
     let nginx = Nginx::start();
     let d = daemon_for(&nginx);
-    // Programs that never connect anywhere: each is offered the socket and exits.
+    // Programs that never connect anywhere: each is offered the socket and exits (or execs).
     for i in 0..10 {
         ok_stdout(&shimmed(&d, "/bin/true", &[]), &format!("true #{i}"));
         ok_stdout(&shimmed(&d, "/bin/ls", &["/"]), &format!("ls #{i}"));
+        // A shell that replaces itself: its offer is given back before execve.
+        ok_stdout(&shimmed(&d, "/bin/sh", &["-c", "exec /bin/true"]), &format!("sh -c exec #{i}"));
     }
     // (A process that starts while the only socket is still in quarantine after the last
     // one's offer came back is offered nothing: that is a plain miss, not an error.)
@@ -117,7 +119,7 @@ fn an_offer_used_and_abandoned_is_closed_not_pooled() {
         "the abandoned socket was not discarded\n{}",
         d.metrics()
     );
-    assert_eq!(prefetch(&d, "taken"), 1.0, "{}", d.metrics());
+    assert!(prefetch(&d, "offered") >= 1.0, "{}", d.metrics());
     assert_eq!(prefetch(&d, "returned"), 0.0, "a used offer went back to the pool:\n{}", d.metrics());
     // The next function gets a different (fresh) connection and a clean reply.
     let next = ok_stdout(&shimmed(&d, SYSTEM_PYTHON, &[script.to_str().unwrap(), "get", &host, &port]), "get");

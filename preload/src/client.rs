@@ -13,10 +13,10 @@
 //! not wait. The daemon answers with `Offer`s (a socket per destination whose pool
 //! prefetches) while the program starts up. The first request reads them (they are queued
 //! ahead of any other answer) and keeps them in [`State::offers`]; a `connect()` to an
-//! offered destination then takes its socket without a round trip and sends `Taken`. Offers
-//! live on high, close-on-exec fd numbers; a fork child closes its copies; an offer never
-//! used goes back to the pool when the process goes away (the daemon checks that it carried
-//! no byte).
+//! offered destination then takes its socket with no message at all, and it is released
+//! like a granted one. Offers live on high, close-on-exec fd numbers; a fork child closes
+//! its copies; offers never used are released as `Unused` at exit and before `execve`, so
+//! that the daemon pools them again (it checks they carried no byte).
 
 use crate::log::wlog;
 use crate::{real, table, SETTINGS};
@@ -65,6 +65,9 @@ struct State {
     prefetch_seq: u32,
     /// Sockets offered at load time and not used yet.
     offers: [Option<Offer>; OFFER_SLOTS],
+    /// The process that sent the `Prefetch` and owns the offers (a `vfork` child shares
+    /// this memory, not that process's fds: it must not read or release them).
+    offers_pid: i32,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -75,6 +78,7 @@ static STATE: Mutex<State> = Mutex::new(State {
     neg_next: 0,
     prefetch_seq: 0,
     offers: [None; OFFER_SLOTS],
+    offers_pid: 0,
 });
 
 /// Close every offer (their daemon-side leases end when the link does). Async-signal-safe:
@@ -265,7 +269,7 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
         st.retry_at_ms = now + BACKOFF_MS;
         return Outcome::Bypass;
     }
-    if let Some((sock, lease)) = dest.and_then(|d| take_offer(&mut st, fd, d)) {
+    if let Some((sock, lease)) = dest.and_then(|d| take_offer(&mut st, d)) {
         return Outcome::Grant(sock, lease);
     }
     st.seq = st.seq.wrapping_add(1).max(1);
@@ -294,6 +298,8 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
 
 /// Send `Prefetch` on a freshly opened link, without waiting for the answer.
 fn send_prefetch(st: &mut State, fd: i32) {
+    // SAFETY: getpid has no preconditions.
+    st.offers_pid = unsafe { libc::getpid() };
     st.seq = st.seq.wrapping_add(1).max(1);
     let mut buf = [0u8; 32];
     let n = wire::encode(&Msg::Prefetch, st.seq, &mut buf);
@@ -346,14 +352,39 @@ fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
 }
 
 /// The offered socket for `dest`, if the daemon offered one at load time: now the
-/// program's (`Taken` is sent).
-fn take_offer(st: &mut State, fd: i32, dest: &Dest) -> Option<(OwnedFd, u64)> {
+/// program's, under the offer's lease. No message: the daemon learns it at release.
+fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, u64)> {
     let o = st.offers.iter_mut().find(|o| o.is_some_and(|o| o.dest == *dest))?.take()?;
-    let mut buf = [0u8; 32];
-    let n = wire::encode(&Msg::Taken { lease: o.lease }, 0, &mut buf);
-    let _ = wire::unix::send(fd, &buf[..n], None, libc::MSG_DONTWAIT);
     // SAFETY: the offer's fd is ours and referenced nowhere else.
     Some((unsafe { OwnedFd::from_raw_fd(o.fd) }, o.lease))
+}
+
+/// Give every offer the program never had back to the daemon (`Release(Unused)`) and close
+/// it: at exit and before `execve`. Only in the process the offers were made to (not in a
+/// `vfork` child, which shares this memory), and only if the lock is free (another thread
+/// mid-request: the offers then end with the process, closed by the daemon).
+pub(crate) fn release_unused_offers() {
+    let Ok(mut st) = STATE.try_lock() else { return };
+    // SAFETY: getpid has no preconditions.
+    if st.offers_pid != unsafe { libc::getpid() } {
+        return;
+    }
+    let fd = CONN.load(Ordering::Acquire);
+    if st.prefetch_seq != 0 && fd >= 0 {
+        // A program that never asked for anything has not read the offers yet (they are
+        // normally waiting in the socket; the wait is bounded by the link's timeout).
+        if settle_prefetch(&mut st, fd).is_err() {
+            return;
+        }
+    }
+    if st.offers.iter().all(Option::is_none) {
+        return;
+    }
+    for o in st.offers.iter_mut().filter_map(Option::take) {
+        release(o.lease, Disposition::Unused);
+        // SAFETY: our own copy of an offered socket, never the program's.
+        unsafe { (real::get().close)(o.fd) };
+    }
 }
 
 enum Answer {

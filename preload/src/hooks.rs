@@ -386,6 +386,9 @@ pub unsafe extern "C" fn posix_spawnp(
 #[no_mangle]
 pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char, envp: *const *const c_char) -> c_int {
     mark_inheritable();
+    // Close-on-exec would close unused offers anyway, and the daemon would then have to
+    // assume the program had them: give them back while we can.
+    let _ = std::panic::catch_unwind(client::release_unused_offers);
     // SAFETY: the real execve with the caller's arguments.
     unsafe { (real::get().execve)(path, argv, envp) }
 }

@@ -106,6 +106,18 @@ fn init_inner() {
     }
 }
 
+/// Runs at exit (`exit()` or a return from `main`; not `_exit` or a fatal signal): offers
+/// the program never used go back to the daemon's pools.
+extern "C" fn fini() {
+    if !OFF.load(Ordering::Acquire) {
+        let _ = std::panic::catch_unwind(client::release_unused_offers);
+    }
+}
+
+#[used]
+#[link_section = ".fini_array"]
+static FINI: extern "C" fn() = fini;
+
 /// Runs at load time, before `main` and before most other constructors.
 #[used]
 #[link_section = ".init_array"]

@@ -31,11 +31,10 @@
 //! * `Prefetch` (8 bytes): sent once, at load time, without waiting: "I am starting; give me
 //!   now a socket for each destination of mine whose pool prefetches". Reply: one `Offer`
 //!   per such socket (the last one flagged), or `Miss(Empty)` if there is none. Offered
-//!   sockets are leased to the process; it uses one when the program connects to its
-//!   destination, and tells the daemon with `Taken`.
-//! * `Taken` (16 bytes): `lease: u64`. An offered socket is now the program's. No reply. An
-//!   offer never taken is given back by the daemon when the process goes away, if the socket
-//!   carried no byte (its counters are those it was offered with).
+//!   sockets are leased to the process like granted ones: one the program connects with is
+//!   released as usual when closed; one it never used is released with
+//!   `Disposition::Unused` (at exit or `execve`). An offer whose process dies without either
+//!   is closed, never pooled again (the process may have passed it on).
 //! * `Takeover` (8 bytes): sent by a successor pool manager (same uid as the running one, or
 //!   root) on its own connection: the running daemon stops, and answers with `Handover`
 //!   messages carrying its listening socket, its pooled sockets, its client connections and
@@ -98,8 +97,6 @@ pub enum Kind {
     Takeover = 6,
     /// Ask, at load time, for sockets to the destinations that prefetch.
     Prefetch = 7,
-    /// An offered socket was used by the program.
-    Taken = 8,
     /// A socket is attached.
     Grant = 0x81,
     /// No socket: connect yourself.
@@ -124,7 +121,6 @@ impl Kind {
             5 => Self::AcquirePeer,
             6 => Self::Takeover,
             7 => Self::Prefetch,
-            8 => Self::Taken,
             0x85 => Self::Offer,
             0x84 => Self::Handover,
             0x81 => Self::Grant,
@@ -146,6 +142,8 @@ pub enum Disposition {
     Shared = 1,
     /// Closed implicitly (dup2 over it, close_range) or by an unusual path: never reuse.
     Implicit = 2,
+    /// An offered socket (`Offer`) the program never had: back to its pool as it was.
+    Unused = 3,
 }
 
 /// Where a granted socket came from.
@@ -302,13 +300,8 @@ pub enum Msg<'a> {
     /// See the module docs.
     Prefetch,
     /// See the module docs.
-    Taken {
-        /// Lease id from the offer.
-        lease: u64,
-    },
-    /// See the module docs.
     Offer {
-        /// Lease id, to be named in `Taken` and `Release`.
+        /// Lease id, to be named in `Release`.
         lease: u64,
         /// Warm or reused.
         source: Source,
@@ -415,11 +408,6 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         Msg::Prefetch => {
             header(buf, Kind::Prefetch, seq);
             HEADER_LEN
-        }
-        Msg::Taken { lease } => {
-            header(buf, Kind::Taken, seq);
-            buf[8..16].copy_from_slice(&lease.to_le_bytes());
-            16
         }
         Msg::Offer { lease, source, last, dest } => {
             assert!(buf.len() >= OFFER_LEN, "an Offer needs {OFFER_LEN} bytes");
@@ -535,6 +523,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
                 0 => Disposition::Clean,
                 1 => Disposition::Shared,
                 2 => Disposition::Implicit,
+                3 => Disposition::Unused,
                 _ => return Err(DecodeError::BadField),
             };
             Msg::Release { lease: u64_at(8), disposition }
@@ -542,10 +531,6 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         Kind::Status => Msg::Status,
         Kind::Takeover => Msg::Takeover,
         Kind::Prefetch => Msg::Prefetch,
-        Kind::Taken => {
-            need(16)?;
-            Msg::Taken { lease: u64_at(8) }
-        }
         Kind::Offer => {
             need(OFFER_LEN)?;
             let source = source_of(buf[16])?;
@@ -654,7 +639,7 @@ mod tests {
         roundtrip(Msg::AcquirePeer { port: 7000, name: "job/reducer-1" });
         roundtrip(Msg::Takeover);
         roundtrip(Msg::Prefetch);
-        roundtrip(Msg::Taken { lease: 1 << 40 });
+        roundtrip(Msg::Release { lease: 1 << 40, disposition: Disposition::Unused });
         roundtrip(Msg::Offer { lease: 3, source: Source::Warm, last: false, dest: v4 });
         roundtrip(Msg::Offer { lease: u64::MAX, source: Source::Reuse, last: true, dest: v6 });
         roundtrip(Msg::Handover { item: HandoverItem::Lease, text: "7\t198.18.0.2:80\t5" });
