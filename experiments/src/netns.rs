@@ -1,9 +1,12 @@
 //! Network namespaces that an experiment creates and removes, and running code in them.
 //!
-//! Programs run inside with `ip netns exec NAME ...`; in-process work (opening a TUN device,
-//! creating a probe socket) runs on a short-lived thread that `setns`-es into the namespace,
-//! since a network namespace switch applies to the calling thread only, and the fds it
-//! creates keep their namespace wherever they are used afterwards.
+//! Programs run inside by `setns(CLONE_NEWNET)` between fork and exec (not `ip netns exec`,
+//! whose private mount namespace and `/sys` remount cost every start an expedited RCU grace
+//! period, i.e. an interrupt on every CPU, and the programs here need neither); in-process
+//! work (opening a TUN device, creating a probe socket) runs on a short-lived thread that
+//! `setns`-es into the namespace, since a network namespace switch applies to the calling
+//! thread only, and the fds it creates keep their namespace wherever they are used
+//! afterwards.
 
 use anyhow::{bail, Context, Result};
 use std::os::fd::AsRawFd;
@@ -13,6 +16,8 @@ use std::process::Command;
 #[derive(Debug)]
 pub(crate) struct Netns {
     pub(crate) name: String,
+    /// `/run/netns/NAME`, held open for `setns` in the programs started inside.
+    file: std::fs::File,
 }
 
 fn ip(args: &[&str]) -> Result<()> {
@@ -28,7 +33,15 @@ impl Netns {
     pub(crate) fn create(name: &str) -> Result<Self> {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         ip(&["netns", "add", name]).context("creating a network namespace (needs root)")?;
-        let ns = Self { name: name.to_owned() };
+        let path = format!("/run/netns/{name}");
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = Command::new("ip").args(["netns", "del", name]).output();
+                return Err(e).with_context(|| format!("opening {path}"));
+            }
+        };
+        let ns = Self { name: name.to_owned(), file };
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -42,8 +55,20 @@ impl Netns {
 
     /// A command that runs `prog` inside the namespace.
     pub(crate) fn command(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).arg(prog);
+        use std::os::unix::process::CommandExt;
+        let fd = self.file.as_raw_fd();
+        let mut c = Command::new(prog);
+        // SAFETY: setns is async-signal-safe; `fd` stays open in the parent (self.file) until
+        // the child has exec'd, and the child's copy is close-on-exec.
+        unsafe {
+            c.pre_exec(move || {
+                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
+                }
+            });
+        }
         c
     }
 

@@ -52,18 +52,23 @@ fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
     run(&["reuse", "--runs", "6", "--out", out.to_str().unwrap()]);
     let (header, rows) = csv(&out.join("reuse.csv"));
     assert_eq!(header, "config,run,latency_us,connect_us");
-    assert_eq!(rows.len(), 24, "6 runs x 4 configurations");
-    for c in ["baseline", "dummy-shim", "warm", "reuse"] {
+    assert_eq!(rows.len(), 30, "6 runs x 5 configurations");
+    for c in ["baseline", "dummy-shim", "warm", "reuse", "prefetch"] {
         assert_eq!(rows.iter().filter(|r| r[0] == c).count(), 6, "{c}");
     }
     assert!(rows.iter().all(|r| r[2].parse::<f64>().unwrap() > 0.0));
     let svg = std::fs::read_to_string(out.join("reuse_cdf.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 4);
+    assert_eq!(svg.matches("<polyline").count(), 5);
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(summary.contains("| reuse |") && summary.contains("RTT 200µs"), "{summary}");
     // The reuse pool served the reuse runs (status table: REUSE is the 9th column).
     let reuse_block = summary.split("# reuse pool").nth(1).expect("pool status in summary");
     let row = reuse_block.lines().find(|l| l.contains("198.18.0.2")).expect("pool row");
+    let reused: u64 = row.split_whitespace().nth(8).unwrap().parse().unwrap();
+    assert!(reused >= 6, "{row}");
+    // And the prefetch pool's offers served the prefetch runs.
+    let prefetch_block = summary.split("# reuse pool with prefetch").nth(1).expect("prefetch pool status in summary");
+    let row = prefetch_block.lines().find(|l| l.contains("198.18.0.2")).expect("prefetch pool row");
     let reused: u64 = row.split_whitespace().nth(8).unwrap().parse().unwrap();
     assert!(reused >= 6, "{row}");
     let _ = std::fs::remove_dir_all(&out);
@@ -120,7 +125,7 @@ fn two_node_mode_runs_against_experiments_server_on_another_host() {
     let mut args = vec!["fct", "--reps", "1", "--sizes", "1024", "--congestion", "off", "--out", fct_out.to_str().unwrap()];
     args.extend(common);
     run(&args);
-    assert_eq!(csv(&reuse_out.join("reuse.csv")).1.len(), 12);
+    assert_eq!(csv(&reuse_out.join("reuse.csv")).1.len(), 15, "3 runs x 5 configurations");
     assert_eq!(csv(&fct_out.join("fct.csv")).1.len(), 3, "new, learned, warm");
     let summary = std::fs::read_to_string(reuse_out.join("summary.md")).unwrap();
     assert!(summary.contains("two-node: servers on 127.0.0.1"), "{summary}");
