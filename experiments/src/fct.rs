@@ -172,18 +172,31 @@ impl Cg {
         Ok(Self(dir))
     }
 
-    /// The same command, started inside this cgroup.
-    fn wrap(&self, cmd: &std::process::Command) -> std::process::Command {
-        let mut c = std::process::Command::new("/bin/sh");
-        c.arg("-c").arg(format!("echo $$ > {}/cgroup.procs && exec \"$0\" \"$@\"", self.0.display()));
-        c.arg(cmd.get_program()).args(cmd.get_args());
-        for (k, v) in cmd.get_envs() {
-            match v {
-                Some(v) => c.env(k, v),
-                None => c.env_remove(k),
-            };
+    /// Start `cmd` inside this cgroup: the child moves itself there between fork and exec
+    /// (after any other `pre_exec` step, e.g. entering a network namespace).
+    fn enter<'a>(&self, cmd: &'a mut std::process::Command) -> Result<&'a mut std::process::Command> {
+        use std::os::unix::ffi::OsStrExt;
+        use std::os::unix::process::CommandExt;
+        let procs = std::ffi::CString::new(self.0.join("cgroup.procs").as_os_str().as_bytes())?;
+        // SAFETY: open/write/close are async-signal-safe; `procs` was allocated before fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // "0": the writing process itself.
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                let err = std::io::Error::last_os_error();
+                libc::close(fd);
+                if n == 1 {
+                    Ok(())
+                } else {
+                    Err(err)
+                }
+            });
         }
-        c
+        Ok(cmd)
     }
 }
 
@@ -217,7 +230,7 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
         None
     } else {
         let mut srv = server_cg
-            .wrap(hosts.server(&exe).args(["serve-bytes", "--listen", &server.to_string()]))
+            .enter(hosts.server(&exe).args(["serve-bytes", "--listen", &server.to_string()]))?
             .stdout(std::process::Stdio::piped())
             .spawn()
             .context("starting serve-bytes")?;
@@ -263,8 +276,8 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
                     ),
                 )?;
                 let args = ["--config".to_owned(), toml.display().to_string()];
-                // Outside the namespaces: `ip netns exec` remounts /sys, hiding the cgroup
-                // file system, and cgroup attachments do not depend on the network namespace.
+                // Outside the namespaces: cgroup attachments do not depend on the network
+                // namespace.
                 let (sock, log) = (work.0.join("assist.sock"), work.0.join("assist.log"));
                 Some(Daemon::start(&Hosts::Loopback, &pool_manager, sock, &args, &log)?)
             } else {
@@ -273,7 +286,7 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
             let mut cmd = hosts.client(&exe, &env);
             cmd.args(["fct-client", "--server", &server.to_string(), "--sizes", &size_list])
                 .args(["--reps", &reps.to_string(), "--warmup", &warmup.to_string()]);
-            let o = if conn == Conn::Learned { client_cg.wrap(&cmd).output()? } else { cmd.output()? };
+            let o = if conn == Conn::Learned { client_cg.enter(&mut cmd)?.output()? } else { cmd.output()? };
             drop(assist);
             if !o.status.success() {
                 bail!("fct-client ({}) failed: {}", conn.name(), String::from_utf8_lossy(&o.stderr));

@@ -852,6 +852,8 @@ mod tests {
         assert!(!c.pools.get(&"127.0.0.1:80".parse().unwrap()).unwrap().prefetch);
         let c = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"reuse\"\nprefetch = true\n").unwrap();
         assert!(c.pools.get(&"127.0.0.1:1".parse().unwrap()).unwrap().prefetch);
+        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"reuse\"\nprefetch = true\nprobe = \"redis-ping\"\n").unwrap_err();
+        assert!(e.to_string().contains("prefetch cannot be combined with a probe"), "{e}");
     }
 
     #[test]

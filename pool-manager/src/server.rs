@@ -442,9 +442,10 @@ async fn client_with(
                 }
                 (Ok((msg, seq)), Ok((p, None))) => handle(&shared, p, &conn, msg, seq, &mut leases).await,
                 (Ok((msg, seq)), Ok((p, Some(why)))) => {
-                    if !refusal_logged {
-                        // Once per client connection, at its first request (not at connect:
-                        // the shim links every process at load time, asking or not).
+                    if !refusal_logged && !matches!(msg, Msg::Prefetch) {
+                        // Once per client connection, at its first request (not at connect
+                        // or its load-time `Prefetch`: the shim links every process at load
+                        // time, asking or not).
                         refusal_logged = true;
                         info!(pid = p.pid, uid = p.tenant.uid, reason = %why, "client not allowed: its requests are refused");
                     }
@@ -485,6 +486,11 @@ fn refuse(shared: &Shared, msg: &Msg<'_>, seq: u32, why: &str) -> Option<Reply> 
     if matches!(msg, Msg::Release { .. }) {
         // No lease can exist, and a give-back gets no answer from anyone.
         return None;
+    }
+    if matches!(msg, Msg::Prefetch) {
+        // Every shimmed process asks at load time, wanting a socket or not: no offers, but
+        // no refusal to count either (as for the connection itself).
+        return Some(Reply::miss(seq, MissReason::Empty, 0));
     }
     shared.metrics.denied.fetch_add(1, Ordering::Relaxed);
     Some(Reply::error(seq, ErrorCode::Denied, why.to_owned()))
