@@ -274,7 +274,8 @@ impl PathArgs {
             return Ok(hosts::Hosts::Remote(ip));
         }
         let rtt = topo::parse_duration(self.rtt.as_deref().unwrap_or(default_rtt))?;
-        let t = topo::Topology::local(&format!("wp{}", std::process::id() % 100_000), rtt, rate_bps)?;
+        netns::reap_stale();
+        let t = topo::Topology::local(&format!("wp{}", std::process::id()), rtt, rate_bps)?;
         let measured = t.calibrate()?;
         eprintln!("topology local: configured RTT {rtt:?}, measured {measured:?} (TCP handshake median)");
         if measured.abs_diff(rtt) * 20 > rtt {

@@ -96,6 +96,49 @@ impl Netns {
     }
 }
 
+/// Remove the namespaces of `experiments` runs that were killed before their cleanup ran (a
+/// run names its namespaces `wp<PID>c` and `wp<PID>s`, tests `wpt<PID>…`): those whose
+/// process is gone and inside which nothing runs any more.
+pub(crate) fn reap_stale() {
+    let Ok(dir) = std::fs::read_dir("/run/netns") else { return };
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = run_pid(&name) else { continue };
+        if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let busy = Command::new("ip").args(["netns", "pids", &name]).output().map_or(true, |o| !o.stdout.is_empty());
+        if busy {
+            continue;
+        }
+        eprintln!("removing network namespace {name}: left by experiments process {pid}, which is gone");
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+    }
+}
+
+/// The PID in a namespace name this module's users make (`wp<PID>c`, `wp<PID>s`, `wpt<PID>c`,
+/// `wpt<PID>s`).
+fn run_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix("wpt").or_else(|| name.strip_prefix("wp"))?;
+    let digits = rest.strip_suffix('c').or_else(|| rest.strip_suffix('s'))?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn run_names_are_recognised_and_nothing_else() {
+        assert_eq!(super::run_pid("wp1234c"), Some(1234));
+        assert_eq!(super::run_pid("wpt99s"), Some(99));
+        for other in ["wpn12x0i", "wp12", "wpc", "wp12x", "other", "wp1a2c"] {
+            assert_eq!(super::run_pid(other), None, "{other}");
+        }
+    }
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
