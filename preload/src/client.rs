@@ -41,6 +41,40 @@ const HIGH_FD: i32 = 512;
 /// Most offers kept (the daemon sends at most this many).
 const OFFER_SLOTS: usize = 8;
 
+/// The fd of each offer in [`State::offers`] (same index), or -1: read and cleared without
+/// the lock by the close path, so that a program that closes or replaces an fd number it
+/// does not own (a `closefrom` loop, `dup2` onto it) ends the offer instead of leaving a
+/// stale number behind. Whoever swaps a slot from the offer's fd to -1 owns that fd.
+static OFFER_FDS: [AtomicI32; OFFER_SLOTS] = [const { AtomicI32::new(-1) }; OFFER_SLOTS];
+
+/// The program is closing or replacing `fd`: if it is one of our offers, the offer ends
+/// (closed, never pooled again). Lock-free, allocation-free: the close path.
+pub(crate) fn forget_offer(fd: i32) {
+    if fd < 0 {
+        return;
+    }
+    for slot in &OFFER_FDS {
+        // On a match the offer is over: the program's own close (or dup2) closes the fd,
+        // and the daemon, which never hears of it, closes its lease with the link.
+        let _ = slot.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// Call `f` with each live offer's fd (lock-free).
+pub(crate) fn for_each_offer_fd(mut f: impl FnMut(i32)) {
+    for slot in &OFFER_FDS {
+        let fd = slot.load(Ordering::Acquire);
+        if fd >= 0 {
+            f(fd);
+        }
+    }
+}
+
+/// Take slot `i`'s fd if it still holds `fd` (the close path did not end it).
+fn claim_offer_fd(i: usize, fd: i32) -> bool {
+    OFFER_FDS[i].compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+}
+
 #[derive(Clone, Copy)]
 struct Offer {
     dest: Dest,
@@ -85,9 +119,13 @@ static STATE: Mutex<State> = Mutex::new(State {
 /// used in a fork child.
 fn close_offers(st: &mut State) {
     st.prefetch_seq = 0;
-    for o in st.offers.iter_mut().filter_map(Option::take) {
-        // SAFETY: our own copy of an offered socket.
-        unsafe { (real::get().close)(o.fd) };
+    for (i, o) in st.offers.iter_mut().enumerate() {
+        if let Some(o) = o.take() {
+            if claim_offer_fd(i, o.fd) {
+                // SAFETY: our own copy of an offered socket.
+                unsafe { (real::get().close)(o.fd) };
+            }
+        }
     }
 }
 
@@ -332,9 +370,12 @@ fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
                 // Out of the program's low fd numbers; close-on-exec came with MSG_CMSG_CLOEXEC.
                 // SAFETY: F_DUPFD_CLOEXEC on the fd we were just given; variadic call with one int.
                 let high = unsafe { (real.fcntl)(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
-                let slot = st.offers.iter_mut().find(|o| o.is_none());
+                let slot = st.offers.iter().position(Option::is_none);
                 match slot {
-                    Some(slot) if high >= 0 && table::fits(lease) => *slot = Some(Offer { dest, fd: high, lease }),
+                    Some(i) if high >= 0 && table::fits(lease) => {
+                        st.offers[i] = Some(Offer { dest, fd: high, lease });
+                        OFFER_FDS[i].store(high, Ordering::Release);
+                    }
                     _ => {
                         if high >= 0 {
                             // SAFETY: the duplicate we just made.
@@ -354,9 +395,15 @@ fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
 /// The offered socket for `dest`, if the daemon offered one at load time: now the
 /// program's, under the offer's lease. No message: the daemon learns it at release.
 fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, u64)> {
-    let o = st.offers.iter_mut().find(|o| o.is_some_and(|o| o.dest == *dest))?.take()?;
-    // SAFETY: the offer's fd is ours and referenced nowhere else.
-    Some((unsafe { OwnedFd::from_raw_fd(o.fd) }, o.lease))
+    loop {
+        let i = st.offers.iter().position(|o| o.is_some_and(|o| o.dest == *dest))?;
+        let o = st.offers[i].take()?;
+        if claim_offer_fd(i, o.fd) {
+            // SAFETY: the offer's fd is ours and referenced nowhere else.
+            return Some((unsafe { OwnedFd::from_raw_fd(o.fd) }, o.lease));
+        }
+        // The program closed that fd number: the offer is gone; look for another.
+    }
 }
 
 /// Give every offer the program never had back to the daemon (`Release(Unused)`) and close
@@ -380,10 +427,14 @@ pub(crate) fn release_unused_offers() {
     if st.offers.iter().all(Option::is_none) {
         return;
     }
-    for o in st.offers.iter_mut().filter_map(Option::take) {
-        release(o.lease, Disposition::Unused);
-        // SAFETY: our own copy of an offered socket, never the program's.
-        unsafe { (real::get().close)(o.fd) };
+    for (i, o) in st.offers.iter_mut().enumerate() {
+        if let Some(o) = o.take() {
+            if claim_offer_fd(i, o.fd) {
+                release(o.lease, Disposition::Unused);
+                // SAFETY: our own copy of an offered socket, never the program's.
+                unsafe { (real::get().close)(o.fd) };
+            }
+        }
     }
 }
 

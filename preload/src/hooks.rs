@@ -183,6 +183,7 @@ fn around_close(fd: c_int, how: Disposition, op: impl FnOnce() -> c_int) -> c_in
     if client::is_link(fd) {
         client::forget_link(fd);
     }
+    client::forget_offer(fd);
     sockopt::forget(fd);
     let lease = if OFF.load(Ordering::Relaxed) { None } else { table::take(fd) };
     let r = op();
@@ -314,6 +315,11 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
         if link >= 0 && in_range(link) {
             client::forget_link(link);
         }
+        client::for_each_offer_fd(|fd| {
+            if in_range(fd) {
+                client::forget_offer(fd);
+            }
+        });
     }
     // SAFETY: the real close_range with the caller's arguments.
     let r = unsafe { (real::get().close_range)(first, last, flags) };

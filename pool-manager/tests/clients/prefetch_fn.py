@@ -6,6 +6,10 @@ usage: prefetch_fn.py MODE HOST PORT
                prints "child <local port> <status>" and "parent <local port> <status>"
   die-after    one GET, then exit at once without closing (os._exit): the socket carried
                bytes and was never given back
+  closefrom    (PORT2: a port nothing listens on) first a connect that fails, so that the shim
+               has read its offers; then, like a program that tidies up its descriptors, close
+               every fd >= 512 and put a pipe on those numbers; then one GET; then check the
+               pipe still works on every one of them. Prints "<n high fds> <local port> <status>"
 """
 import os
 import socket
@@ -37,5 +41,24 @@ elif mode == "fork":
 elif mode == "die-after":
     s = get("", "/prefetch-die")
     os._exit(0)
+elif mode == "closefrom":
+    try:
+        socket.create_connection((host, int(sys.argv[4])), timeout=5).close()
+    except OSError:
+        pass
+    high = [int(f) for f in os.listdir("/proc/self/fd") if int(f) >= 512]
+    r, w = os.pipe()
+    for f in high:
+        os.close(f)
+        os.dup2(w, f)
+    s = socket.create_connection((host, port), timeout=5)
+    status = exchange(s, host, "/prefetch-closefrom")[0]
+    local = s.getsockname()[1]
+    s.close()
+    for f in high:
+        os.write(f, b"x")
+    got = os.read(r, 4096)
+    assert got == b"x" * len(high), (got, high)
+    print(len(high), local, status, flush=True)
 else:
     sys.exit(f"unknown mode {mode}")
