@@ -861,29 +861,9 @@ fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: &mut HashMa
 fn unoffer(shared: &Shared, l: Lease, now: Instant) {
     let source = l.offered.unwrap_or(Source::Reuse);
     let verdict = sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout);
-    let mut pools = shared.lock();
-    let Some(pool) = pools.get_mut(&l.key) else {
-        shared.metrics.discard(Discard::PoolRemoved);
-        return;
-    };
-    let outcome = match verdict {
-        Ok(()) => pool.unoffer(now, crate::pool::Idle { sock: l.sock, created: l.created, since: now, source }),
-        Err(why) => {
-            pool.lease_ended();
-            Err((l.sock, why))
-        }
-    };
-    match outcome {
-        Ok(()) => {
-            shared.metrics.prefetch_returned.fetch_add(1, Ordering::Relaxed);
-        }
-        Err((s, why)) => {
-            pool.stats.discarded += 1;
-            drop(pools);
-            shared.metrics.discard(why);
-            drop(s);
-        }
-    }
+    settle(shared, l, verdict, &shared.metrics.prefetch_returned, |pool, sock, created| {
+        pool.unoffer(now, crate::pool::Idle { sock, created, since: now, source })
+    });
 }
 
 fn release(shared: &Shared, l: Lease, disposition: Disposition) {
@@ -900,13 +880,26 @@ fn release(shared: &Shared, l: Lease, disposition: Disposition) {
         Disposition::Clean => sock::return_check(l.sock.fd.as_raw_fd(), l.at_handout),
     };
     let now = Instant::now();
+    settle(shared, l, verdict, &shared.metrics.returned, |pool, sock, created| pool.give_back(now, sock, created));
+}
+
+/// The end of a lease: with a good `verdict`, `keep` puts the socket back into its pool
+/// (which may still refuse it) and `kept` counts it; otherwise, or if refused, it is closed
+/// and the reason counted.
+fn settle(
+    shared: &Shared,
+    l: Lease,
+    verdict: Result<(), Discard>,
+    kept: &std::sync::atomic::AtomicU64,
+    keep: impl FnOnce(&mut Pool<PooledSock>, PooledSock, Instant) -> Result<(), (PooledSock, Discard)>,
+) {
     let mut pools = shared.lock();
     let Some(pool) = pools.get_mut(&l.key) else {
         shared.metrics.discard(Discard::PoolRemoved);
         return;
     };
     let outcome = match verdict {
-        Ok(()) => pool.give_back(now, l.sock, l.created),
+        Ok(()) => keep(pool, l.sock, l.created),
         Err(why) => {
             pool.lease_ended();
             Err((l.sock, why))
@@ -914,7 +907,7 @@ fn release(shared: &Shared, l: Lease, disposition: Disposition) {
     };
     match outcome {
         Ok(()) => {
-            shared.metrics.returned.fetch_add(1, Ordering::Relaxed);
+            kept.fetch_add(1, Ordering::Relaxed);
         }
         Err((s, why)) => {
             pool.stats.discarded += 1;

@@ -44,6 +44,15 @@ fn daemon_for(nginx: &Nginx) -> Daemon {
     d
 }
 
+/// `prefetch_fn.py MODE HOST PORT [EXTRA...]` against `nginx` under the shim; its stdout.
+fn py(d: &Daemon, nginx: &Nginx, mode: &str, extra: &[&str]) -> String {
+    let script = client_script("prefetch_fn.py");
+    let (host, port) = (nginx.addr().ip().to_string(), nginx.addr().port().to_string());
+    let mut args = vec![script.to_str().expect("utf-8 path"), mode, &host, &port];
+    args.extend_from_slice(extra);
+    ok_stdout(&shimmed(d, SYSTEM_PYTHON, &args), mode)
+}
+
 #[test]
 fn connect_takes_the_socket_offered_at_load_time() {
     if !require_tool("nginx") || !require_tool("curl") {
@@ -111,10 +120,7 @@ fn an_offer_used_and_abandoned_is_closed_not_pooled() {
     }
     let nginx = Nginx::start();
     let d = daemon_for(&nginx);
-    let script = client_script("prefetch_fn.py");
-    let host = nginx.addr().ip().to_string();
-    let port = nginx.addr().port().to_string();
-    let first = ok_stdout(&shimmed(&d, SYSTEM_PYTHON, &[script.to_str().unwrap(), "die-after", &host, &port]), "die-after");
+    let first = py(&d, &nginx, "die-after", &[]);
     assert!(first.trim().ends_with(" 200"), "{first}");
     assert!(
         wait_until(Duration::from_secs(5), || d.metric("warmpool_discarded_total{reason=\"lease_lost\"") >= 1.0),
@@ -124,7 +130,7 @@ fn an_offer_used_and_abandoned_is_closed_not_pooled() {
     assert!(prefetch(&d, "offered") >= 1.0, "{}", d.metrics());
     assert_eq!(prefetch(&d, "returned"), 0.0, "a used offer went back to the pool:\n{}", d.metrics());
     // The next function gets a different (fresh) connection and a clean reply.
-    let next = ok_stdout(&shimmed(&d, SYSTEM_PYTHON, &[script.to_str().unwrap(), "get", &host, &port]), "get");
+    let next = py(&d, &nginx, "get", &[]);
     assert!(next.trim().ends_with(" 200"), "{next}");
     assert_ne!(first.split_whitespace().next(), next.split_whitespace().next(), "same local port: the abandoned socket was reused");
 }
@@ -136,10 +142,7 @@ fn a_fork_child_never_gets_its_parents_offer() {
     }
     let nginx = Nginx::start();
     let d = daemon_for(&nginx);
-    let script = client_script("prefetch_fn.py");
-    let host = nginx.addr().ip().to_string();
-    let port = nginx.addr().port().to_string();
-    let out = ok_stdout(&shimmed(&d, SYSTEM_PYTHON, &[script.to_str().unwrap(), "fork", &host, &port]), "fork");
+    let out = py(&d, &nginx, "fork", &[]);
     let port_of = |tag: &str| -> String {
         let line = out.lines().find(|l| l.starts_with(tag)).unwrap_or_else(|| panic!("no {tag} line in {out:?}"));
         let f: Vec<&str> = line.split_whitespace().collect();
@@ -162,11 +165,7 @@ fn a_program_that_closes_fds_it_does_not_own_never_gets_a_stale_one() {
     }
     let nginx = Nginx::start();
     let d = daemon_for(&nginx);
-    let script = client_script("prefetch_fn.py");
-    let host = nginx.addr().ip().to_string();
-    let port = nginx.addr().port().to_string();
-    let closed = free_port().to_string();
-    let out = ok_stdout(&shimmed(&d, SYSTEM_PYTHON, &[script.to_str().unwrap(), "closefrom", &host, &port, &closed]), "closefrom");
+    let out = py(&d, &nginx, "closefrom", &[&free_port().to_string()]);
     let f: Vec<&str> = out.split_whitespace().collect();
     // The shim's link and its offer were among the closed numbers; the GET still worked (on a
     // socket asked for again), and the pipe put on those numbers was never touched.

@@ -351,17 +351,11 @@ fn send_prefetch(st: &mut State, fd: i32) {
 fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
     let mut buf = [0u8; 64];
     while st.prefetch_seq != 0 {
-        let got = wire::unix::recv(fd, &mut buf, 0).map_err(|e| {
-            wlog!("pool manager did not answer the prefetch: {e}");
-        })?;
-        if got.len == 0 || got.ctrunc {
-            return Err(());
-        }
-        let Ok((msg, seq)) = wire::decode(&buf[..got.len]) else { return Err(()) };
+        let (msg, seq, sock) = next_answer(fd, &mut buf)?;
         if seq != st.prefetch_seq {
             return Err(());
         }
-        match (msg, got.fd) {
+        match (msg, sock) {
             (Msg::Offer { lease, dest, last, .. }, Some(sock)) => {
                 if last {
                     st.prefetch_seq = 0;
@@ -466,6 +460,19 @@ fn wait_readable(fd: i32, deadline_ms: u64) -> bool {
     }
 }
 
+/// The next message from the daemon (blocking, bounded by the link's receive timeout), its
+/// sequence number and the fd it carried. `Err` means the link is unusable.
+fn next_answer(fd: i32, buf: &mut [u8]) -> Result<(Msg<'_>, u32, Option<OwnedFd>), ()> {
+    let got = wire::unix::recv(fd, buf, 0).map_err(|e| {
+        wlog!("pool manager did not answer: {e}");
+    })?;
+    if got.len == 0 || got.ctrunc {
+        return Err(());
+    }
+    let (msg, seq) = wire::decode(&buf[..got.len]).map_err(|_| ())?;
+    Ok((msg, seq, got.fd))
+}
+
 /// Send one request and wait for the answer with the same sequence number.
 /// `Err` means the link is unusable.
 fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
@@ -482,13 +489,7 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
                 return Err(());
             }
         }
-        let got = wire::unix::recv(fd, &mut buf, 0).map_err(|e| {
-            wlog!("pool manager did not answer: {e}");
-        })?;
-        if got.len == 0 || got.ctrunc {
-            return Err(());
-        }
-        let Ok((msg, got_seq)) = wire::decode(&buf[..got.len]) else { return Err(()) };
+        let (msg, got_seq, sock) = next_answer(fd, &mut buf)?;
         if got_seq != seq {
             // The answer to a request we already gave up on: its fd (if any) is dropped here
             // and the daemon ends that lease when we tell it.
@@ -503,7 +504,7 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
                 pending_until = Some(now_ms() + u64::from(retry_after_ms.min(MAX_PENDING_MS)) + 1000);
                 continue;
             }
-            Msg::Grant { lease, .. } => match got.fd {
+            Msg::Grant { lease, .. } => match sock {
                 Some(sock) if table::fits(lease) => Answer::Grant(sock, lease),
                 _ => {
                     release(lease, Disposition::Implicit);

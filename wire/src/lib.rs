@@ -386,9 +386,7 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
             header(buf, if matches!(msg, Msg::Acquire(_)) { Kind::Acquire } else { Kind::Prewarm }, seq);
             buf[8] = d.domain;
             buf[9] = 0;
-            buf[10..12].copy_from_slice(&d.port.to_le_bytes());
-            buf[12..28].copy_from_slice(&d.addr);
-            buf[28..32].copy_from_slice(&d.scope_id.to_le_bytes());
+            put_dest_rest(&d, &mut buf[10..32]);
             32
         }
         Msg::Release { lease, disposition } => {
@@ -416,9 +414,7 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
             buf[16] = source as u8;
             buf[17] = u8::from(last);
             buf[18] = dest.domain;
-            buf[19..21].copy_from_slice(&dest.port.to_le_bytes());
-            buf[21..37].copy_from_slice(&dest.addr);
-            buf[37..41].copy_from_slice(&dest.scope_id.to_le_bytes());
+            put_dest_rest(&dest, &mut buf[19..OFFER_LEN]);
             OFFER_LEN
         }
         Msg::Handover { item, text } => {
@@ -466,6 +462,28 @@ fn copy_text(text: &str, out: &mut [u8]) -> usize {
     n
 }
 
+/// A destination's port, address and scope id (22 bytes), as `Acquire` and `Offer` carry them.
+fn put_dest_rest(d: &Dest, out: &mut [u8]) {
+    out[0..2].copy_from_slice(&d.port.to_le_bytes());
+    out[2..18].copy_from_slice(&d.addr);
+    out[18..22].copy_from_slice(&d.scope_id.to_le_bytes());
+}
+
+/// The inverse of [`put_dest_rest`], with the domain byte (4 or 6) beside it.
+fn dest_from(domain: u8, rest: &[u8]) -> Result<Dest, DecodeError> {
+    if domain != 4 && domain != 6 {
+        return Err(DecodeError::BadField);
+    }
+    let mut addr = [0u8; 16];
+    addr.copy_from_slice(&rest[2..18]);
+    Ok(Dest {
+        domain,
+        port: u16::from_le_bytes([rest[0], rest[1]]),
+        addr,
+        scope_id: u32::from_le_bytes([rest[18], rest[19], rest[20], rest[21]]),
+    })
+}
+
 fn source_of(b: u8) -> Result<Source, DecodeError> {
     match b {
         1 => Ok(Source::Warm),
@@ -499,18 +517,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
     let msg = match kind {
         Kind::Acquire | Kind::Prewarm => {
             need(32)?;
-            let domain = buf[8];
-            if domain != 4 && domain != 6 {
-                return Err(DecodeError::BadField);
-            }
-            let mut addr = [0u8; 16];
-            addr.copy_from_slice(&buf[12..28]);
-            let d = Dest {
-                domain,
-                port: u16::from_le_bytes([buf[10], buf[11]]),
-                addr,
-                scope_id: u32::from_le_bytes([buf[28], buf[29], buf[30], buf[31]]),
-            };
+            let d = dest_from(buf[8], &buf[10..32])?;
             if kind == Kind::Acquire {
                 Msg::Acquire(d)
             } else {
@@ -539,18 +546,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
                 1 => true,
                 _ => return Err(DecodeError::BadField),
             };
-            let domain = buf[18];
-            if domain != 4 && domain != 6 {
-                return Err(DecodeError::BadField);
-            }
-            let mut addr = [0u8; 16];
-            addr.copy_from_slice(&buf[21..37]);
-            let dest = Dest {
-                domain,
-                port: u16::from_le_bytes([buf[19], buf[20]]),
-                addr,
-                scope_id: u32::from_le_bytes([buf[37], buf[38], buf[39], buf[40]]),
-            };
+            let dest = dest_from(buf[18], &buf[19..OFFER_LEN])?;
             Msg::Offer { lease: u64_at(8), source, last, dest }
         }
         Kind::Handover => {
