@@ -57,11 +57,20 @@ impl Netns {
     pub(crate) fn command(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
         use std::os::unix::process::CommandExt;
         let fd = self.file.as_raw_fd();
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
         let mut c = Command::new(prog);
-        // SAFETY: setns is async-signal-safe; `fd` stays open in the parent (self.file) until
-        // the child has exec'd, and the child's copy is close-on-exec.
+        // SAFETY: setns, prctl and getppid are async-signal-safe; `fd` stays open in the
+        // parent (self.file) until the child has exec'd, and the child's copy is
+        // close-on-exec.
         unsafe {
             c.pre_exec(move || {
+                // Whatever runs in the namespace ends with this run, even if it is killed
+                // (its namespaces can then be removed: see `reap_stale`). Children are
+                // spawned by threads that outlive them (the main thread, or one that waits).
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::getppid() != parent {
+                    return Err(std::io::Error::other("the experiment is gone"));
+                }
                 if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
                     Ok(())
                 } else {
