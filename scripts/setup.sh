@@ -32,10 +32,12 @@ declare -A CHECK=(
     [bpftool]="bpftool"
     [python3-venv]=""
     [g++]="g++"
+    [python3-yaml]=""
+    [systemd]="systemd-analyze"
 )
 ORDER=(nginx-light redis-server redis-tools curl python3 busybox-static iproute2 nftables
        util-linux procps ca-certificates build-essential pkg-config librsvg2-bin bpftool
-       python3-venv g++)
+       python3-venv g++ python3-yaml systemd)
 
 have_cmd() {
     local c=$1
