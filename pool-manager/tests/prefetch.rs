@@ -191,3 +191,29 @@ fn prefetch_off_in_the_environment_takes_no_offer() {
     // Served by an ordinary request instead.
     assert!(d.metric("warmpool_handouts_total{kind=\"warm\"") + d.metric("warmpool_handouts_total{kind=\"reuse\"") >= 1.0, "{}", d.metrics());
 }
+
+#[test]
+fn auto_pools_prefetch_once_a_function_has_used_them() {
+    if !require_tool("nginx") || !require_tool("curl") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let d = Daemon::with_config("[auto]\nenabled = true\npolicy = \"warm\"\nmin_idle = 1\nprefetch = true\n");
+    let url = nginx.url("/auto");
+    let curl = || {
+        let o = shimmed(&d, "curl", &["-sS", "--http1.1", "--max-time", "5", "-o", "-", "-w", " %{http_code}", &url]);
+        assert_eq!(ok_stdout(&o, "curl"), "hello\n 200");
+    };
+    // The first process finds no pool: nothing to offer; its connect makes the warm pool
+    // (and, finding it empty, connects itself).
+    curl();
+    assert_eq!(prefetch(&d, "offered"), 0.0, "{}", d.metrics());
+    assert!(wait_until(Duration::from_secs(5), || idle(&d) >= 1.0), "the auto pool never filled\n{}", d.metrics());
+    // From now on each process is offered a warm socket at load time and connects with it.
+    curl();
+    assert_eq!(prefetch(&d, "offered"), 1.0, "{}", d.metrics());
+    assert_eq!(prefetch(&d, "taken"), 1.0, "{}", d.metrics());
+    // (The first connect was a miss: it made the pool; the second was served by its offer.)
+    assert_eq!(d.metric("warmpool_handouts_total{kind=\"miss\""), 1.0, "{}", d.metrics());
+    assert_eq!(d.metric("warmpool_handouts_total{kind=\"warm\""), 1.0, "{}", d.metrics());
+}
