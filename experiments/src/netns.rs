@@ -136,6 +136,13 @@ fn run_pid(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -145,11 +152,5 @@ mod tests {
         for other in ["wpn12x0i", "wp12", "wpc", "wp12x", "other", "wp1a2c"] {
             assert_eq!(super::run_pid(other), None, "{other}");
         }
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }

@@ -76,7 +76,7 @@ fn partitions(id: usize, reducers: usize, bytes: u64) -> Vec<Vec<u8>> {
 
 /// Fold records into (key → (records, sum of counts)).
 fn reduce_into(acc: &mut BTreeMap<u64, (u64, u64)>, data: &[u8]) -> Result<()> {
-    if data.len() % RECORD != 0 {
+    if !data.len().is_multiple_of(RECORD) {
         bail!("partial record: {} bytes", data.len());
     }
     for r in data.chunks_exact(RECORD) {

@@ -147,24 +147,6 @@ pub(crate) fn cdf(values: &[f64]) -> Vec<(f64, f64)> {
     v.iter().enumerate().map(|(i, x)| (*x, (i + 1) as f64 / n)).collect()
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn renders_every_series_and_axis() {
-        let s = vec![
-            Series { name: "new".into(), points: vec![(1e3, 100.0), (1e6, 5000.0)] },
-            Series { name: "warm".into(), points: vec![(1e3, 50.0), (1e6, 1000.0)] },
-        ];
-        let svg = render(&Chart { title: "FCT", x_label: "bytes", y_label: "µs", x_scale: Scale::Log, y_scale: Scale::Log, series: &s });
-        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
-        assert_eq!(svg.matches("<polyline").count(), 2);
-        assert!(svg.contains(">new<") && svg.contains(">warm<") && svg.contains(">1M<"));
-        let c = cdf(&[3.0, 1.0, 2.0]);
-        assert_eq!(c, vec![(1.0, 1.0 / 3.0), (2.0, 2.0 / 3.0), (3.0, 1.0)]);
-    }
-}
 
 /// Write `svg` to `path` (`.svg`) and, when `rsvg-convert` (Debian's librsvg2-bin) is
 /// installed, a PNG rendering beside it. Returns the files written.
@@ -183,4 +165,23 @@ pub(crate) fn write(path: &std::path::Path, svg: &str) -> std::io::Result<Vec<st
         written.push(png);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_series_and_axis() {
+        let s = vec![
+            Series { name: "new".into(), points: vec![(1e3, 100.0), (1e6, 5000.0)] },
+            Series { name: "warm".into(), points: vec![(1e3, 50.0), (1e6, 1000.0)] },
+        ];
+        let svg = render(&Chart { title: "FCT", x_label: "bytes", y_label: "µs", x_scale: Scale::Log, y_scale: Scale::Log, series: &s });
+        assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
+        assert_eq!(svg.matches("<polyline").count(), 2);
+        assert!(svg.contains(">new<") && svg.contains(">warm<") && svg.contains(">1M<"));
+        let c = cdf(&[3.0, 1.0, 2.0]);
+        assert_eq!(c, vec![(1.0, 1.0 / 3.0), (2.0, 2.0 / 3.0), (3.0, 1.0)]);
+    }
 }

@@ -184,6 +184,7 @@ mod tests {
     /// The delay line meets its configured RTT within 5% (root: namespaces and TUN).
     #[test]
     fn delay_line_rtt_matches_configuration() {
+        // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             assert!(std::env::var("CI").map_or(true, |v| v != "true"), "must run as root in CI");
             eprintln!("SKIP delay_line_rtt_matches_configuration: needs root (network namespaces, TUN)");

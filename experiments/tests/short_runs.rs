@@ -109,10 +109,11 @@ fn two_node_mode_runs_against_experiments_server_on_another_host() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("start experiments server");
-    let _stop = KillOnDrop(server.id());
+    let stdout = server.stdout.take().unwrap();
+    let _stop = StopOnDrop(Some(server));
     {
         use std::io::BufRead;
-        let lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+        let lines = std::io::BufReader::new(stdout).lines();
         assert!(lines.map_while(Result::ok).any(|l| l == "ready"), "experiments server did not come up");
     }
     let out = out_dir("two-node");
@@ -133,12 +134,16 @@ fn two_node_mode_runs_against_experiments_server_on_another_host() {
 }
 
 /// Stops a process we started, by its PID, even when the test fails (its nginx follows).
-struct KillOnDrop(u32);
+/// Our child, stopped (SIGTERM, by its PID) and reaped on drop.
+struct StopOnDrop(Option<std::process::Child>);
 
-impl Drop for KillOnDrop {
+impl Drop for StopOnDrop {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child by PID.
-        unsafe { libc::kill(self.0 as i32, libc::SIGTERM) };
+        if let Some(mut c) = self.0.take() {
+            // SAFETY: signalling our own child by PID.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! - `passthrough`: the shim's connect() to an unpooled destination against libc's;
 //! - `round trip`: one protocol Acquire → Grant(fd) → Release, no shim;
 //! - `throughput`: hand-outs/s with 64 concurrent clients.
+//!
 //! Writes `target/bench/handout.csv` (one row per metric) and prints a table.
 
 use hdrhistogram::Histogram;

@@ -34,7 +34,7 @@ fn main() {
             drop(c);
         }
     });
-    let assist = shim_user::assist::KernelAssist::attach(&[cg.clone()], 256).expect("attach");
+    let assist = shim_user::assist::KernelAssist::attach(std::slice::from_ref(&cg), 256).expect("attach");
     // Give the destination a learned window: one transfer that closes.
     {
         use std::io::Write;
@@ -51,7 +51,7 @@ fn main() {
     for round in 0..(iters / block) * 2 {
         let with = round % 2 == 1;
         if with {
-            let a = shim_user::assist::KernelAssist::attach(&[cg.clone()], 256).expect("attach");
+            let a = shim_user::assist::KernelAssist::attach(std::slice::from_ref(&cg), 256).expect("attach");
             // Re-teach the fresh map the destination.
             use std::io::Write;
             let mut s = TcpStream::connect(addr).unwrap();
