@@ -207,6 +207,14 @@ pub struct Config {
     /// Explicit pools, by resolved address (both the address as written and, for IPv4, its
     /// IPv4-mapped IPv6 form).
     pub pools: HashMap<SocketAddr, Arc<PoolSettings>>,
+    /// Destinations written as host names: resolved at load (into `pools`) and again every
+    /// `resolve_interval` while the daemon runs, so that addresses a name gains later (a
+    /// service that moved, DNS that was not up at boot) are pooled too.
+    pub names: Vec<(String, Arc<PoolSettings>)>,
+    /// Names that did not resolve at load, with the reason: not an error (see `names`).
+    pub unresolved: Vec<(String, String)>,
+    /// How often `names` are resolved again.
+    pub resolve_interval: Duration,
     /// Peer links (`[peer]`), when this node takes part in a job.
     pub peer: Option<PeerSettings>,
 }
@@ -257,6 +265,9 @@ impl Default for Config {
                 forget_after: defaults::AUTO_FORGET_AFTER,
             },
             pools: HashMap::new(),
+            names: Vec::new(),
+            unresolved: Vec::new(),
+            resolve_interval: defaults::RESOLVE_INTERVAL,
             kernel: Kernel {
                 assist: AssistMode::Off,
                 cgroups: vec![],
@@ -324,26 +335,53 @@ impl Config {
         }
     }
 
-    /// Add a pool for every address `dest` resolves to.
+    /// Add a pool for every address `dest` (`HOST:PORT`) resolves to. A host name is also
+    /// kept in `names`, and one that does not resolve now is not an error: it is listed in
+    /// `unresolved` and pooled once it resolves.
     ///
     /// # Errors
-    /// [`ConfigError::Destination`] if it does not resolve.
+    /// [`ConfigError::Destination`] if `dest` is not `HOST:PORT`.
     pub fn add_pool(&mut self, dest: &str, settings: PoolSettings) -> Result<(), ConfigError> {
-        let addrs: Vec<SocketAddr> = dest
-            .to_socket_addrs()
-            .map_err(|e| ConfigError::Destination { dest: dest.into(), reason: e.to_string() })?
-            .collect();
-        if addrs.is_empty() {
-            return Err(ConfigError::Destination { dest: dest.into(), reason: "resolves to no address".into() });
+        let bad = |reason: &str| ConfigError::Destination { dest: dest.into(), reason: reason.into() };
+        let (host, port) = dest.rsplit_once(':').ok_or_else(|| bad("expected HOST:PORT"))?;
+        port.parse::<u16>().map_err(|_| bad("the port is not a number from 0 to 65535"))?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(bad("expected HOST:PORT"));
         }
         let settings = Arc::new(settings);
-        for a in addrs {
-            self.pools.insert(a, settings.clone());
-            if let SocketAddr::V4(v4) = a {
-                self.pools.insert(SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()), settings.clone());
+        if host.parse::<std::net::IpAddr>().is_err() {
+            self.names.push((dest.to_owned(), settings.clone()));
+        }
+        match resolve(dest) {
+            Ok(addrs) => {
+                for a in addrs {
+                    insert_addr(&mut self.pools, a, &settings);
+                }
             }
+            Err(reason) if host.parse::<std::net::IpAddr>().is_err() => self.unresolved.push((dest.to_owned(), reason)),
+            Err(reason) => return Err(bad(&reason)),
         }
         Ok(())
+    }
+
+    /// Resolve `names` now (blocking): every address with its settings (IPv4 ones also
+    /// IPv4-mapped), and the names that failed with the reason.
+    #[must_use]
+    pub fn resolve_names(&self) -> (HashMap<SocketAddr, Arc<PoolSettings>>, Vec<(String, String)>) {
+        let mut out = HashMap::new();
+        let mut failed = Vec::new();
+        for (name, settings) in &self.names {
+            match resolve(name) {
+                Ok(addrs) => {
+                    for a in addrs {
+                        insert_addr(&mut out, a, settings);
+                    }
+                }
+                Err(reason) => failed.push((name.clone(), reason)),
+            }
+        }
+        (out, failed)
     }
 
     /// Parse a `--pool HOST:PORT=warm|reuse[+prefetch]` flag and add it.
@@ -386,6 +424,12 @@ impl Config {
         let mut c = Self::default();
         if let Some(s) = file.socket {
             c.socket = s;
+        }
+        if let Some(r) = file.resolve_interval {
+            c.resolve_interval = parse_duration("resolve_interval", &r)?;
+            if c.resolve_interval < Duration::from_millis(10) {
+                return Err(ConfigError::Invalid { field: "resolve_interval".into(), reason: "must be at least 10ms".into() });
+            }
         }
         if let Some(m) = file.socket_mode {
             c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
@@ -457,6 +501,7 @@ impl Config {
 struct FileConfig {
     socket: Option<PathBuf>,
     socket_mode: Option<String>,
+    resolve_interval: Option<String>,
     metrics: Option<String>,
     tenant: Option<TenantBy>,
     allow_uids: Option<Vec<toml::Value>>,
@@ -638,6 +683,22 @@ impl FileSettings {
             return invalid("prefetch cannot be combined with a probe");
         }
         Ok(s)
+    }
+}
+
+fn resolve(dest: &str) -> Result<Vec<SocketAddr>, String> {
+    let addrs: Vec<SocketAddr> = dest.to_socket_addrs().map_err(|e| e.to_string())?.collect();
+    if addrs.is_empty() {
+        return Err("resolves to no address".into());
+    }
+    Ok(addrs)
+}
+
+/// `a` and, for IPv4, its IPv4-mapped IPv6 form (what an `AF_INET6` socket asks for).
+fn insert_addr(map: &mut HashMap<SocketAddr, Arc<PoolSettings>>, a: SocketAddr, settings: &Arc<PoolSettings>) {
+    map.insert(a, settings.clone());
+    if let SocketAddr::V4(v4) = a {
+        map.insert(SocketAddr::new(v4.ip().to_ipv6_mapped().into(), v4.port()), settings.clone());
     }
 }
 
@@ -827,6 +888,29 @@ mod tests {
         assert_eq!(s.quarantine, Duration::from_millis(2));
         assert!(matches!(c.lookup(&"[::ffff:127.0.0.1]:6379".parse().unwrap()), Lookup::Configured(_)));
         assert!(matches!(c.lookup(&"127.0.0.1:1".parse().unwrap()), Lookup::NotPooled));
+    }
+
+    #[test]
+    fn host_names_are_kept_and_may_resolve_later() {
+        let c = Config::from_toml(
+            "[[pool]]\ndestination = \"localhost:6379\"\npolicy = \"warm\"\n\
+             [[pool]]\ndestination = \"no-such-host.invalid:80\"\npolicy = \"reuse\"\n\
+             [[pool]]\ndestination = \"127.0.0.1:81\"\npolicy = \"warm\"\n",
+        )
+        .unwrap();
+        assert!(matches!(c.lookup(&"127.0.0.1:6379".parse().unwrap()), Lookup::Configured(_)));
+        let names: Vec<&str> = c.names.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["localhost:6379", "no-such-host.invalid:80"], "IP literals are not names");
+        assert_eq!(c.unresolved.len(), 1);
+        assert_eq!(c.unresolved[0].0, "no-such-host.invalid:80");
+        let (now, failed) = c.resolve_names();
+        assert!(now.contains_key(&"127.0.0.1:6379".parse().unwrap()) && now.contains_key(&"[::ffff:127.0.0.1]:6379".parse().unwrap()));
+        assert_eq!(failed.len(), 1);
+        for bad in ["nohost", "host:port", ":80", "127.0.0.1:99999"] {
+            let e = Config::from_toml(&format!("[[pool]]\ndestination = \"{bad}\"\npolicy = \"warm\"\n")).unwrap_err();
+            assert!(e.to_string().contains(bad), "{bad}: {e}");
+        }
+        assert!(Config::from_toml("resolve_interval = \"1ms\"\n").is_err());
     }
 
     #[test]

@@ -90,3 +90,7 @@ pub const MAX_SPARES: usize = 16;
 /// Most sockets offered to one starting process (`Prefetch`): one per prefetching
 /// destination, at most this many destinations.
 pub const MAX_PREFETCH: usize = 8;
+
+/// How often destinations written as host names are resolved again (addresses a name gains
+/// are pooled from then on; a name that did not resolve at start is pooled once it does).
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);

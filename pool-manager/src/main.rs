@@ -288,6 +288,9 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         };
         let cancel = CancellationToken::new();
         let metrics_addr = cfg.metrics;
+        for (name, reason) in &cfg.unresolved {
+            warn!(destination = %name, %reason, every = ?cfg.resolve_interval, "destination does not resolve yet; pooled once it does");
+        }
         info!(
             socket = %path.display(),
             pools = cfg.pools.len(),

@@ -71,6 +71,9 @@ pub struct Shared {
     /// Set once everything went to a successor: the socket file now belongs to it.
     pub handed_over: std::sync::atomic::AtomicBool,
     pub(crate) handover_done: tokio::sync::Notify,
+    /// The addresses `config.names` resolved to at the resolver's last turn (beside the
+    /// load-time ones in `config.pools`).
+    pub resolved: std::sync::RwLock<HashMap<SocketAddr, Arc<crate::config::PoolSettings>>>,
 }
 
 impl Shared {
@@ -92,6 +95,23 @@ impl Shared {
             listener_fd: std::sync::atomic::AtomicI32::new(-1),
             handed_over: std::sync::atomic::AtomicBool::new(false),
             handover_done: tokio::sync::Notify::new(),
+            resolved: std::sync::RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Settings for a destination: configured (at load, or by a name's later resolution),
+    /// auto, or not pooled.
+    #[must_use]
+    pub fn lookup(&self, dest: &SocketAddr) -> Lookup {
+        match self.config.lookup(dest) {
+            Lookup::Configured(s) => Lookup::Configured(s),
+            other => {
+                let resolved = self.resolved.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match resolved.get(dest) {
+                    Some(s) => Lookup::Configured(s.clone()),
+                    None => other,
+                }
+            }
         }
     }
 
@@ -260,6 +280,7 @@ pub async fn run_with(
         tasks.spawn(client_with(shared.clone(), h.conn, Ok((h.peer, refusal)), leases, cancel.clone()));
     }
     tasks.spawn(maintain(shared.clone(), cancel.clone()));
+    tasks.spawn(resolver(shared.clone(), cancel.clone()));
     if let Some(agent) = &shared.peer {
         tasks.spawn(crate::peer::agent::run(agent.clone(), cancel.clone()));
     }
@@ -690,7 +711,7 @@ pub(crate) fn pool_for<'a>(
         return None;
     }
     if !pools.contains_key(key) {
-        let (settings, auto) = match shared.config.lookup(&key.dest) {
+        let (settings, auto) = match shared.lookup(&key.dest) {
             Lookup::Configured(s) => (s, false),
             Lookup::Auto(s) => {
                 if pools.values().filter(|p| p.auto).count() >= shared.config.auto.max_destinations {
@@ -794,13 +815,13 @@ fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: &mut HashMa
     let now = Instant::now();
     // Configured destinations that prefetch (each IPv4 one is also listed IPv4-mapped: once
     // is enough), and this tenant's auto pools if the auto settings prefetch.
-    let mut dests: Vec<SocketAddr> = shared
-        .config
-        .pools
-        .iter()
-        .filter(|(a, s)| s.prefetch && !matches!(a.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some()))
-        .map(|(a, _)| *a)
-        .collect();
+    let mapped = |a: &SocketAddr| matches!(a.ip(), std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+    let mut dests: Vec<SocketAddr> =
+        shared.config.pools.iter().filter(|(a, s)| s.prefetch && !mapped(a)).map(|(a, _)| *a).collect();
+    {
+        let resolved = shared.resolved.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        dests.extend(resolved.iter().filter(|(a, s)| s.prefetch && !mapped(a)).map(|(a, _)| *a));
+    }
     if shared.config.auto.enabled && shared.config.auto.settings.prefetch {
         let pools = shared.lock();
         dests.extend(pools.iter().filter(|(k, p)| p.auto && k.tenant == *tenant).map(|(k, _)| k.dest));
@@ -970,6 +991,41 @@ fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeout: std::ti
 
 /// Periodic sweep of every pool: quarantine, timeouts, dead sockets, refills, and removal of
 /// auto pools nobody uses.
+/// Resolve the configured host names again every `resolve_interval`: an address a name
+/// gains is pooled from then on (one it loses keeps its pool until the pool is idle).
+async fn resolver(shared: Arc<Shared>, cancel: CancellationToken) {
+    if shared.config.names.is_empty() {
+        return;
+    }
+    let mut tick = tokio::time::interval(shared.config.resolve_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is now: the load just resolved them
+    let mut failing: std::collections::HashSet<String> = shared.config.unresolved.iter().map(|(n, _)| n.clone()).collect();
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = shared.clone();
+        let Ok((map, failed)) = tokio::task::spawn_blocking(move || s.config.resolve_names()).await else { continue };
+        let now_failing: std::collections::HashSet<String> = failed.iter().map(|(n, _)| n.clone()).collect();
+        for (name, reason) in &failed {
+            if !failing.contains(name) {
+                warn!(destination = %name, %reason, "destination no longer resolves; its known addresses stay pooled");
+            }
+        }
+        for name in failing.difference(&now_failing) {
+            info!(destination = %name, "destination resolves now: pooled");
+        }
+        failing = now_failing;
+        let mut resolved = shared.resolved.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for a in map.keys().filter(|a| !resolved.contains_key(a) && !shared.config.pools.contains_key(a)) {
+            debug!(addr = %a, "a configured name resolves to a new address: pooled");
+        }
+        *resolved = map;
+    }
+}
+
 async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(defaults::SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1063,7 +1119,7 @@ impl DemandTracker {
                 if pools.contains_key(&key) {
                     continue;
                 }
-                let settings = match shared.config.lookup(&dest) {
+                let settings = match shared.lookup(&dest) {
                     Lookup::Configured(s) => s,
                     Lookup::Auto(_) | Lookup::NotPooled => {
                         if pools.values().filter(|p| p.auto).count() >= shared.config.auto.max_destinations {
@@ -1072,7 +1128,7 @@ impl DemandTracker {
                         shared.config.auto.settings.clone()
                     }
                 };
-                let configured = matches!(shared.config.lookup(&dest), Lookup::Configured(_));
+                let configured = matches!(shared.lookup(&dest), Lookup::Configured(_));
                 let mut pool = Pool::new(settings, !configured, now);
                 let n = pool.start_refill(now);
                 let timeout = pool.settings.connect_timeout;

@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use pool_manager::wire::{self, Dest, Disposition, ErrorCode, Msg, Source};
+use std::fs;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn connect(d: &Daemon) -> OwnedFd {
@@ -227,4 +229,42 @@ fn a_second_daemon_refuses_a_live_socket_and_bad_config_is_a_clear_error() {
     let out = std::process::Command::new(pool_manager_bin()).args(["serve", "--pool", "nonsense"]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("HOST:PORT=warm|reuse"));
+}
+
+/// A destination written as a host name that does not resolve when the daemon starts is not
+/// an error: the daemon starts, says so, and pools it once the name resolves (here: once it
+/// appears in a private /etc/hosts, resolved again every 100 ms).
+#[test]
+fn a_destination_name_is_pooled_once_it_resolves() {
+    if !require_root("name resolution") || !require_tool("unshare") || !require_tool("nginx") || !require_tool("curl") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let port = nginx.addr().port();
+    let dir = TempDir::new();
+    let hosts = dir.join("hosts");
+    fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    let cfg = dir.join("pool.toml");
+    fs::write(&cfg, format!("resolve_interval = \"100ms\"\n[[pool]]\ndestination = \"later.warmpool.test:{port}\"\npolicy = \"reuse\"\n")).unwrap();
+    let d = Daemon::start_in_mount_ns(&format!("mount --bind {} /etc/hosts", hosts.display()), &["--config", cfg.to_str().unwrap()]);
+    assert!(d.log().contains("does not resolve yet"), "{}", d.log());
+    let curl = |path: &str| {
+        let mut c = Command::new(tool_path("curl"));
+        c.args(["-sS", "--http1.1", "--max-time", "5", "-o", "-", "-w", " %{http_code}", &nginx.url(path)]).stdin(Stdio::null());
+        shim_env(&mut c, &d);
+        let o = c.output().expect("curl");
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "hello\n 200", "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    curl("/before");
+    assert_eq!(d.metric("warmpool_fallbacks_total{reason=\"not_pooled\""), 1.0, "{}", d.metrics());
+    // The name appears (the bind mount shows this very file).
+    fs::write(&hosts, "127.0.0.1 localhost later.warmpool.test\n").unwrap();
+    assert!(wait_until(Duration::from_secs(5), || d.log().contains("resolves now")), "{}", d.log());
+    curl("/after-1");
+    curl("/after-2");
+    assert_eq!(d.metric("warmpool_fallbacks_total{reason=\"not_pooled\""), 1.0, "{}", d.metrics());
+    // Pooled now: the first request made the pool (a miss), the second was handed a socket.
+    let served = d.metric("warmpool_handouts_total{kind=\"warm\"") + d.metric("warmpool_handouts_total{kind=\"reuse\"");
+    assert!(served >= 1.0, "{}", d.metrics());
+    assert!(d.status().contains(&format!("127.0.0.1:{port}")), "{}", d.status());
 }

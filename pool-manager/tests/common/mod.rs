@@ -392,12 +392,31 @@ impl Daemon {
 
     /// Same as `start`, with extra environment variables for the daemon.
     pub fn start_with_env(args: &[&str], envs: &[(&str, &str)]) -> Daemon {
+        Self::start_via(None, args, envs)
+    }
+
+    /// `start`, in a private mount namespace (root) after the shell commands `setup` (e.g.
+    /// a bind mount over /etc/hosts): the host's mounts are never touched.
+    pub fn start_in_mount_ns(setup: &str, args: &[&str]) -> Daemon {
+        Self::start_via(Some(setup), args, &[])
+    }
+
+    fn start_via(setup: Option<&str>, args: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let dir = TempDir::new();
         let socket = dir.join("pool.sock");
         let metrics = localhost(free_port());
         let log_path = dir.join("daemon.log");
         let (out, err) = log_stdio(&log_path);
-        let mut cmd = Command::new(pool_manager_bin());
+        let mut cmd = match setup {
+            None => Command::new(pool_manager_bin()),
+            Some(setup) => {
+                // unshare and sh exec in turn: the child's PID is the daemon's.
+                let mut c = Command::new("unshare");
+                c.args(["-m", "--propagation", "private", "sh", "-c", &format!("{setup} && exec \"$0\" \"$@\"")])
+                    .arg(pool_manager_bin());
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--socket")
             .arg(&socket)
