@@ -892,20 +892,20 @@ mod tests {
 
     #[test]
     fn host_names_are_kept_and_may_resolve_later() {
+        // (Only names /etc/hosts answers: a test sends no DNS query. A name that does not
+        // resolve is tested with a daemon whose name service is a private /etc/hosts.)
         let c = Config::from_toml(
             "[[pool]]\ndestination = \"localhost:6379\"\npolicy = \"warm\"\n\
-             [[pool]]\ndestination = \"no-such-host.invalid:80\"\npolicy = \"reuse\"\n\
              [[pool]]\ndestination = \"127.0.0.1:81\"\npolicy = \"warm\"\n",
         )
         .unwrap();
         assert!(matches!(c.lookup(&"127.0.0.1:6379".parse().unwrap()), Lookup::Configured(_)));
         let names: Vec<&str> = c.names.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["localhost:6379", "no-such-host.invalid:80"], "IP literals are not names");
-        assert_eq!(c.unresolved.len(), 1);
-        assert_eq!(c.unresolved[0].0, "no-such-host.invalid:80");
+        assert_eq!(names, ["localhost:6379"], "IP literals are not names");
+        assert!(c.unresolved.is_empty());
         let (now, failed) = c.resolve_names();
         assert!(now.contains_key(&"127.0.0.1:6379".parse().unwrap()) && now.contains_key(&"[::ffff:127.0.0.1]:6379".parse().unwrap()));
-        assert_eq!(failed.len(), 1);
+        assert!(failed.is_empty());
         for bad in ["nohost", "host:port", ":80", "127.0.0.1:99999"] {
             let e = Config::from_toml(&format!("[[pool]]\ndestination = \"{bad}\"\npolicy = \"warm\"\n")).unwrap_err();
             assert!(e.to_string().contains(bad), "{bad}: {e}");

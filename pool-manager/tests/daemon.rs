@@ -233,7 +233,8 @@ fn a_second_daemon_refuses_a_live_socket_and_bad_config_is_a_clear_error() {
 
 /// A destination written as a host name that does not resolve when the daemon starts is not
 /// an error: the daemon starts, says so, and pools it once the name resolves (here: once it
-/// appears in a private /etc/hosts, resolved again every 100 ms).
+/// appears in a private /etc/hosts, the only name service in its mount namespace, resolved
+/// again every 100 ms).
 #[test]
 fn a_destination_name_is_pooled_once_it_resolves() {
     if !require_root("name resolution") || !require_tool("unshare") || !require_tool("nginx") || !require_tool("curl") {
@@ -246,7 +247,11 @@ fn a_destination_name_is_pooled_once_it_resolves() {
     fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
     let cfg = dir.join("pool.toml");
     fs::write(&cfg, format!("resolve_interval = \"100ms\"\n[[pool]]\ndestination = \"later.warmpool.test:{port}\"\npolicy = \"reuse\"\n")).unwrap();
-    let d = Daemon::start_in_mount_ns(&format!("mount --bind {} /etc/hosts", hosts.display()), &["--config", cfg.to_str().unwrap()]);
+    // Names come from that file only: no DNS query leaves the machine while it lacks the name.
+    let nss = dir.join("nsswitch.conf");
+    fs::write(&nss, "hosts: files\n").unwrap();
+    let setup = format!("mount --bind {} /etc/hosts && mount --bind {} /etc/nsswitch.conf", hosts.display(), nss.display());
+    let d = Daemon::start_in_mount_ns(&setup, &["--config", cfg.to_str().unwrap()]);
     assert!(d.log().contains("does not resolve yet"), "{}", d.log());
     let curl = |path: &str| {
         let mut c = Command::new(tool_path("curl"));

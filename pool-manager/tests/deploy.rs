@@ -163,6 +163,10 @@ fn the_daemonset_agrees_with_itself_and_the_binary() {
         &[("--config", toml.display().to_string()), ("--socket", sock.display().to_string()), ("--metrics", metrics.to_string())],
     );
     assert_eq!(args[0], "serve");
-    let log = serve_and_stop(&format!("mount --bind {} /etc/hosts &&", hosts.display()), &args, metrics, &sock, &dir.join("log"));
+    // That file is the only name service there: no DNS query leaves the machine.
+    let nss = dir.join("nsswitch.conf");
+    std::fs::write(&nss, "hosts: files\n").unwrap();
+    let setup = format!("mount --bind {} /etc/hosts && mount --bind {} /etc/nsswitch.conf &&", hosts.display(), nss.display());
+    let log = serve_and_stop(&setup, &args, metrics, &sock, &dir.join("log"));
     assert!(log.contains("pool manager listening"), "{log}");
 }
