@@ -368,7 +368,7 @@ impl Config {
     /// Resolve `names` now (blocking): every address with its settings (IPv4 ones also
     /// IPv4-mapped), and the names that failed with the reason.
     #[must_use]
-    pub fn resolve_names(&self) -> (HashMap<SocketAddr, Arc<PoolSettings>>, Vec<(String, String)>) {
+    pub fn resolve_names(&self) -> (AddrSettings, Vec<(String, String)>) {
         let mut out = HashMap::new();
         let mut failed = Vec::new();
         for (name, settings) in &self.names {
@@ -685,6 +685,9 @@ impl FileSettings {
         Ok(s)
     }
 }
+
+/// Pool settings by destination address.
+pub type AddrSettings = HashMap<SocketAddr, Arc<PoolSettings>>;
 
 fn resolve(dest: &str) -> Result<Vec<SocketAddr>, String> {
     let addrs: Vec<SocketAddr> = dest.to_socket_addrs().map_err(|e| e.to_string())?.collect();
