@@ -54,9 +54,13 @@ pub(crate) fn forget_offer(fd: i32) {
         return;
     }
     for slot in &OFFER_FDS {
-        // On a match the offer is over: the program's own close (or dup2) closes the fd,
-        // and the daemon, which never hears of it, closes its lease with the link.
-        let _ = slot.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+        // A plain load first: every close() of every program passes here, and a locked
+        // compare-and-swap per slot would cost each of them for nothing.
+        if slot.load(Ordering::Relaxed) == fd {
+            // The offer is over: the program's own close (or dup2) closes the fd, and the
+            // daemon, which never hears of it, closes its lease with the link.
+            let _ = slot.compare_exchange(fd, -1, Ordering::AcqRel, Ordering::Relaxed);
+        }
     }
 }
 
@@ -115,14 +119,18 @@ static STATE: Mutex<State> = Mutex::new(State {
     offers_pid: 0,
 });
 
-/// Close every offer (their daemon-side leases end when the link does). Async-signal-safe:
-/// used in a fork child.
-fn close_offers(st: &mut State) {
+/// Close every offer still ours. With `give_back`, tell the daemon first that the program
+/// never had it (`Release(Unused)`); without, its lease ends with the link. Async-signal-safe
+/// without `give_back` (a fork child).
+fn close_offers(st: &mut State, give_back: bool) {
     st.prefetch_seq = 0;
     for (i, o) in st.offers.iter_mut().enumerate() {
         if let Some(o) = o.take() {
             if claim_offer_fd(i, o.fd) {
-                // SAFETY: our own copy of an offered socket.
+                if give_back {
+                    release(o.lease, Disposition::Unused);
+                }
+                // SAFETY: our own copy of an offered socket, never the program's.
                 unsafe { (real::get().close)(o.fd) };
             }
         }
@@ -168,7 +176,7 @@ pub(crate) fn forget_link(fd: i32) {
 
 fn drop_link(st: &mut State) {
     // Offers belong to the link they came on (and to the identity it was opened with).
-    close_offers(st);
+    close_offers(st, false);
     let fd = CONN.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
         // SAFETY: closing our own link fd through the real close.
@@ -418,18 +426,7 @@ pub(crate) fn release_unused_offers() {
             return;
         }
     }
-    if st.offers.iter().all(Option::is_none) {
-        return;
-    }
-    for (i, o) in st.offers.iter_mut().enumerate() {
-        if let Some(o) = o.take() {
-            if claim_offer_fd(i, o.fd) {
-                release(o.lease, Disposition::Unused);
-                // SAFETY: our own copy of an offered socket, never the program's.
-                unsafe { (real::get().close)(o.fd) };
-            }
-        }
-    }
+    close_offers(&mut st, true);
 }
 
 enum Answer {
@@ -566,7 +563,7 @@ extern "C" fn after_fork_child() {
     let _ = FORK_GUARD.try_with(|slot| {
         if let Some(mut g) = slot.borrow_mut().take() {
             // The offers are the parent's: close our copies (a plain close, no message).
-            close_offers(&mut g);
+            close_offers(&mut g, false);
             g.seq = 0;
             g.retry_at_ms = 0;
         }
