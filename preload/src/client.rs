@@ -19,7 +19,7 @@
 //! that the daemon pools them again (it checks they carried no byte).
 
 use crate::log::wlog;
-use crate::{real, table, SETTINGS};
+use crate::{owner, real, table, SETTINGS};
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -64,6 +64,11 @@ pub(crate) fn forget_offer(fd: i32) {
     }
 }
 
+/// Whether `fd` is one of our offers (lock-free).
+pub(crate) fn is_offer(fd: i32) -> bool {
+    fd >= 0 && OFFER_FDS.iter().any(|s| s.load(Ordering::Relaxed) == fd)
+}
+
 /// Call `f` with each live offer's fd (lock-free).
 pub(crate) fn for_each_offer_fd(mut f: impl FnMut(i32)) {
     for slot in &OFFER_FDS {
@@ -101,11 +106,9 @@ struct State {
     neg_next: usize,
     /// The `Prefetch` whose answer has not been read yet (0: none).
     prefetch_seq: u32,
-    /// Sockets offered at load time and not used yet.
+    /// Sockets offered at load time and not used yet (the [`owner`]'s: a `vfork` child
+    /// shares this memory, not that process's fds, and must not read or release them).
     offers: [Option<Offer>; OFFER_SLOTS],
-    /// The process that sent the `Prefetch` and owns the offers (a `vfork` child shares
-    /// this memory, not that process's fds: it must not read or release them).
-    offers_pid: i32,
 }
 
 static STATE: Mutex<State> = Mutex::new(State {
@@ -116,7 +119,6 @@ static STATE: Mutex<State> = Mutex::new(State {
     neg_next: 0,
     prefetch_seq: 0,
     offers: [None; OFFER_SLOTS],
-    offers_pid: 0,
 });
 
 /// Close every offer still ours. With `give_back`, tell the daemon first that the program
@@ -283,6 +285,10 @@ pub(crate) fn acquire_peer(name: &str, port: u16) -> Outcome {
 }
 
 fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
+    // A vfork child (or a child without fork handlers) runs on its parent's link and state.
+    if !owner::is_owner() {
+        return Outcome::Bypass;
+    }
     let mut st = lock();
     let now = now_ms();
     let mut fd = CONN.load(Ordering::Acquire);
@@ -344,8 +350,6 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
 
 /// Send `Prefetch` on a freshly opened link, without waiting for the answer.
 fn send_prefetch(st: &mut State, fd: i32) {
-    // SAFETY: getpid has no preconditions.
-    st.offers_pid = unsafe { libc::getpid() };
     st.seq = st.seq.wrapping_add(1).max(1);
     let mut buf = [0u8; 32];
     let n = wire::encode(&Msg::Prefetch, st.seq, &mut buf);
@@ -413,11 +417,10 @@ fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, u64)> {
 /// `vfork` child, which shares this memory), and only if the lock is free (another thread
 /// mid-request: the offers then end with the process, closed by the daemon).
 pub(crate) fn release_unused_offers() {
-    let Ok(mut st) = STATE.try_lock() else { return };
-    // SAFETY: getpid has no preconditions.
-    if st.offers_pid != unsafe { libc::getpid() } {
+    if !owner::is_owner() {
         return;
     }
+    let Ok(mut st) = STATE.try_lock() else { return };
     let fd = CONN.load(Ordering::Acquire);
     if st.prefetch_seq != 0 && fd >= 0 {
         // A program that never asked for anything has not read the offers yet (they are
@@ -553,7 +556,8 @@ extern "C" fn after_fork_parent() {
 
 extern "C" fn after_fork_child() {
     // The parent's link and leases are not ours. Close our copy of the link (the parent keeps
-    // its own) and forget the leases: closing those fds here is a plain close.
+    // its own) and forget the leases: closing those fds here is a plain close. From here on,
+    // this process owns what is left of the state (a fresh link, its own leases).
     table::clear();
     let fd = CONN.swap(-1, Ordering::AcqRel);
     if fd >= 0 {
@@ -568,6 +572,7 @@ extern "C" fn after_fork_child() {
             g.retry_at_ms = 0;
         }
     });
+    owner::claim();
 }
 
 pub(crate) fn install_fork_handlers() {

@@ -3,7 +3,7 @@
 //! reentrant call is always a bypass.
 
 use crate::log::wlog;
-use crate::{client, real, sockopt, table, OFF, SETTINGS};
+use crate::{client, owner, real, sockopt, table, OFF, SETTINGS};
 use libc::{c_char, c_int, c_uint, c_void, pid_t, sockaddr, socklen_t};
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, IntoRawFd};
@@ -178,8 +178,18 @@ pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_
     unsafe { (real::get().connect)(fd, addr, len) }
 }
 
-/// End the lease on `fd` (if any) after `op` closed or replaced the fd.
+/// Whether the shim keeps anything about `fd` (lock-free, no system call).
+fn known_fd(fd: c_int) -> bool {
+    client::is_link(fd) || client::is_offer(fd) || table::contains(fd) || sockopt::recorded(fd)
+}
+
+/// End the lease on `fd` (if any) after `op` closed or replaced the fd. In a process that
+/// does not own the shim's state (a `vfork` child: [`owner`]) only `op` runs: the child
+/// closes its own copy, the parent's link, lease and records stay as they are.
 fn around_close(fd: c_int, how: Disposition, op: impl FnOnce() -> c_int) -> c_int {
+    if !known_fd(fd) || !owner::is_owner() {
+        return op();
+    }
     if client::is_link(fd) {
         client::forget_link(fd);
     }
@@ -292,17 +302,21 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
     fcntl_common(fd, cmd, arg, real::get().fcntl64)
 }
 
-/// Interposed `close_range(2)`: leases on closed fds end without reuse.
+/// Interposed `close_range(2)`: leases on closed fds end without reuse. In a `vfork` child
+/// (Python's `subprocess` closes every fd there) only the real call runs: the link number,
+/// leases and offers it would see are the parent's ([`owner`]).
 ///
 /// # Safety
 /// Same contract as `close_range(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
-    let closing = flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0;
+    let in_range = |fd: c_int| fd >= 0 && (fd as c_uint) >= first && (fd as c_uint) <= last;
+    let mut ours = crate::ACTIVE.load(Ordering::Relaxed) != 0 || in_range(client::link_fd());
+    client::for_each_offer_fd(|fd| ours |= in_range(fd));
+    let closing = flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 && ours && owner::is_owner();
     let mut ended = [0u64; 64];
     let mut n = 0;
     if closing {
-        let in_range = |fd: c_int| (fd as c_uint) >= first && (fd as c_uint) <= last;
         table::for_each(|fd| {
             if in_range(fd) && n < ended.len() {
                 if let Some(l) = table::take(fd) {

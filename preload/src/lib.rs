@@ -22,6 +22,7 @@
 mod client;
 pub mod hooks;
 mod log;
+mod owner;
 mod real;
 mod sockopt;
 mod table;
@@ -98,6 +99,7 @@ fn init_inner() {
     if SETTINGS.set(Settings { socket_path, timeout_ms, passthrough }).is_err() {
         return;
     }
+    owner::claim();
     client::install_fork_handlers();
     OFF.store(false, Ordering::Release);
     if !passthrough && !truthy(env(c"WARMPOOL_LAZY")) {

@@ -69,6 +69,11 @@ pub(crate) fn record(fd: RawFd, level: libc::c_int, name: libc::c_int) {
     }
 }
 
+/// Whether anything is recorded for `fd`.
+pub(crate) fn recorded(fd: RawFd) -> bool {
+    slot(fd).is_some_and(|s| s.load(Ordering::Relaxed) != 0)
+}
+
 /// Forget what was recorded for `fd` (it was closed).
 pub(crate) fn forget(fd: RawFd) {
     if let Some(s) = slot(fd) {
