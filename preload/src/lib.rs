@@ -20,6 +20,7 @@
 //! instead of at load time).
 
 mod client;
+mod exit;
 pub mod hooks;
 mod log;
 mod owner;
@@ -109,10 +110,11 @@ fn init_inner() {
 }
 
 /// Runs at exit (`exit()` or a return from `main`; not `_exit` or a fatal signal): offers
-/// the program never used go back to the daemon's pools.
+/// the program never used and sockets it still holds go back to the daemon ([`exit`]).
 extern "C" fn fini() {
     if !OFF.load(Ordering::Acquire) {
         let _ = std::panic::catch_unwind(client::release_unused_offers);
+        let _ = std::panic::catch_unwind(exit::give_back_leases);
     }
 }
 

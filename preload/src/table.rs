@@ -4,6 +4,11 @@
 //!
 //! Entry layout: 0 = no lease; otherwise bit 63 set, bit 62 = shared (dup'd or inherited by
 //! a child: never reusable), bits 0..48 = the lease id the daemon granted.
+//!
+//! Beside each lease, the identity of the socket it was granted on (its inode; sockets all
+//! live on one device, recorded once): at exit the shim gives a socket back only if the fd
+//! number still holds that very socket ([`still_holds`]), not whatever a close the shim
+//! never saw (a raw system call, libc-internal code) left on that number.
 
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
@@ -15,6 +20,10 @@ const ID_MASK: u64 = (1 << 48) - 1;
 static LEASES: [AtomicU64; MAX_FD] = [const { AtomicU64::new(0) }; MAX_FD];
 /// Highest fd ever recorded, bounding the scans in [`for_each`].
 static HIGH: AtomicI32 = AtomicI32::new(-1);
+/// The inode of the socket granted on each fd (0: unknown).
+static INODE: [AtomicU64; MAX_FD] = [const { AtomicU64::new(0) }; MAX_FD];
+/// The device every socket's inode lives on (sockfs), from the first grant (0: none yet).
+static SOCK_DEV: AtomicU64 = AtomicU64::new(0);
 
 /// A lease as recorded for one fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,9 +45,24 @@ pub(crate) fn fits(id: u64) -> bool {
     id != 0 && id <= ID_MASK
 }
 
+/// `(st_dev, st_ino)` of what `fd` refers to now.
+fn identity(fd: i32) -> Option<(u64, u64)> {
+    // SAFETY: `stat` is plain old data; fstat fills it or fails.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+}
+
 /// Record a fresh lease on `fd` (returns false if the fd is out of range).
 pub(crate) fn insert(fd: i32, id: u64) -> bool {
     let Some(s) = slot(fd) else { return false };
+    // Unknown (0) unless the socket lives where every socket does: never given back at exit.
+    let ino = identity(fd).map_or(0, |(dev, ino)| match SOCK_DEV.compare_exchange(0, dev, Ordering::AcqRel, Ordering::Acquire) {
+        Ok(_) => ino,
+        Err(known) if known == dev => ino,
+        Err(_) => 0,
+    });
+    INODE[fd as usize].store(ino, Ordering::Release);
     if s.swap(PRESENT | (id & ID_MASK), Ordering::AcqRel) == 0 {
         crate::ACTIVE.fetch_add(1, Ordering::Relaxed);
     }
@@ -57,6 +81,14 @@ pub(crate) fn take(fd: i32) -> Option<Lease> {
         crate::ACTIVE.fetch_sub(1, Ordering::Relaxed);
     }
     l
+}
+
+/// Whether `fd` still refers to the socket its lease was granted on.
+pub(crate) fn still_holds(fd: i32) -> bool {
+    let Some(ino) = usize::try_from(fd).ok().and_then(|i| INODE.get(i)).map(|i| i.load(Ordering::Acquire)) else {
+        return false;
+    };
+    ino != 0 && identity(fd) == Some((SOCK_DEV.load(Ordering::Acquire), ino))
 }
 
 /// Whether `fd` holds a lease.
