@@ -21,7 +21,8 @@ struct Cli {
 enum Cmd {
     /// Run the daemon.
     Serve {
-        /// Unix socket to listen on [default: /run/warmpool/pool.sock, or the config's].
+        /// Unix socket to listen on [default: $WARMPOOL_SOCKET, else the config's `socket`,
+        /// else /run/warmpool/pool.sock].
         #[arg(long)]
         socket: Option<PathBuf>,
         /// TOML configuration file (see `pool-manager config` for the embedded default).
@@ -44,15 +45,15 @@ enum Cmd {
     },
     /// Print the pools of a running daemon as a table.
     Status {
-        /// The daemon's socket.
-        #[arg(long, default_value = pool_manager::defaults::SOCKET)]
-        socket: PathBuf,
+        /// The daemon's socket [default: $WARMPOOL_SOCKET, else /run/warmpool/pool.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
     },
     /// Ask a running daemon to fill the caller's pools for these destinations now.
     Prewarm {
-        /// The daemon's socket.
-        #[arg(long, default_value = pool_manager::defaults::SOCKET)]
-        socket: PathBuf,
+        /// The daemon's socket [default: $WARMPOOL_SOCKET, else /run/warmpool/pool.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
         /// Destinations, HOST:PORT.
         #[arg(required = true)]
         destinations: Vec<String>,
@@ -60,9 +61,9 @@ enum Cmd {
     /// Run a program (static binaries too) with its connects served from the pool, through
     /// a seccomp user-notification supervisor. Exits with the program's status.
     Exec {
-        /// The daemon's socket.
-        #[arg(long, default_value = pool_manager::defaults::SOCKET)]
-        socket: PathBuf,
+        /// The daemon's socket [default: $WARMPOOL_SOCKET, else /run/warmpool/pool.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
         /// The program and its arguments.
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
@@ -113,21 +114,20 @@ fn main() -> Result<()> {
             for p in &pools {
                 cfg.add_pool_flag(p)?;
             }
-            if let Some(s) = socket {
-                cfg.socket = s;
-            }
+            cfg.socket = socket_path(socket, cfg.socket);
             if metrics.is_some() {
                 cfg.metrics = metrics;
             }
             serve(cfg, takeover)
         }
         Cmd::Status { socket } => {
-            let text = request(&socket, &pool_manager::wire::Msg::Status)?;
+            let text = request(&socket_path(socket, default_socket()), &pool_manager::wire::Msg::Status)?;
             print!("{}", pool_manager::status::align(&text));
             Ok(())
         }
         Cmd::Prewarm { socket, destinations } => {
             use std::net::ToSocketAddrs;
+            let socket = socket_path(socket, default_socket());
             for d in destinations {
                 let addrs = d.to_socket_addrs().with_context(|| format!("resolving {d}"))?;
                 for a in addrs {
@@ -138,7 +138,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Exec { socket, command } => {
-            let code = pool_manager::exec::run(&socket, &command)?;
+            let code = pool_manager::exec::run(&socket_path(socket, default_socket()), &command)?;
             std::process::exit(code);
         }
         Cmd::Config => {
@@ -157,6 +157,17 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The daemon's socket, from the same places for every subcommand and for the preload
+/// library: `--socket`, else `WARMPOOL_SOCKET` (as the shim reads it), else `otherwise` (for
+/// `serve` the config file's `socket`, for the clients [`default_socket`]).
+fn socket_path(flag: Option<PathBuf>, otherwise: PathBuf) -> PathBuf {
+    flag.or_else(|| std::env::var_os("WARMPOOL_SOCKET").filter(|v| !v.is_empty()).map(PathBuf::from)).unwrap_or(otherwise)
+}
+
+fn default_socket() -> PathBuf {
+    PathBuf::from(pool_manager::defaults::SOCKET)
 }
 
 fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std::net::SocketAddr>) -> Result<()> {
