@@ -9,13 +9,20 @@
 //! (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`). When CMD exits, sockets it was given go back to the
 //! pool (the daemon's return check decides whether they are reused).
 //!
+//! The daemon serves the supervisor's link as the supervisor's tenant, so a connect is served
+//! only for a thread with the supervisor's own identity, and only on a socket the program has
+//! not shaped (no bound address, no option set): see [`caller`]. Everything else continues.
+//!
 //! Why the supervisor, not the daemon, holds the listener: if the listener's holder dies,
 //! every later `connect()` of the program fails with `ENOSYS`. Here the holder is the
 //! program's own parent, which lives exactly as long as the program, so the rule that the
 //! program keeps working without the daemon holds: with no daemon, every connect continues.
 
+mod caller;
+
 use crate::server::connect_client;
 use anyhow::{bail, Context, Result};
+use caller::{Caller, Identity};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
@@ -129,7 +136,7 @@ pub fn run(socket: &Path, argv: &[String]) -> Result<i32> {
         // The child could not install the filter (it said why and exited) or exec'd without.
         return wait_child(pid);
     };
-    let mut sup = Supervisor { socket: socket.to_path_buf(), link: None, seq: 0, leases: Vec::new(), child: pid };
+    let mut sup = Supervisor { socket: socket.to_path_buf(), link: None, own: None, seq: 0, leases: Vec::new(), child: pid };
     sup.serve(&listener)?;
     let status = wait_child(pid)?;
     sup.give_back();
@@ -180,6 +187,8 @@ fn wait_child(pid: libc::pid_t) -> Result<i32> {
 struct Supervisor {
     socket: std::path::PathBuf,
     link: Option<OwnedFd>,
+    /// The supervisor's identity when the link was opened: the tenant the daemon serves.
+    own: Option<Identity>,
     seq: u32,
     leases: Vec<u64>,
     child: libc::pid_t,
@@ -239,23 +248,28 @@ impl Supervisor {
         if n.data.nr != libc::SYS_connect as i32 || !(16..=128).contains(&len) {
             return None;
         }
+        let caller = Caller::open(n.pid)?;
         let mut addr = [0u8; 128];
-        let mem = std::fs::File::open(format!("/proc/{}/mem", n.pid)).ok()?;
-        use std::os::unix::fs::FileExt;
-        mem.read_exact_at(&mut addr[..len], addr_ptr).ok()?;
-        // The caller may have been killed and its pid reused while we read: check again.
+        caller.read_mem(addr_ptr, &mut addr[..len])?;
+        let (theirs, cloexec) = caller.socket(fd)?;
+        // Everything above was read through the thread's pid: it is the caller's only if the
+        // caller is still blocked in this very connect (module `caller`, pid reuse).
         // SAFETY: NOTIF_ID_VALID reads one u64.
         if unsafe { libc::ioctl(listener, IOCTL_NOTIF_ID_VALID, &n.id) } != 0 {
             return None;
         }
+        // The daemon serves this link as the supervisor's tenant: only for a caller that is
+        // that tenant (a program that dropped privileges connects on its own).
+        self.link()?;
+        if self.own.as_ref() != Some(&caller.identity) {
+            return None;
+        }
         let dest = parse_sockaddr(&addr[..len])?;
-        let theirs = pidfd_getfd(n.pid as libc::pid_t, fd)?;
-        if !unbound_tcp(theirs.as_raw_fd(), dest.domain) {
+        if !caller::plain_unbound_tcp(theirs.as_raw_fd(), dest.domain) {
             return None;
         }
         // SAFETY: F_GETFL on a duplicate of the caller's fd (same file description).
         let status = unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_GETFL) };
-        let cloexec = fd_cloexec(n.pid, fd);
         drop(theirs);
         let (pooled, lease) = self.acquire(dest)?;
         // SAFETY: F_SETFL on our pooled socket: the caller's blocking mode wins.
@@ -276,8 +290,11 @@ impl Supervisor {
         Some(())
     }
 
+    /// The link to the daemon, opened on first use; [`Supervisor::own`] is what the daemon
+    /// identified it as.
     fn link(&mut self) -> Option<RawFd> {
         if self.link.is_none() {
+            self.own = Identity::own();
             let l = connect_client(&self.socket).ok()?;
             let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
             for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
@@ -354,45 +371,4 @@ fn parse_sockaddr(b: &[u8]) -> Option<Dest> {
         }
         _ => None,
     }
-}
-
-/// A duplicate of another process's fd (`pidfd_getfd`).
-fn pidfd_getfd(pid: libc::pid_t, fd: RawFd) -> Option<OwnedFd> {
-    // SAFETY: plain system calls; returned fds go into OwnedFd at once.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as RawFd;
-        if pidfd < 0 {
-            return None;
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd);
-        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) as RawFd;
-        (dup >= 0).then(|| OwnedFd::from_raw_fd(dup))
-    }
-}
-
-/// Whether `fd` is an unconnected, unbound TCP socket of the family of `domain` (4 or 6).
-fn unbound_tcp(fd: RawFd, domain: u8) -> bool {
-    let int = |level, name| {
-        let mut v: libc::c_int = 0;
-        let mut len = 4;
-        // SAFETY: an int option into an int.
-        let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
-        (r == 0).then_some(v)
-    };
-    let want = if domain == 4 { libc::AF_INET } else { libc::AF_INET6 };
-    if int(libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
-        || int(libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
-        || int(libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(want)
-    {
-        return false;
-    }
-    crate::sock::tcp_info(fd).is_some_and(|i| i.state == 7) && crate::sock::local_port(fd) == 0
-}
-
-/// The caller's FD_CLOEXEC for `fd`, from /proc/PID/fdinfo (octal `flags:` line).
-fn fd_cloexec(pid: u32, fd: RawFd) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
-        .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("flags:").map(|v| u32::from_str_radix(v.trim(), 8).ok())).flatten())
-        .is_some_and(|f| f & libc::O_CLOEXEC as u32 != 0)
 }
