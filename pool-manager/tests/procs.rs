@@ -6,6 +6,7 @@ mod common;
 
 use common::*;
 use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -85,13 +86,55 @@ fn python_subprocess_calls_leave_the_parents_link_and_leases_alone() {
     };
     let ((fds0, daemon0), (fds1, daemon1)) = (counts("start "), counts("end "));
     assert_eq!(fds1, fds0, "20 subprocess calls changed the function's fd count:\n{out}");
-    // The daemon's own count moves a little with its pool (a socket in quarantine, a refill);
-    // a link per call would add 20.
+    // The daemon's fds: its clients (each `true` links while it runs, then exits) and its
+    // pool, which moves a little (a socket in quarantine, a refill); a leaked link per call
+    // would add 20.
     assert!(daemon1 - daemon0 <= 3, "the daemon gained {} fds over 20 calls:\n{out}", daemon1 - daemon0);
     // Every close() reached the daemon: the 21 requests shared at most two connections.
     let conns: HashSet<u64> = nginx.connections().iter().filter(|(_, u)| u.starts_with("/sub")).map(|(c, _)| *c).collect();
     assert_eq!(nginx.connections().iter().filter(|(_, u)| u.starts_with("/sub")).count(), 21);
     assert!(conns.len() <= 2, "21 cycles used {} upstream connections\n{}", conns.len(), d.status());
+}
+
+/// A vfork child that closes its copy of the parent's pooled socket (by close(), then
+/// close_range) must not give the parent's socket back: the parent still uses it, and the
+/// next function must not be handed it meanwhile.
+#[test]
+fn a_vfork_child_closing_its_copy_never_gives_the_parents_socket_away() {
+    if !require_tool("nginx") || !require_tool("cc") || !require_tool("python3") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let dest = nginx.addr().to_string();
+    let d = Daemon::with_config(&pool_toml(&dest, "reuse"));
+    prewarm(&d, &dest);
+    let bin = d.dir.join("vfork_close");
+    let o = Command::new(tool_path("cc")).arg("-O1").arg("-o").arg(&bin).arg(client_script("vfork_close.c")).output().unwrap();
+    ok_stdout(&o, "cc vfork_close.c");
+    let port = nginx.port.to_string();
+    let mut c = Command::new(&bin);
+    c.arg(&port).stdin(Stdio::piped()).stdout(Stdio::piped());
+    shim_env(&mut c, &d);
+    let mut parent = c.spawn().unwrap();
+    let mut out = BufReader::new(parent.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "held", "vfork_close did not get through its first request");
+    // A give-back from the child would show up here (bounded wait for what must not happen).
+    wait_until(Duration::from_secs(1), || d.metric("warmpool_returned_total") >= 1.0);
+    assert_eq!(d.metric("warmpool_returned_total"), 0.0, "the child's close gave the parent's socket back\n{}", d.status());
+    // The next function meanwhile gets another connection than the one the parent holds.
+    let mut f = python(&client_script("http_get.py"), &["blocking", "127.0.0.1", &port, "/other"]);
+    shim_env(&mut f, &d);
+    ok_stdout(&f.output().unwrap(), "http_get.py");
+    parent.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert!(parent.wait().unwrap().success());
+    assert_eq!(line.trim(), "done 200");
+    let conn_of = |uri: &str| nginx.connections().iter().find(|(_, u)| u == uri).map(|(c, _)| *c).unwrap();
+    assert_eq!(conn_of("/parent1"), conn_of("/parent2"), "the parent kept its connection");
+    assert_ne!(conn_of("/other"), conn_of("/parent1"), "another function was handed the socket the parent still used");
 }
 
 /// Item 4: a function whose client keeps its connection until it exits normally gives it
