@@ -23,6 +23,7 @@
 //! freed in between and everything read belongs to it.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
 
 /// The credentials and place of a thread, as far as the daemon's tenancy is concerned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,6 +82,14 @@ impl Identity {
     }
 }
 
+/// Read `buf.len()` bytes of thread `tid`'s memory at `addr` (the caller confirms the
+/// notification afterwards: module comment).
+pub(super) fn read_mem(tid: u32, addr: u64, buf: &mut [u8]) -> Option<()> {
+    use std::os::unix::fs::FileExt;
+    let mem = std::fs::File::open(format!("/proc/{tid}/mem")).ok()?;
+    mem.read_exact_at(buf, addr).ok()
+}
+
 /// The thread that made a trapped `connect()`.
 #[derive(Debug)]
 pub(super) struct Caller {
@@ -105,13 +114,6 @@ impl Caller {
         // SAFETY: a fresh fd we own.
         let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
         Some(Caller { tid, identity: Identity::read(&dir, &status)?, pidfd })
-    }
-
-    /// Read `buf.len()` bytes of the caller's memory at `addr`.
-    pub(super) fn read_mem(&self, addr: u64, buf: &mut [u8]) -> Option<()> {
-        use std::os::unix::fs::FileExt;
-        let mem = std::fs::File::open(format!("/proc/{}/mem", self.tid)).ok()?;
-        mem.read_exact_at(buf, addr).ok()
     }
 
     /// A duplicate of the caller's `fd` (`pidfd_getfd`) and its `FD_CLOEXEC`. Checked
@@ -182,17 +184,36 @@ const OPTIONS: [(libc::c_int, libc::c_int); 35] = [
 
 /// An option's value as bytes (`None`: the kernel refused to say, e.g. an IPv6 option on an
 /// IPv4 socket).
-fn option(fd: RawFd, (level, name): (libc::c_int, libc::c_int)) -> Option<([u8; 64], libc::socklen_t)> {
+fn option(fd: RawFd, (level, name): (libc::c_int, libc::c_int)) -> Option<Vec<u8>> {
     let mut v = [0u8; 64];
     let mut len = v.len() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into our buffer.
     let r = unsafe { libc::getsockopt(fd, level, name, v.as_mut_ptr().cast(), &mut len) };
-    (r == 0).then_some((v, len))
+    (r == 0).then(|| v[..len as usize].to_vec())
+}
+
+/// The value of each of [`OPTIONS`], in order.
+type Values = Vec<Option<Vec<u8>>>;
+
+/// [`OPTIONS`] as a fresh TCP socket of each family has them, read once per supervisor (a
+/// sysctl changed since only makes later connects pass through).
+static FRESH: [OnceLock<Option<Values>>; 2] = [OnceLock::new(), OnceLock::new()];
+
+fn fresh_options(family: libc::c_int) -> Option<&'static [Option<Vec<u8>>]> {
+    let cell = &FRESH[usize::from(family == libc::AF_INET6)];
+    cell.get_or_init(|| {
+        // SAFETY: a plain socket; ownership goes to OwnedFd at once.
+        let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        // SAFETY: a fresh fd we own.
+        let fresh = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })?;
+        Some(OPTIONS.iter().map(|&o| option(fresh.as_raw_fd(), o)).collect())
+    })
+    .as_deref()
 }
 
 fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
-    let (v, len) = option(fd, (level, name))?;
-    (len as usize == 4).then(|| libc::c_int::from_ne_bytes([v[0], v[1], v[2], v[3]]))
+    let v: [u8; 4] = option(fd, (level, name))?.try_into().ok()?;
+    Some(libc::c_int::from_ne_bytes(v))
 }
 
 /// The local address of `fd` is the unspecified one, port 0 (nothing was bound).
@@ -239,21 +260,8 @@ pub(super) fn plain_unbound_tcp(fd: RawFd, domain: u8) -> bool {
     {
         return false;
     }
-    // SAFETY: a plain socket; ownership goes to OwnedFd at once.
-    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return false;
-    }
-    // SAFETY: a fresh fd we own.
-    let fresh = unsafe { OwnedFd::from_raw_fd(raw) };
-    OPTIONS.iter().all(|&o| {
-        let same = |a: Option<([u8; 64], libc::socklen_t)>, b: Option<([u8; 64], libc::socklen_t)>| match (a, b) {
-            (None, None) => true,
-            (Some((x, lx)), Some((y, ly))) => lx == ly && x[..lx as usize] == y[..ly as usize],
-            _ => false,
-        };
-        same(option(fd, o), option(fresh.as_raw_fd(), o))
-    })
+    let Some(fresh) = fresh_options(family) else { return false };
+    OPTIONS.iter().zip(fresh).all(|(&o, want)| option(fd, o) == *want)
 }
 
 #[cfg(test)]

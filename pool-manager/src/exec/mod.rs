@@ -26,7 +26,11 @@ use caller::{Caller, Identity};
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
+use std::time::{Duration, Instant};
 use wire::{Dest, Disposition, Msg};
+
+/// Most destinations remembered as not pooled (the oldest answers expire first anyway).
+const MAX_UNPOOLED: usize = 32;
 
 #[repr(C)]
 #[derive(Default)]
@@ -136,7 +140,7 @@ pub fn run(socket: &Path, argv: &[String]) -> Result<i32> {
         // The child could not install the filter (it said why and exited) or exec'd without.
         return wait_child(pid);
     };
-    let mut sup = Supervisor { socket: socket.to_path_buf(), link: None, own: None, seq: 0, leases: Vec::new(), child: pid };
+    let mut sup = Supervisor { socket: socket.to_path_buf(), link: None, own: None, unpooled: Vec::new(), seq: 0, leases: Vec::new(), child: pid };
     sup.serve(&listener)?;
     let status = wait_child(pid)?;
     sup.give_back();
@@ -189,6 +193,8 @@ struct Supervisor {
     link: Option<OwnedFd>,
     /// The supervisor's identity when the link was opened: the tenant the daemon serves.
     own: Option<Identity>,
+    /// Destinations the daemon said are not pooled, until when (as the shim's negative cache).
+    unpooled: Vec<(Dest, Instant)>,
     seq: u32,
     leases: Vec<u64>,
     child: libc::pid_t,
@@ -248,9 +254,13 @@ impl Supervisor {
         if n.data.nr != libc::SYS_connect as i32 || !(16..=128).contains(&len) {
             return None;
         }
-        let caller = Caller::open(n.pid)?;
         let mut addr = [0u8; 128];
-        caller.read_mem(addr_ptr, &mut addr[..len])?;
+        caller::read_mem(n.pid, addr_ptr, &mut addr[..len])?;
+        let dest = parse_sockaddr(&addr[..len])?;
+        if self.known_unpooled(&dest) {
+            return None;
+        }
+        let caller = Caller::open(n.pid)?;
         let (theirs, cloexec) = caller.socket(fd)?;
         // Everything above was read through the thread's pid: it is the caller's only if the
         // caller is still blocked in this very connect (module `caller`, pid reuse).
@@ -264,7 +274,6 @@ impl Supervisor {
         if self.own.as_ref() != Some(&caller.identity) {
             return None;
         }
-        let dest = parse_sockaddr(&addr[..len])?;
         if !caller::plain_unbound_tcp(theirs.as_raw_fd(), dest.domain) {
             return None;
         }
@@ -323,8 +332,24 @@ impl Supervisor {
         };
         match wire::decode(&buf[..got.len]) {
             Ok((Msg::Grant { lease, .. }, seq)) if seq == self.seq => got.fd.map(|f| (f, lease)),
+            Ok((Msg::Miss { retry_after_ms, .. }, seq)) if seq == self.seq && retry_after_ms > 0 => {
+                // "Not pooled": the next connects there continue without a round trip.
+                let until = Instant::now() + Duration::from_millis(u64::from(retry_after_ms));
+                self.unpooled.retain(|(d, _)| *d != dest);
+                if self.unpooled.len() < MAX_UNPOOLED {
+                    self.unpooled.push((dest, until));
+                }
+                None
+            }
             _ => None,
         }
+    }
+
+    /// Whether the daemon said recently that `dest` is not pooled.
+    fn known_unpooled(&mut self, dest: &Dest) -> bool {
+        let now = Instant::now();
+        self.unpooled.retain(|(_, until)| *until > now);
+        self.unpooled.iter().any(|(d, _)| d == dest)
     }
 
     fn release(&mut self, lease: u64, disposition: Disposition) {
