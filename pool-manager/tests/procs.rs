@@ -170,6 +170,32 @@ fn a_connection_kept_until_a_normal_exit_is_given_back_and_reused() {
     assert!(d.metric("warmpool_handouts_total{kind=\"reuse\"") - before >= 3.0, "{}", d.metrics());
 }
 
+/// At exit only a socket the fd number still holds goes back: a pooled fd closed behind the
+/// shim's back (raw system call) whose number now holds the program's own connection is not
+/// given back as clean, and that connection is left alone.
+#[test]
+fn at_exit_an_fd_number_that_holds_another_socket_is_not_given_back() {
+    if !require_tool("nginx") || !require_tool("python3") {
+        return;
+    }
+    let nginx = Nginx::start();
+    let dest = nginx.addr().to_string();
+    let d = Daemon::with_config(&pool_toml(&dest, "reuse"));
+    prewarm(&d, &dest);
+    let implicit = d.metric("warmpool_discarded_total{reason=\"implicit\"}");
+    let mut c = python(&client_script("exit_fd_replaced.py"), &["127.0.0.1", &nginx.port.to_string()]);
+    shim_env(&mut c, &d);
+    let out = ok_stdout(&c.output().unwrap(), "exit_fd_replaced.py");
+    let fds: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(fds.first(), fds.get(1), "the new socket did not take the pooled fd number: {out}");
+    assert!(
+        wait_until(Duration::from_secs(5), || d.metric("warmpool_discarded_total{reason=\"implicit\"}") > implicit),
+        "the lease did not end as implicit\n{}",
+        d.metrics()
+    );
+    assert_eq!(d.metric("warmpool_returned_total"), 0.0, "a socket the fd no longer held was given back as clean");
+}
+
 /// Case 13: a program under exec that drops to another uid connects on its own; the same
 /// program as the supervisor's uid is served from the pool (control).
 #[test]
