@@ -6,7 +6,9 @@
 //! placed on the program's own fd number with `dup3` ([`hooks`]), with the program's
 //! `O_NONBLOCK`, `FD_CLOEXEC` and socket options carried over ([`sockopt`]), and the fd is
 //! recorded in a lock-free table ([`table`]). `close()` of a recorded fd tells the daemon how
-//! the socket was let go; the daemon decides whether it is reused.
+//! the socket was let go; the daemon decides whether it is reused. Sockets still open at a
+//! normal exit are let go the same way ([`exit`]). All of this state belongs to one process
+//! ([`owner`]): a `vfork` child running on the same memory leaves it alone.
 //!
 //! Fail open is the rule everywhere: when anything is unexpected (no daemon, a slow daemon,
 //! a refusal, a panic, a reentrant call) the real libc function runs with the original
