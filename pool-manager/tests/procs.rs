@@ -210,9 +210,7 @@ fn exec_serves_only_threads_with_the_supervisors_identity() {
     let st = Staged::new();
     let script = st.script();
     let port = nginx.port.to_string();
-    let get = |path: &str| -> Vec<String> {
-        vec![script.display().to_string(), "blocking".into(), "127.0.0.1".into(), port.clone(), path.into()]
-    };
+    let get = |path: &str| -> Vec<String> { vec![script.display().to_string(), "blocking".into(), "127.0.0.1".into(), port.clone(), path.into()] };
     // Control: the supervisor's own uid is served.
     let before = handouts(&d);
     let args = get("/as-root");
@@ -250,7 +248,9 @@ fn exec_lets_a_shaped_socket_connect_on_its_own() {
     let before = handouts(&d);
     assert_eq!(run("plain"), "- 127.0.0.1 200");
     assert_eq!(handouts(&d), before + 1.0, "control: a plain socket is served from the pool\n{}", d.log());
-    for (variant, want) in [("rcvtimeo", "3 127.0.0.1 200"), ("bindtodevice", "lo 127.0.0.1 200"), ("congestion", "reno 127.0.0.1 200"), ("bind", "- 127.0.0.2 200")] {
+    for (variant, want) in
+        [("rcvtimeo", "3 127.0.0.1 200"), ("bindtodevice", "lo 127.0.0.1 200"), ("congestion", "reno 127.0.0.1 200"), ("bind", "- 127.0.0.2 200")]
+    {
         prewarm(&d, &dest);
         let before = handouts(&d);
         assert_eq!(run(variant), want, "{variant}: the program's own setting is lost");
