@@ -100,6 +100,25 @@ fn options_a_function_set_never_reach_the_next_and_the_socket_is_still_reused() 
     assert!(d.metric("warmpool_handouts_total{kind=\"reuse\"}") >= 5.0, "{}", d.metrics());
 }
 
+/// Acceptance: 1,000 functions in a row, each setting options of its own, on few upstream
+/// connections: not one finds an option another one set.
+#[test]
+fn a_thousand_reuse_cycles_leak_no_option() {
+    if !require_tool("redis-server") {
+        return;
+    }
+    let redis = Redis::start();
+    let dest = redis.addr().to_string();
+    let d = reuse_pool(&dest, 1);
+    prewarm(&d, &dest, 1);
+    let out = shimmed(&d, &["cycles", &redis.addr().port().to_string(), "1000"]);
+    assert_eq!(field(&out, "leaks"), "0", "{out}");
+    let reused = d.metric("warmpool_handouts_total{kind=\"reuse\"}");
+    assert!(reused >= 900.0, "only {reused} of 1000 functions got a reused socket\n{out}\n{}", d.metrics());
+    assert_eq!(d.metric("warmpool_discarded_total{reason=\"sockopt\"}"), 0.0, "{}", d.metrics());
+    eprintln!("1000 cycles: {out}");
+}
+
 /// A buffer size locks autotuning off for good: such a socket is never reused, whether the
 /// pool manager sees it (a size below the socket's own) or only the shim does (above).
 #[test]

@@ -13,6 +13,8 @@ usage: sockstate.py MODE PORT [ARG...]; prints one JSON object on stdout.
   peer PORT             connect, GET, report the peer's port
   preconnect PORT OPT   set OPT before connect, connect, report its value afterwards
   fdcases PORT          the fd cases that must stay right (dup, fork, close_range, ...)
+  cycles PORT N         N functions in a row in one process: each checks that it finds a
+                        fresh socket's options, then sets some of its own, PINGs, closes
 """
 import ctypes
 import fcntl
@@ -226,12 +228,57 @@ def fdcases(port):
     return {"done": 7}
 
 
+DIRT = [
+    (socket.SOL_SOCKET, socket.SO_RCVLOWAT, 4096),
+    (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+    (socket.SOL_SOCKET, socket.SO_PRIORITY, 5),
+    (socket.SOL_SOCKET, socket.SO_OOBINLINE, 1),
+    (socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)),
+    (socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 3, 0)),
+    (socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 2, 500000)),
+    (SOL_TCP, socket.TCP_NODELAY, 1),
+    (SOL_TCP, socket.TCP_KEEPIDLE, 5),
+    (SOL_TCP, socket.TCP_KEEPCNT, 3),
+    (SOL_TCP, socket.TCP_USER_TIMEOUT, 1234),
+    (SOL_TCP, socket.TCP_NOTSENT_LOWAT, 777),
+    (socket.IPPROTO_IP, socket.IP_TOS, 0x10),
+    (socket.IPPROTO_IP, socket.IP_TTL, 7),
+]
+
+
+def cycles(port, n):
+    fresh = socket.socket()
+    fresh.connect(("127.0.0.1", port))  # before the shim hands anything out: not pooled?
+    want = options(fresh)
+    fresh.close()
+    leaks, ports = [], set()
+    for i in range(n):
+        s = socket.socket()
+        s.connect(("127.0.0.1", port))
+        ports.add(s.getsockname()[1])
+        got = options(s)
+        if got != want:
+            leaks.append({k: v for k, v in got.items() if want[k] != v})
+        for j, (level, name, value) in enumerate(DIRT):
+            if (i + j) % 3 == 0:
+                s.setsockopt(level, name, value)
+        s.setsockopt(SOL_TCP, socket.TCP_CONGESTION, other_congestion()) if i % 2 else None
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
+        assert ping(s) == "+PONG"
+        s.setblocking(False) if i % 5 == 0 else None
+        s.close()
+        time.sleep(0.003)  # past the quarantine
+    return {"cycles": n, "connections": len(ports), "leaks": len(leaks), "first_leaks": leaks[:3]}
+
+
 if __name__ == "__main__":
     mode, args = sys.argv[1], sys.argv[2:]
     if mode in ("dirty", "look", "peer", "fdcases"):
         result = globals()[mode](int(args[0]))
     elif mode in ("buffer", "preconnect"):
         result = globals()[mode](int(args[0]), args[1])
+    elif mode == "cycles":
+        result = cycles(int(args[0]), int(args[1]))
     elif mode == "reconnect":
         result = reconnect(int(args[0]), int(args[1]), args[2])
     else:
