@@ -252,6 +252,7 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
                 // the pool's (the lease itself may carry the function's).
                 let sock = match crate::sockstate::Snapshot::fresh(m.dest) {
                     Ok(base) => PooledSock { fd: m.fd, base: std::sync::Arc::new(base) },
+                    // No socket can be made (out of fds): the lease's own options then.
                     Err(_) => PooledSock::new(m.fd),
                 };
                 let lease = Lease { sock, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer, offered: None };
