@@ -229,7 +229,7 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
         for (tenant, dest, source, age, fd) in r {
             let key = PoolKey { tenant, dest };
             match server::pool_for(shared, &mut pools, &key, now) {
-                Some(pool) => match pool.adopt(now, Idle { sock: PooledSock { fd }, created: ago(age), since: now, source }) {
+                Some(pool) => match pool.adopt(now, Idle { sock: PooledSock::new(fd), created: ago(age), since: now, source }) {
                     Ok(()) => kept += 1,
                     Err(_) => closed += 1,
                 },
@@ -248,7 +248,14 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
                 }
                 // An offer arrives as an ordinary lease: if its process later releases it as
                 // unused, it is closed rather than pooled again.
-                let lease = Lease { sock: PooledSock { fd: m.fd }, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer, offered: None };
+                // Its snapshot stayed with the predecessor: a fresh socket's options are
+                // the pool's (the lease itself may carry the function's).
+                let sock = match crate::sockstate::Snapshot::fresh(m.dest) {
+                    Ok(base) => PooledSock { fd: m.fd, base: std::sync::Arc::new(base) },
+                    // No socket can be made (out of fds): the lease's own options then.
+                    Err(_) => PooledSock::new(m.fd),
+                };
+                let lease = Lease { sock, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer, offered: None };
                 leases.push((m.id, lease));
             }
             out.push(HandedClient { conn, peer, leases });

@@ -7,6 +7,7 @@
 //!
 //! Modules: [`config`] (TOML, flags, embedded default), [`defaults`] (every limit with its
 //! reason), [`pool`] (the sans-IO pool state machine), [`sock`] (kernel-state checks),
+//! [`sockstate`] (a function's socket options and peer never reach the next function),
 //! [`tenant`] (who is asking, from the kernel), [`server`] (listener, clients, leases,
 //! maintenance), [`metrics`] and [`status`].
 
@@ -19,6 +20,7 @@ pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod sock;
+pub mod sockstate;
 pub mod status;
 pub mod tenant;
 

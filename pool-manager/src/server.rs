@@ -34,6 +34,18 @@ use wire::{Disposition, ErrorCode, Msg, MissReason, Source};
 pub struct PooledSock {
     /// The daemon's reference.
     pub fd: OwnedFd,
+    /// Its options as the daemon made it: what it is put back to on give-back.
+    pub base: Arc<crate::sockstate::Snapshot>,
+}
+
+impl PooledSock {
+    /// A socket the daemon just made (or one known to be as it was made): its own options
+    /// are the pool's.
+    #[must_use]
+    pub fn new(fd: OwnedFd) -> Self {
+        let base = Arc::new(crate::sockstate::Snapshot::take(fd.as_raw_fd()));
+        Self { fd, base }
+    }
 }
 
 /// Pools are keyed by tenant and destination: they never cross tenants.
@@ -689,7 +701,7 @@ async fn acquire_peer(
             shared.metrics.observe_handout(started.elapsed());
             debug!(peer = %name, link = l.link, path = l.path.name(), "peer link handed out");
             let key = PoolKey { tenant: tenant.clone(), dest };
-            let lease = Lease { sock: PooledSock { fd: l.fd }, key, created: l.since, at_handout: sock::Counters::default(), policy: Policy::Warm, peer: true, offered: None };
+            let lease = Lease { sock: PooledSock::new(l.fd), key, created: l.since, at_handout: sock::Counters::default(), policy: Policy::Warm, peer: true, offered: None };
             leases.insert(id, lease);
             r
         }
@@ -914,6 +926,9 @@ fn settle(
     kept: &std::sync::atomic::AtomicU64,
     keep: impl FnOnce(&mut Pool<PooledSock>, PooledSock, Instant) -> Result<(), (PooledSock, Discard)>,
 ) {
+    // sockstate: every give-back (release, unused offer) puts the socket's options back and
+    // checks its peer, after the checks that it is between exchanges.
+    let verdict = verdict.and_then(|()| crate::sockstate::reset(l.sock.fd.as_raw_fd(), l.key.dest, &l.sock.base));
     let mut pools = shared.lock();
     let Some(pool) = pools.get_mut(&l.key) else {
         shared.metrics.discard(Discard::PoolRemoved);
@@ -963,14 +978,14 @@ fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeout: std::ti
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let r = sock::connect(key.dest, timeout).await;
+            let r = sock::connect(key.dest, timeout).await.map(PooledSock::new);
             let now = Instant::now();
             let mut pools = shared.lock();
             let pool = pools.get_mut(&key);
             match (r, pool) {
-                (Ok(fd), Some(pool)) => {
+                (Ok(sock), Some(pool)) => {
                     shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
-                    pool.connected(now, PooledSock { fd });
+                    pool.connected(now, sock);
                 }
                 (Ok(_fd), None) => {
                     shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);

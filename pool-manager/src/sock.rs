@@ -41,11 +41,15 @@ pub enum Discard {
     OverCapacity,
     /// The pool was removed (unused auto pool, shutdown).
     PoolRemoved,
+    /// Given back connected to another peer than the lease's destination.
+    PeerChanged,
+    /// Socket options or file status flags the function set cannot be put back.
+    Sockopt,
 }
 
 impl Discard {
     /// Every reason, for exporting zero counters.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 17] = [
         Self::Lifetime,
         Self::IdleTimeout,
         Self::PeerClosed,
@@ -61,6 +65,8 @@ impl Discard {
         Self::ProbeFailed,
         Self::OverCapacity,
         Self::PoolRemoved,
+        Self::PeerChanged,
+        Self::Sockopt,
     ];
 
     /// Label value.
@@ -82,6 +88,8 @@ impl Discard {
             Self::ProbeFailed => "probe_failed",
             Self::OverCapacity => "over_capacity",
             Self::PoolRemoved => "pool_removed",
+            Self::PeerChanged => "peer_changed",
+            Self::Sockopt => "sockopt",
         }
     }
 }

@@ -173,7 +173,7 @@ fn pooled_connect_behaves_like_a_real_one() {
         ("nodelay", "1"),
         ("keepalive", "1"),
         ("keepidle", "77"),
-        ("sndbuf", "131072"),
+        ("rcvtimeo", "3"),
         ("cloexec", "True"),
         ("blocking", "True"),
         ("peer", "True"),

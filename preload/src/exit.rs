@@ -5,7 +5,8 @@
 //! see each lease end with the link and could never reuse them. At exit, from the library's
 //! destructor, every still-leased fd is let go the way `close()` would let it go:
 //!
-//! - leases marked shared (duplicated, inherited by a child): `Release(Shared)`;
+//! - leases marked shared (duplicated, inherited by a child): `Release(Shared)`; leases the
+//!   program altered beyond repair (an option that cannot be undone): `Release(Implicit)`;
 //! - an fd number that no longer holds the very socket granted on it (closed behind our
 //!   back, the number reused): `Release(Implicit)`, the fd is left alone;
 //! - otherwise the fd number is first pointed at `/dev/null` (`dup3`), so that nothing still
@@ -19,7 +20,7 @@
 //!
 //! No lock and no allocation: only system calls on fds, like the close path.
 
-use crate::{client, owner, real, table};
+use crate::{client, hooks, owner, real, table};
 use wire::Disposition;
 
 /// What the leased fd numbers are pointed at before their sockets go back.
@@ -37,8 +38,10 @@ pub(crate) fn give_back_leases() {
     let mut null = -2; // not opened yet
     table::for_each(|fd| {
         let Some(lease) = table::take(fd) else { return };
-        if lease.shared {
-            client::release(lease.id, Disposition::Shared);
+        let how = hooks::ending(lease, Disposition::Clean);
+        if how != Disposition::Clean {
+            // Shared, or altered beyond repair: never reusable.
+            client::release(lease.id, how);
             return;
         }
         if !table::still_holds(fd) {

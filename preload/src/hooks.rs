@@ -71,22 +71,25 @@ unsafe fn dest_of(addr: *const sockaddr, len: socklen_t) -> Option<Dest> {
     }
 }
 
+/// The local (`peer` false) or remote address of the inet socket `fd`.
+fn address(fd: c_int, peer: bool) -> Option<Dest> {
+    // SAFETY: sockaddr_storage is plain old data; the kernel fills at most `len` bytes.
+    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
+    let p = (&mut ss as *mut libc::sockaddr_storage).cast::<sockaddr>();
+    // SAFETY: as above.
+    let r = unsafe { if peer { libc::getpeername(fd, p, &mut len) } else { libc::getsockname(fd, p, &mut len) } };
+    if r != 0 {
+        return None;
+    }
+    // SAFETY: `ss` holds `len` bytes of a socket address written by the kernel.
+    unsafe { dest_of(p, len) }
+}
+
 /// Whether `fd` is an unbound socket of `domain` (bound ones are not ours to pool; a family
 /// mismatch is the kernel's error to report).
 fn unbound_of_family(fd: c_int, domain: u8) -> bool {
-    // SAFETY: sockaddr_storage is plain old data; getsockname fills at most `len` bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
-    // SAFETY: as above.
-    if unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
-        return false;
-    }
-    let ptr = (&ss as *const libc::sockaddr_storage).cast::<sockaddr>();
-    // SAFETY: `ss` holds `len` bytes of a socket address written by the kernel.
-    match unsafe { dest_of(ptr, len) } {
-        Some(d) => d.domain == domain && d.port == 0 && d.addr == [0; 16],
-        None => false,
-    }
+    address(fd, false).is_some_and(|d| d.domain == domain && d.port == 0 && d.addr == [0; 16])
 }
 
 /// TCP state of `fd` from TCP_INFO (7 = CLOSE: a fresh, unconnected socket).
@@ -100,23 +103,64 @@ fn tcp_state(fd: c_int) -> Option<u8> {
 
 const TCP_CLOSE: u8 = 7;
 
+/// A connect that runs as the program asked instead of on a pooled socket, for `why`.
+fn bypass(fd: c_int, dest: &Dest, why: &str) -> Option<c_int> {
+    wlog!("fd {fd}: connect to {} passes through: {why}", dest.socket_addr());
+    None
+}
+
+/// How a lease ends when the program lets go of its fd in a way described by `how`.
+pub(crate) fn ending(l: table::Lease, how: Disposition) -> Disposition {
+    if l.shared {
+        Disposition::Shared
+    } else if l.altered {
+        Disposition::Implicit
+    } else {
+        how
+    }
+}
+
+/// A `connect()` on an fd that holds a pooled socket. Anything but the address it is
+/// connected to (`AF_UNSPEC` disconnects it, a new address follows) ends the lease first,
+/// as not reusable: the pool manager never takes back a socket whose peer may change.
+/// The same address is the program asking how its connect went (`EISCONN`): the lease
+/// stays. No allocation, no lock.
+fn connect_on_lease(fd: c_int, dest: Option<&Dest>) {
+    if dest.is_some_and(|d| address(fd, true).as_ref() == Some(d)) {
+        return;
+    }
+    if let Some(l) = table::take(fd) {
+        wlog!("fd {fd}: connect on a pooled socket: its lease {} ends", l.id);
+        client::release(l.id, ending(l, Disposition::Implicit));
+    }
+}
+
 /// The pooled path of `connect()`. `None` = bypass (nothing was changed).
 ///
 /// # Safety
 /// Same contract as `connect(2)`.
 unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
     // SAFETY: the caller's addr/len, as connect(2) gets them.
-    let dest = unsafe { dest_of(addr, len) }?;
-    if table::contains(fd) || client::is_link(fd) || client::known_unpooled(&dest) {
+    let dest = unsafe { dest_of(addr, len) };
+    if table::contains(fd) {
+        connect_on_lease(fd, dest.as_ref());
         return None;
     }
-    if sockopt::has_blocking_option(fd)
-        || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
+    let dest = dest?;
+    if client::is_link(fd) || client::known_unpooled(&dest) {
+        return None;
+    }
+    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
         || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
         || tcp_state(fd)? != TCP_CLOSE
-        || !unbound_of_family(fd, dest.domain)
     {
         return None;
+    }
+    if !unbound_of_family(fd, dest.domain) {
+        return bypass(fd, &dest, "bound");
+    }
+    if let Some(why) = sockopt::bypass_reason(fd, dest.domain) {
+        return bypass(fd, &dest, why);
     }
     if SETTINGS.get().is_none_or(|s| s.passthrough) {
         return None;
@@ -135,6 +179,11 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
     if status < 0 || fdflags < 0 {
         client::release(lease, Disposition::Implicit);
         return None;
+    }
+    if sockopt::congestion_differs(fd, pooled.as_raw_fd()) {
+        // The program never had it: an offer goes back to its pool as it was.
+        client::release(lease, Disposition::Unused);
+        return bypass(fd, &dest, "congestion");
     }
     sockopt::replay(fd, pooled.as_raw_fd());
     let nonblock = status & libc::O_NONBLOCK;
@@ -198,7 +247,7 @@ fn around_close(fd: c_int, how: Disposition, op: impl FnOnce() -> c_int) -> c_in
     let lease = if OFF.load(Ordering::Relaxed) { None } else { table::take(fd) };
     let r = op();
     if let Some(l) = lease {
-        client::release(l.id, if l.shared { Disposition::Shared } else { how });
+        client::release(l.id, ending(l, how));
     }
     r
 }

@@ -1,11 +1,14 @@
-//! Carrying the program's pre-connect socket options over to the pooled socket.
+//! Carrying the program's pre-connect socket options over to the pooled socket, or
+//! letting the connect pass through where they cannot be carried.
 //!
 //! The program configured *its* socket; it will use ours. The interposed `setsockopt`
 //! records, per fd, which of the options below the program set (one atomic OR, no syscall);
-//! at a pooled connect we read each recorded option from the program's socket and set it on
-//! the pooled one. Options that shape the connection itself and cannot be applied after the
-//! handshake ([`BLOCKING`]) make the whole connect a bypass instead. Options the program
-//! never set cost nothing on the connect path.
+//! at a pooled connect we read each recorded option of [`REPLAYED`] from the program's
+//! socket and set it on the pooled one (the pool manager puts them back at give-back).
+//! Options that shape the connection itself or cannot be undone ([`PERMANENT`], and what
+//! [`bypass_reason`] reads from the socket: a device binding, a mark, transparent or
+//! free binding, TCP Fast Open; a congestion control other than the pooled socket's) make
+//! the connect a bypass instead, with a named reason in the `WARMPOOL_LOG` output.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -14,56 +17,82 @@ use std::sync::atomic::{AtomicU32, Ordering};
 struct Opt {
     level: libc::c_int,
     name: libc::c_int,
-    /// The kernel reports twice the value that was set (SO_SNDBUF, SO_RCVBUF).
-    doubled: bool,
+    /// The bypass reason it gives (for `PERMANENT`) or its name.
+    label: &'static str,
 }
 
-const fn o(level: libc::c_int, name: libc::c_int) -> Opt {
-    Opt { level, name, doubled: false }
+const fn o(level: libc::c_int, name: libc::c_int, label: &'static str) -> Opt {
+    Opt { level, name, label }
 }
 
-const REPLAYED: [Opt; 15] = [
-    o(libc::IPPROTO_TCP, libc::TCP_NODELAY),
-    o(libc::SOL_SOCKET, libc::SO_KEEPALIVE),
-    o(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE),
-    o(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL),
-    o(libc::IPPROTO_TCP, libc::TCP_KEEPCNT),
-    o(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT),
-    o(libc::IPPROTO_TCP, libc::TCP_QUICKACK),
-    Opt { level: libc::SOL_SOCKET, name: libc::SO_SNDBUF, doubled: true },
-    Opt { level: libc::SOL_SOCKET, name: libc::SO_RCVBUF, doubled: true },
-    o(libc::SOL_SOCKET, libc::SO_LINGER),
-    o(libc::SOL_SOCKET, libc::SO_RCVTIMEO),
-    o(libc::SOL_SOCKET, libc::SO_SNDTIMEO),
-    o(libc::SOL_SOCKET, libc::SO_PRIORITY),
-    o(libc::IPPROTO_IP, libc::IP_TOS),
-    o(libc::IPPROTO_IPV6, libc::IPV6_TCLASS),
+const S: libc::c_int = libc::SOL_SOCKET;
+const T: libc::c_int = libc::IPPROTO_TCP;
+
+/// Carried over: read from the program's socket and set on the pooled one. The pool
+/// manager puts every one of them back when the socket is given back.
+const REPLAYED: [Opt; 20] = [
+    o(T, libc::TCP_NODELAY, "TCP_NODELAY"),
+    o(S, libc::SO_KEEPALIVE, "SO_KEEPALIVE"),
+    o(T, libc::TCP_KEEPIDLE, "TCP_KEEPIDLE"),
+    o(T, libc::TCP_KEEPINTVL, "TCP_KEEPINTVL"),
+    o(T, libc::TCP_KEEPCNT, "TCP_KEEPCNT"),
+    o(T, libc::TCP_USER_TIMEOUT, "TCP_USER_TIMEOUT"),
+    o(T, libc::TCP_QUICKACK, "TCP_QUICKACK"),
+    o(T, libc::TCP_NOTSENT_LOWAT, "TCP_NOTSENT_LOWAT"),
+    o(T, libc::TCP_CORK, "TCP_CORK"),
+    o(T, libc::TCP_LINGER2, "TCP_LINGER2"),
+    o(S, libc::SO_LINGER, "SO_LINGER"),
+    o(S, libc::SO_RCVTIMEO, "SO_RCVTIMEO"),
+    o(S, libc::SO_SNDTIMEO, "SO_SNDTIMEO"),
+    o(S, libc::SO_RCVLOWAT, "SO_RCVLOWAT"),
+    o(S, libc::SO_OOBINLINE, "SO_OOBINLINE"),
+    o(S, libc::SO_PRIORITY, "SO_PRIORITY"),
+    o(libc::IPPROTO_IP, libc::IP_TOS, "IP_TOS"),
+    o(libc::IPPROTO_IP, libc::IP_TTL, "IP_TTL"),
+    o(libc::IPPROTO_IPV6, libc::IPV6_TCLASS, "IPV6_TCLASS"),
+    o(libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, "IPV6_UNICAST_HOPS"),
 ];
 
-/// Non-default values of these mean "do not pool this connect".
-const BLOCKING: [Opt; 4] = [
-    o(libc::SOL_SOCKET, libc::SO_MARK),
-    o(libc::IPPROTO_TCP, libc::TCP_FASTOPEN_CONNECT),
-    o(libc::IPPROTO_TCP, libc::TCP_MAXSEG),
-    o(libc::IPPROTO_TCP, libc::TCP_WINDOW_CLAMP),
+/// Options whose effect can neither be carried onto a connected socket nor undone on one
+/// (a buffer size locks autotuning off for good; MSS, window clamp and MD5 keys shape the
+/// connection; a ULP cannot be removed). Set before `connect()`: the connect passes
+/// through. Set on a pooled socket: it is given back as not reusable. Tracked (one atomic
+/// OR per `setsockopt`) because the kernel cannot tell a set value from a default one.
+const PERMANENT: [Opt; 10] = [
+    o(S, libc::SO_RCVBUF, "buffer_size"),
+    o(S, libc::SO_SNDBUF, "buffer_size"),
+    o(S, libc::SO_RCVBUFFORCE, "buffer_size"),
+    o(S, libc::SO_SNDBUFFORCE, "buffer_size"),
+    o(T, libc::TCP_MAXSEG, "maxseg"),
+    o(T, libc::TCP_WINDOW_CLAMP, "window_clamp"),
+    o(T, libc::TCP_MD5SIG, "md5sig"),
+    o(T, libc::TCP_MD5SIG_EXT, "md5sig"),
+    o(T, libc::TCP_ULP, "ulp"),
+    o(T, libc::TCP_REPAIR, "repair"),
 ];
 
-/// Bit `i` = `REPLAYED[i]` was set; bit `16 + j` = `BLOCKING[j]` was set.
+/// Bit `i` = `REPLAYED[i]` was set; bit `PERMANENT_SHIFT + j` = `PERMANENT[j]` was set.
 static SET: [AtomicU32; crate::table::MAX_FD] = [const { AtomicU32::new(0) }; crate::table::MAX_FD];
-const BLOCKING_SHIFT: u32 = 16;
+const PERMANENT_SHIFT: u32 = 20;
+const _: () = assert!(REPLAYED.len() <= PERMANENT_SHIFT as usize && PERMANENT.len() <= 32 - PERMANENT_SHIFT as usize);
 
 fn slot(fd: RawFd) -> Option<&'static AtomicU32> {
     usize::try_from(fd).ok().and_then(|i| SET.get(i))
 }
 
-/// Note that the program set `level`/`name` on `fd` (called by the interposed `setsockopt`).
+/// Note that the program set `level`/`name` on `fd` (called by the interposed `setsockopt`);
+/// an option of [`PERMANENT`] on a pooled socket makes it not reusable.
 pub(crate) fn record(fd: RawFd, level: libc::c_int, name: libc::c_int) {
     let hit = |o: &Opt| o.level == level && o.name == name;
+    let permanent = PERMANENT.iter().position(hit);
+    if permanent.is_some() {
+        crate::table::mark_altered(fd);
+    }
     let bit = REPLAYED
         .iter()
         .position(hit)
         .map(|i| 1u32 << i)
-        .or_else(|| BLOCKING.iter().position(hit).map(|j| 1u32 << (BLOCKING_SHIFT + j as u32)));
+        .or_else(|| permanent.map(|j| 1u32 << (PERMANENT_SHIFT + j as u32)));
     if let (Some(bit), Some(s)) = (bit, slot(fd)) {
         s.fetch_or(bit, Ordering::Relaxed);
     }
@@ -83,14 +112,56 @@ pub(crate) fn forget(fd: RawFd) {
     }
 }
 
-/// Whether the program set an option we cannot honour on an already-connected socket.
-pub(crate) fn has_blocking_option(app: RawFd) -> bool {
-    slot(app).is_some_and(|s| s.load(Ordering::Relaxed) >> BLOCKING_SHIFT != 0)
+fn int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int-sized option into an int (a failure leaves 0: nothing set).
+    unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    v
+}
+
+/// Why a `connect()` of the program's socket `app` (of family `domain`: 4 or 6) cannot be
+/// served with a pooled socket, if it cannot: an option set on it that a socket connected
+/// by someone else cannot have. Read from the socket itself where the kernel tells (no
+/// allocation, no lock), tracked otherwise ([`PERMANENT`]).
+pub(crate) fn bypass_reason(app: RawFd, domain: u8) -> Option<&'static str> {
+    let set = slot(app).map_or(0, |s| s.load(Ordering::Relaxed)) >> PERMANENT_SHIFT;
+    if set != 0 {
+        return Some(PERMANENT[set.trailing_zeros() as usize].label);
+    }
+    let (ip, transparent, freebind) = if domain == 6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT, libc::IPV6_FREEBIND)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_TRANSPARENT, libc::IP_FREEBIND)
+    };
+    let checks: [(libc::c_int, libc::c_int, &'static str); 5] = [
+        (S, libc::SO_BINDTOIFINDEX, "bindtodevice"),
+        (S, libc::SO_MARK, "mark"),
+        (ip, transparent, "transparent"),
+        (ip, freebind, "freebind"),
+        (T, libc::TCP_FASTOPEN_CONNECT, "fastopen_connect"),
+    ];
+    checks.iter().find(|(l, n, _)| int(app, *l, *n) != 0).map(|(_, _, why)| *why)
+}
+
+/// The congestion control algorithm of `fd` (`TCP_CONGESTION`), NUL-padded.
+fn congestion(fd: RawFd) -> Option<[u8; 16]> {
+    let mut v = [0u8; 16];
+    let mut len = v.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into our buffer.
+    let r = unsafe { libc::getsockopt(fd, T, libc::TCP_CONGESTION, v.as_mut_ptr().cast(), &mut len) };
+    (r == 0).then_some(v)
+}
+
+/// Whether the program chose another congestion control for `app` than `pooled` runs:
+/// the pooled connection cannot be it (its state was built by its own algorithm).
+pub(crate) fn congestion_differs(app: RawFd, pooled: RawFd) -> bool {
+    congestion(app) != congestion(pooled)
 }
 
 /// Copy every option the program set on `app` to `pooled`.
 pub(crate) fn replay(app: RawFd, pooled: RawFd) {
-    let mask = slot(app).map_or(0, |s| s.load(Ordering::Relaxed)) & ((1 << BLOCKING_SHIFT) - 1);
+    let mask = slot(app).map_or(0, |s| s.load(Ordering::Relaxed)) & ((1 << PERMANENT_SHIFT) - 1);
     if mask == 0 {
         return;
     }
@@ -104,11 +175,6 @@ pub(crate) fn replay(app: RawFd, pooled: RawFd) {
         // SAFETY: the kernel writes at most `len` bytes into our buffer.
         if unsafe { libc::getsockopt(app, opt.level, opt.name, v.as_mut_ptr().cast(), &mut len) } != 0 {
             continue;
-        }
-        if opt.doubled && len as usize == std::mem::size_of::<libc::c_int>() {
-            let mut n = [0u8; 4];
-            n.copy_from_slice(&v[..4]);
-            v[..4].copy_from_slice(&(libc::c_int::from_ne_bytes(n) / 2).to_ne_bytes());
         }
         // SAFETY: setting an option with the bytes the kernel gave us for it.
         unsafe { set(pooled, opt.level, opt.name, v.as_ptr().cast(), len) };

@@ -3,7 +3,8 @@
 //! `fork` and `exec`). Fds at or above [`MAX_FD`] are never pooled.
 //!
 //! Entry layout: 0 = no lease; otherwise bit 63 set, bit 62 = shared (dup'd or inherited by
-//! a child: never reusable), bits 0..48 = the lease id the daemon granted.
+//! a child: never reusable), bit 61 = altered (the program set an option that cannot be
+//! undone: never reusable), bits 0..48 = the lease id the daemon granted.
 //!
 //! Beside each lease, the identity of the socket it was granted on (its inode; sockets all
 //! live on one device, recorded once): at exit the shim gives a socket back only if the fd
@@ -15,6 +16,7 @@ use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 pub(crate) const MAX_FD: usize = 65_536;
 const PRESENT: u64 = 1 << 63;
 const SHARED: u64 = 1 << 62;
+const ALTERED: u64 = 1 << 61;
 const ID_MASK: u64 = (1 << 48) - 1;
 
 static LEASES: [AtomicU64; MAX_FD] = [const { AtomicU64::new(0) }; MAX_FD];
@@ -30,6 +32,7 @@ static SOCK_DEV: AtomicU64 = AtomicU64::new(0);
 pub(crate) struct Lease {
     pub(crate) id: u64,
     pub(crate) shared: bool,
+    pub(crate) altered: bool,
 }
 
 fn slot(fd: i32) -> Option<&'static AtomicU64> {
@@ -37,7 +40,7 @@ fn slot(fd: i32) -> Option<&'static AtomicU64> {
 }
 
 fn decode(v: u64) -> Option<Lease> {
-    (v & PRESENT != 0).then_some(Lease { id: v & ID_MASK, shared: v & SHARED != 0 })
+    (v & PRESENT != 0).then_some(Lease { id: v & ID_MASK, shared: v & SHARED != 0, altered: v & ALTERED != 0 })
 }
 
 /// Whether a lease id fits the table (the daemon allocates ids from 1 upward).
@@ -96,11 +99,22 @@ pub(crate) fn contains(fd: i32) -> bool {
     slot(fd).is_some_and(|s| s.load(Ordering::Relaxed) != 0)
 }
 
+fn mark(fd: i32, bit: u64) {
+    if let Some(s) = slot(fd) {
+        if s.load(Ordering::Relaxed) != 0 {
+            let _ = s.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| (v != 0).then_some(v | bit));
+        }
+    }
+}
+
 /// Mark the lease on `fd` shared (it was duplicated or inherited).
 pub(crate) fn mark_shared(fd: i32) {
-    if let Some(s) = slot(fd) {
-        let _ = s.fetch_update(Ordering::AcqRel, Ordering::Relaxed, |v| (v != 0).then_some(v | SHARED));
-    }
+    mark(fd, SHARED);
+}
+
+/// Mark the lease on `fd` altered (an option that cannot be undone was set on it).
+pub(crate) fn mark_altered(fd: i32) {
+    mark(fd, ALTERED);
 }
 
 /// Call `f(fd)` for every fd holding a lease.

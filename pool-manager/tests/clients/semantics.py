@@ -7,6 +7,7 @@ import errno
 import os
 import select
 import socket
+import struct
 import sys
 
 host, port = sys.argv[1], int(sys.argv[2])
@@ -34,14 +35,15 @@ fd = s.fileno()
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+# (A buffer size would make the connect pass through: it cannot be carried.)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 3, 0))
 r = s.connect_ex(addr)
 out("blocking_connect", r)
 out("same_fd", s.fileno() == fd)
 out("nodelay", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
 out("keepalive", s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE))
 out("keepidle", s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
-out("sndbuf", s.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
+out("rcvtimeo", struct.unpack("ll", s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, 16))[0])
 out("cloexec", not os.get_inheritable(s.fileno()))
 out("blocking", s.getblocking())
 out("peer", s.getpeername()[1] == port)
