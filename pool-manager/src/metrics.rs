@@ -130,6 +130,9 @@ pub fn render(shared: &Shared) -> String {
         let _ = writeln!(o, "warmpool_peer_link_setup_seconds_count {}", c(&p.direct) + c(&p.relayed));
         let _ = writeln!(o, "# TYPE warmpool_peer_handouts_total counter");
         let _ = writeln!(o, "warmpool_peer_handouts_total {}", c(&p.handouts));
+        let _ = writeln!(o, "# HELP warmpool_peer_denied_total Link requests refused: the caller is not admitted by [peer] allow_uids / allow_cgroups.");
+        let _ = writeln!(o, "# TYPE warmpool_peer_denied_total counter");
+        let _ = writeln!(o, "warmpool_peer_denied_total {}", c(&p.denied));
         let _ = writeln!(o, "# TYPE warmpool_peer_rendezvous_connected gauge");
         let _ = writeln!(o, "warmpool_peer_rendezvous_connected {}", u8::from(agent.connected()));
     }

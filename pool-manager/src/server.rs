@@ -578,6 +578,9 @@ async fn handle(
     match msg {
         Msg::Acquire(d) if shared.peer.as_ref().is_some_and(|a| is_virtual(a, d.socket_addr())) => {
             let agent = shared.peer.as_ref().expect("checked");
+            if let Some(refusal) = peer_refusal(agent, &peer.tenant, seq) {
+                return Some(refusal);
+            }
             let dest = d.socket_addr();
             let v4 = match dest.ip() {
                 std::net::IpAddr::V4(v4) => v4,
@@ -592,6 +595,9 @@ async fn handle(
             let Some(agent) = &shared.peer else {
                 return Some(Reply::error(seq, ErrorCode::Denied, "this pool manager has no [peer] configuration".into()));
             };
+            if let Some(refusal) = peer_refusal(agent, &peer.tenant, seq) {
+                return Some(refusal);
+            }
             let name = match crate::peer::PeerName::parse(name) {
                 Ok(n) => n,
                 Err(e) => return Some(Reply::error(seq, ErrorCode::Malformed, e)),
@@ -651,6 +657,15 @@ async fn handle(
             Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))
         }
     }
+}
+
+/// The refusal for a tenant that `[peer]` does not admit (counted), checked before anything
+/// else about the request, so that a refused caller learns nothing of the job's members.
+fn peer_refusal(agent: &crate::peer::agent::Agent, tenant: &Tenant, seq: u32) -> Option<Reply> {
+    let why = agent.settings.admission.admits(&agent.settings.me.job, tenant.uid, &tenant.cgroup).err()?;
+    agent.metrics.denied.fetch_add(1, Ordering::Relaxed);
+    debug!(uid = tenant.uid, cgroup = %tenant.cgroup, reason = %why, "peer link refused");
+    Some(Reply::error(seq, ErrorCode::Denied, why))
 }
 
 fn is_virtual(agent: &crate::peer::agent::Agent, dest: SocketAddr) -> bool {
