@@ -567,7 +567,7 @@ mod tests {
 
         // The right MAC for a known job passes, with that job's key.
         let good = mac_for(&key, "job");
-        assert_eq!(server.authenticate("job", "a", &known, Some(&good)).map(|k| *k), Ok(key));
+        assert_eq!(server.authenticate("job", "a", &known, Some(&good)).copied(), Ok(key));
         assert_eq!(checks(), 1);
 
         // Failures, one MAC check each, all the same error.
