@@ -193,6 +193,9 @@ pub struct Config {
     pub socket_mode: u32,
     /// Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Per-pool series in `/metrics`, labelled with destination, uid and cgroup (tenant data:
+    /// off by default, when only sums over all pools are shown).
+    pub metrics_tenant_labels: bool,
     /// Tenant grouping.
     pub tenant_by: TenantBy,
     /// Uids allowed to use the pool (`None`: every uid).
@@ -227,6 +230,7 @@ impl Default for Config {
             socket: PathBuf::from(defaults::SOCKET),
             socket_mode: defaults::SOCKET_MODE,
             metrics: None,
+            metrics_tenant_labels: false,
             tenant_by: TenantBy::UidAndCgroup,
             allow_uids: None,
             allow_cgroups: None,
@@ -413,6 +417,9 @@ impl Config {
         if let Some(m) = file.metrics {
             c.metrics = Some(m.parse().map_err(|_| ConfigError::Invalid { field: "metrics".into(), reason: format!("{m:?} is not ADDR:PORT") })?);
         }
+        if let Some(l) = file.metrics_tenant_labels {
+            c.metrics_tenant_labels = l;
+        }
         if let Some(t) = file.tenant {
             c.tenant_by = t;
         }
@@ -476,6 +483,7 @@ struct FileConfig {
     socket_mode: Option<String>,
     resolve_interval: Option<String>,
     metrics: Option<String>,
+    metrics_tenant_labels: Option<bool>,
     tenant: Option<TenantBy>,
     allow_uids: Option<Vec<toml::Value>>,
     allow_cgroups: Option<Vec<toml::Value>>,
@@ -665,6 +673,8 @@ tenant = "uid+cgroup"
 # allow_uids = [0, 1000]      # serve only these uids (absent: every uid)
 # allow_cgroups = ["/system.slice/fn.slice"]   # only these cgroups and those below them
 keep_window_when_idle = true
+# metrics = "127.0.0.1:9464"  # Prometheus /metrics and /ready (off unless set or --metrics)
+metrics_tenant_labels = false # true: per-pool series labelled with destination, uid, cgroup
 
 [kernel]
 assist = "off"              # off | auto | on: eBPF learned initial windows (see README)
@@ -697,6 +707,7 @@ mod tests {
         assert_eq!(c.socket_mode, d.socket_mode);
         assert_eq!(c.kernel, d.kernel);
         assert_eq!((c.allow_uids, c.allow_cgroups), (None, None));
+        assert_eq!(c.metrics_tenant_labels, d.metrics_tenant_labels);
     }
 
     #[test]

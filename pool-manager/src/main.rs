@@ -33,6 +33,10 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Per-pool series in /metrics, labelled with destination, uid and cgroup (tenant
+        /// data; as `metrics_tenant_labels = true`). Without it, sums over all pools.
+        #[arg(long)]
+        metrics_tenant_labels: bool,
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -99,7 +103,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { socket, config, pools, metrics, log_format, takeover } => {
+        Cmd::Serve { socket, config, pools, metrics, metrics_tenant_labels, log_format, takeover } => {
             init_tracing(&log_format);
             let mut cfg = match &config {
                 Some(path) => Config::from_file(path)?,
@@ -119,6 +123,7 @@ fn main() -> Result<()> {
             if metrics.is_some() {
                 cfg.metrics = metrics;
             }
+            cfg.metrics_tenant_labels |= metrics_tenant_labels;
             serve(cfg, takeover)
         }
         Cmd::Status { socket } => {
