@@ -229,6 +229,30 @@ async fn cancel_on_signal(cancel: CancellationToken) {
     cancel.cancel();
 }
 
+/// The metrics endpoint: the predecessor's listener when it listens where we are told to
+/// (no moment without it, and no race for the port), else a new one.
+async fn metrics_listener(addr: Option<std::net::SocketAddr>, handed: Option<std::os::fd::OwnedFd>) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let handed = handed.map(std::net::TcpListener::from).filter(|l| l.local_addr().is_ok_and(|a| a == addr));
+    let l = match handed {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)?
+        }
+        None => tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?,
+    };
+    info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(Some(l))
+}
+
+/// Wait (bounded) until no daemon answers on `path` any more.
+fn wait_gone(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server::connect_client(path).is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn keep_window_when_idle() {
     const KNOB: &str = "/proc/sys/net/ipv4/tcp_slow_start_after_idle";
     match std::fs::read_to_string(KNOB) {
@@ -263,15 +287,20 @@ fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim_user
 }
 
 fn serve(cfg: Config, takeover: bool) -> Result<()> {
-    // Before anything else: the predecessor stops serving as soon as it hands over.
-    let received = if takeover {
-        match pool_manager::handover::take(&cfg.socket) {
-            Ok(r) => {
-                info!(from = %cfg.socket.display(), "took over: {}", r.summary);
-                Some(r)
-            }
-            Err(e @ pool_manager::handover::TakeoverError::NotRunning(..)) => {
+    use pool_manager::handover::{self, TakeoverError};
+    // Before anything else: the running daemon hands everything over and waits for our
+    // commit, which comes once nothing that can fail is left (see `handover`). Any error
+    // before it drops `pending`, and the running daemon serves on.
+    let mut pending = if takeover {
+        match handover::take(&cfg.socket) {
+            Ok(p) => Some(p),
+            Err(e @ TakeoverError::NotRunning(..)) => {
                 warn!("{e}; starting fresh");
+                None
+            }
+            Err(e @ TakeoverError::Legacy) => {
+                warn!("{e}");
+                wait_gone(&cfg.socket);
                 None
             }
             Err(e) => return Err(e).context("--takeover"),
@@ -286,13 +315,22 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         }
         // Before binding: a daemon that cannot start leaves no socket file behind.
         let assist = kernel_assist(&cfg.kernel)?;
+        let handed_metrics = pending.as_mut().and_then(|p| p.received.metrics.take());
+        let metrics_listener = metrics_listener(cfg.metrics, handed_metrics).await?;
+        let received = match pending {
+            Some(p) => {
+                let r = p.commit().context("--takeover")?;
+                info!(from = %cfg.socket.display(), "took over: {}", r.summary);
+                Some(r)
+            }
+            None => None,
+        };
         let path = cfg.socket.clone();
         let (listener, idle, clients) = match received {
             Some(r) => r.into_parts(),
             None => (server::bind(&path, cfg.socket_mode)?, Vec::new(), Vec::new()),
         };
         let cancel = CancellationToken::new();
-        let metrics_addr = cfg.metrics;
         for (name, reason) in &cfg.unresolved {
             warn!(destination = %name, %reason, every = ?cfg.resolve_interval, "destination does not resolve yet; pooled once it does");
         }
@@ -308,12 +346,10 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         shared.peer = peer;
         let adopted = pool_manager::handover::adopt(&shared, idle, clients);
         let shared = Arc::new(shared);
-        let mut metrics_task = None;
-        if let Some(addr) = metrics_addr {
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;
-            info!(%addr, "metrics at http://{addr}/metrics");
-            metrics_task = Some(tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone())));
-        }
+        let metrics_task = metrics_listener.map(|l| {
+            shared.metrics_fd.store(l.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone()))
+        });
         tokio::spawn(cancel_on_signal(cancel.clone()));
         // On a worker thread, not in `block_on`: a listener event then accepts and starts the
         // client's task where it was seen, with no hop through the main thread.
