@@ -14,8 +14,9 @@
 //! [`COMMIT_WAIT`], the daemon answers `Aborted` (if it can), puts the pooled sockets back,
 //! serves the client connections again and accepts on its listener as before, and the
 //! successor, which never served, exits. After `Commit` the daemon answers `Committed` and
-//! stops; the successor then owns everything, and no step left on its path can fail but
-//! the metrics endpoint, which is handed over too (same address) or was bound before.
+//! stops; the successor then owns everything, and nothing left on its path to serving can
+//! fail in practice (its metrics endpoint, the predecessor's listener when the address is
+//! the same, was set up before the commit).
 //! Chosen over "the successor starts fresh": a fresh start loses every warm socket and every
 //! lease, and cannot cover a successor that dies; keeping the old daemon covers both.
 //!

@@ -36,9 +36,10 @@
 //!   `Disposition::Unused` (at exit or `execve`). An offer whose process dies without either
 //!   is closed, never pooled again (the process may have passed it on).
 //! * `Takeover` (8 bytes): sent by a successor pool manager (same uid as the running one, or
-//!   root) on its own connection: the running daemon stops, and answers with `Handover`
-//!   messages carrying its listening socket, its pooled sockets, its client connections and
-//!   their leases, then `Handover(Done)`, and exits.
+//!   root) on its own connection: the running daemon stops accepting, and answers with
+//!   `Handover` records carrying its listening socket, its metrics listener, its pooled
+//!   sockets, its client connections and their leases, then `Done`; it exits once the
+//!   successor sends `Commit`, and serves on if it does not (see [`handover`]).
 //!
 //! Replies (daemon → client):
 //!
