@@ -279,3 +279,68 @@ fn a_successor_that_vanishes_mid_handover_leaves_the_daemon_serving() {
     }
     serves_on(&mut old, &nginx, holder, connections);
 }
+
+/// A running daemon of a version before the commit (it answers `Takeover` with the retired
+/// text records, kind 0x84, and stops whatever happens): the successor does not mistake it
+/// for a failure that leaves it serving; it waits until it is gone and starts fresh. The old
+/// daemon is played by this test (one accept, one record, then it goes away).
+#[test]
+fn a_legacy_predecessor_is_replaced_by_a_fresh_start() {
+    use pool_manager::wire::{self, handover::LEGACY_KIND, Msg};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let dir = TempDir::new();
+    let socket = dir.join("pool.sock");
+    let listener = pool_manager::server::bind(&socket, 0o600).unwrap();
+    let path = socket.clone();
+    let legacy = std::thread::spawn(move || {
+        let mut conn = None;
+        assert!(wait_until(Duration::from_secs(10), || {
+            // SAFETY: accept4 on our (non-blocking) listener; a new fd goes into an OwnedFd.
+            let fd = unsafe { libc::accept4(listener.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+            // SAFETY: a fresh fd we own.
+            conn = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) });
+            conn.is_some()
+        }));
+        let conn = conn.unwrap();
+        let mut buf = vec![0u8; 64];
+        assert!(wait_until(Duration::from_secs(10), || wire::unix::recv(conn.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT).is_ok()));
+        assert_eq!(wire::decode(&buf[..8]).map(|m| m.0), Ok(Msg::Takeover));
+        // `Handover(Listener)` as the old text form: header with kind 0x84, item 1, no text.
+        let n = wire::encode(&Msg::Status, 0, &mut buf);
+        buf[3] = LEGACY_KIND;
+        buf[n] = 1;
+        wire::unix::send(conn.as_raw_fd(), &buf[..n + 1], Some(listener.as_raw_fd()), 0).unwrap();
+        // The successor closes the connection; the old daemon finds it gone, stops and
+        // removes its socket file.
+        let closed = wait_until(Duration::from_secs(10), || {
+            matches!(wire::unix::recv(conn.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT), Ok(r) if r.len == 0)
+        });
+        assert!(closed, "the successor hung up on the legacy hand-over");
+        drop((conn, listener));
+        std::fs::remove_file(&path).unwrap();
+    });
+    let metrics = localhost(free_port());
+    let log = dir.join("successor.log");
+    let mut child = Command::new(pool_manager_bin())
+        .args(["serve", "--takeover", "--socket"])
+        .arg(&socket)
+        .args(["--metrics", &metrics.to_string()])
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    legacy.join().expect("the legacy daemon's part");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        wait_until(Duration::from_secs(10), || matches!(http_get(metrics, "/ready", Duration::from_millis(300)), Ok((200, _)))),
+        "the successor did not start fresh:\n{}",
+        text()
+    );
+    assert!(text().contains("retired text hand-over"), "{}", text());
+    let o = Command::new(pool_manager_bin()).args(["status", "--socket"]).arg(&socket).output().unwrap();
+    assert!(o.status.success(), "the fresh daemon answers on the socket: {}", String::from_utf8_lossy(&o.stderr));
+    let status = terminate_child(&mut child, Duration::from_secs(5));
+    assert!(status.success(), "{status}\n{}", text());
+}
