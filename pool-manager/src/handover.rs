@@ -100,6 +100,7 @@ pub(crate) async fn give(shared: &Arc<Shared>, conn: &AsyncFd<OwnedFd>, successo
         }
         Err(why) => {
             warn!("the take-over failed ({why}): serving on with everything this daemon had");
+            shared.metrics.takeovers_failed.fetch_add(1, Ordering::Relaxed);
             restore(shared, idle, clients);
         }
     }

@@ -52,6 +52,8 @@ pub struct Metrics {
     pub prefetch_taken: AtomicU64,
     /// Offers never used, back in their pools.
     pub prefetch_returned: AtomicU64,
+    /// Take-overs that failed before the successor's commit (this daemon served on).
+    pub takeovers_failed: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_ns: AtomicU64,
 }
@@ -143,6 +145,9 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "# HELP warmpool_prewarmed_pools_total Pools created because the kernel's connect hooks showed demand.");
     let _ = writeln!(o, "# TYPE warmpool_prewarmed_pools_total counter");
     let _ = writeln!(o, "warmpool_prewarmed_pools_total {}", c(&m.prewarmed));
+    let _ = writeln!(o, "# HELP warmpool_takeovers_failed_total Take-overs that failed before the successor's commit; this daemon served on.");
+    let _ = writeln!(o, "# TYPE warmpool_takeovers_failed_total counter");
+    let _ = writeln!(o, "warmpool_takeovers_failed_total {}", c(&m.takeovers_failed));
     let _ = writeln!(o, "# TYPE warmpool_clients_total counter");
     let _ = writeln!(o, "warmpool_clients_total {}", c(&m.clients));
     let _ = writeln!(o, "# HELP warmpool_handout_latency_seconds Daemon-side time from request to reply with a socket.");

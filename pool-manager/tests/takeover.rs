@@ -213,6 +213,7 @@ fn pooled_and_leased(old: &Daemon, nginx: &Nginx) -> Holder {
 fn serves_on(old: &mut Daemon, nginx: &Nginx, mut holder: Holder, connections: usize) {
     assert!(old.try_wait().is_none(), "the running daemon stopped:\n{}", old.log());
     assert!(wait_until(Duration::from_secs(5), || old.log().contains("serving on")), "{}", old.log());
+    assert_eq!(old.metric("warmpool_takeovers_failed_total"), 1.0);
     let returned = old.metric("warmpool_returned_total");
     holder.finish();
     assert!(wait_until(Duration::from_secs(5), || old.metric("warmpool_returned_total") > returned), "the lease came back\n{}", old.log());
