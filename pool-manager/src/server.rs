@@ -613,7 +613,7 @@ async fn handle(
     match msg {
         Msg::Acquire(d) if shared.peer.as_ref().is_some_and(|a| is_virtual(a, d.socket_addr())) => {
             let agent = shared.peer.as_ref().expect("checked");
-            if let Some(refusal) = peer_refusal(agent, &peer.tenant, seq) {
+            if let Some(refusal) = peer_refusal(agent, &peer.tenant, conn, seq).await {
                 return Some(refusal);
             }
             let dest = d.socket_addr();
@@ -630,7 +630,7 @@ async fn handle(
             let Some(agent) = &shared.peer else {
                 return Some(Reply::error(seq, ErrorCode::Denied, "this pool manager has no [peer] configuration".into()));
             };
-            if let Some(refusal) = peer_refusal(agent, &peer.tenant, seq) {
+            if let Some(refusal) = peer_refusal(agent, &peer.tenant, conn, seq).await {
                 return Some(refusal);
             }
             let name = match crate::peer::PeerName::parse(name) {
@@ -695,11 +695,16 @@ async fn handle(
 }
 
 /// The refusal for a tenant that `[peer]` does not admit (counted), checked before anything
-/// else about the request, so that a refused caller learns nothing of the job's members.
-fn peer_refusal(agent: &crate::peer::agent::Agent, tenant: &Tenant, seq: u32) -> Option<Reply> {
+/// else about the request, so that a refused caller learns nothing of the job's members. It
+/// follows a `Miss(Pending)`, as for a link that could not be made: the shim then fails the
+/// program's `connect()` with `ECONNREFUSED` rather than letting it go out to a virtual
+/// address, which stands for a peer and is nobody's real address.
+async fn peer_refusal(agent: &crate::peer::agent::Agent, tenant: &Tenant, conn: &AsyncFd<OwnedFd>, seq: u32) -> Option<Reply> {
     let why = agent.settings.admission.admits(&agent.settings.me.job, tenant.uid, &tenant.cgroup).err()?;
     agent.metrics.denied.fetch_add(1, Ordering::Relaxed);
     debug!(uid = tenant.uid, cgroup = %tenant.cgroup, reason = %why, "peer link refused");
+    // (If this send fails, the connection is gone and the reply below goes nowhere either.)
+    let _ = send_reply(conn, Reply::miss(seq, MissReason::Pending, 0)).await;
     Some(Reply::error(seq, ErrorCode::Denied, why))
 }
 
