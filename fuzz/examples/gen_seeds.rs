@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use warmpool_wire::rdv::{read_frame, Frame, Purpose, MAX_FRAME};
-use warmpool_wire::{decode, encode, DecodeError, Dest, Disposition, ErrorCode, HandoverItem, MissReason, Msg, Source};
+use warmpool_wire::{decode, encode, handover::LEGACY_KIND, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source};
 
 fn enc(m: &Msg<'_>, seq: u32) -> Vec<u8> {
     let mut buf = [0u8; 256];
@@ -42,8 +42,17 @@ fn wire_seeds(dir: &Path) {
         ("release-unused", enc(&Msg::Release { lease: 42, disposition: Disposition::Unused }, 20)),
         ("offer-v4", enc(&Msg::Offer { lease: 42, source: Source::Reuse, last: true, dest: v4 }, 21)),
         ("offer-v6", enc(&Msg::Offer { lease: 43, source: Source::Warm, last: false, dest: v6 }, 21)),
-        ("handover-lease", enc(&Msg::Handover { item: HandoverItem::Lease, text: "7\t198.18.0.2:80\t5" }, 17)),
-        ("handover-done", enc(&Msg::Handover { item: HandoverItem::Done, text: "" }, 18)),
+        (
+            "handover-lease",
+            enc(&Msg::Handover(Record::Lease { id: 7, dest: v4, age_ms: 5, reuse: true, peer: false, acked: 1, received: 2 }), 17),
+        ),
+        ("handover-done", enc(&Msg::Handover(Record::Done { idle: 1, clients: 1, leases: 1 }), 18)),
+        (
+            "handover-idle-tab",
+            enc(&Msg::Handover(Record::Idle { uid: 1000, cgroup: b"/wp/fn\tx y", dest: v6, reuse: false, age_ms: 9 }), 18),
+        ),
+        ("handover-client", enc(&Msg::Handover(Record::Client { uid: 0, cgroup: b"/a\"b\\c", pid: 4242 }), 18)),
+        ("handover-commit", enc(&Msg::Handover(Record::Commit), 18)),
         ("grant", enc(&Msg::Grant { lease: 42, source: Source::Warm }, 6)),
         ("miss", enc(&Msg::Miss { reason: MissReason::NotPooled, retry_after_ms: 30_000 }, 7)),
         (
@@ -89,7 +98,14 @@ fn wire_seeds(dir: &Path) {
         ("status-reply-not-utf8", reply_bad, DecodeError::BadField),
         ("acquire-peer-empty", enc(&Msg::AcquirePeer { port: 1, name: "x" }, 0)[..10].to_vec(), DecodeError::Truncated),
         ("acquire-peer-too-long", peer_long, DecodeError::BadField),
-        ("handover-bad-item", with(&enc(&Msg::Handover { item: HandoverItem::Idle, text: "" }, 0), 8, 5), DecodeError::BadField),
+        ("handover-bad-tag", with(&enc(&Msg::Handover(Record::Listener), 0), 8, 9), DecodeError::BadField),
+        ("handover-trailing", [enc(&Msg::Handover(Record::Commit), 0), vec![0]].concat(), DecodeError::BadField),
+        (
+            "handover-client-short",
+            enc(&Msg::Handover(Record::Client { uid: 0, cgroup: b"/abc", pid: 1 }), 0)[..20].to_vec(),
+            DecodeError::Truncated,
+        ),
+        ("handover-legacy-text", with(&status, 3, LEGACY_KIND), DecodeError::UnknownKind(LEGACY_KIND)),
     ];
 
     for (name, bytes) in &valid {

@@ -27,7 +27,6 @@ thread_local! {
 fn text<'a>(m: &Msg<'a>) -> Option<(usize, &'a str)> {
     match *m {
         Msg::StatusReply(t) => Some((HEADER_LEN, t)),
-        Msg::Handover { text: t, .. } => Some((HEADER_LEN + 1, t)),
         Msg::Error { text: t, .. } => Some((HEADER_LEN + 2, t)),
         _ => None,
     }

@@ -5,9 +5,10 @@
 //!   returns.
 //! * Fixed-size messages have the lengths the protocol documents.
 //! * `decode` gives back the same message and sequence number; text bodies that do not fit
-//!   come back cut on a char boundary, as long as fits. The only things `encode` does not
-//!   check are a `Dest` whose domain is neither 4 nor 6 and an empty `AcquirePeer` name:
-//!   `decode` must reject exactly those.
+//!   come back cut on a char boundary, as long as fits. Hand-over records are never cut:
+//!   their length is exact, and any bytes of a cgroup come back as they were. The only
+//!   things `encode` does not check are a `Dest` whose domain is neither 4 nor 6 and an
+//!   empty `AcquirePeer` name: `decode` must reject exactly those.
 #![no_main]
 
 use std::cell::RefCell;
@@ -15,8 +16,8 @@ use std::cell::RefCell;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use warmpool_wire::{
-    decode, encode, DecodeError, Dest, Disposition, ErrorCode, HandoverItem, MissReason, Msg, Source, HEADER_LEN, OFFER_LEN,
-    MAX_MESSAGE, MAX_PEER_NAME,
+    decode, encode, handover::MAX_CGROUP, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source, HEADER_LEN,
+    MAX_MESSAGE, MAX_PEER_NAME, OFFER_LEN,
 };
 
 /// Poison for the bytes `encode` must not write.
@@ -51,8 +52,50 @@ enum AMsg {
     Takeover,
     Prefetch,
     Offer { lease: u64, source: u8, last: bool, dest: ADest },
-    Handover { item: u8, text: String },
+    Handover(ARecord),
     Error { code: u8, text: String },
+}
+
+#[derive(Debug, Arbitrary)]
+enum ARecord {
+    Done { idle: u32, clients: u32, leases: u32 },
+    Listener,
+    Idle { uid: u32, cgroup: Vec<u8>, dest: ADest, reuse: bool, age_ms: u64 },
+    Client { uid: u32, cgroup: Vec<u8>, pid: i32 },
+    Lease { id: u64, dest: ADest, age_ms: u64, reuse: bool, peer: bool, acked: u64, received: u64 },
+    Metrics,
+    Commit,
+    Committed,
+    Aborted,
+}
+
+/// A cgroup as a record may carry it (longer ones are the caller's error: `encode` panics).
+fn cgroup(c: &[u8]) -> &[u8] {
+    &c[..c.len().min(MAX_CGROUP)]
+}
+
+fn record(r: &ARecord) -> Record<'_> {
+    match r {
+        ARecord::Done { idle, clients, leases } => Record::Done { idle: *idle, clients: *clients, leases: *leases },
+        ARecord::Listener => Record::Listener,
+        ARecord::Idle { uid, cgroup: c, dest: d, reuse, age_ms } => {
+            Record::Idle { uid: *uid, cgroup: cgroup(c), dest: dest(d), reuse: *reuse, age_ms: *age_ms }
+        }
+        ARecord::Client { uid, cgroup: c, pid } => Record::Client { uid: *uid, cgroup: cgroup(c), pid: *pid },
+        ARecord::Lease { id, dest: d, age_ms, reuse, peer, acked, received } => Record::Lease {
+            id: *id,
+            dest: dest(d),
+            age_ms: *age_ms,
+            reuse: *reuse,
+            peer: *peer,
+            acked: *acked,
+            received: *received,
+        },
+        ARecord::Metrics => Record::Metrics,
+        ARecord::Commit => Record::Commit,
+        ARecord::Committed => Record::Committed,
+        ARecord::Aborted => Record::Aborted,
+    }
 }
 
 #[derive(Debug, Arbitrary)]
@@ -94,13 +137,7 @@ fn build(m: &AMsg) -> Msg<'_> {
         AMsg::Offer { lease, source, last, dest: d } => {
             Msg::Offer { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source), last: *last, dest: dest(d) }
         }
-        AMsg::Handover { item, text } => Msg::Handover {
-            item: pick(
-                &[HandoverItem::Done, HandoverItem::Listener, HandoverItem::Idle, HandoverItem::Client, HandoverItem::Lease],
-                *item,
-            ),
-            text,
-        },
+        AMsg::Handover(r) => Msg::Handover(record(r)),
         AMsg::Error { code, text } => Msg::Error {
             code: pick(
                 &[ErrorCode::Malformed, ErrorCode::Version, ErrorCode::UnexpectedFd, ErrorCode::Denied, ErrorCode::Internal],
@@ -114,8 +151,12 @@ fn build(m: &AMsg) -> Msg<'_> {
 fuzz_target!(|input: Input| {
     BUF.with(|b| {
         let buf = &mut *b.borrow_mut();
-        // The smallest buffer `encode` accepts: 32 bytes, or an Offer's length.
-        let min = if matches!(input.msg, AMsg::Offer { .. }) { OFFER_LEN } else { 32 };
+        // The smallest buffer `encode` accepts: 32 bytes, an Offer's length, or a record's.
+        let min = match &input.msg {
+            AMsg::Offer { .. } => OFFER_LEN,
+            AMsg::Handover(r) => (HEADER_LEN + record(r).len()).max(32),
+            _ => 32,
+        };
         let len = min + usize::from(input.extra) % (MAX_MESSAGE - min + 1);
         // (Nothing can be written past `len`: `encode` is safe code and gets a slice.)
         let n = encode(&build(&input.msg), input.seq, &mut buf[..len]);
@@ -138,15 +179,20 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         Msg::Miss { .. } => Some(13),
         Msg::Status | Msg::Takeover | Msg::Prefetch => Some(HEADER_LEN),
         Msg::Offer { .. } => Some(OFFER_LEN),
+        Msg::Handover(r) => Some(HEADER_LEN + r.len()),
         // (Exhaustive on purpose: a new message kind must be added to this target.)
-        Msg::AcquirePeer { .. } | Msg::StatusReply(_) | Msg::Handover { .. } | Msg::Error { .. } => None,
+        Msg::AcquirePeer { .. } | Msg::StatusReply(_) | Msg::Error { .. } => None,
     };
     if let Some(f) = fixed {
         assert_eq!(n, f, "{msg:?}");
     }
 
     let got = decode(bytes);
-    if let Msg::Acquire(d) | Msg::Prewarm(d) | Msg::Offer { dest: d, .. } = msg {
+    if let Msg::Acquire(d)
+    | Msg::Prewarm(d)
+    | Msg::Offer { dest: d, .. }
+    | Msg::Handover(Record::Idle { dest: d, .. } | Record::Lease { dest: d, .. }) = msg
+    {
         if d.domain != 4 && d.domain != 6 {
             assert_eq!(got, Err(DecodeError::BadField), "domain {} accepted", d.domain);
             return;
@@ -166,10 +212,6 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         (Msg::AcquirePeer { port, name }, Msg::AcquirePeer { port: p2, name: n2 }) => {
             assert_eq!(port, p2);
             check_text(name, n2, (len - HEADER_LEN - 2).min(MAX_PEER_NAME));
-        }
-        (Msg::Handover { item, text }, Msg::Handover { item: i2, text: t2 }) => {
-            assert_eq!(item, i2);
-            check_text(text, t2, len - HEADER_LEN - 1);
         }
         (Msg::Error { code, text }, Msg::Error { code: c2, text: t2 }) => {
             assert_eq!(code, c2);

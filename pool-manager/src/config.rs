@@ -11,6 +11,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::allow::cgroup_within;
+pub(crate) use crate::allow::{parse_allow_cgroups, parse_allow_uids};
+pub use crate::peer::settings::PeerSettings;
+
 /// Configuration errors.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -191,6 +195,9 @@ pub struct Config {
     pub socket_mode: u32,
     /// Prometheus endpoint.
     pub metrics: Option<SocketAddr>,
+    /// Per-pool series in `/metrics`, labelled with destination, uid and cgroup (tenant data:
+    /// off by default, when only sums over all pools are shown).
+    pub metrics_tenant_labels: bool,
     /// Tenant grouping.
     pub tenant_by: TenantBy,
     /// Uids allowed to use the pool (`None`: every uid).
@@ -219,41 +226,13 @@ pub struct Config {
     pub peer: Option<PeerSettings>,
 }
 
-/// Peer-link settings (`[peer]`).
-#[derive(Debug, Clone)]
-pub struct PeerSettings {
-    /// This node's identity, `JOB/NAME`.
-    pub me: crate::peer::PeerName,
-    /// The rendezvous server.
-    pub rendezvous: SocketAddr,
-    /// Keys derived from the job secret (never logged).
-    pub keys: crate::peer::Keys,
-    /// Addresses that stand for peers.
-    pub virtual_range: crate::peer::VirtualRange,
-    /// The job's other members this node may link to (the declared topology): their
-    /// virtual addresses are recognised. Names that start links to us are learned too.
-    pub peers: Vec<crate::peer::PeerName>,
-    /// Links to keep ready: (peer, channel).
-    pub prewarm: Vec<(crate::peer::PeerName, u16)>,
-    /// How many ready links per prewarmed peer and channel.
-    pub prewarm_links: usize,
-    /// How long a hole-punching attempt may take before the relay is used.
-    pub punch_timeout: Duration,
-    /// How long a function may wait for a link.
-    pub link_timeout: Duration,
-    /// Use the rendezvous server as a relay when punching fails.
-    pub relay: bool,
-    /// Try hole punching at all (off: every link is relayed; for NATs known to map
-    /// endpoint-dependently, where punching can only cost its timeout).
-    pub punch: bool,
-}
-
 impl Default for Config {
     fn default() -> Self {
         Self {
             socket: PathBuf::from(defaults::SOCKET),
             socket_mode: defaults::SOCKET_MODE,
             metrics: None,
+            metrics_tenant_labels: false,
             tenant_by: TenantBy::UidAndCgroup,
             allow_uids: None,
             allow_cgroups: None,
@@ -440,6 +419,9 @@ impl Config {
         if let Some(m) = file.metrics {
             c.metrics = Some(m.parse().map_err(|_| ConfigError::Invalid { field: "metrics".into(), reason: format!("{m:?} is not ADDR:PORT") })?);
         }
+        if let Some(l) = file.metrics_tenant_labels {
+            c.metrics_tenant_labels = l;
+        }
         if let Some(t) = file.tenant {
             c.tenant_by = t;
         }
@@ -447,10 +429,10 @@ impl Config {
             c.keep_window_when_idle = k;
         }
         if let Some(v) = file.allow_uids {
-            c.allow_uids = Some(parse_allow_uids(&v)?);
+            c.allow_uids = Some(parse_allow_uids("allow_uids", "to allow every uid", &v)?);
         }
         if let Some(v) = file.allow_cgroups {
-            c.allow_cgroups = Some(parse_allow_cgroups(&v)?);
+            c.allow_cgroups = Some(parse_allow_cgroups("allow_cgroups", "to allow every cgroup", &v)?);
         }
         // Configuring anything means "pool what I configured": first-use pooling stays on
         // only where the file says so with an [auto] section.
@@ -481,7 +463,7 @@ impl Config {
             }
         }
         if let Some(p) = file.peer {
-            c.peer = Some(p.resolve()?);
+            c.peer = Some(p.resolve(c.tenant_by)?);
         }
         for (i, p) in file.pool.into_iter().enumerate() {
             let dest = p.destination.clone();
@@ -503,111 +485,16 @@ struct FileConfig {
     socket_mode: Option<String>,
     resolve_interval: Option<String>,
     metrics: Option<String>,
+    metrics_tenant_labels: Option<bool>,
     tenant: Option<TenantBy>,
     allow_uids: Option<Vec<toml::Value>>,
     allow_cgroups: Option<Vec<toml::Value>>,
     keep_window_when_idle: Option<bool>,
     auto: Option<FileAuto>,
     kernel: Option<FileKernel>,
-    peer: Option<FilePeer>,
+    peer: Option<crate::peer::settings::FilePeer>,
     #[serde(default)]
     pool: Vec<FilePool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FilePeer {
-    name: String,
-    rendezvous: String,
-    secret_file: PathBuf,
-    virtual_range: Option<String>,
-    #[serde(default)]
-    peers: Vec<String>,
-    #[serde(default)]
-    prewarm: Vec<String>,
-    prewarm_links: Option<usize>,
-    punch_timeout: Option<String>,
-    link_timeout: Option<String>,
-    relay: Option<bool>,
-    punch: Option<bool>,
-}
-
-impl FilePeer {
-    fn resolve(self) -> Result<PeerSettings, ConfigError> {
-        use crate::peer::{Keys, PeerName, VirtualRange};
-        let invalid = |field: &str, reason: String| ConfigError::Invalid { field: format!("peer.{field}"), reason };
-        let me = PeerName::parse(&self.name).map_err(|e| invalid("name", e))?;
-        let rendezvous = self
-            .rendezvous
-            .to_socket_addrs()
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| invalid("rendezvous", format!("{:?} is not HOST:PORT", self.rendezvous)))?;
-        let secret = crate::peer::read_secret(&self.secret_file).map_err(|e| invalid("secret_file", e))?;
-        let virtual_range = match self.virtual_range {
-            Some(r) => VirtualRange::parse(&r).map_err(|e| invalid("virtual_range", e))?,
-            None => VirtualRange::default(),
-        };
-        let mut peers = Vec::new();
-        for p in &self.peers {
-            let n = PeerName::parse(p).map_err(|e| invalid("peers", e))?;
-            if n.job != me.job {
-                return Err(invalid("peers", format!("{n} is not in job {}", me.job)));
-            }
-            peers.push(n);
-        }
-        let mut prewarm = Vec::new();
-        for p in &self.prewarm {
-            let (n, port) = PeerName::parse_with_port(p).map_err(|e| invalid("prewarm", e))?;
-            if n.job != me.job {
-                return Err(invalid("prewarm", format!("{n} is not in job {}", me.job)));
-            }
-            if n == me {
-                return Err(invalid("prewarm", format!("{n} is this node itself")));
-            }
-            if !peers.contains(&n) {
-                peers.push(n.clone());
-            }
-            prewarm.push((n, port));
-        }
-        for (i, a) in peers.iter().enumerate() {
-            for b in &peers[..i] {
-                if virtual_range.addr_of(a) == virtual_range.addr_of(b) {
-                    return Err(invalid(
-                        "virtual_range",
-                        format!("{a} and {b} map to the same address {}; use a larger range", virtual_range.addr_of(a)),
-                    ));
-                }
-            }
-        }
-        let punch_timeout = match self.punch_timeout {
-            Some(d) => parse_duration("peer.punch_timeout", &d)?,
-            None => defaults::PUNCH_TIMEOUT,
-        };
-        let link_timeout = match self.link_timeout {
-            Some(d) => parse_duration("peer.link_timeout", &d)?,
-            None => defaults::LINK_TIMEOUT,
-        };
-        if self.punch == Some(false) && self.relay == Some(false) {
-            return Err(invalid("punch", "with punch = false and relay = false no link can be made".into()));
-        }
-        if punch_timeout.is_zero() || link_timeout <= punch_timeout {
-            return Err(invalid("link_timeout", "must be longer than punch_timeout (which must not be 0)".into()));
-        }
-        Ok(PeerSettings {
-            me,
-            rendezvous,
-            keys: Keys::derive(&secret),
-            virtual_range,
-            peers,
-            prewarm,
-            prewarm_links: self.prewarm_links.unwrap_or(1).min(1024),
-            punch_timeout,
-            link_timeout,
-            relay: self.relay.unwrap_or(true),
-            punch: self.punch.unwrap_or(true),
-        })
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -705,58 +592,6 @@ fn insert_addr(map: &mut HashMap<SocketAddr, Arc<PoolSettings>>, a: SocketAddr, 
     }
 }
 
-/// Whether the cgroup `path` (as read from `/proc/PID/cgroup`) is `root` or below it. A path
-/// with a `..` component (a process outside the daemon's cgroup namespace) is within nothing.
-#[must_use]
-pub fn cgroup_within(path: &str, root: &str) -> bool {
-    if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-        return false;
-    }
-    let root = root.trim_end_matches('/');
-    root.is_empty() || path == root || path.strip_prefix(root).is_some_and(|rest| rest.starts_with('/'))
-}
-
-fn parse_allow_uids(v: &[toml::Value]) -> Result<Vec<u32>, ConfigError> {
-    let invalid = |reason: String| ConfigError::Invalid { field: "allow_uids".into(), reason };
-    if v.is_empty() {
-        return Err(invalid("an empty list would refuse every client; remove the key to allow every uid".into()));
-    }
-    v.iter()
-        .map(|u| match u {
-            // u32::MAX is (uid_t)-1, "no uid".
-            toml::Value::Integer(n) => u32::try_from(*n)
-                .ok()
-                .filter(|n| *n != u32::MAX)
-                .ok_or_else(|| invalid(format!("{n} is not a uid (0 to 4294967294)"))),
-            other => Err(invalid(format!("{other} is not a uid: write numbers, e.g. allow_uids = [0, 1000]"))),
-        })
-        .collect()
-}
-
-fn parse_allow_cgroups(v: &[toml::Value]) -> Result<Vec<String>, ConfigError> {
-    let invalid = |reason: String| ConfigError::Invalid { field: "allow_cgroups".into(), reason };
-    if v.is_empty() {
-        return Err(invalid("an empty list would refuse every client; remove the key to allow every cgroup".into()));
-    }
-    let example = "write cgroup v2 paths as in /proc/PID/cgroup, e.g. \"/system.slice/fn.slice\"";
-    v.iter()
-        .map(|p| {
-            let toml::Value::String(p) = p else { return Err(invalid(format!("{p} is not a cgroup path: {example}"))) };
-            if !p.starts_with('/') {
-                return Err(invalid(format!("{p:?} is not absolute: {example}")));
-            }
-            if p == "/sys/fs/cgroup" || p.starts_with("/sys/fs/cgroup/") {
-                return Err(invalid(format!("{p:?} is a path under the cgroup2 mount: {example} (without the mount point)")));
-            }
-            let trimmed = if p.len() > 1 { p.trim_end_matches('/') } else { p.as_str() };
-            if trimmed.len() > 1 && trimmed[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-                return Err(invalid(format!("{p:?} has an empty, \".\" or \"..\" component: {example}")));
-            }
-            Ok(if trimmed.is_empty() { "/".to_owned() } else { trimmed.to_owned() })
-        })
-        .collect()
-}
-
 /// Parse `"250ms"`, `"5s"`, `"10m"`, `"1h"`, `"100us"`.
 ///
 /// # Errors
@@ -786,6 +621,8 @@ tenant = "uid+cgroup"
 # allow_uids = [0, 1000]      # serve only these uids (absent: every uid)
 # allow_cgroups = ["/system.slice/fn.slice"]   # only these cgroups and those below them
 keep_window_when_idle = true
+# metrics = "127.0.0.1:9464"  # Prometheus /metrics and /ready (off unless set or --metrics)
+metrics_tenant_labels = false # true: per-pool series labelled with destination, uid, cgroup
 
 [kernel]
 assist = "off"              # off | auto | on: eBPF learned initial windows (see README)
@@ -818,6 +655,7 @@ mod tests {
         assert_eq!(c.socket_mode, d.socket_mode);
         assert_eq!(c.kernel, d.kernel);
         assert_eq!((c.allow_uids, c.allow_cgroups), (None, None));
+        assert_eq!(c.metrics_tenant_labels, d.metrics_tenant_labels);
     }
 
     #[test]

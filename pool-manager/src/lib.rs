@@ -5,12 +5,14 @@
 //! re-exported here as [`wire`]. The daemon is a library with a thin `main`: tests and
 //! benchmarks bind their own socket and call [`server::run`].
 //!
-//! Modules: [`config`] (TOML, flags, embedded default), [`defaults`] (every limit with its
-//! reason), [`pool`] (the sans-IO pool state machine), [`sock`] (kernel-state checks),
-//! [`sockstate`] (a function's socket options and peer never reach the next function),
-//! [`tenant`] (who is asking, from the kernel), [`server`] (listener, clients, leases,
-//! maintenance), [`metrics`] and [`status`].
+//! Modules: [`config`] (TOML, flags, embedded default; [`allow`] its allow-lists),
+//! [`defaults`] (every limit with its reason), [`pool`] (the sans-IO pool state machine),
+//! [`sock`] (kernel-state checks), [`sockstate`] (a function's socket options and peer never
+//! reach the next function), [`tenant`] (who is asking, from the kernel), [`server`]
+//! (listener, clients, leases, maintenance), [`handover`] (restart by take-over), [`peer`]
+//! (links between functions), [`metrics`] and [`status`].
 
+pub mod allow;
 pub mod config;
 pub mod defaults;
 pub mod exec;

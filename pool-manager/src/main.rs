@@ -34,6 +34,10 @@ enum Cmd {
         /// Serve Prometheus metrics at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Per-pool series in /metrics, labelled with destination, uid and cgroup (tenant
+        /// data; as `metrics_tenant_labels = true`). Without it, sums over all pools.
+        #[arg(long)]
+        metrics_tenant_labels: bool,
         /// Log format.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         log_format: String,
@@ -100,7 +104,7 @@ enum Cmd {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Serve { socket, config, pools, metrics, log_format, takeover } => {
+        Cmd::Serve { socket, config, pools, metrics, metrics_tenant_labels, log_format, takeover } => {
             init_tracing(&log_format);
             let mut cfg = match &config {
                 Some(path) => Config::from_file(path)?,
@@ -118,6 +122,7 @@ fn main() -> Result<()> {
             if metrics.is_some() {
                 cfg.metrics = metrics;
             }
+            cfg.metrics_tenant_labels |= metrics_tenant_labels;
             serve(cfg, takeover)
         }
         Cmd::Status { socket } => {
@@ -235,6 +240,30 @@ async fn cancel_on_signal(cancel: CancellationToken) {
     cancel.cancel();
 }
 
+/// The metrics endpoint: the predecessor's listener when it listens where we are told to
+/// (no moment without it, and no race for the port), else a new one.
+async fn metrics_listener(addr: Option<std::net::SocketAddr>, handed: Option<std::os::fd::OwnedFd>) -> Result<Option<tokio::net::TcpListener>> {
+    let Some(addr) = addr else { return Ok(None) };
+    let handed = handed.map(std::net::TcpListener::from).filter(|l| l.local_addr().is_ok_and(|a| a == addr));
+    let l = match handed {
+        Some(l) => {
+            l.set_nonblocking(true)?;
+            tokio::net::TcpListener::from_std(l)?
+        }
+        None => tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?,
+    };
+    info!(%addr, "metrics at http://{addr}/metrics");
+    Ok(Some(l))
+}
+
+/// Wait (bounded) until no daemon answers on `path` any more.
+fn wait_gone(path: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while server::connect_client(path).is_ok() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn keep_window_when_idle() {
     const KNOB: &str = "/proc/sys/net/ipv4/tcp_slow_start_after_idle";
     match std::fs::read_to_string(KNOB) {
@@ -269,15 +298,20 @@ fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim_user
 }
 
 fn serve(cfg: Config, takeover: bool) -> Result<()> {
-    // Before anything else: the predecessor stops serving as soon as it hands over.
-    let received = if takeover {
-        match pool_manager::handover::take(&cfg.socket) {
-            Ok(r) => {
-                info!(from = %cfg.socket.display(), "took over: {}", r.summary);
-                Some(r)
-            }
-            Err(e @ pool_manager::handover::TakeoverError::NotRunning(..)) => {
+    use pool_manager::handover::{self, TakeoverError};
+    // Before anything else: the running daemon hands everything over and waits for our
+    // commit, which comes once nothing that can fail is left (see `handover`). Any error
+    // before it drops `pending`, and the running daemon serves on.
+    let mut pending = if takeover {
+        match handover::take(&cfg.socket) {
+            Ok(p) => Some(p),
+            Err(e @ TakeoverError::NotRunning(..)) => {
                 warn!("{e}; starting fresh");
+                None
+            }
+            Err(e @ TakeoverError::Legacy) => {
+                warn!("{e}");
+                wait_gone(&cfg.socket);
                 None
             }
             Err(e) => return Err(e).context("--takeover"),
@@ -292,13 +326,22 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         }
         // Before binding: a daemon that cannot start leaves no socket file behind.
         let assist = kernel_assist(&cfg.kernel)?;
+        let handed_metrics = pending.as_mut().and_then(|p| p.received.metrics.take());
+        let metrics_listener = metrics_listener(cfg.metrics, handed_metrics).await?;
+        let received = match pending {
+            Some(p) => {
+                let r = p.commit().context("--takeover")?;
+                info!(from = %cfg.socket.display(), "took over: {}", r.summary);
+                Some(r)
+            }
+            None => None,
+        };
         let path = cfg.socket.clone();
         let (listener, idle, clients) = match received {
             Some(r) => r.into_parts(),
             None => (server::bind(&path, cfg.socket_mode)?, Vec::new(), Vec::new()),
         };
         let cancel = CancellationToken::new();
-        let metrics_addr = cfg.metrics;
         for (name, reason) in &cfg.unresolved {
             warn!(destination = %name, %reason, every = ?cfg.resolve_interval, "destination does not resolve yet; pooled once it does");
         }
@@ -314,12 +357,10 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         shared.peer = peer;
         let adopted = pool_manager::handover::adopt(&shared, idle, clients);
         let shared = Arc::new(shared);
-        let mut metrics_task = None;
-        if let Some(addr) = metrics_addr {
-            let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;
-            info!(%addr, "metrics at http://{addr}/metrics");
-            metrics_task = Some(tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone())));
-        }
+        let metrics_task = metrics_listener.map(|l| {
+            shared.metrics_fd.store(l.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone()))
+        });
         tokio::spawn(cancel_on_signal(cancel.clone()));
         // On a worker thread, not in `block_on`: a listener event then accepts and starts the
         // client's task where it was seen, with no hop through the main thread.

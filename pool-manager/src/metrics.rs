@@ -1,5 +1,9 @@
 //! Prometheus metrics: process-wide counters (atomics, bumped on the hand-out path without
-//! locks) plus per-pool gauges read from the pool table when `/metrics` is scraped.
+//! locks) plus gauges read from the pool table when `/metrics` is scraped.
+//!
+//! Which tenant connects where is tenant data: by default the pool gauges are sums over all
+//! pools, and series labelled with a destination, uid or cgroup appear only with
+//! `metrics_tenant_labels = true` (for an endpoint only the operator can reach).
 
 use crate::server::Shared;
 use crate::sock::{self, Discard};
@@ -48,6 +52,8 @@ pub struct Metrics {
     pub prefetch_taken: AtomicU64,
     /// Offers never used, back in their pools.
     pub prefetch_returned: AtomicU64,
+    /// Take-overs that failed before the successor's commit (this daemon served on).
+    pub takeovers_failed: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_ns: AtomicU64,
 }
@@ -130,12 +136,18 @@ pub fn render(shared: &Shared) -> String {
         let _ = writeln!(o, "warmpool_peer_link_setup_seconds_count {}", c(&p.direct) + c(&p.relayed));
         let _ = writeln!(o, "# TYPE warmpool_peer_handouts_total counter");
         let _ = writeln!(o, "warmpool_peer_handouts_total {}", c(&p.handouts));
+        let _ = writeln!(o, "# HELP warmpool_peer_denied_total Link requests refused: the caller is not admitted by [peer] allow_uids / allow_cgroups.");
+        let _ = writeln!(o, "# TYPE warmpool_peer_denied_total counter");
+        let _ = writeln!(o, "warmpool_peer_denied_total {}", c(&p.denied));
         let _ = writeln!(o, "# TYPE warmpool_peer_rendezvous_connected gauge");
         let _ = writeln!(o, "warmpool_peer_rendezvous_connected {}", u8::from(agent.connected()));
     }
     let _ = writeln!(o, "# HELP warmpool_prewarmed_pools_total Pools created because the kernel's connect hooks showed demand.");
     let _ = writeln!(o, "# TYPE warmpool_prewarmed_pools_total counter");
     let _ = writeln!(o, "warmpool_prewarmed_pools_total {}", c(&m.prewarmed));
+    let _ = writeln!(o, "# HELP warmpool_takeovers_failed_total Take-overs that failed before the successor's commit; this daemon served on.");
+    let _ = writeln!(o, "# TYPE warmpool_takeovers_failed_total counter");
+    let _ = writeln!(o, "warmpool_takeovers_failed_total {}", c(&m.takeovers_failed));
     let _ = writeln!(o, "# TYPE warmpool_clients_total counter");
     let _ = writeln!(o, "warmpool_clients_total {}", c(&m.clients));
     let _ = writeln!(o, "# HELP warmpool_handout_latency_seconds Daemon-side time from request to reply with a socket.");
@@ -150,6 +162,17 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "warmpool_handout_latency_seconds_sum {}", c(&m.latency_sum_ns) as f64 / 1e9);
     let _ = writeln!(o, "warmpool_handout_latency_seconds_count {cum}");
 
+    if shared.config.metrics_tenant_labels {
+        tenant_lines(&mut o, shared);
+    } else {
+        aggregate_lines(&mut o, shared);
+    }
+    o
+}
+
+/// Pools and kernel-assist data with per-tenant labels (destination, uid, cgroup): only with
+/// `metrics_tenant_labels = true`, for an endpoint only the operator can reach.
+fn tenant_lines(o: &mut String, shared: &Shared) {
     let _ = writeln!(o, "# HELP warmpool_pool_sockets Sockets per pool and state.");
     let _ = writeln!(o, "# TYPE warmpool_pool_sockets gauge");
     let mut cwnd_lines = String::new();
@@ -174,9 +197,7 @@ pub fn render(shared: &Shared) -> String {
             }
         }
     }
-    let _ = writeln!(o, "# HELP warmpool_kernel_assist 1 when the eBPF kernel assist is attached.");
-    let _ = writeln!(o, "# TYPE warmpool_kernel_assist gauge");
-    let _ = writeln!(o, "warmpool_kernel_assist {}", u8::from(shared.assist.is_some()));
+    kernel_assist_line(o, shared);
     let _ = writeln!(o, "# HELP warmpool_learned_cwnd Congestion window (segments) connections to a destination converged to (kernel assist).");
     let _ = writeln!(o, "# TYPE warmpool_learned_cwnd gauge");
     let learned = shared.learned();
@@ -199,7 +220,46 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "# HELP warmpool_pooled_socket_cwnd Congestion window (segments) of each idle pooled socket, from TCP_INFO.");
     let _ = writeln!(o, "# TYPE warmpool_pooled_socket_cwnd gauge");
     o.push_str(&cwnd_lines);
-    o
+}
+
+/// The default: the same data summed over tenants and destinations, so that whoever can
+/// reach the endpoint learns nothing about which tenant connects where (`status` shows a
+/// caller its own pools only; `/metrics` has no caller to ask).
+fn aggregate_lines(o: &mut String, shared: &Shared) {
+    let (mut pools_by_policy, mut states) = ([0usize; 2], [0usize; 4]);
+    {
+        let pools = shared.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for pool in pools.values() {
+            pools_by_policy[usize::from(pool.settings.policy == crate::config::Policy::Reuse)] += 1;
+            let (idle, quar, leased, connecting) = pool.counts();
+            for (t, n) in states.iter_mut().zip([idle, quar, leased, connecting]) {
+                *t += n;
+            }
+        }
+    }
+    let _ = writeln!(o, "# HELP warmpool_pools Pools (one per tenant and destination), by policy; per-pool series need metrics_tenant_labels = true.");
+    let _ = writeln!(o, "# TYPE warmpool_pools gauge");
+    for (policy, n) in ["warm", "reuse"].iter().zip(pools_by_policy) {
+        let _ = writeln!(o, "warmpool_pools{{policy=\"{policy}\"}} {n}");
+    }
+    let _ = writeln!(o, "# HELP warmpool_pool_sockets Sockets of all pools, by state.");
+    let _ = writeln!(o, "# TYPE warmpool_pool_sockets gauge");
+    for (state, n) in ["idle", "quarantine", "leased", "connecting"].iter().zip(states) {
+        let _ = writeln!(o, "warmpool_pool_sockets{{state=\"{state}\"}} {n}");
+    }
+    kernel_assist_line(o, shared);
+    let _ = writeln!(o, "# HELP warmpool_learned_destinations Destinations the kernel assist learned a window for.");
+    let _ = writeln!(o, "# TYPE warmpool_learned_destinations gauge");
+    let _ = writeln!(o, "warmpool_learned_destinations {}", shared.learned().len());
+    let _ = writeln!(o, "# HELP warmpool_demand_connects TCP connects seen by the kernel's connect hooks, all tenants and destinations.");
+    let _ = writeln!(o, "# TYPE warmpool_demand_connects gauge");
+    let _ = writeln!(o, "warmpool_demand_connects {}", shared.demand().iter().map(|d| d.3).sum::<u64>());
+}
+
+fn kernel_assist_line(o: &mut String, shared: &Shared) {
+    let _ = writeln!(o, "# HELP warmpool_kernel_assist 1 when the eBPF kernel assist is attached.");
+    let _ = writeln!(o, "# TYPE warmpool_kernel_assist gauge");
+    let _ = writeln!(o, "warmpool_kernel_assist {}", u8::from(shared.assist.is_some()));
 }
 
 /// Serve `/metrics` (and `/ready`) on `listener` until cancelled. A deliberately tiny

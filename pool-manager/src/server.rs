@@ -72,14 +72,20 @@ pub struct Shared {
     pub assist: Option<Mutex<shim_user::assist::KernelAssist>>,
     /// Peer links, when `[peer]` is configured.
     pub peer: Option<Arc<crate::peer::agent::Agent>>,
-    /// Fired when a successor takes over: client tasks hand their connections over.
-    pub(crate) handover: CancellationToken,
+    /// Fired when a successor takes over: client tasks hand their connections over. A new
+    /// token replaces it when a take-over fails (see [`Shared::handover_token`]).
+    pub(crate) handover: Mutex<CancellationToken>,
+    /// A take-over is in progress (a second successor is refused meanwhile).
+    pub(crate) taking_over: std::sync::atomic::AtomicBool,
     /// Client connections (with their leases) collected for the successor.
     pub(crate) handed: Mutex<Vec<crate::handover::HandedClient>>,
     /// Client tasks alive.
     pub(crate) active_clients: AtomicUsize,
     /// The listening socket's fd number while `run` holds it.
     pub(crate) listener_fd: std::sync::atomic::AtomicI32,
+    /// The metrics endpoint's listening socket, handed to a successor with the rest (-1:
+    /// none).
+    pub metrics_fd: std::sync::atomic::AtomicI32,
     /// Set once everything went to a successor: the socket file now belongs to it.
     pub handed_over: std::sync::atomic::AtomicBool,
     pub(crate) handover_done: tokio::sync::Notify,
@@ -101,10 +107,12 @@ impl Shared {
             daemon_uid: unsafe { libc::geteuid() },
             assist: None,
             peer: None,
-            handover: CancellationToken::new(),
+            handover: Mutex::new(CancellationToken::new()),
+            taking_over: std::sync::atomic::AtomicBool::new(false),
             handed: Mutex::new(Vec::new()),
             active_clients: AtomicUsize::new(0),
             listener_fd: std::sync::atomic::AtomicI32::new(-1),
+            metrics_fd: std::sync::atomic::AtomicI32::new(-1),
             handed_over: std::sync::atomic::AtomicBool::new(false),
             handover_done: tokio::sync::Notify::new(),
             resolved: std::sync::RwLock::new(HashMap::new()),
@@ -140,6 +148,11 @@ impl Shared {
         let mut v: Vec<_> = a.learned().into_iter().map(|(d, w)| (d, w.cwnd, w.srtt_us, w.samples)).collect();
         v.sort();
         v
+    }
+
+    /// The current take-over signal (a client task takes it when it starts).
+    pub(crate) fn handover_token(&self) -> CancellationToken {
+        self.handover.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// Lease ids continue above those a predecessor handed out.
@@ -280,26 +293,64 @@ pub async fn run_with(
     // SAFETY: AsyncFd owns the OwnedFd, so the fd stays open exactly as long as it is registered.
     let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut tasks = JoinSet::new();
-    for h in adopted {
-        shared.active_clients.fetch_add(1, Ordering::Relaxed);
-        let leases: HashMap<u64, Lease> = h.leases.into_iter().collect();
-        // Judge the client by this daemon's configuration (it may differ from the
-        // predecessor's); the tenant stays the one its leases were made for.
-        let refusal = match identify(&shared, &h.conn) {
-            Ok((_, refusal)) => refusal,
-            Err(_) => shared.config.admits(h.peer.tenant.uid, &h.peer.tenant.cgroup).err(),
-        };
-        tasks.spawn(client_with(shared.clone(), h.conn, Ok((h.peer, refusal)), leases, cancel.clone()));
-    }
+    serve_handed(&shared, &mut tasks, adopted, &cancel);
     tasks.spawn(maintain(shared.clone(), cancel.clone()));
     tasks.spawn(resolver(shared.clone(), cancel.clone()));
     if let Some(agent) = &shared.peer {
         tasks.spawn(crate::peer::agent::run(agent.clone(), cancel.clone()));
     }
     loop {
-        let mut guard = tokio::select! {
+        accept_until(&listener, &shared, &mut tasks, &cancel).await?;
+        if cancel.is_cancelled() {
+            break;
+        }
+        // A successor is taking over: wait until it committed (stop) or failed (serve on).
+        tokio::select! {
+            () = shared.handover_done.notified() => {}
             () = cancel.cancelled() => break,
-            () = shared.handover.cancelled() => break,
+        }
+        if shared.handed_over.load(Ordering::Relaxed) {
+            break;
+        }
+        let back = std::mem::take(&mut *shared.handed.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        info!(clients = back.len(), "serving on after the failed take-over");
+        serve_handed(&shared, &mut tasks, back, &cancel);
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let mut pools = shared.lock();
+    let mut n = 0;
+    for pool in pools.values_mut() {
+        n += pool.drain().len();
+    }
+    pools.clear();
+    info!(closed = n, "pool manager stopped; pooled sockets closed");
+    Ok(())
+}
+
+/// Serve client connections (with their leases) taken over from a predecessor, or back from
+/// a take-over that failed.
+fn serve_handed(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, handed: Vec<crate::handover::HandedClient>, cancel: &CancellationToken) {
+    for h in handed {
+        shared.active_clients.fetch_add(1, Ordering::Relaxed);
+        let leases: HashMap<u64, Lease> = h.leases.into_iter().collect();
+        // Judge the client by this daemon's configuration (it may differ from the
+        // predecessor's); the tenant stays the one its leases were made for.
+        let refusal = match identify(shared, &h.conn) {
+            Ok((_, refusal)) => refusal,
+            Err(_) => shared.config.admits(h.peer.tenant.uid, &h.peer.tenant.cgroup).err(),
+        };
+        tasks.spawn(client_with(shared.clone(), h.conn, Ok((h.peer, refusal)), leases, cancel.clone()));
+    }
+}
+
+/// Accept client connections until `cancel` fires or a successor takes over.
+async fn accept_until(listener: &AsyncFd<OwnedFd>, shared: &Arc<Shared>, tasks: &mut JoinSet<()>, cancel: &CancellationToken) -> std::io::Result<()> {
+    let handover = shared.handover_token();
+    loop {
+        let mut guard = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = handover.cancelled() => return Ok(()),
             g = listener.readable() => g?,
         };
         let accepted = guard.try_io(|l| {
@@ -327,23 +378,6 @@ pub async fn run_with(
         // Reap finished client tasks so the set does not grow with every client ever seen.
         while tasks.try_join_next().is_some() {}
     }
-    if shared.handover.is_cancelled() && !cancel.is_cancelled() {
-        // The successor's task is sending everything; stop once it is done (or gave up).
-        tokio::select! {
-            () = shared.handover_done.notified() => {}
-            () = cancel.cancelled() => {}
-        }
-    }
-    cancel.cancel();
-    while tasks.join_next().await.is_some() {}
-    let mut pools = shared.lock();
-    let mut n = 0;
-    for pool in pools.values_mut() {
-        n += pool.drain().len();
-    }
-    pools.clear();
-    info!(closed = n, "pool manager stopped; pooled sockets closed");
-    Ok(())
 }
 
 /// A socket handed out, as the daemon remembers it.
@@ -411,7 +445,8 @@ async fn client_with(
     // Made once: a fresh `cancelled()` future per request would register a waiter with the
     // token (a lock) every time round.
     let stop = cancel.cancelled();
-    let handover = shared.handover.cancelled();
+    let handover_token = shared.handover_token();
+    let handover = handover_token.cancelled();
     tokio::pin!(stop, handover);
     // A new client has usually sent its first request already (the shim's `Prefetch` right
     // after connecting): read it now rather than after the reactor's next turn reports the
@@ -590,6 +625,9 @@ async fn handle(
     match msg {
         Msg::Acquire(d) if shared.peer.as_ref().is_some_and(|a| is_virtual(a, d.socket_addr())) => {
             let agent = shared.peer.as_ref().expect("checked");
+            if let Some(refusal) = peer_refusal(agent, &peer.tenant, conn, seq).await {
+                return Some(refusal);
+            }
             let dest = d.socket_addr();
             let v4 = match dest.ip() {
                 std::net::IpAddr::V4(v4) => v4,
@@ -604,6 +642,9 @@ async fn handle(
             let Some(agent) = &shared.peer else {
                 return Some(Reply::error(seq, ErrorCode::Denied, "this pool manager has no [peer] configuration".into()));
             };
+            if let Some(refusal) = peer_refusal(agent, &peer.tenant, conn, seq).await {
+                return Some(refusal);
+            }
             let name = match crate::peer::PeerName::parse(name) {
                 Ok(n) => n,
                 Err(e) => return Some(Reply::error(seq, ErrorCode::Malformed, e)),
@@ -657,12 +698,26 @@ async fn handle(
         | Msg::Miss { .. }
         | Msg::StatusReply(_)
         | Msg::Error { .. }
-        | Msg::Handover { .. }
+        | Msg::Handover(_)
         | Msg::Takeover => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
             Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))
         }
     }
+}
+
+/// The refusal for a tenant that `[peer]` does not admit (counted), checked before anything
+/// else about the request, so that a refused caller learns nothing of the job's members. It
+/// follows a `Miss(Pending)`, as for a link that could not be made: the shim then fails the
+/// program's `connect()` with `ECONNREFUSED` rather than letting it go out to a virtual
+/// address, which stands for a peer and is nobody's real address.
+async fn peer_refusal(agent: &crate::peer::agent::Agent, tenant: &Tenant, conn: &AsyncFd<OwnedFd>, seq: u32) -> Option<Reply> {
+    let why = agent.settings.admission.admits(&agent.settings.me.job, tenant.uid, &tenant.cgroup).err()?;
+    agent.metrics.denied.fetch_add(1, Ordering::Relaxed);
+    debug!(uid = tenant.uid, cgroup = %tenant.cgroup, reason = %why, "peer link refused");
+    // (If this send fails, the connection is gone and the reply below goes nowhere either.)
+    let _ = send_reply(conn, Reply::miss(seq, MissReason::Pending, 0)).await;
+    Some(Reply::error(seq, ErrorCode::Denied, why))
 }
 
 fn is_virtual(agent: &crate::peer::agent::Agent, dest: SocketAddr) -> bool {

@@ -129,7 +129,12 @@ fn the_daemonset_agrees_with_itself_and_the_binary() {
     // The readiness probe asks the metrics endpoint the daemon serves.
     let probe = one("probe");
     assert_eq!(probe[0], "/ready");
-    assert_eq!(after("--metrics").rsplit(':').next(), Some(probe[1].as_str()), "probe port vs --metrics");
+    let metrics_addr: std::net::SocketAddr = after("--metrics").parse().expect("--metrics ADDR:PORT");
+    assert_eq!(metrics_addr.port().to_string(), probe[1], "probe port vs --metrics");
+    // /metrics stays on the node (hostNetwork: 0.0.0.0 would publish it on every node
+    // address), and the probe asks where it listens (without a host, the pod's IP).
+    assert!(metrics_addr.ip().is_loopback(), "--metrics {metrics_addr} is not loopback");
+    assert_eq!(probe[2], metrics_addr.ip().to_string(), "probe host vs --metrics");
     // The function pod finds the socket and the library where the pool manager puts them.
     let env = |name: &str| all("fn_env").into_iter().find(|v| v[0] == name).map(|v| v[1].clone()).unwrap_or_else(|| panic!("{name}"));
     let host_of = |container_path: &str| -> String {

@@ -283,6 +283,54 @@ fn wrong_secret_gets_nothing() {
     }
 }
 
+/// Ready links on `host`, from its status table.
+fn ready_links(job: &Job, host: usize) -> usize {
+    job.status(host).lines().filter(|l| l.starts_with("job/")).map(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0)).sum()
+}
+
+/// Case 10: a uid that cannot read the job secret (0600, root's) reaches the daemon's
+/// socket (0666) and connect()s to a peer's virtual address: it gets no link (its connect()
+/// is refused), the prewarmed links stay for the job's own functions, the refusal is
+/// counted, and a function of the secret's owner still gets its link.
+#[test]
+fn peer_links_only_for_admitted_tenants() {
+    if !(preconditions("peer_links_only_for_admitted_tenants") && require_tool("setpriv")) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let prewarm = format!("prewarm = [\"job/b:{CHANNEL}\"]\nprewarm_links = 2");
+    let job = Job::start(Mapping::Independent, Mapping::Independent, [&prewarm, ""], [SECRET, SECRET]);
+    for n in ["a", "b", "rdv"] {
+        std::fs::set_permissions(job.dir.join(format!("{n}.secret")), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    job.wait_registered(2.0);
+    assert!(wait_until(Duration::from_secs(15), || ready_links(&job, 1) == 2), "two links ready on a\n{}\n{}", job.status(1), job.logs());
+    // What uid 65534 runs must be readable by it: copies in the job's (0755) directory.
+    let (script, preload) = (job.dir.join("peer_xfer.py"), job.dir.join("libwarmpool_preload.so"));
+    std::fs::copy(client_script("peer_xfer.py"), &script).unwrap();
+    std::fs::copy(preload_path(), &preload).unwrap();
+    let nobody = job.topo.command(job.topo.host_ns(1), tool_path("setpriv"));
+    let mut cmd = nobody;
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups", SYSTEM_PYTHON])
+        .arg(&script)
+        .args(["send", &format!("{}:{CHANNEL}", job.virtual_addr("job/b")), "1000"])
+        .env("LD_PRELOAD", &preload)
+        .env("WARMPOOL_SOCKET", job.socket(1))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let denied = finish(cmd.spawn().expect("spawn"), Duration::from_secs(20));
+    let e = denied.expect_err("uid 65534 must get no link of the job");
+    // Refused after `Miss(Pending)`: the shim fails the connect() at once (a virtual address
+    // is nobody's real address, so the program's own connect never runs).
+    assert!(e.contains("Connection refused"), "{e}");
+    assert_eq!(job.daemon_metric(1, "warmpool_peer_denied_total"), 1.0, "{}", job.logs());
+    assert_eq!(job.daemon_metric(1, "warmpool_peer_handouts_total"), 0.0);
+    assert_eq!(ready_links(&job, 1), 2, "the prewarmed links are still there for the job");
+    // The job's own function (root, the secret's owner) gets its link.
+    exchange(&job, 1024 * 1024, false);
+    assert_eq!(job.daemon_metric(1, "warmpool_peer_denied_total"), 1.0);
+}
+
 #[test]
 fn prewarmed_links_survive_a_rendezvous_restart() {
     if !preconditions("prewarmed_links_survive_a_rendezvous_restart") {
@@ -291,9 +339,7 @@ fn prewarmed_links_survive_a_rendezvous_restart() {
     let prewarm = format!("prewarm = [\"job/b:{CHANNEL}\"]\nprewarm_links = 2");
     let mut job = Job::start(Mapping::Independent, Mapping::Independent, [&prewarm, ""], [SECRET, SECRET]);
     job.wait_registered(2.0);
-    let ready = |job: &Job, host: usize| -> usize {
-        job.status(host).lines().filter(|l| l.starts_with("job/")).map(|l| l.split_whitespace().nth(3).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0)).sum()
-    };
+    let ready = ready_links;
     assert!(
         wait_until(Duration::from_secs(15), || ready(&job, 1) == 2 && ready(&job, 2) == 2),
         "two direct links ready on both sides\n{}\n{}\n{}",

@@ -36,9 +36,10 @@
 //!   `Disposition::Unused` (at exit or `execve`). An offer whose process dies without either
 //!   is closed, never pooled again (the process may have passed it on).
 //! * `Takeover` (8 bytes): sent by a successor pool manager (same uid as the running one, or
-//!   root) on its own connection: the running daemon stops, and answers with `Handover`
-//!   messages carrying its listening socket, its pooled sockets, its client connections and
-//!   their leases, then `Handover(Done)`, and exits.
+//!   root) on its own connection: the running daemon stops accepting, and answers with
+//!   `Handover` records carrying its listening socket, its metrics listener, its pooled
+//!   sockets, its client connections and their leases, then `Done`; it exits once the
+//!   successor sends `Commit`, and serves on if it does not (see [`handover`]).
 //!
 //! Replies (daemon → client):
 //!
@@ -56,8 +57,9 @@
 //! * `StatusReply` (8 bytes + UTF-8 text): one pool per line, tab-separated columns.
 //! * `Error` (10 bytes + UTF-8 text): `code: u16` ([`ErrorCode`]) and a human-readable reason.
 //!   The client treats it as a miss.
-//! * `Handover` (9 bytes + UTF-8 text, one fd except for `Done`): `item: u8`
-//!   ([`HandoverItem`]) and tab-separated metadata (see the pool manager's `handover` module).
+//! * `Handover` (kind `0x86`; 9 bytes or more, an fd with some): one binary hand-over
+//!   [`handover::Record`], in both directions between a daemon and its successor (see
+//!   [`handover`]). Kind `0x84` (the retired text form) is not decoded.
 //!
 //! A receiver closes any fd attached to a message that must not carry one, and treats a
 //! truncated control message (`MSG_CTRUNC`) as an error. Any message shorter than its kind
@@ -65,8 +67,11 @@
 
 #![warn(missing_docs)]
 
+pub mod handover;
 pub mod rdv;
 pub mod unix;
+
+pub use handover::Record;
 
 /// Protocol version spoken by this crate.
 pub const VERSION: u8 = 1;
@@ -103,8 +108,8 @@ pub enum Kind {
     Miss = 0x82,
     /// The pool table.
     StatusReply = 0x83,
-    /// One item of a hand-over to a successor.
-    Handover = 0x84,
+    /// One record of a hand-over to a successor (binary; `0x84` was the retired text form).
+    Handover = 0x86,
     /// A socket offered ahead of demand; a destination is attached.
     Offer = 0x85,
     /// The request was refused.
@@ -122,7 +127,7 @@ impl Kind {
             6 => Self::Takeover,
             7 => Self::Prefetch,
             0x85 => Self::Offer,
-            0x84 => Self::Handover,
+            0x86 => Self::Handover,
             0x81 => Self::Grant,
             0x82 => Self::Miss,
             0x83 => Self::StatusReply,
@@ -168,22 +173,6 @@ pub enum MissReason {
     AtLimit = 3,
     /// Not final: the socket is being made; the answer follows within `retry_after_ms`.
     Pending = 4,
-}
-
-/// What a `Handover` message carries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum HandoverItem {
-    /// The end of the hand-over (no fd).
-    Done = 0,
-    /// The listening socket.
-    Listener = 1,
-    /// An idle pooled socket.
-    Idle = 2,
-    /// A client connection (a function's link to the daemon).
-    Client = 3,
-    /// A leased socket of the client handed over last.
-    Lease = 4,
 }
 
 /// Error codes carried by `Error`.
@@ -310,13 +299,8 @@ pub enum Msg<'a> {
         /// Where the attached socket is connected to (as a program would ask for it).
         dest: Dest,
     },
-    /// See the module docs.
-    Handover {
-        /// What the attached fd is.
-        item: HandoverItem,
-        /// Its metadata.
-        text: &'a str,
-    },
+    /// See the module docs and [`handover`].
+    Handover(Record<'a>),
     /// See the module docs.
     Error {
         /// What kind of refusal.
@@ -377,8 +361,9 @@ pub const OFFER_LEN: usize = 41;
 /// Encode `msg` into `buf`, returning the length written. Text bodies are cut to fit.
 ///
 /// # Panics
-/// If `buf` is shorter than 32 bytes (every fixed-size message but `Offer` fits in 32), or
-/// shorter than [`OFFER_LEN`] for an `Offer`.
+/// If `buf` is shorter than 32 bytes (every fixed-size message but `Offer` fits in 32),
+/// shorter than [`OFFER_LEN`] for an `Offer`, or shorter than [`HEADER_LEN`] plus
+/// [`Record::len`] for a `Handover` (at most about 4.2 KB: see [`handover::MAX_CGROUP`]).
 pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
     assert!(buf.len() >= 32, "encode buffer must hold at least 32 bytes");
     match *msg {
@@ -417,10 +402,9 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
             put_dest_rest(&dest, &mut buf[19..OFFER_LEN]);
             OFFER_LEN
         }
-        Msg::Handover { item, text } => {
+        Msg::Handover(r) => {
             header(buf, Kind::Handover, seq);
-            buf[8] = item as u8;
-            9 + copy_text(text, &mut buf[9..])
+            HEADER_LEN + r.write(&mut buf[HEADER_LEN..])
         }
         Msg::AcquirePeer { port, name } => {
             header(buf, Kind::AcquirePeer, seq);
@@ -463,14 +447,14 @@ fn copy_text(text: &str, out: &mut [u8]) -> usize {
 }
 
 /// A destination's port, address and scope id (22 bytes), as `Acquire` and `Offer` carry them.
-fn put_dest_rest(d: &Dest, out: &mut [u8]) {
+pub(crate) fn put_dest_rest(d: &Dest, out: &mut [u8]) {
     out[0..2].copy_from_slice(&d.port.to_le_bytes());
     out[2..18].copy_from_slice(&d.addr);
     out[18..22].copy_from_slice(&d.scope_id.to_le_bytes());
 }
 
 /// The inverse of [`put_dest_rest`], with the domain byte (4 or 6) beside it.
-fn dest_from(domain: u8, rest: &[u8]) -> Result<Dest, DecodeError> {
+pub(crate) fn dest_from(domain: u8, rest: &[u8]) -> Result<Dest, DecodeError> {
     if domain != 4 && domain != 6 {
         return Err(DecodeError::BadField);
     }
@@ -549,18 +533,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
             let dest = dest_from(buf[18], &buf[19..OFFER_LEN])?;
             Msg::Offer { lease: u64_at(8), source, last, dest }
         }
-        Kind::Handover => {
-            need(9)?;
-            let item = match buf[8] {
-                0 => HandoverItem::Done,
-                1 => HandoverItem::Listener,
-                2 => HandoverItem::Idle,
-                3 => HandoverItem::Client,
-                4 => HandoverItem::Lease,
-                _ => return Err(DecodeError::BadField),
-            };
-            Msg::Handover { item, text: core::str::from_utf8(&buf[9..]).map_err(|_| DecodeError::BadField)? }
-        }
+        Kind::Handover => Msg::Handover(Record::read(&buf[HEADER_LEN..])?),
         Kind::AcquirePeer => {
             need(11)?;
             let name = core::str::from_utf8(&buf[10..]).map_err(|_| DecodeError::BadField)?;
@@ -616,7 +589,6 @@ mod tests {
                             | Msg::AcquirePeer { .. }
                             | Msg::Takeover
                             | Msg::Prefetch
-                            | Msg::Handover { .. }
                     ),
                     "{short:?}"
                 );
@@ -638,8 +610,8 @@ mod tests {
         roundtrip(Msg::Release { lease: 1 << 40, disposition: Disposition::Unused });
         roundtrip(Msg::Offer { lease: 3, source: Source::Warm, last: false, dest: v4 });
         roundtrip(Msg::Offer { lease: u64::MAX, source: Source::Reuse, last: true, dest: v6 });
-        roundtrip(Msg::Handover { item: HandoverItem::Lease, text: "7\t198.18.0.2:80\t5" });
-        roundtrip(Msg::Handover { item: HandoverItem::Done, text: "" });
+        roundtrip(Msg::Handover(Record::Lease { id: 7, dest: v4, age_ms: 5, reuse: true, peer: false, acked: 9, received: 1 }));
+        roundtrip(Msg::Handover(Record::Done { idle: 1, clients: 2, leases: 3 }));
         roundtrip(Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 });
         roundtrip(Msg::Prewarm(v6));
         roundtrip(Msg::Grant { lease: 9, source: Source::Reuse });

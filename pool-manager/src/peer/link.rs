@@ -54,6 +54,9 @@ pub struct LinkMetrics {
     pub setup_us_sum: AtomicU64,
     /// Peer links handed to functions.
     pub handouts: AtomicU64,
+    /// Requests for a link refused because the caller is not admitted (`[peer] allow_uids`,
+    /// `allow_cgroups`).
+    pub denied: AtomicU64,
 }
 
 /// Why a link could not be made.

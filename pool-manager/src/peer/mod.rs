@@ -18,11 +18,13 @@
 //! A function asks by `connect()`ing to the peer's virtual address ([`VirtualRange`]) or by
 //! `warmpool_connect_peer("job/b")` in the preload library; both ends of a link ask for the
 //! same channel (the port). Submodules: [`agent`] (the daemon side), [`link`] (making one
-//! link), [`rendezvous`] (the server).
+//! link), [`rendezvous`] (the server), [`settings`] (`[peer]` in the configuration: who may
+//! have links).
 
 pub mod agent;
 pub mod link;
 pub mod rendezvous;
+pub mod settings;
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;

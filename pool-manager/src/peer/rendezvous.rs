@@ -37,7 +37,15 @@ pub struct RdvMetrics {
     pub relay_bytes: AtomicU64,
     /// Connections that failed authentication.
     pub auth_failures: AtomicU64,
+    /// `Auth` MACs checked (one per connection that got as far as `Auth`, known job or not).
+    pub mac_checks: AtomicU64,
 }
+
+/// A member failed authentication: one answer for an unknown job, a wrong key, a missing
+/// proof and a bad name, so that nobody learns which jobs exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("authentication failed")]
+pub struct AuthFailed;
 
 struct Member {
     id: u64,
@@ -81,6 +89,10 @@ struct State {
 /// The rendezvous server.
 pub struct Server {
     jobs: HashMap<String, Key>,
+    /// Stands in for the key of a job this server does not serve, so that an unknown job
+    /// costs the same MAC check as a known one (random per process: no MAC can match it
+    /// by design, and it is never used for anything else).
+    dummy_key: Key,
     state: Mutex<State>,
     /// Counters.
     pub metrics: RdvMetrics,
@@ -127,7 +139,40 @@ impl Server {
         // Link ids start from the clock so that a restarted server does not reuse the ids
         // of links that managers still hold.
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_micros() as u64);
-        Self { jobs, state: Mutex::new(State::default()), metrics: RdvMetrics::default(), next_link: AtomicU64::new(t), next_member: AtomicU64::new(1) }
+        Self {
+            jobs,
+            dummy_key: nonce(),
+            state: Mutex::new(State::default()),
+            metrics: RdvMetrics::default(),
+            next_link: AtomicU64::new(t),
+            next_member: AtomicU64::new(1),
+        }
+    }
+
+    /// Check a member's `Auth` (`mac_m`, `None` if it sent another frame) for `Hello` parts
+    /// `parts`; the key of its job when it passes.
+    ///
+    /// Known and unknown jobs take the same path: an unknown job is checked against
+    /// `dummy_key`, every condition is evaluated (no short circuit), the comparison is
+    /// constant-time, and every failure is the same [`AuthFailed`]. So neither the answer
+    /// nor the time it takes tells whether a job exists here.
+    ///
+    /// # Errors
+    /// [`AuthFailed`], whatever failed.
+    pub fn authenticate(&self, job: &str, name: &str, parts: &[&[u8]; 6], mac_m: Option<&[u8; wire::rdv::MAC_LEN]>) -> Result<&Key, AuthFailed> {
+        let known = self.jobs.get(job);
+        let key = known.unwrap_or(&self.dummy_key);
+        // A missing Auth is checked against an all-zero tag: the same work, and it fails.
+        let tag = mac_m.copied().unwrap_or([0; wire::rdv::MAC_LEN]);
+        self.metrics.mac_checks.fetch_add(1, Ordering::Relaxed);
+        let mac_ok = verify(key, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]], &tag);
+        let name_ok = super::PeerName::parse(&format!("{job}/{name}")).is_ok();
+        // `&`, not `&&`: every condition is evaluated whatever the others say.
+        if mac_ok & name_ok & mac_m.is_some() & known.is_some() {
+            Ok(key)
+        } else {
+            Err(AuthFailed)
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -153,6 +198,7 @@ impl Server {
             ("warmpool_rendezvous_links_relayed_total", "Links relayed through this server.", "counter", c(&m.links_relayed)),
             ("warmpool_rendezvous_relay_bytes_total", "Bytes relayed, both directions.", "counter", c(&m.relay_bytes)),
             ("warmpool_rendezvous_auth_failures_total", "Connections that failed authentication.", "counter", c(&m.auth_failures)),
+            ("warmpool_rendezvous_mac_checks_total", "Authentication MACs checked, known job or not.", "counter", c(&m.mac_checks)),
         ] {
             let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         }
@@ -225,20 +271,16 @@ impl Server {
         write_frame(&mut s, &Frame::Challenge { nonce: nr }).await.map_err(io)?;
         let auth = timeout(step, read_frame(&mut s)).await.map_err(|_| "no auth".to_string())?.map_err(io)?;
         let (p, l) = ([purpose as u8], link.to_le_bytes());
-        let parts: [&[u8]; 6] = [job.as_bytes(), name.as_bytes(), &p, &l, &nm, &nr];
-        let key = self.jobs.get(&job);
-        let ok = match (&auth, key) {
-            (Frame::Auth { mac: m }, Some(k)) => {
-                verify(k, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]], m) && super::PeerName::parse(&format!("{job}/{name}")).is_ok()
-            }
-            _ => false,
+        let parts = super::link::hello_parts(&job, &name, &p, &l, &nm, &nr);
+        let mac_m = match &auth {
+            Frame::Auth { mac: m } => Some(m),
+            _ => None,
         };
-        let Some(k) = key.filter(|_| ok) else {
-            // The same answer for an unknown job and a wrong key: nobody learns which jobs exist.
+        let Ok(k) = self.authenticate(&job, &name, &parts, mac_m) else {
             self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
             warn!(peer = %observed, "rendezvous authentication failed");
-            let _ = write_frame(&mut s, &Frame::Refused { reason: "authentication failed".into() }).await;
-            return Err("authentication failed".into());
+            let _ = write_frame(&mut s, &Frame::Refused { reason: AuthFailed.to_string() }).await;
+            return Err(AuthFailed.to_string());
         };
         let obs = observed.to_string();
         let mr = mac(k, &[b"r", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], obs.as_bytes()]);
@@ -317,10 +359,7 @@ impl Server {
         let spare = match (mine, theirs) {
             (Some(a), Some(b)) => {
                 let [oa, ob] = orders(link, &rec, (a.observed, a.rtt), (b.observed, b.rtt));
-                rec.sides = [
-                    Some(Side { observed: a.observed, rtt: a.rtt, punch: None }),
-                    Some(Side { observed: b.observed, rtt: b.rtt, punch: None }),
-                ];
+                rec.sides = [Some(Side { observed: a.observed, rtt: a.rtt, punch: None }), Some(Side { observed: b.observed, rtt: b.rtt, punch: None })];
                 rec.punched = true;
                 let _ = a.assign.send((link, 0, oa));
                 let _ = b.assign.send((link, 1, ob));
@@ -377,7 +416,9 @@ impl Server {
         let (ptx, prx) = oneshot::channel();
         {
             let mut st = self.lock();
-            let Some(rec) = st.links.get_mut(&link) else { return Err("link expired".into()) };
+            let Some(rec) = st.links.get_mut(&link) else {
+                return Err("link expired".into());
+            };
             rec.sides[side] = Some(Side { observed, rtt, punch: Some(ptx) });
             if let (Some(a), Some(b)) = (&rec.sides[0], &rec.sides[1]) {
                 if !rec.punched {
@@ -391,7 +432,8 @@ impl Server {
                 }
             }
         }
-        let order = timeout(defaults::RENDEZVOUS_LINK_TTL, prx).await.map_err(|_| "the other end never came".to_string())?.map_err(|_| "link dropped".to_string())?;
+        let order =
+            timeout(defaults::RENDEZVOUS_LINK_TTL, prx).await.map_err(|_| "the other end never came".to_string())?.map_err(|_| "link dropped".to_string())?;
         self.after_order(s, job, link, side, order).await
     }
 
@@ -436,7 +478,9 @@ impl Server {
         let io = |e: std::io::Error| e.to_string();
         write_frame(&mut s, &order).await.map_err(io)?;
         let verdict = timeout(defaults::RENDEZVOUS_LINK_TTL, read_frame(&mut s)).await.map_err(|_| "no verdict".to_string())?.map_err(io)?;
-        let Frame::Verdict { relay } = verdict else { return Err("expected Verdict".into()) };
+        let Frame::Verdict { relay } = verdict else {
+            return Err("expected Verdict".into());
+        };
         if !relay {
             let mut st = self.lock();
             if let Some(rec) = st.links.get_mut(&link) {
@@ -449,7 +493,9 @@ impl Server {
         }
         let other = {
             let mut st = self.lock();
-            let Some(rec) = st.links.get_mut(&link) else { return Err("link expired".into()) };
+            let Some(rec) = st.links.get_mut(&link) else {
+                return Err("link expired".into());
+            };
             match rec.parked.take() {
                 Some((i, other)) if i != side => {
                     st.links.remove(&link);
@@ -492,4 +538,56 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
         bytes.fetch_add(n as u64, Ordering::Relaxed);
     }
     let _ = to.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::Keys;
+
+    fn parts_for<'a>(job: &'a str, name: &'a str, p: &'a [u8; 1], l: &'a [u8; 8], nm: &'a [u8], nr: &'a [u8]) -> [&'a [u8]; 6] {
+        crate::peer::link::hello_parts(job, name, p, l, nm, nr)
+    }
+
+    /// An unknown job costs the same MAC check as a known one and gets the same answer, even
+    /// with a MAC made under the dummy key (structure, not timing: the check runs on both
+    /// paths and every failure is one value).
+    #[test]
+    fn unknown_and_known_jobs_take_the_same_path() {
+        let key = Keys::derive(b"the-job-secret-0123456789").rendezvous;
+        let server = Server::new(HashMap::from([("job".to_owned(), key)]));
+        let (p, l, nm, nr) = ([Purpose::Control as u8], 0u64.to_le_bytes(), [1u8; NONCE_LEN], [2u8; NONCE_LEN]);
+        let mac_for = |k: &Key, job: &str| {
+            let parts = parts_for(job, "a", &p, &l, &nm, &nr);
+            mac(k, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]])
+        };
+        let checks = || server.metrics.mac_checks.load(Ordering::Relaxed);
+        let known = parts_for("job", "a", &p, &l, &nm, &nr);
+        let unknown = parts_for("nojob", "a", &p, &l, &nm, &nr);
+
+        // The right MAC for a known job passes, with that job's key.
+        let good = mac_for(&key, "job");
+        assert_eq!(server.authenticate("job", "a", &known, Some(&good)).copied(), Ok(key));
+        assert_eq!(checks(), 1);
+
+        // Failures, one MAC check each, all the same error.
+        let mut errors = Vec::new();
+        for (job, parts, tag) in [
+            ("job", &known, Some([7u8; 32])),                               // known job, wrong MAC
+            ("nojob", &unknown, Some([7u8; 32])),                           // unknown job
+            ("nojob", &unknown, Some(mac_for(&key, "nojob"))),              // another job's key
+            ("nojob", &unknown, Some(mac_for(&server.dummy_key, "nojob"))), // the dummy key itself
+            ("job", &known, None),                                          // no Auth frame
+        ] {
+            let before = checks();
+            errors.push(server.authenticate(job, "a", parts, tag.as_ref()).map(|_| ()));
+            assert_eq!(checks(), before + 1, "{job}: the MAC was checked");
+        }
+        assert!(errors.iter().all(|e| *e == Err(AuthFailed)), "{errors:?}");
+        assert_eq!(AuthFailed.to_string(), "authentication failed");
+        // A valid MAC on a name that is not a valid peer name fails too (after the check).
+        let bad = parts_for("job", "a b", &p, &l, &nm, &nr);
+        let tag = mac(&key, &[b"m", bad[0], bad[1], bad[2], bad[3], bad[4], bad[5]]);
+        assert_eq!(server.authenticate("job", "a b", &bad, Some(&tag)).map(|_| ()), Err(AuthFailed));
+    }
 }

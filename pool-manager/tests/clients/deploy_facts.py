@@ -3,7 +3,7 @@
 usage: deploy_facts.py DAEMONSET_YAML POOL_TOML_OUT
 Writes the ConfigMap's pool.toml to POOL_TOML_OUT and prints:
   arg <each argument of the pool-manager container>
-  probe <readiness path> <port>
+  probe <readiness path> <port> <host, "-" when absent (the pod's IP)>
   publish <source file> <host directory it lands in>   (postStart copy, through its volume)
   config <host-side name of the volume mounted at /etc/warmpool: configmap NAME>
   run <host directory of the socket volume>
@@ -24,7 +24,7 @@ mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
 for a in c["args"]:
     print("arg", a)
 p = c["readinessProbe"]["httpGet"]
-print("probe", p["path"], p["port"])
+print("probe", p["path"], p["port"], p.get("host", "-"))
 src, dst = c["lifecycle"]["postStart"]["exec"]["command"][1:3]
 dst_dir = dst.rstrip("/")
 print("publish", src, vols[mounts[dst_dir]]["hostPath"]["path"])

@@ -422,6 +422,8 @@ impl Daemon {
             .arg(&socket)
             .arg("--metrics")
             .arg(metrics.to_string())
+            // Tests read per-pool series; their endpoint is theirs alone.
+            .arg("--metrics-tenant-labels")
             .args(args)
             .env("RUST_LOG", "info")
             .env_remove("LD_PRELOAD")
