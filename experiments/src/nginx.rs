@@ -70,7 +70,7 @@ impl Nginx {
     /// request `X-Via: nginx-keepalive`.
     pub(crate) fn start_proxy(dir: &Path, hosts: &Hosts, listen: SocketAddr, upstream: SocketAddr, keepalive: usize) -> Result<Self> {
         let http = format!(
-            " upstream origin {{ server {upstream}; keepalive {keepalive}; }}\n\
+            " access_log off;\n upstream origin {{ server {upstream}; keepalive {keepalive}; }}\n\
              server {{ listen {listen};\n  location / {{ proxy_pass http://origin; proxy_http_version 1.1;\n\
              proxy_set_header Connection \"\"; proxy_set_header X-Via nginx-keepalive; }} }}\n"
         );
@@ -88,7 +88,7 @@ impl Nginx {
         let conf = format!(
             "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\n\
              events {{ worker_connections 4096; }}\n\
-             http {{\n access_log off;\n client_body_temp_path {d}/client_body;\n proxy_temp_path {d}/proxy;\n\
+             http {{\n client_body_temp_path {d}/client_body;\n proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n{http}}}\n"
         );
         let path = dir.join("nginx.conf");

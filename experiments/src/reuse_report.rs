@@ -218,12 +218,12 @@ fn proxies(md: &mut String, run: &Run<'_>) {
 /// The `warm` daemon's misses as a fraction of its hand-out decisions (status columns).
 fn warm_miss_fraction(status: &str) -> Option<f64> {
     let mut lines = status.lines();
-    let header: Vec<&str> = lines.next()?.split('\t').collect();
+    let header: Vec<&str> = lines.next()?.split_whitespace().collect();
     let col = |name: &str| header.iter().position(|h| *h == name);
     let (w, r, m) = (col("WARM")?, col("REUSE")?, col("MISS")?);
     let (mut hits, mut misses) = (0u64, 0u64);
     for l in lines.take_while(|l| !l.is_empty()) {
-        let f: Vec<&str> = l.split('\t').collect();
+        let f: Vec<&str> = l.split_whitespace().collect();
         let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         hits += n(w) + n(r);
         misses += n(m);
@@ -276,8 +276,10 @@ mod tests {
 
     #[test]
     fn warm_misses_are_counted_over_every_pool_row() {
-        let status = "TENANT\tDESTINATION\tPOLICY\tIDLE\tQUAR\tLEASED\tCONNECTING\tWARM\tREUSE\tMISS\tDISCARDED\tCWND\n\
-                      0:\t198.18.0.2:8080\twarm\t1\t0\t0\t0\t90\t0\t10\t0\t10\n\nLEARNED (kernel assist)\tCWND\n1.2.3.4\t10\n";
+        // As `pool-manager status` prints it: columns aligned with spaces.
+        let status = "TENANT  DESTINATION      POLICY      IDLE  QUAR  LEASED  CONNECTING  WARM  REUSE  MISS  DISCARDED  CWND\n\
+                      0:/     198.18.0.2:8080  warm(auto)  1     0     0       0           90    0      10    0          10\n\
+                      \nLEARNED (kernel assist)  CWND\n1.2.3.4  10\n";
         assert_eq!(warm_miss_fraction(status), Some(0.1));
         assert_eq!(warm_miss_fraction("TENANT\tWARM\tREUSE\tMISS\n"), None);
     }
