@@ -34,10 +34,11 @@ declare -A CHECK=(
     [g++]="g++"
     [python3-yaml]=""
     [systemd]="systemd-analyze"
+    [haproxy]="haproxy"
 )
 ORDER=(nginx-light redis-server redis-tools curl python3 busybox-static iproute2 nftables
        util-linux procps ca-certificates build-essential pkg-config librsvg2-bin bpftool
-       python3-venv g++ python3-yaml systemd)
+       python3-venv g++ python3-yaml systemd haproxy)
 
 have_cmd() {
     local c=$1

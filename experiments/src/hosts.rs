@@ -42,6 +42,25 @@ impl Hosts {
         })
     }
 
+    /// A port for a server on the client host (a local proxy): a fixed one in our own
+    /// namespace, any free one on this host's loopback otherwise.
+    pub(crate) fn client_port(&self, fixed: u16) -> anyhow::Result<u16> {
+        Ok(match self {
+            Self::Local(_) => fixed,
+            Self::Loopback | Self::Remote(_) => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+        })
+    }
+
+    /// Run `f` on a thread of this process that is on the client host: processes it spawns
+    /// start there without any step between fork and exec (so `Command` can use
+    /// `posix_spawn`, whose cost does not grow with this process's size).
+    pub(crate) fn on_client<T: Send + 'static>(&self, f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+        match self {
+            Self::Local(t) => t.client.enter(f),
+            Self::Loopback | Self::Remote(_) => f(),
+        }
+    }
+
     /// A command on the client host. Environment variables for the program itself are
     /// passed as `env` arguments so that wrappers (`ip netns exec`) never see them.
     pub(crate) fn client(&self, prog: impl AsRef<OsStr>, env: &[(&str, &OsStr)]) -> Command {
@@ -87,5 +106,18 @@ impl Hosts {
             Self::Remote(ip) => format!("two-node: servers on {ip} (experiments server)"),
             Self::Local(t) => format!("local: two network namespaces, user-space delay line, RTT {:?}", t.rtt),
         }
+    }
+}
+
+/// Make `cmd`'s process end (SIGTERM) when the thread that started it ends, even if this
+/// process is killed without running destructors.
+pub(crate) fn die_with_us(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
     }
 }

@@ -1,8 +1,11 @@
 //! `experiments`: reproduce what the pool buys, on this machine, with real programs.
 //!
 //! - `reuse`: every run is a fresh process (a "function") that connects to a real nginx,
-//!   sends one request, reads the reply and exits, timed from just before `connect()`;
-//!   configurations `baseline`, `dummy-shim`, `warm`, `reuse` run round-robin.
+//!   sends one request, reads the reply and exits, timed inside from just before `connect()`
+//!   and whole by the launcher (spawn to exit); configurations `baseline`, `dummy-shim`,
+//!   `warm`, `reuse`, `prefetch`, `empty-preload`, the local keep-alive proxies
+//!   `nginx-keepalive` and `haproxy`, and `/bin/true` (connects nowhere) without a preload
+//!   library, under the empty one and under the shim run round-robin.
 //! - `fct`: flow completion times on new versus warmed connections, with and without
 //!   competing bulk flows through a bottleneck.
 //!
@@ -14,11 +17,14 @@ mod burst;
 mod delay;
 mod fct;
 mod hosts;
+mod launch;
 mod link;
 mod netns;
 mod nginx;
 mod peers;
+mod proxy;
 mod reuse;
+mod reuse_report;
 mod shuffle;
 mod svg;
 mod topo;
@@ -42,7 +48,11 @@ enum Cmd {
         #[arg(long, default_value_t = 2000)]
         runs: usize,
         /// Configurations, comma-separated.
-        #[arg(long, default_value = "baseline,dummy-shim,warm,reuse,prefetch", value_delimiter = ',')]
+        #[arg(
+            long,
+            default_value = "baseline,dummy-shim,warm,reuse,prefetch,empty-preload,nginx-keepalive,haproxy,true-baseline,true-empty-preload,true-shim",
+            value_delimiter = ','
+        )]
         configs: Vec<reuse::Config>,
         /// Output directory [default: results/reuse/<timestamp>].
         #[arg(long)]
@@ -288,7 +298,9 @@ impl PathArgs {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let halt = match &cli.cmd {
-        Cmd::Reuse { path, .. } | Cmd::Fct { path, .. } | Cmd::Burst { path, .. } | Cmd::Link { path, .. } | Cmd::Shuffle { path, .. } => path.halt_poll_ns,
+        Cmd::Reuse { path, .. } | Cmd::Fct { path, .. } | Cmd::Burst { path, .. } | Cmd::Link { path, .. } | Cmd::Shuffle { path, .. } => {
+            path.halt_poll_ns
+        }
         _ => None,
     };
     let _halt = reuse::HaltPoll::set(halt)?;

@@ -1,9 +1,15 @@
-//! The reuse-latency experiment (see the crate docs).
+//! The reuse-latency experiment (see the crate docs): the server nginx, the three pool
+//! managers, the local proxies and the empty preload library are set up here, the launcher
+//! ([`launch`]) runs the configurations round-robin from the client host, and
+//! [`reuse_report`](crate::reuse_report) writes the summary and charts.
 
 use crate::hosts::Hosts;
+use crate::launch::{self, Invocation};
 use crate::nginx::Nginx;
+use crate::proxy::{self, Haproxy};
+use crate::reuse_report as report;
 use anyhow::{bail, Context, Result};
-use hdrhistogram::Histogram;
+use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -24,25 +30,48 @@ pub(crate) enum Config {
     Reuse,
     /// The reuse pool with prefetch: the socket is offered while the process starts.
     Prefetch,
+    /// An LD_PRELOAD library that does nothing (a C object without constructors): the floor
+    /// of any preload approach.
+    EmptyPreload,
+    /// The function connects to a local nginx that proxies with `upstream { keepalive }`.
+    NginxKeepalive,
+    /// The function connects to a local HAProxy with `http-reuse always`.
+    Haproxy,
+    /// `/bin/true`, a process that connects nowhere, without a preload library.
+    TrueBaseline,
+    /// `/bin/true` under the empty preload library.
+    TrueEmptyPreload,
+    /// `/bin/true` under the shim, linked to the prefetch pool's daemon.
+    TrueShim,
 }
 
 impl Config {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Baseline => "baseline",
             Self::DummyShim => "dummy-shim",
             Self::Warm => "warm",
             Self::Reuse => "reuse",
             Self::Prefetch => "prefetch",
+            Self::EmptyPreload => "empty-preload",
+            Self::NginxKeepalive => "nginx-keepalive",
+            Self::Haproxy => "haproxy",
+            Self::TrueBaseline => "true-baseline",
+            Self::TrueEmptyPreload => "true-empty-preload",
+            Self::TrueShim => "true-shim",
         }
     }
+    /// Whether the function connects (and reports connect → close); the `true-*` ones do not.
+    pub(crate) fn connects(self) -> bool {
+        !matches!(self, Self::TrueBaseline | Self::TrueEmptyPreload | Self::TrueShim)
+    }
     /// Median from the source study (two CloudLab m510 nodes, 10 GbE), µs.
-    fn source_median_us(self) -> Option<f64> {
+    pub(crate) fn source_median_us(self) -> Option<f64> {
         match self {
             Self::Baseline => Some(446.0),
             Self::DummyShim => Some(459.0),
             Self::Reuse => Some(322.0),
-            Self::Warm | Self::Prefetch => None,
+            _ => None,
         }
     }
 }
@@ -203,6 +232,49 @@ pub(crate) fn run(runs: usize, configs: &[Config], out: Option<PathBuf>, hosts: 
     run_in(runs, configs, &out, &work.0, &pool_manager, &preload, hosts)
 }
 
+/// What the configurations' invocations need: programs, addresses, libraries, daemons.
+struct Setup<'a> {
+    exe: PathBuf,
+    dest: SocketAddr,
+    preload: &'a Path,
+    empty: Option<PathBuf>,
+    nginx_proxy: Option<SocketAddr>,
+    haproxy: Option<SocketAddr>,
+    warm: &'a Path,
+    reuse: &'a Path,
+    prefetch: &'a Path,
+}
+
+impl Setup<'_> {
+    fn invocation(&self, c: Config) -> Result<Invocation> {
+        let preload = || ("LD_PRELOAD", self.preload.into());
+        let shim = |socket: &Path| vec![preload(), ("WARMPOOL_SOCKET", socket.into())];
+        let empty = || -> Result<Vec<(&'static str, OsString)>> {
+            Ok(vec![("LD_PRELOAD", self.empty.clone().context("empty preload library not built")?.into())])
+        };
+        let (target, env) = match c {
+            Config::Baseline => (Some(self.dest), vec![]),
+            Config::DummyShim => {
+                (Some(self.dest), vec![preload(), ("WARMPOOL_PASSTHROUGH", "1".into()), ("WARMPOOL_SOCKET", self.warm.into())])
+            }
+            Config::Warm => (Some(self.dest), shim(self.warm)),
+            Config::Reuse => (Some(self.dest), shim(self.reuse)),
+            Config::Prefetch => (Some(self.dest), shim(self.prefetch)),
+            Config::EmptyPreload => (Some(self.dest), empty()?),
+            Config::NginxKeepalive => (Some(self.nginx_proxy.context("nginx proxy not started")?), vec![]),
+            Config::Haproxy => (Some(self.haproxy.context("haproxy not started")?), vec![]),
+            Config::TrueBaseline => (None, vec![]),
+            Config::TrueEmptyPreload => (None, empty()?),
+            Config::TrueShim => (None, shim(self.prefetch)),
+        };
+        let (program, args) = match target {
+            Some(t) => (self.exe.clone(), vec!["function".into(), t.to_string().into()]),
+            None => (PathBuf::from("/bin/true"), vec![]),
+        };
+        Ok(Invocation { name: c.name(), program, args, env, reports: target.is_some() })
+    }
+}
+
 fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager: &Path, preload: &Path, hosts: &Hosts) -> Result<()> {
     let nginx = Nginx::start(&work.join("nginx"), hosts)?;
     let dest = nginx.addr.to_string();
@@ -220,105 +292,46 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     for d in [&warm, &reuse, &prefetch] {
         d.cli(&["prewarm", &dest]).ok();
     }
+    let wants = |c: &[Config]| configs.iter().any(|x| c.contains(x));
+    let nginx_proxy = if wants(&[Config::NginxKeepalive]) { Some(proxy::start_nginx(work, hosts, nginx.addr)?) } else { None };
+    let haproxy = if wants(&[Config::Haproxy]) { Some(Haproxy::start(&work.join("haproxy"), hosts, nginx.addr)?) } else { None };
+    let empty = if wants(&[Config::EmptyPreload, Config::TrueEmptyPreload]) { Some(launch::build_empty_preload(work)?) } else { None };
     std::thread::sleep(Duration::from_millis(200));
-    let exe = std::env::current_exe()?;
-    let invoke = |c: Config| -> Result<(f64, f64)> {
-        let pre = preload.as_os_str();
-        let env: Vec<(&str, &std::ffi::OsStr)> = match c {
-            Config::Baseline => vec![],
-            Config::DummyShim => {
-                vec![("LD_PRELOAD", pre), ("WARMPOOL_PASSTHROUGH", "1".as_ref()), ("WARMPOOL_SOCKET", warm.socket.as_os_str())]
-            }
-            Config::Warm => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", warm.socket.as_os_str())],
-            Config::Reuse => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", reuse.socket.as_os_str())],
-            Config::Prefetch => vec![("LD_PRELOAD", pre), ("WARMPOOL_SOCKET", prefetch.socket.as_os_str())],
-        };
-        let mut cmd = hosts.client(&exe, &env);
-        cmd.arg("function").arg(&dest).env_remove("LD_PRELOAD").env_remove("WARMPOOL_PASSTHROUGH");
-        let o = cmd.output()?;
-        if !o.status.success() {
-            bail!("{} function failed: {}", c.name(), String::from_utf8_lossy(&o.stderr));
-        }
-        let text = String::from_utf8_lossy(&o.stdout);
-        let mut f = text.split_whitespace().map(str::parse::<f64>);
-        match (f.next(), f.next()) {
-            (Some(Ok(total)), Some(Ok(connect))) => Ok((total, connect)),
-            _ => bail!("{} function printed {text:?}", c.name()),
-        }
+    let setup = Setup {
+        exe: std::env::current_exe()?,
+        dest: nginx.addr,
+        preload,
+        empty,
+        nginx_proxy: nginx_proxy.as_ref().map(|n| n.addr),
+        haproxy: haproxy.as_ref().map(|h| h.addr),
+        warm: &warm.socket,
+        reuse: &reuse.socket,
+        prefetch: &prefetch.socket,
     };
-    // Warm-up, not recorded: page cache, nginx, both pools.
-    for _ in 0..10 {
-        for &c in configs {
-            invoke(c)?;
-        }
-    }
-    let mut csv = String::from("config,run,latency_us,connect_us\n");
-    let mut hists: Vec<Histogram<u64>> = configs.iter().map(|_| Histogram::new(3).expect("histogram")).collect();
-    let mut connects = hists.clone();
-    let mut samples: Vec<Vec<f64>> = configs.iter().map(|_| Vec::with_capacity(runs)).collect();
+    let plan = configs.iter().map(|&c| setup.invocation(c)).collect::<Result<Vec<_>>>()?;
     let bar = crate::progress(runs as u64, "reuse runs per configuration");
-    for run in 0..runs {
-        for (i, &c) in configs.iter().enumerate() {
-            let (us, connect_us) = invoke(c)?;
-            let _ = writeln!(csv, "{},{run},{us:.1},{connect_us:.1}", c.name());
-            hists[i].record((us * 10.0) as u64)?;
-            connects[i].record((connect_us * 10.0) as u64)?;
-            samples[i].push(us);
-        }
-        bar.inc(1);
-    }
+    let on_client = bar.clone();
+    // Warm-up rounds, not recorded: page cache, nginx, the pools, the proxies' upstreams.
+    let samples = hosts.on_client(move || launch::rounds(&plan, 10, runs, &on_client))?;
     bar.finish_and_clear();
-    std::fs::write(out.join("reuse.csv"), &csv)?;
-
-    let q = |h: &Histogram<u64>, p: f64| h.value_at_quantile(p) as f64 / 10.0;
-    let base = configs.iter().position(|c| *c == Config::Baseline).map(|i| q(&hists[i], 0.5));
-    let mut md = String::new();
-    let _ = writeln!(md, "# Reuse test: connect → request → reply in a fresh process\n");
-    let _ = writeln!(md, "{runs} runs per configuration, real nginx; path: {}; machine: `{}`.\n", hosts.describe(), machine());
-    let _ = writeln!(md, "| config | median µs | p90 µs | p99 µs | median vs baseline | source study median µs | connect() median µs |");
-    let _ = writeln!(md, "|---|---:|---:|---:|---:|---:|---:|");
-    for (i, c) in configs.iter().enumerate() {
-        let h = &hists[i];
-        let ratio = base.map_or("-".into(), |b| format!("{:.2}x", q(h, 0.5) / b));
-        let src = c.source_median_us().map_or("-".into(), |v| format!("{v:.0}"));
-        let _ = writeln!(
-            md,
-            "| {} | {:.1} | {:.1} | {:.1} | {ratio} | {src} | {:.1} |",
-            c.name(),
-            q(h, 0.5),
-            q(h, 0.9),
-            q(h, 0.99),
-            q(&connects[i], 0.5)
-        );
+    let mut csv = String::from("config,run,latency_us,connect_us,function_us\n");
+    for (c, s) in configs.iter().zip(&samples) {
+        for (run, s) in s.iter().enumerate() {
+            let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.1}"));
+            let _ = writeln!(csv, "{},{run},{},{},{:.1}", c.name(), opt(s.latency_us), opt(s.connect_us), s.function_us);
+        }
     }
-    let _ = writeln!(md, "\nSource study: two CloudLab m510 nodes over 10 GbE (baseline 446 µs, dummy shim 459 µs, reuse 322 µs = 0.72x).");
-    let _ = writeln!(md, "`warm` is the pool manager on its embedded default (first-use warm pools); `reuse` has a reuse pool for the server;");
-    let _ = writeln!(md, "`prefetch` is that reuse pool with `prefetch`: the daemon offers the socket while the process starts, and connect()");
-    let _ = writeln!(md, "takes it without a round trip to the daemon.");
-    let _ = writeln!(md, "On loopback a handshake costs microseconds, so asking the daemon costs more than it saves; the emulated path gives");
-    let _ = writeln!(md, "the handshake its RTT, as on a real network.\n");
-    let series: Vec<crate::svg::Series> =
-        configs.iter().zip(&samples).map(|(c, v)| crate::svg::Series { name: c.name().into(), points: crate::svg::cdf(v) }).collect();
-    let chart = crate::svg::Chart {
-        title: "Reuse test: connect to completion, fresh process per run",
-        x_label: "latency (µs)",
-        y_label: "CDF",
-        x_scale: crate::svg::Scale::Linear,
-        y_scale: crate::svg::Scale::Linear,
-        series: &series,
-    };
-    crate::svg::write(&out.join("reuse_cdf.svg"), &crate::svg::render(&chart))?;
-    let _ = writeln!(md, "![CDF](reuse_cdf.svg)\n");
-    let _ = writeln!(
-        md,
-        "## What the pools did\n\n```\n# embedded default (warm)\n{}\n# reuse pool\n{}\n# reuse pool with prefetch\n{}```",
-        warm.cli(&["status"])?,
-        reuse.cli(&["status"])?,
-        prefetch.cli(&["status"])?
-    );
+    std::fs::write(out.join("reuse.csv"), &csv)?;
+    let status = [
+        ("embedded default (warm)", warm.cli(&["status"])?),
+        ("reuse pool", reuse.cli(&["status"])?),
+        ("reuse pool with prefetch", prefetch.cli(&["status"])?),
+    ];
+    let upstream = nginx.via_log().map(|log| proxy::upstream_use(&log));
+    let md = report::summary(&report::Run { runs, configs, samples: &samples, hosts, status: &status, upstream: upstream.as_ref(), out })?;
     std::fs::write(out.join("summary.md"), &md)?;
     print!("{md}");
-    println!("\nwrote {}/{{reuse.csv,reuse_cdf.svg,reuse_cdf.png,summary.md}}", out.display());
+    println!("\nwrote {}/{{reuse.csv,reuse_cdf.svg,reuse_function_cdf.svg,summary.md}} (and PNGs with rsvg-convert)", out.display());
     Ok(())
 }
 

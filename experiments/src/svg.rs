@@ -34,7 +34,8 @@ const L: f64 = 80.0;
 const R: f64 = 180.0;
 const T: f64 = 40.0;
 const B: f64 = 60.0;
-const COLORS: [&str; 6] = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"];
+const COLORS: [&str; 12] =
+    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf", "#000000", "#aec7e8"];
 
 fn tr(v: f64, s: Scale) -> f64 {
     match s {
@@ -121,7 +122,13 @@ pub(crate) fn render(c: &Chart<'_>) -> String {
     }
     let _ = writeln!(o, r#"<rect x="{L}" y="{T}" width="{}" height="{}" fill="none" stroke="black"/>"#, W - L - R, H - T - B);
     let _ = writeln!(o, r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#, (W - R + L) / 2.0, H - 18.0, c.x_label);
-    let _ = writeln!(o, r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">{}</text>"#, (H - B + T) / 2.0, (H - B + T) / 2.0, c.y_label);
+    let _ = writeln!(
+        o,
+        r#"<text x="18" y="{}" text-anchor="middle" transform="rotate(-90 18 {})">{}</text>"#,
+        (H - B + T) / 2.0,
+        (H - B + T) / 2.0,
+        c.y_label
+    );
     for (i, s) in c.series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         let path: Vec<String> = s.points.iter().map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y))).collect();
@@ -146,7 +153,6 @@ pub(crate) fn cdf(values: &[f64]) -> Vec<(f64, f64)> {
     let n = v.len() as f64;
     v.iter().enumerate().map(|(i, x)| (*x, (i + 1) as f64 / n)).collect()
 }
-
 
 /// Write `svg` to `path` (`.svg`) and, when `rsvg-convert` (Debian's librsvg2-bin) is
 /// installed, a PNG rendering beside it. Returns the files written.

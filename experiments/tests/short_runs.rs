@@ -43,6 +43,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Every configuration of `experiments reuse`, in its default order.
+const REUSE_CONFIGS: [&str; 11] = [
+    "baseline",
+    "dummy-shim",
+    "warm",
+    "reuse",
+    "prefetch",
+    "empty-preload",
+    "nginx-keepalive",
+    "haproxy",
+    "true-baseline",
+    "true-empty-preload",
+    "true-shim",
+];
+
+/// The numbers in the summary's table row that starts with `| name |`.
+fn table_row(summary: &str, name: &str) -> Vec<String> {
+    let row = summary.lines().find(|l| l.starts_with(&format!("| {name} |"))).unwrap_or_else(|| panic!("no row {name} in\n{summary}"));
+    row.split('|').map(|c| c.trim().to_owned()).filter(|c| !c.is_empty()).skip(1).collect()
+}
+
 #[test]
 fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
     if !root_or_skip("reuse_short_run") {
@@ -51,16 +72,38 @@ fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
     let out = out_dir("reuse");
     run(&["reuse", "--runs", "6", "--out", out.to_str().unwrap()]);
     let (header, rows) = csv(&out.join("reuse.csv"));
-    assert_eq!(header, "config,run,latency_us,connect_us");
-    assert_eq!(rows.len(), 30, "6 runs x 5 configurations");
-    for c in ["baseline", "dummy-shim", "warm", "reuse", "prefetch"] {
+    assert_eq!(header, "config,run,latency_us,connect_us,function_us");
+    assert_eq!(rows.len(), 6 * REUSE_CONFIGS.len(), "6 runs x every configuration");
+    for c in REUSE_CONFIGS {
         assert_eq!(rows.iter().filter(|r| r[0] == c).count(), 6, "{c}");
     }
-    assert!(rows.iter().all(|r| r[2].parse::<f64>().unwrap() > 0.0));
-    let svg = std::fs::read_to_string(out.join("reuse_cdf.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 5);
+    for r in &rows {
+        let function: f64 = r[4].parse().unwrap();
+        if r[0].starts_with("true-") {
+            // /bin/true connects nowhere: only the launcher's time.
+            assert!(r[2].is_empty() && r[3].is_empty() && function > 0.0, "{r:?}");
+        } else {
+            // The whole process contains its connect → close, which contains its connect().
+            let (latency, connect): (f64, f64) = (r[2].parse().unwrap(), r[3].parse().unwrap());
+            assert!(function > latency && latency > connect && connect > 0.0, "{r:?}");
+        }
+    }
+    let polylines = |f: &str| std::fs::read_to_string(out.join(f)).unwrap().matches("<polyline").count();
+    assert_eq!(polylines("reuse_cdf.svg"), 8, "connect → close: the configurations that connect");
+    assert_eq!(polylines("reuse_function_cdf.svg"), 11, "whole function: every configuration");
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(summary.contains("| reuse |") && summary.contains("RTT 200µs"), "{summary}");
+    // Both metrics per connecting configuration, /bin/true's against the empty preload library.
+    assert_eq!(table_row(&summary, "prefetch").len(), 10, "{summary}");
+    assert_eq!(table_row(&summary, "true-empty-preload")[3], "1.00x", "{summary}");
+    // The local proxies kept their upstream connections: the server saw each proxy's 16
+    // requests (10 warm-up rounds + 6 runs) on far fewer connections.
+    let upstream = summary.split("## What the proxies did upstream").nth(1).expect("proxies section");
+    for proxy in ["nginx-keepalive", "haproxy"] {
+        let row = table_row(upstream, proxy);
+        let (requests, conns): (u64, u64) = (row[0].parse().unwrap(), row[1].parse().unwrap());
+        assert!(requests == 16 && (1..=3).contains(&conns), "{proxy}: {requests} requests on {conns} connections");
+    }
     // The reuse pool served the reuse runs (status table: REUSE is the 9th column).
     let reuse_block = summary.split("# reuse pool").nth(1).expect("pool status in summary");
     let row = reuse_block.lines().find(|l| l.contains("198.18.0.2")).expect("pool row");
@@ -126,7 +169,7 @@ fn two_node_mode_runs_against_experiments_server_on_another_host() {
     let mut args = vec!["fct", "--reps", "1", "--sizes", "1024", "--congestion", "off", "--out", fct_out.to_str().unwrap()];
     args.extend(common);
     run(&args);
-    assert_eq!(csv(&reuse_out.join("reuse.csv")).1.len(), 15, "3 runs x 5 configurations");
+    assert_eq!(csv(&reuse_out.join("reuse.csv")).1.len(), 3 * REUSE_CONFIGS.len(), "3 runs x every configuration");
     assert_eq!(csv(&fct_out.join("fct.csv")).1.len(), 3, "new, learned, warm");
     let summary = std::fs::read_to_string(reuse_out.join("summary.md")).unwrap();
     assert!(summary.contains("two-node: servers on 127.0.0.1"), "{summary}");
