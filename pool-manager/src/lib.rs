@@ -8,15 +8,20 @@
 //! Modules: [`config`] (TOML, flags, embedded default), [`defaults`] (every limit with its
 //! reason), [`pool`] (the sans-IO pool state machine), [`sock`] (kernel-state checks),
 //! [`tenant`] (who is asking, from the kernel), [`server`] (listener, clients, leases,
-//! maintenance), [`metrics`] and [`status`].
+//! maintenance), the return path's checks ([`holders`]: no other process holds a
+//! given-back socket; [`proof`]: the protocol's end-of-exchange proof; run by the checker
+//! task), [`metrics`] and [`status`].
 
+pub(crate) mod checker;
 pub mod config;
 pub mod defaults;
 pub mod exec;
 pub mod handover;
-pub mod peer;
+pub mod holders;
 pub mod metrics;
+pub mod peer;
 pub mod pool;
+pub mod proof;
 pub mod server;
 pub mod sock;
 pub mod status;

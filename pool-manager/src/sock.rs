@@ -41,11 +41,17 @@ pub enum Discard {
     OverCapacity,
     /// The pool was removed (unused auto pool, shutdown).
     PoolRemoved,
+    /// The end-of-exchange proof got other bytes than its reply (or more).
+    CheckFailed,
+    /// The end-of-exchange proof got no complete reply within `check_timeout`.
+    CheckTimeout,
+    /// Another process still holds the socket (an inherited or passed copy).
+    HeldElsewhere,
 }
 
 impl Discard {
     /// Every reason, for exporting zero counters.
-    pub const ALL: [Self; 15] = [
+    pub const ALL: [Self; 18] = [
         Self::Lifetime,
         Self::IdleTimeout,
         Self::PeerClosed,
@@ -61,6 +67,9 @@ impl Discard {
         Self::ProbeFailed,
         Self::OverCapacity,
         Self::PoolRemoved,
+        Self::CheckFailed,
+        Self::CheckTimeout,
+        Self::HeldElsewhere,
     ];
 
     /// Label value.
@@ -82,6 +91,9 @@ impl Discard {
             Self::ProbeFailed => "probe_failed",
             Self::OverCapacity => "over_capacity",
             Self::PoolRemoved => "pool_removed",
+            Self::CheckFailed => "check_failed",
+            Self::CheckTimeout => "check_timeout",
+            Self::HeldElsewhere => "held_elsewhere",
         }
     }
 }
