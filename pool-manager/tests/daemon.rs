@@ -64,7 +64,7 @@ fn bad_input_gets_a_clear_error_and_harms_nobody() {
         return;
     }
     let nginx = Nginx::start();
-    let d = Daemon::start(&["--pool", &format!("{}=reuse", nginx.addr())]);
+    let d = Daemon::start(&["--pool", &format!("{}=reuse:http", nginx.addr())]);
     let bystander = connect(&d);
     warm_pool(&d, &bystander, nginx.addr(), 1.0);
     let c = connect(&d);
@@ -121,7 +121,7 @@ fn no_fd_leak_after_10000_acquire_give_back_cycles() {
     }
     let nginx = Nginx::start();
     let d = Daemon::with_config(&format!(
-        "[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nmin_idle = 2\nquarantine = \"0ms\"\n",
+        "[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = 2\nquarantine = \"0ms\"\n",
         nginx.addr()
     ));
     let c = connect(&d);
@@ -155,7 +155,7 @@ fn a_lease_that_ends_without_give_back_is_closed_never_reused() {
         return;
     }
     let redis = Redis::start();
-    let d = Daemon::start(&["--pool", &format!("{}=reuse", redis.addr())]);
+    let d = Daemon::start(&["--pool", &format!("{}=reuse:redis", redis.addr())]);
     let c = connect(&d);
     warm_pool(&d, &c, redis.addr(), 1.0);
     let (r, fd) = acquire(&c, redis.addr(), 2);
@@ -228,7 +228,7 @@ fn a_second_daemon_refuses_a_live_socket_and_bad_config_is_a_clear_error() {
     assert!(err.contains("sometimes") && err.contains("bad.toml"), "{err}");
     let out = std::process::Command::new(pool_manager_bin()).args(["serve", "--pool", "nonsense"]).output().unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("HOST:PORT=warm|reuse"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HOST:PORT=reuse:http|redis|unchecked"));
 }
 
 /// A destination written as a host name that does not resolve when the daemon starts is not
@@ -246,7 +246,7 @@ fn a_destination_name_is_pooled_once_it_resolves() {
     let hosts = dir.join("hosts");
     fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
     let cfg = dir.join("pool.toml");
-    fs::write(&cfg, format!("resolve_interval = \"100ms\"\n[[pool]]\ndestination = \"later.warmpool.test:{port}\"\npolicy = \"reuse\"\n")).unwrap();
+    fs::write(&cfg, format!("resolve_interval = \"100ms\"\n[[pool]]\ndestination = \"later.warmpool.test:{port}\"\npolicy = \"reuse\"\nprotocol = \"http\"\n")).unwrap();
     // Names come from that file only: no DNS query leaves the machine while it lacks the name.
     let nss = dir.join("nsswitch.conf");
     fs::write(&nss, "hosts: files\n").unwrap();

@@ -37,7 +37,7 @@ fn idle(d: &Daemon) -> f64 {
 /// A reuse pool with prefetch for `nginx`, filled (prewarmed) before the test starts.
 fn daemon_for(nginx: &Nginx) -> Daemon {
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse+prefetch")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http+prefetch")]);
     let o = Command::new(pool_manager_bin()).args(["prewarm", "--socket"]).arg(&d.socket).arg(&dest).env_remove("LD_PRELOAD").output().expect("prewarm");
     ok_stdout(&o, "pool-manager prewarm");
     assert!(wait_until(Duration::from_secs(5), || idle(&d) >= 1.0), "pool never filled\n{}", d.metrics());

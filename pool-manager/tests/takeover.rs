@@ -53,7 +53,7 @@ fn takeover_keeps_pooled_sockets_and_leases() {
         return;
     }
     let nginx = Nginx::start();
-    let pool = format!("{}=reuse", nginx.addr());
+    let pool = format!("{}=reuse:http", nginx.addr());
     let mut old = Daemon::start(&["--pool", &pool]);
     // Two functions in a row: the pool now holds a socket that has served requests.
     for _ in 0..2 {
