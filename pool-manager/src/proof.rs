@@ -290,23 +290,43 @@ async fn exchange(afd: &AsyncFd<OwnedFd>, request: &[u8], redis: Option<&RedisEx
             Parse::Complete(_) => break,
         }
     }
-    // Then nothing: Redis answers in one go, so a non-blocking look suffices; HTTP waits
+    // Then nothing: Redis answers in one go, so one non-blocking look suffices; HTTP waits
     // out the quiet window (see the module docs).
     let wait = if redis.is_some() { Duration::ZERO } else { quiet };
-    // Either way the peek below decides: readiness only ends the wait early.
-    let _ = tokio::time::timeout(wait, afd.readable()).await;
-    let mut one = [0u8; 1];
-    // SAFETY: peek one byte into our buffer without blocking.
-    let r = unsafe { libc::recv(raw, one.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    match r {
-        0 => Outcome::Closed,
-        n if n > 0 => Outcome::WrongReply,
-        _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock => match crate::sock::idle_check(raw) {
+    let _ = tokio::time::timeout(wait, quiet_until_byte(afd)).await;
+    match peek(raw) {
+        Ok(0) => Outcome::Closed,
+        Ok(_) => Outcome::WrongReply,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match crate::sock::idle_check(raw) {
             Ok(()) => Outcome::Passed,
             Err(Discard::PeerClosed) => Outcome::Closed,
             Err(_) => Outcome::Error,
         },
-        _ => Outcome::Error,
+        Err(_) => Outcome::Error,
+    }
+}
+
+/// Returns once a byte (or EOF, or an error) is waiting; readiness left over from the reply
+/// is cleared first, so this really waits.
+async fn quiet_until_byte(afd: &AsyncFd<OwnedFd>) {
+    loop {
+        let Ok(mut guard) = afd.readable().await else { return };
+        match peek(afd.get_ref().as_raw_fd()) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
+            _ => return,
+        }
+    }
+}
+
+/// Peek one byte without blocking: `Ok(0)` EOF, `Ok(1)` a byte waits.
+fn peek(fd: std::os::fd::RawFd) -> std::io::Result<usize> {
+    let mut one = [0u8; 1];
+    // SAFETY: peek one byte into our buffer without blocking.
+    let r = unsafe { libc::recv(fd, one.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
     }
 }
 

@@ -175,7 +175,7 @@ s.serve_forever()
 "#,
     )
     .unwrap();
-    let mut srv = Command::new("python3").arg(&server).stdout(Stdio::piped()).stdin(Stdio::null()).spawn().expect("python3 server");
+    let mut srv = Command::new("python3").arg(&server).stdout(Stdio::piped()).stderr(Stdio::null()).stdin(Stdio::null()).spawn().expect("python3 server");
     let port = {
         use std::io::BufRead;
         let mut line = String::new();
@@ -201,7 +201,74 @@ s.serve_forever()
     let _ = srv.wait();
     assert!(failure.is_none(), "{}\n{}", failure.unwrap_or_default(), d.metrics());
     assert!(passed >= 1.0, "clean exchanges with the Python server pass the proof\n{}", d.metrics());
-    assert!(d.metric("warmpool_checks_total{protocol=\"http\",outcome=\"timeout\"") + d.metric("warmpool_checks_total{protocol=\"http\",outcome=\"wrong_reply\"") + discarded(&d, "pending_reply") >= n as f64, "{}", d.metrics());
+    let refused = d.metric("warmpool_checks_total{protocol=\"http\",outcome=\"timeout\"")
+        + d.metric("warmpool_checks_total{protocol=\"http\",outcome=\"wrong_reply\"")
+        + discarded(&d, "pending_reply")
+        + discarded(&d, "unsent");
+    assert!(refused + d.metric("warmpool_handouts_total{kind=\"miss\"") >= n as f64, "{}", d.metrics());
+}
+
+/// The proof alone (no kernel heuristics before it), on sockets a test drives into each
+/// state against real servers: what the heuristics can miss, the proof refuses.
+#[test]
+fn the_proof_refuses_unfinished_exchanges_and_resets_sessions() {
+    use pool_manager::proof::{prove, CheckSettings, Outcome, Protocol};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::os::fd::OwnedFd;
+    if !require_tool("nginx") || !require_tool("redis-server") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let check = CheckSettings::default();
+    let run = |s: TcpStream, p: Protocol, host: &str| -> (TcpStream, Outcome) {
+        let (fd, o) = rt.block_on(prove(OwnedFd::from(s), p, &check, host));
+        (TcpStream::from(fd), o)
+    };
+    let nginx = Nginx::start();
+    let host = nginx.addr().to_string();
+    // Clean: passes, and leaves nothing behind (the next request gets its own answer).
+    let mut s = TcpStream::connect(nginx.addr()).unwrap();
+    let (mut s, o) = run(s.try_clone().map(|_| s).unwrap(), Protocol::Http, &host);
+    assert_eq!(o, Outcome::Passed);
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).ends_with("\r\n\r\nhello\n"));
+    // Half-read body still arriving; an abandoned identical HEAD; an abandoned GET.
+    for (what, req) in [
+        ("half-read body", &b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n"[..]),
+        ("abandoned HEAD", b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\n"),
+        ("abandoned GET", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+    ] {
+        let mut s = TcpStream::connect(nginx.addr()).unwrap();
+        s.write_all(req).unwrap();
+        if what == "half-read body" {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = s.read(&mut buf).unwrap();
+        }
+        let (_, o) = run(s, Protocol::Http, &host);
+        assert_eq!(o, Outcome::WrongReply, "{what}");
+    }
+    // Redis: AUTH/SELECT are reset; an abandoned BLPOP's reply comes first: refused.
+    let redis = redis_with_acl();
+    let mut s = TcpStream::connect(redis.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    for cmd in [&["AUTH", "admin", "adminpw"][..], &["SELECT", "5"]] {
+        s.write_all(&resp_encode(cmd)).unwrap();
+        assert_eq!(read_resp_reply(&mut s, Duration::from_secs(2)).unwrap(), "+OK\r\n");
+    }
+    let (mut s, o) = run(s, Protocol::Redis, "");
+    assert_eq!(o, Outcome::Passed);
+    s.write_all(&resp_encode(&["ACL", "WHOAMI"])).unwrap();
+    assert_eq!(read_resp_reply(&mut s, Duration::from_secs(2)).unwrap(), "$7\r\ndefault\r\n");
+    s.write_all(&resp_encode(&["GET", "k"])).unwrap();
+    assert_eq!(read_resp_reply(&mut s, Duration::from_secs(2)).unwrap(), "$9\r\ndb0-value\r\n", "back on db 0");
+    let mut s = TcpStream::connect(redis.addr()).unwrap();
+    s.write_all(&resp_encode(&["BLPOP", "q", "0.2"])).unwrap();
+    let (_, o) = run(s, Protocol::Redis, "");
+    assert_eq!(o, Outcome::WrongReply);
 }
 
 fn compile(src: &str, dir: &TempDir) -> PathBuf {
