@@ -7,7 +7,7 @@
 //! connection task, counted here) → back via *quarantine* (a short wait, held here) →
 //! *checking* (held by the checker, counted here: holders walk and end-of-exchange proof) →
 //! *idle*, or discarded on the way. Sockets in quarantine or under check are not ready: a
-//! request that finds only those is a miss, and refills count them as missing.
+//! request that finds only those is a miss, and after such a miss refills count them as missing.
 
 use crate::config::PoolSettings;
 use crate::sock::Discard;
@@ -284,14 +284,14 @@ impl<S> Pool<S> {
         if self.backoff_until.is_some_and(|t| now < t) {
             return 0;
         }
-        // Sockets in quarantine or under check are not ready: a steady stream of functions
-        // must find an idle one while those are out.
-        let ready = self.idle.len() + self.connecting;
-        let floor = if std::mem::take(&mut self.starved) {
-            // Demand outran the checks: add a socket even where min_idle is 0.
-            self.settings.min_idle.max(1)
+        let (floor, ready) = if std::mem::take(&mut self.starved) {
+            // A request found nothing idle while sockets were in quarantine or under check:
+            // demand outruns the return path, so those count as not ready (and a socket is
+            // added even where min_idle is 0). A steady stream of functions thus grows the
+            // pool until one is always idle, and a trickle does not.
+            (self.settings.min_idle.max(1), self.idle.len() + self.connecting)
         } else {
-            self.settings.min_idle
+            (self.settings.min_idle, self.idle.len() + self.quarantine.len() + self.checking + self.connecting)
         };
         let want = floor.saturating_sub(ready);
         let room = self.settings.max_per_destination.saturating_sub(self.total());
@@ -453,8 +453,9 @@ mod tests {
         assert_eq!(due[0].needs, Needs { holders: true, proof: true });
         assert_eq!((p.checking(), p.total()), (1, 2));
         assert!(matches!(p.take(t1, &mut w.check(), &mut d), Take::Ready(Idle { sock: 8, source: Source::Warm, .. })));
+        assert_eq!(p.start_refill(t1), 0, "no miss yet: the socket under check will be back");
         assert!(matches!(p.take(t1, &mut w.check(), &mut d), Take::Empty), "a socket under check is never handed out");
-        assert_eq!(p.start_refill(t1), 1, "a socket under check counts as not ready");
+        assert_eq!(p.start_refill(t1), 1, "after a miss, a socket under check counts as not ready");
         p.connect_failed(t1);
         // The verdict: passed, so idle and reused.
         let c = due.pop().unwrap();

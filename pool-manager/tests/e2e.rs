@@ -70,6 +70,10 @@ fn curl_50_processes_share_at_most_two_connections_with_reuse() {
     let args = curl_args(&url);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     for i in 0..50 {
+        // Sequential invocations, each after the last one's socket is back from its checks
+        // (holders walk, proof: ~10-20 ms; back-to-back curls make the pool grow to 3).
+        let back = || !d.metrics().lines().any(|l| (l.contains("state=\"checking\"") || l.contains("state=\"quarantine\"")) && !l.ends_with(" 0"));
+        assert!(wait_until(Duration::from_secs(5), back), "{}", d.metrics());
         let out = ok_stdout(&shimmed(&d, "curl", &args), &format!("curl #{i}"));
         assert_eq!(out, "hello\n 200", "curl #{i}");
     }
