@@ -243,7 +243,7 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
         Some(guard)
     };
     let mut cfg = std::fs::File::create(work.0.join("pool.toml"))?;
-    writeln!(cfg, "[[pool]]\ndestination = \"{server}\"\npolicy = \"reuse\"\nmin_idle = 1\nmax_idle = 4\n")?;
+    writeln!(cfg, "[[pool]]\ndestination = \"{server}\"\npolicy = \"reuse\"\nprotocol = \"unchecked\"\nmin_idle = 1\nmax_idle = 4\n")?;
     drop(cfg);
     let daemon = Daemon::start(
         hosts,

@@ -281,12 +281,12 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
     // `warm` runs on the embedded default; `reuse` names the server as a reuse pool.
     let warm = Daemon::start(hosts, pool_manager, work.join("warm.sock"), &[], &work.join("warm.log"))?;
     let reuse =
-        Daemon::start(hosts, pool_manager, work.join("reuse.sock"), &["--pool".into(), format!("{dest}=reuse")], &work.join("reuse.log"))?;
+        Daemon::start(hosts, pool_manager, work.join("reuse.sock"), &["--pool".into(), format!("{dest}=reuse:http")], &work.join("reuse.log"))?;
     let prefetch = Daemon::start(
         hosts,
         pool_manager,
         work.join("prefetch.sock"),
-        &["--pool".into(), format!("{dest}=reuse+prefetch")],
+        &["--pool".into(), format!("{dest}=reuse:http+prefetch")],
         &work.join("prefetch.log"),
     )?;
     for d in [&warm, &reuse, &prefetch] {

@@ -30,7 +30,9 @@ use std::time::{Duration, Instant};
 type ConnectFn = unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
 type CloseFn = unsafe extern "C" fn(libc::c_int) -> libc::c_int;
 
-/// A loopback server: one thread per connection, answers every byte with one byte.
+/// A loopback server: one thread per connection, answers every byte with one byte, and a
+/// `HEAD` request (the daemon's end-of-exchange proof, `protocol = "http"`) with an HTTP/1.1
+/// response without body.
 fn echo_server() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().unwrap();
@@ -41,7 +43,16 @@ fn echo_server() -> SocketAddr {
                 let _ = c.set_nodelay(true);
                 let mut b = [0u8; 1];
                 while matches!(c.read(&mut b), Ok(1)) {
-                    if c.write_all(&b).is_err() {
+                    let reply: &[u8] = if b[0] == b'H' {
+                        let mut head = vec![b'H'];
+                        while !head.ends_with(b"\r\n\r\n") && matches!(c.read(&mut b), Ok(1)) {
+                            head.push(b[0]);
+                        }
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+                    } else {
+                        &b
+                    };
+                    if c.write_all(reply).is_err() {
                         break;
                     }
                 }
@@ -140,6 +151,7 @@ fn main() {
     s.max_idle = 128;
     s.max_per_destination = 256;
     s.quarantine = Duration::ZERO;
+    s.protocol = Some(pool_manager::proof::Protocol::Http);
     cfg.add_pool(&pooled.to_string(), s).unwrap();
     let listener = server::bind(&sock, 0o600).expect("bind pool socket");
     let shared = Arc::new(Shared::new(cfg));

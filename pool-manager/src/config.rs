@@ -35,8 +35,8 @@ pub enum ConfigError {
         /// Cause.
         source: Box<toml::de::Error>,
     },
-    /// A `--pool` flag is not `HOST:PORT=warm|reuse`.
-    #[error("--pool {0:?}: expected HOST:PORT=warm|reuse, optionally with +prefetch")]
+    /// A `--pool` flag is not `HOST:PORT=warm|reuse:PROTOCOL`.
+    #[error("--pool {0:?}: expected HOST:PORT=warm or HOST:PORT=reuse:http|redis|unchecked, optionally with +prefetch")]
     PoolFlag(String),
     /// A destination did not resolve.
     #[error("destination {dest:?}: {reason}")]
@@ -112,6 +112,11 @@ pub struct PoolSettings {
     /// Offer each starting process of a tenant one ready socket at load time (the shim's
     /// `Prefetch`), so that its first `connect()` here needs no round trip to the daemon.
     pub prefetch: bool,
+    /// The protocol spoken on a reuse pool's sockets: the end-of-exchange proof a given-back
+    /// socket passes before reuse (required for `reuse`; `None` in warm pools).
+    pub protocol: Option<crate::proof::Protocol>,
+    /// The proof's own settings (HTTP path and host, timeouts).
+    pub check: crate::proof::CheckSettings,
 }
 
 impl PoolSettings {
@@ -129,7 +134,38 @@ impl PoolSettings {
             probe: Probe::None,
             connect_timeout: defaults::CONNECT_TIMEOUT,
             prefetch: false,
+            protocol: None,
+            check: crate::proof::CheckSettings::default(),
         }
+    }
+
+    /// Rules every pool's settings obey, whichever way they were written.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `at`.
+    pub fn validate(&self, at: &str) -> Result<(), ConfigError> {
+        let invalid = |reason: &str| Err(ConfigError::Invalid { field: at.into(), reason: reason.into() });
+        if self.min_idle > self.max_idle {
+            return invalid("min_idle must not exceed max_idle");
+        }
+        if self.max_idle > self.max_per_destination {
+            return invalid("max_idle must not exceed max_per_destination");
+        }
+        if self.max_per_destination == 0 {
+            return invalid("max_per_destination must be at least 1");
+        }
+        if self.prefetch && self.probe != Probe::None {
+            // An offer waits in a process for its first connect; a probe at offer time would
+            // say nothing about the socket by then.
+            return invalid("prefetch cannot be combined with a probe");
+        }
+        if self.policy == Policy::Reuse && self.protocol.is_none() {
+            return invalid(crate::proof::PROTOCOL_REQUIRED);
+        }
+        if self.check.timeout.is_zero() || self.check.quiet >= self.check.timeout {
+            return invalid("check_timeout must be longer than check_quiet");
+        }
+        Ok(())
     }
 }
 
@@ -328,6 +364,7 @@ impl Config {
         if host.is_empty() {
             return Err(bad("expected HOST:PORT"));
         }
+        settings.validate(dest)?;
         let settings = Arc::new(settings);
         if host.parse::<std::net::IpAddr>().is_err() {
             self.names.push((dest.to_owned(), settings.clone()));
@@ -363,22 +400,30 @@ impl Config {
         (out, failed)
     }
 
-    /// Parse a `--pool HOST:PORT=warm|reuse[+prefetch]` flag and add it.
+    /// Parse a `--pool HOST:PORT=warm|reuse:PROTOCOL[+prefetch]` flag and add it.
     ///
     /// # Errors
-    /// [`ConfigError::PoolFlag`] or [`ConfigError::Destination`].
+    /// [`ConfigError::PoolFlag`], [`ConfigError::Invalid`] (a reuse pool without a protocol)
+    /// or [`ConfigError::Destination`].
     pub fn add_pool_flag(&mut self, flag: &str) -> Result<(), ConfigError> {
         let (dest, policy) = flag.rsplit_once('=').ok_or_else(|| ConfigError::PoolFlag(flag.into()))?;
         let (policy, prefetch) = match policy.strip_suffix("+prefetch") {
             Some(p) => (p, true),
             None => (policy, false),
         };
+        let (policy, protocol) = match policy.split_once(':') {
+            Some((p, proto)) => (p, Some(crate::proof::Protocol::parse(proto).ok_or_else(|| ConfigError::PoolFlag(flag.into()))?)),
+            None => (policy, None),
+        };
         let policy = match policy {
-            "warm" => Policy::Warm,
+            "warm" if protocol.is_none() => Policy::Warm,
             "reuse" => Policy::Reuse,
             _ => return Err(ConfigError::PoolFlag(flag.into())),
         };
-        self.add_pool(dest, PoolSettings { prefetch, ..PoolSettings::with_policy(policy) })
+        if policy == Policy::Reuse && protocol.is_none() {
+            return Err(ConfigError::Invalid { field: format!("--pool {flag}"), reason: crate::proof::PROTOCOL_REQUIRED.into() });
+        }
+        self.add_pool(dest, PoolSettings { prefetch, protocol, ..PoolSettings::with_policy(policy) })
     }
 
     /// Load a TOML file on top of the defaults.
@@ -411,10 +456,9 @@ impl Config {
             }
         }
         if let Some(m) = file.socket_mode {
-            c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|v| *v <= 0o777)
-                .ok_or_else(|| ConfigError::Invalid { field: "socket_mode".into(), reason: format!("{m:?} is not octal permission bits like \"0660\"") })?;
+            c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).ok().filter(|v| *v <= 0o777).ok_or_else(|| {
+                ConfigError::Invalid { field: "socket_mode".into(), reason: format!("{m:?} is not octal permission bits like \"0660\"") }
+            })?;
         }
         if let Some(m) = file.metrics {
             c.metrics = Some(m.parse().map_err(|_| ConfigError::Invalid { field: "metrics".into(), reason: format!("{m:?} is not ADDR:PORT") })?);
@@ -538,6 +582,11 @@ struct FileSettings {
     probe: Option<Probe>,
     connect_timeout: Option<String>,
     prefetch: Option<bool>,
+    protocol: Option<crate::proof::Protocol>,
+    check_path: Option<String>,
+    check_host: Option<String>,
+    check_timeout: Option<String>,
+    check_quiet: Option<String>,
 }
 
 impl FileSettings {
@@ -554,21 +603,21 @@ impl FileSettings {
         s.connect_timeout = dur("connect_timeout", self.connect_timeout, s.connect_timeout)?;
         s.probe = self.probe.unwrap_or(s.probe);
         s.prefetch = self.prefetch.unwrap_or(s.prefetch);
-        let invalid = |reason: &str| Err(ConfigError::Invalid { field: at.into(), reason: reason.into() });
-        if s.min_idle > s.max_idle {
-            return invalid("min_idle must not exceed max_idle");
+        s.protocol = self.protocol.or(s.protocol);
+        s.check.path = self.check_path.unwrap_or(s.check.path);
+        s.check.host = self.check_host.or(s.check.host);
+        s.check.timeout = dur("check_timeout", self.check_timeout, s.check.timeout)?;
+        s.check.quiet = dur("check_quiet", self.check_quiet, s.check.quiet)?;
+        if !s.check.path.starts_with('/') || !crate::proof::header_safe(&s.check.path) || s.check.path.contains(' ') {
+            return Err(ConfigError::Invalid {
+                field: format!("{at}.check_path"),
+                reason: "must start with / and hold no space or control character".into(),
+            });
         }
-        if s.max_idle > s.max_per_destination {
-            return invalid("max_idle must not exceed max_per_destination");
+        if s.check.host.as_deref().is_some_and(|h| h.is_empty() || !crate::proof::header_safe(h)) {
+            return Err(ConfigError::Invalid { field: format!("{at}.check_host"), reason: "must be a non-empty header value".into() });
         }
-        if s.max_per_destination == 0 {
-            return invalid("max_per_destination must be at least 1");
-        }
-        if s.prefetch && s.probe != Probe::None {
-            // An offer waits in a process for its first connect; a probe at offer time would
-            // say nothing about the socket by then.
-            return invalid("prefetch cannot be combined with a probe");
-        }
+        s.validate(at)?;
         Ok(s)
     }
 }
@@ -643,150 +692,4 @@ max_lifetime = "10m"
 "#;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn embedded_default_matches_the_built_in_one() {
-        let c = Config::from_toml(EMBEDDED_DEFAULT).unwrap();
-        let d = Config::default();
-        assert_eq!(c.auto, d.auto);
-        assert_eq!(c.socket, d.socket);
-        assert_eq!(c.socket_mode, d.socket_mode);
-        assert_eq!(c.kernel, d.kernel);
-        assert_eq!((c.allow_uids, c.allow_cgroups), (None, None));
-        assert_eq!(c.metrics_tenant_labels, d.metrics_tenant_labels);
-    }
-
-    #[test]
-    fn allow_lists() {
-        let c = Config::from_toml("allow_uids = [0, 1000]\nallow_cgroups = [\"/system.slice/fn.slice/\", \"/a\"]\n").unwrap();
-        assert_eq!(c.allow_uids, Some(vec![0, 1000]));
-        assert_eq!(c.allow_cgroups, Some(vec!["/system.slice/fn.slice".to_owned(), "/a".to_owned()]));
-        assert!(c.admits(1000, "/system.slice/fn.slice").is_ok());
-        assert!(c.admits(0, "/system.slice/fn.slice/f1.scope").is_ok());
-        assert!(c.admits(0, "/a/b/c").is_ok());
-        let e = c.admits(1001, "/a").unwrap_err();
-        assert_eq!(e, "uid 1001 is not allowed by this pool manager's allow_uids");
-        let e = c.admits(0, "/system.slice/fn.slice2").unwrap_err();
-        assert_eq!(e, "cgroup /system.slice/fn.slice2 is not allowed by this pool manager's allow_cgroups");
-        assert!(c.admits(0, "/ab").is_err());
-        assert!(c.admits(0, "/a/../b").is_err(), "outside the daemon's cgroup namespace");
-        assert!(c.admits(0, "").is_err());
-        // Absent lists allow everything.
-        assert!(Config::default().admits(12345, "/anything").is_ok());
-        let only_uids = Config::from_toml("allow_uids = [7]\n").unwrap();
-        assert!(only_uids.admits(7, "/x").is_ok() && only_uids.admits(8, "/x").is_err());
-        let root = Config::from_toml("allow_cgroups = [\"/\"]\n").unwrap();
-        assert!(root.admits(1, "/x/y").is_ok() && root.admits(1, "/").is_ok() && root.admits(1, "/../x").is_err());
-    }
-
-    #[test]
-    fn bad_allow_lists_name_the_problem() {
-        for (text, want) in [
-            ("allow_uids = [\"root\"]", "allow_uids: \"root\" is not a uid"),
-            ("allow_uids = [-1]", "allow_uids: -1 is not a uid"),
-            ("allow_uids = [4294967295]", "allow_uids: 4294967295 is not a uid"),
-            ("allow_uids = [1.5]", "allow_uids: 1.5 is not a uid"),
-            ("allow_uids = []", "allow_uids: an empty list"),
-            ("allow_uids = 0", "allow_uids"),
-            ("allow_cgroups = [\"system.slice\"]", "allow_cgroups: \"system.slice\" is not absolute"),
-            ("allow_cgroups = [3]", "allow_cgroups: 3 is not a cgroup path"),
-            ("allow_cgroups = [\"/a/../b\"]", "\"..\" component"),
-            ("allow_cgroups = [\"/a//b\"]", "empty"),
-            ("allow_cgroups = [\"/sys/fs/cgroup/fn.slice\"]", "under the cgroup2 mount"),
-            ("allow_cgroups = []", "allow_cgroups: an empty list"),
-        ] {
-            let e = Config::from_toml(text).unwrap_err().to_string();
-            assert!(e.contains(want), "{text}: {e}");
-        }
-    }
-
-    #[test]
-    fn full_file_parses() {
-        let c = Config::from_toml(
-            r#"
-            metrics = "127.0.0.1:9464"
-            [auto]
-            enabled = false
-            [kernel]
-            assist = "on"
-            cgroups = ["/sys/fs/cgroup/functions"]
-            [[pool]]
-            destination = "127.0.0.1:6379"
-            policy = "reuse"
-            min_idle = 2
-            quarantine = "2ms"
-            probe = "redis-ping"
-            "#,
-        )
-        .unwrap();
-        assert!(!c.auto.enabled);
-        assert_eq!(c.kernel.assist, AssistMode::On);
-        assert_eq!(c.kernel.cgroups, vec![PathBuf::from("/sys/fs/cgroup/functions")]);
-        let Lookup::Configured(s) = c.lookup(&"127.0.0.1:6379".parse().unwrap()) else { panic!() };
-        assert_eq!((s.policy, s.min_idle, s.probe), (Policy::Reuse, 2, Probe::RedisPing));
-        assert_eq!(s.quarantine, Duration::from_millis(2));
-        assert!(matches!(c.lookup(&"[::ffff:127.0.0.1]:6379".parse().unwrap()), Lookup::Configured(_)));
-        assert!(matches!(c.lookup(&"127.0.0.1:1".parse().unwrap()), Lookup::NotPooled));
-    }
-
-    #[test]
-    fn host_names_are_kept_and_may_resolve_later() {
-        // (Only names /etc/hosts answers: a test sends no DNS query. A name that does not
-        // resolve is tested with a daemon whose name service is a private /etc/hosts.)
-        let c = Config::from_toml(
-            "[[pool]]\ndestination = \"localhost:6379\"\npolicy = \"warm\"\n\
-             [[pool]]\ndestination = \"127.0.0.1:81\"\npolicy = \"warm\"\n",
-        )
-        .unwrap();
-        assert!(matches!(c.lookup(&"127.0.0.1:6379".parse().unwrap()), Lookup::Configured(_)));
-        let names: Vec<&str> = c.names.iter().map(|(n, _)| n.as_str()).collect();
-        assert_eq!(names, ["localhost:6379"], "IP literals are not names");
-        assert!(c.unresolved.is_empty());
-        let (now, failed) = c.resolve_names();
-        assert!(now.contains_key(&"127.0.0.1:6379".parse().unwrap()) && now.contains_key(&"[::ffff:127.0.0.1]:6379".parse().unwrap()));
-        assert!(failed.is_empty());
-        for bad in ["nohost", "host:port", ":80", "127.0.0.1:99999"] {
-            let e = Config::from_toml(&format!("[[pool]]\ndestination = \"{bad}\"\npolicy = \"warm\"\n")).unwrap_err();
-            assert!(e.to_string().contains(bad), "{bad}: {e}");
-        }
-        assert!(Config::from_toml("resolve_interval = \"1ms\"\n").is_err());
-    }
-
-    #[test]
-    fn bad_input_names_the_problem() {
-        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"sometimes\"\n").unwrap_err();
-        assert!(e.to_string().contains("sometimes"), "{e}");
-        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\n").unwrap_err();
-        assert!(e.to_string().contains("policy is required"), "{e}");
-        let e = Config::from_toml("bogus = 1\n").unwrap_err();
-        assert!(e.to_string().contains("bogus"), "{e}");
-        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"warm\"\nidle_timeout = \"soon\"\n").unwrap_err();
-        assert!(e.to_string().contains("idle_timeout"), "{e}");
-        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"warm\"\nmin_idle = 9\nmax_idle = 2\n").unwrap_err();
-        assert!(e.to_string().contains("min_idle"), "{e}");
-        let mut c = Config::default();
-        assert!(matches!(c.add_pool_flag("127.0.0.1:80"), Err(ConfigError::PoolFlag(_))));
-        assert!(matches!(c.add_pool_flag("127.0.0.1:80=maybe"), Err(ConfigError::PoolFlag(_))));
-        assert!(matches!(c.add_pool_flag("127.0.0.1:80=prefetch"), Err(ConfigError::PoolFlag(_))));
-        c.add_pool_flag("127.0.0.1:80=reuse").unwrap();
-        c.add_pool_flag("127.0.0.1:81=warm+prefetch").unwrap();
-        let p81 = c.pools.get(&"127.0.0.1:81".parse().unwrap()).unwrap();
-        assert!(p81.prefetch && p81.policy == Policy::Warm);
-        assert!(!c.pools.get(&"127.0.0.1:80".parse().unwrap()).unwrap().prefetch);
-        let c = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"reuse\"\nprefetch = true\n").unwrap();
-        assert!(c.pools.get(&"127.0.0.1:1".parse().unwrap()).unwrap().prefetch);
-        let e = Config::from_toml("[[pool]]\ndestination = \"127.0.0.1:1\"\npolicy = \"reuse\"\nprefetch = true\nprobe = \"redis-ping\"\n").unwrap_err();
-        assert!(e.to_string().contains("prefetch cannot be combined with a probe"), "{e}");
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("x", "250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse_duration("x", "1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration("x", "10m").unwrap(), Duration::from_secs(600));
-        assert_eq!(parse_duration("x", "100us").unwrap(), Duration::from_micros(100));
-        assert!(parse_duration("x", "5 parsecs").is_err());
-    }
-}
+mod tests;

@@ -94,3 +94,21 @@ pub const MAX_PREFETCH: usize = 8;
 /// How often destinations written as host names are resolved again (addresses a name gains
 /// are pooled from then on; a name that did not resolve at start is pooled once it does).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Bound on a given-back socket's end-of-exchange proof (send, whole reply, quiet window). A
+/// server that has not answered a one-line request within a second is not one to reuse a
+/// connection to; a socket under check is only unavailable, nobody waits for it.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// HTTP proof: no byte may arrive for this long after the reply to our `HEAD`. HTTP/1.1
+/// answers in order, so a reply to an abandoned request arrives *before* ours and fails the
+/// framing; the only reply the framing cannot tell from ours is an abandoned identical (or
+/// body-less) one, and then our own reply follows it as soon as the server has handled a
+/// `HEAD`: well under 10 ms on a node or in a data centre (loopback: tens of µs). Longer only
+/// keeps each returned socket out of use a little longer (the pool grows to cover it).
+pub const CHECK_QUIET: Duration = Duration::from_millis(10);
+/// Walks of `/proc` per batch that may still find a given-back socket in another process
+/// before it is discarded: the process that gave it back may still be exiting (its link
+/// closes before the rest of its fd table) or close the fd just after its `Release`.
+pub const HOLDERS_ATTEMPTS: u32 = 3;
+/// Pause before walking `/proc` again for sockets found held.
+pub const HOLDERS_RETRY_DELAY: Duration = Duration::from_millis(20);

@@ -9,17 +9,22 @@
 //! [`defaults`] (every limit with its reason), [`pool`] (the sans-IO pool state machine),
 //! [`sock`] (kernel-state checks), [`sockstate`] (a function's socket options and peer never
 //! reach the next function), [`tenant`] (who is asking, from the kernel), [`server`]
-//! (listener, clients, leases, maintenance), [`handover`] (restart by take-over), [`peer`]
-//! (links between functions), [`metrics`] and [`status`].
+//! (listener, clients, leases, maintenance), the return path's checks ([`holders`]: no other
+//! process holds a given-back socket; [`proof`]: the protocol's end-of-exchange proof; run by
+//! the checker task), [`handover`] (restart by take-over), [`peer`] (links between
+//! functions), [`metrics`] and [`status`].
 
 pub mod allow;
+pub(crate) mod checker;
 pub mod config;
 pub mod defaults;
 pub mod exec;
 pub mod handover;
-pub mod peer;
+pub mod holders;
 pub mod metrics;
+pub mod peer;
 pub mod pool;
+pub mod proof;
 pub mod server;
 pub mod sock;
 pub mod sockstate;

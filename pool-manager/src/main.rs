@@ -212,6 +212,25 @@ fn init_tracing(format: &str) {
 }
 
 /// One request/answer with a running daemon (for the CLI).
+/// `protocol = "unchecked"` reuses sockets on kernel-state heuristics alone: say so at start.
+fn warn_unchecked(cfg: &Config) {
+    use pool_manager::config::Policy;
+    use pool_manager::proof::Protocol;
+    let unchecked = |s: &pool_manager::config::PoolSettings| s.policy == Policy::Reuse && s.protocol == Some(Protocol::Unchecked);
+    let mut dests: Vec<String> = cfg.pools.iter().filter(|(_, s)| unchecked(s)).map(|(a, _)| a.to_string()).collect();
+    dests.sort();
+    if cfg.auto.enabled && unchecked(&cfg.auto.settings) {
+        dests.push("[auto]".into());
+    }
+    if !dests.is_empty() {
+        warn!(
+            destinations = %dests.join(", "),
+            "protocol = \"unchecked\": given-back sockets are reused without an end-of-exchange proof; \
+             a reply to an abandoned request or a session's state (AUTH, SELECT) can reach the next function"
+        );
+    }
+}
+
 fn request(socket: &std::path::Path, msg: &pool_manager::wire::Msg<'_>) -> Result<String> {
     use pool_manager::wire::{self, Msg};
     let conn = server::connect_client(socket).with_context(|| format!("connecting to the pool manager at {}", socket.display()))?;
@@ -345,6 +364,7 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         for (name, reason) in &cfg.unresolved {
             warn!(destination = %name, %reason, every = ?cfg.resolve_interval, "destination does not resolve yet; pooled once it does");
         }
+        warn_unchecked(&cfg);
         info!(
             socket = %path.display(),
             pools = cfg.pools.len(),

@@ -5,6 +5,7 @@
 //! pools, and series labelled with a destination, uid or cgroup appear only with
 //! `metrics_tenant_labels = true` (for an endpoint only the operator can reach).
 
+use crate::proof::{Outcome, Protocol};
 use crate::server::Shared;
 use crate::sock::{self, Discard};
 use std::fmt::Write as _;
@@ -56,6 +57,19 @@ pub struct Metrics {
     pub takeovers_failed: AtomicU64,
     latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len() + 1],
     latency_sum_ns: AtomicU64,
+    /// End-of-exchange proofs by protocol and outcome (indices into `Protocol::ALL`,
+    /// `Outcome::ALL`).
+    checks: [[AtomicU64; Outcome::ALL.len()]; Protocol::ALL.len()],
+    /// Sockets that passed every check after a give-back and went idle.
+    pub checked_idle: AtomicU64,
+    /// Leases whose process ended without giving them back, put through the return checks.
+    pub orphans: AtomicU64,
+    /// `/proc` walks for the holders check, their total time and the processes and fds
+    /// the last one read.
+    holders_walks: AtomicU64,
+    holders_walk_ns: AtomicU64,
+    holders_last_processes: AtomicU64,
+    holders_last_fds: AtomicU64,
 }
 
 impl Metrics {
@@ -69,6 +83,28 @@ impl Metrics {
     /// Discards so far for one reason.
     pub fn discarded(&self, why: Discard) -> u64 {
         Discard::ALL.iter().position(|d| *d == why).map_or(0, |i| self.discards[i].load(Ordering::Relaxed))
+    }
+
+    /// Count one end-of-exchange proof.
+    pub fn observe_check(&self, protocol: Protocol, outcome: Outcome) {
+        let p = Protocol::ALL.iter().position(|x| *x == protocol).unwrap_or(0);
+        let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
+        self.checks[p][o].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Proofs so far with this protocol and outcome.
+    pub fn checks(&self, protocol: Protocol, outcome: Outcome) -> u64 {
+        let p = Protocol::ALL.iter().position(|x| *x == protocol).unwrap_or(0);
+        let o = Outcome::ALL.iter().position(|x| *x == outcome).unwrap_or(0);
+        self.checks[p][o].load(Ordering::Relaxed)
+    }
+
+    /// Record one `/proc` walk of the holders check.
+    pub fn observe_holders_walk(&self, w: &crate::holders::WalkStats) {
+        self.holders_walks.fetch_add(1, Ordering::Relaxed);
+        self.holders_walk_ns.fetch_add(w.elapsed.as_nanos() as u64, Ordering::Relaxed);
+        self.holders_last_processes.store(w.processes as u64, Ordering::Relaxed);
+        self.holders_last_fds.store(w.fds as u64, Ordering::Relaxed);
     }
 
     /// Record one hand-out's daemon-side latency.
@@ -116,6 +152,31 @@ pub fn render(shared: &Shared) -> String {
     for (i, d) in Discard::ALL.iter().enumerate() {
         let _ = writeln!(o, "warmpool_discarded_total{{reason=\"{}\"}} {}", d.name(), c(&m.discards[i]));
     }
+    let _ = writeln!(o, "# HELP warmpool_checks_total End-of-exchange proofs run on given-back sockets, by protocol and outcome.");
+    let _ = writeln!(o, "# TYPE warmpool_checks_total counter");
+    for p in [Protocol::Http, Protocol::Redis] {
+        for out in Outcome::ALL {
+            let _ = writeln!(o, "warmpool_checks_total{{protocol=\"{}\",outcome=\"{}\"}} {}", p.name(), out.name(), m.checks(p, out));
+        }
+    }
+    let _ = writeln!(o, "# HELP warmpool_checked_idle_total Given-back sockets that passed every check and went idle.");
+    let _ = writeln!(o, "# TYPE warmpool_checked_idle_total counter");
+    let _ = writeln!(o, "warmpool_checked_idle_total {}", c(&m.checked_idle));
+    let _ = writeln!(
+        o,
+        "# HELP warmpool_orphaned_leases_total Leases whose process ended without giving them back, put through the return checks."
+    );
+    let _ = writeln!(o, "# TYPE warmpool_orphaned_leases_total counter");
+    let _ = writeln!(o, "warmpool_orphaned_leases_total {}", c(&m.orphans));
+    let _ = writeln!(o, "# HELP warmpool_holders_walks_total Walks of /proc proving no other process holds a given-back socket.");
+    let _ = writeln!(o, "# TYPE warmpool_holders_walks_total counter");
+    let _ = writeln!(o, "warmpool_holders_walks_total {}", c(&m.holders_walks));
+    let _ = writeln!(o, "# TYPE warmpool_holders_walk_seconds_total counter");
+    let _ = writeln!(o, "warmpool_holders_walk_seconds_total {}", c(&m.holders_walk_ns) as f64 / 1e9);
+    let _ = writeln!(o, "# HELP warmpool_holders_walk_last Processes and fds the last /proc walk read.");
+    let _ = writeln!(o, "# TYPE warmpool_holders_walk_last gauge");
+    let _ = writeln!(o, "warmpool_holders_walk_last{{what=\"processes\"}} {}", c(&m.holders_last_processes));
+    let _ = writeln!(o, "warmpool_holders_walk_last{{what=\"fds\"}} {}", c(&m.holders_last_fds));
     let _ = writeln!(o, "# TYPE warmpool_connects_total counter");
     let _ = writeln!(o, "warmpool_connects_total{{result=\"ok\"}} {}", c(&m.connects_ok));
     let _ = writeln!(o, "warmpool_connects_total{{result=\"failed\"}} {}", c(&m.connects_failed));
@@ -187,7 +248,9 @@ fn tenant_lines(o: &mut String, shared: &Shared) {
                 pool.settings.policy.name()
             );
             let (idle, quar, leased, connecting) = pool.counts();
-            for (state, n) in [("idle", idle), ("quarantine", quar), ("leased", leased), ("connecting", connecting)] {
+            let checking = pool.checking();
+            for (state, n) in [("idle", idle), ("quarantine", quar), ("checking", checking), ("leased", leased), ("connecting", connecting)]
+            {
                 let _ = writeln!(o, "warmpool_pool_sockets{{{labels},state=\"{state}\"}} {n}");
             }
             for s in pool.idle_sockets() {

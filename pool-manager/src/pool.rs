@@ -4,7 +4,10 @@
 //! sockets and virtual time (see the tests below).
 //!
 //! States of a socket: *connecting* (counted only) → *idle* → *leased* (held by the
-//! connection task, counted here) → back via *quarantine* → *idle*, or discarded on the way.
+//! connection task, counted here) → back via *quarantine* (a short wait, held here) →
+//! *checking* (held by the checker, counted here: holders walk and end-of-exchange proof) →
+//! *idle*, or discarded on the way. Sockets in quarantine or under check are not ready: a
+//! request that finds only those is a miss, and after such a miss refills count them as missing.
 
 use crate::config::PoolSettings;
 use crate::sock::Discard;
@@ -26,10 +29,35 @@ pub struct Idle<S> {
     pub source: Source,
 }
 
+/// What a socket coming back must pass before it is idle again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Prove that no other process holds it (it was in a function's process).
+    pub holders: bool,
+    /// Run the protocol's end-of-exchange proof (bytes moved while it was out).
+    pub proof: bool,
+}
+
+impl Needs {
+    fn any(self) -> bool {
+        self.holders || self.proof
+    }
+}
+
 #[derive(Debug)]
 struct Quarantined<S> {
     idle: Idle<S>,
     until: Instant,
+    needs: Needs,
+}
+
+/// A socket out of quarantine that the checker must judge (see [`Pool::start_checks`]).
+#[derive(Debug)]
+pub struct ToCheck<S> {
+    /// The socket with its history.
+    pub idle: Idle<S>,
+    /// What it must pass.
+    pub needs: Needs,
 }
 
 /// What `take` found.
@@ -67,14 +95,15 @@ pub struct Pool<S> {
     quarantine: VecDeque<Quarantined<S>>,
     leased: usize,
     connecting: usize,
+    checking: usize,
     /// Last time a function asked (auto pools are forgotten when unused).
     pub last_request: Instant,
     /// Connects are not retried before this (a failing destination is not hammered).
     pub backoff_until: Option<Instant>,
     /// Counters.
     pub stats: PoolStats,
-    /// A request found nothing idle while returned sockets sat in quarantine: demand
-    /// outruns the quarantine, so the next refill does not count them as ready.
+    /// A request found nothing idle while returned sockets sat in quarantine or under
+    /// check: the next refill adds a socket even where `min_idle` is 0.
     starved: bool,
 }
 
@@ -90,6 +119,7 @@ impl<S> Pool<S> {
             quarantine: VecDeque::new(),
             leased: 0,
             connecting: 0,
+            checking: 0,
             last_request: now,
             backoff_until: None,
             stats: PoolStats::default(),
@@ -99,7 +129,12 @@ impl<S> Pool<S> {
 
     /// Sockets in every state.
     pub fn total(&self) -> usize {
-        self.idle.len() + self.quarantine.len() + self.leased + self.connecting
+        self.idle.len() + self.quarantine.len() + self.checking + self.leased + self.connecting
+    }
+
+    /// Sockets under check (held by the checker).
+    pub fn checking(&self) -> usize {
+        self.checking
     }
 
     /// (idle, quarantined, leased, connecting).
@@ -122,15 +157,44 @@ impl<S> Pool<S> {
         }
     }
 
-    /// Move quarantined sockets whose time is up to idle, checking each again.
-    pub fn promote(&mut self, now: Instant, check: Check<'_, S>, discarded: &mut Vec<(S, Discard)>) {
+    /// Quarantined sockets whose time is up, checked again with `check`: those that need
+    /// nothing more go to idle; the others are returned for the checker and count as
+    /// *checking* until [`Pool::checked`].
+    pub fn start_checks(&mut self, now: Instant, check: Check<'_, S>, discarded: &mut Vec<(S, Discard)>) -> Vec<ToCheck<S>> {
+        let mut out = Vec::new();
         while self.quarantine.front().is_some_and(|q| q.until <= now) {
-            let Some(q) = self.quarantine.pop_front() else { break };
+            let Some(q) = self.quarantine.pop_front() else {
+                break;
+            };
             match check(&q.idle.sock).err().or_else(|| self.expired(&q.idle, now)) {
                 Some(why) => discarded.push((q.idle.sock, why)),
+                None if q.needs.any() => {
+                    self.checking += 1;
+                    out.push(ToCheck { idle: q.idle, needs: q.needs });
+                }
                 None => self.idle.push(Idle { since: now, ..q.idle }),
             }
         }
+        out
+    }
+
+    /// When the next quarantined socket is due for [`Pool::start_checks`].
+    pub fn next_due(&self) -> Option<Instant> {
+        self.quarantine.front().map(|q| q.until)
+    }
+
+    /// The checker's verdict on a socket from [`Pool::start_checks`]: idle if it passed and
+    /// the pool can keep it, else returned to be closed with the reason.
+    pub fn checked(&mut self, now: Instant, idle: Idle<S>, verdict: Result<(), Discard>) -> Result<(), (S, Discard)> {
+        self.checking = self.checking.saturating_sub(1);
+        if let Some(why) = verdict.err().or_else(|| self.expired(&idle, now)) {
+            return Err((idle.sock, why));
+        }
+        if self.idle.len() >= self.settings.max_idle {
+            return Err((idle.sock, Discard::OverCapacity));
+        }
+        self.idle.push(Idle { since: now, ..idle });
+        Ok(())
     }
 
     /// Take the most recently idled socket that passes `check` (LIFO keeps the rest of the
@@ -141,7 +205,7 @@ impl<S> Pool<S> {
         match &t {
             Take::Ready(i) => self.count_handout(i.source),
             Take::Empty | Take::AtLimit => {
-                self.starved = !self.quarantine.is_empty();
+                self.starved = !self.quarantine.is_empty() || self.checking > 0;
                 self.stats.miss += 1;
             }
         }
@@ -168,7 +232,6 @@ impl<S> Pool<S> {
     }
 
     fn take_idle(&mut self, now: Instant, check: Check<'_, S>, discarded: &mut Vec<(S, Discard)>) -> Take<S> {
-        self.promote(now, check, discarded);
         while let Some(i) = self.idle.pop() {
             match self.expired(&i, now).map_or_else(|| check(&i.sock), Err) {
                 Ok(()) => {
@@ -195,18 +258,24 @@ impl<S> Pool<S> {
         self.leased = self.leased.saturating_sub(1);
     }
 
-    /// A lease ended with a clean give-back that passed the return check.
-    /// Returns the socket back if the pool cannot keep it.
-    pub fn give_back(&mut self, now: Instant, sock: S, created: Instant) -> Result<(), (S, Discard)> {
+    /// A lease ended with a clean give-back that passed the return check: to quarantine,
+    /// then the holders check and, if `proof` (bytes moved while it was out), the protocol's
+    /// proof. Returns the socket back if the pool cannot keep it.
+    pub fn give_back(&mut self, now: Instant, sock: S, created: Instant, proof: bool) -> Result<(), (S, Discard)> {
         self.leased = self.leased.saturating_sub(1);
-        if self.idle.len() + self.quarantine.len() >= self.settings.max_idle {
-            return Err((sock, Discard::OverCapacity));
-        }
-        if now.duration_since(created) >= self.settings.max_lifetime {
-            return Err((sock, Discard::Lifetime));
-        }
         let idle = Idle { sock, created, since: now, source: Source::Reuse };
-        self.quarantine.push_back(Quarantined { idle, until: now + self.settings.quarantine });
+        self.enqueue(now, idle, Needs { holders: true, proof })
+    }
+
+    fn enqueue(&mut self, now: Instant, idle: Idle<S>, needs: Needs) -> Result<(), (S, Discard)> {
+        if self.idle.len() + self.quarantine.len() + self.checking >= self.settings.max_idle {
+            return Err((idle.sock, Discard::OverCapacity));
+        }
+        if now.duration_since(idle.created) >= self.settings.max_lifetime {
+            return Err((idle.sock, Discard::Lifetime));
+        }
+        let until = now + self.settings.quarantine;
+        self.quarantine.push_back(Quarantined { idle: Idle { since: now, ..idle }, until, needs });
         Ok(())
     }
 
@@ -216,10 +285,13 @@ impl<S> Pool<S> {
             return 0;
         }
         let (floor, ready) = if std::mem::take(&mut self.starved) {
-            // Demand outran the quarantine: add a socket even where min_idle is 0.
+            // A request found nothing idle while sockets were in quarantine or under check:
+            // demand outruns the return path, so those count as not ready (and a socket is
+            // added even where min_idle is 0). A steady stream of functions thus grows the
+            // pool until one is always idle, and a trickle does not.
             (self.settings.min_idle.max(1), self.idle.len() + self.connecting)
         } else {
-            (self.settings.min_idle, self.idle.len() + self.quarantine.len() + self.connecting)
+            (self.settings.min_idle, self.idle.len() + self.quarantine.len() + self.checking + self.connecting)
         };
         let want = floor.saturating_sub(ready);
         let room = self.settings.max_per_destination.saturating_sub(self.total());
@@ -241,9 +313,9 @@ impl<S> Pool<S> {
         self.backoff_until = Some(now + crate::defaults::CONNECT_BACKOFF);
     }
 
-    /// Periodic sweep: quarantine, timeouts, health, and sockets beyond `max_idle`.
+    /// Periodic sweep: timeouts, health, and sockets beyond `max_idle` (quarantine is the
+    /// checker's: [`Pool::start_checks`]).
     pub fn sweep(&mut self, now: Instant, check: Check<'_, S>, discarded: &mut Vec<(S, Discard)>) {
-        self.promote(now, check, discarded);
         let mut keep = Vec::with_capacity(self.idle.len());
         for i in std::mem::take(&mut self.idle) {
             match self.expired(&i, now).map_or_else(|| check(&i.sock), Err) {
@@ -263,25 +335,19 @@ impl<S> Pool<S> {
         out
     }
 
-    /// An offered socket the process never used: no longer leased, and back through
-    /// quarantine with its history (a warm socket stays warm).
+    /// An offered socket the process never used (no byte moved): no longer leased, and back
+    /// through quarantine and the holders check with its history (a warm socket stays warm).
     pub fn unoffer(&mut self, now: Instant, idle: Idle<S>) -> Result<(), (S, Discard)> {
         self.leased = self.leased.saturating_sub(1);
-        self.adopt(now, idle)
+        self.enqueue(now, idle, Needs { holders: true, proof: false })
     }
 
-    /// A socket handed over by a predecessor: back through quarantine (it is checked again
-    /// before anyone gets it), unless the pool is full or it is too old.
+    /// A socket handed over by a predecessor (the only other holder, which closes it
+    /// unused): back through quarantine, and the proof if it was reused before, unless the
+    /// pool is full or it is too old.
     pub fn adopt(&mut self, now: Instant, idle: Idle<S>) -> Result<(), (S, Discard)> {
-        if self.idle.len() + self.quarantine.len() >= self.settings.max_idle {
-            return Err((idle.sock, Discard::OverCapacity));
-        }
-        if now.duration_since(idle.created) >= self.settings.max_lifetime {
-            return Err((idle.sock, Discard::Lifetime));
-        }
-        let until = now + self.settings.quarantine;
-        self.quarantine.push_back(Quarantined { idle: Idle { since: now, ..idle }, until });
-        Ok(())
+        let proof = idle.source == Source::Reuse;
+        self.enqueue(now, idle, Needs { holders: false, proof })
     }
 
     /// A lease handed over by a predecessor now counts against this pool.
@@ -356,33 +422,151 @@ mod tests {
         assert!(matches!(p.take(t0, &mut w.check(), &mut d), Take::AtLimit));
     }
 
+    /// Hand out one socket of `p` (connected as `id` first if needed) at `t`.
+    fn lease(p: &mut Pool<Fake>, w: &World, t: Instant) -> Fake {
+        let mut d = vec![];
+        ready(p.take(t, &mut w.check(), &mut d))
+    }
+
     #[test]
-    fn returned_socket_waits_out_quarantine_and_is_rechecked() {
+    fn returned_socket_goes_through_quarantine_and_checking_before_reuse() {
         let t0 = Instant::now();
+        let ms = Duration::from_millis;
         let w = World::new();
         let mut p = Pool::new(settings(|s| s.min_idle = 1), false, t0);
         p.start_refill(t0);
         p.connected(t0, 7);
+        let s = lease(&mut p, &w, t0);
+        p.give_back(t0, s, t0, true).unwrap();
         let mut d = vec![];
-        let s = ready(p.take(t0, &mut w.check(), &mut d));
-        p.give_back(t0, s, t0).unwrap();
-        // Still in quarantine: a miss, and the pool grows instead of making the caller wait.
-        assert!(matches!(p.take(t0 + Duration::from_millis(1), &mut w.check(), &mut d), Take::Empty));
-        assert_eq!(p.start_refill(t0 + Duration::from_millis(1)), 1);
-        assert_eq!(p.start_refill(t0 + Duration::from_millis(1)), 0);
-        p.connected(t0, 8);
-        let t1 = t0 + Duration::from_millis(6);
-        let again = p.take(t1, &mut w.check(), &mut d);
+        // In quarantine: nothing for the checker yet, a miss for a function, and the pool
+        // grows instead of making the caller wait.
+        assert!(p.start_checks(t0 + ms(1), &mut w.check(), &mut d).is_empty());
+        assert_eq!(p.next_due(), Some(t0 + ms(5)));
+        assert!(matches!(p.take(t0 + ms(1), &mut w.check(), &mut d), Take::Empty));
+        assert_eq!(p.start_refill(t0 + ms(1)), 1);
+        p.connected(t0 + ms(1), 8);
+        // Out of quarantine: to the checker, still not ready.
+        let t1 = t0 + ms(6);
+        let mut due = p.start_checks(t1, &mut w.check(), &mut d);
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].needs, Needs { holders: true, proof: true });
+        assert_eq!((p.checking(), p.total()), (1, 2));
+        assert!(matches!(p.take(t1, &mut w.check(), &mut d), Take::Ready(Idle { sock: 8, source: Source::Warm, .. })));
+        assert_eq!(p.start_refill(t1), 0, "no miss yet: the socket under check will be back");
+        assert!(matches!(p.take(t1, &mut w.check(), &mut d), Take::Empty), "a socket under check is never handed out");
+        assert_eq!(p.start_refill(t1), 1, "after a miss, a socket under check counts as not ready");
+        p.connect_failed(t1);
+        // The verdict: passed, so idle and reused.
+        let c = due.pop().unwrap();
+        p.checked(t1 + ms(2), c.idle, Ok(())).unwrap();
+        assert_eq!(p.checking(), 0);
+        let again = p.take(t1 + ms(2), &mut w.check(), &mut d);
         assert!(matches!(again, Take::Ready(Idle { sock: 7, source: Source::Reuse, .. })), "{again:?}");
-        assert!(matches!(p.take(t1, &mut w.check(), &mut d), Take::Ready(Idle { sock: 8, .. })));
-        // A byte that arrives during quarantine discards it.
-        p.give_back(t1, 7, t0).unwrap();
-        w.health.borrow_mut().insert(7, Discard::UnreadData);
-        p.give_back(t1, 8, t0).unwrap();
-        w.health.borrow_mut().insert(8, Discard::UnreadData);
-        assert!(matches!(p.take(t1 + Duration::from_millis(6), &mut w.check(), &mut d), Take::Empty));
-        assert_eq!(d, vec![(7, Discard::UnreadData), (8, Discard::UnreadData)]);
+        assert!(d.is_empty());
         assert_eq!(p.stats.reuse, 1);
+    }
+
+    #[test]
+    fn failed_checks_and_late_bytes_discard() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let w = World::new();
+        let mut p = Pool::new(settings(|_| {}), false, t0);
+        p.start_refill(t0);
+        p.connected(t0, 7);
+        p.connected(t0, 8);
+        let a = lease(&mut p, &w, t0);
+        let b = lease(&mut p, &w, t0);
+        p.give_back(t0, a, t0, true).unwrap();
+        p.give_back(t0, b, t0, true).unwrap();
+        // A byte that arrives during quarantine discards before any check.
+        w.health.borrow_mut().insert(7, Discard::UnreadData);
+        let mut d = vec![];
+        let due = p.start_checks(t0 + ms(5), &mut w.check(), &mut d);
+        assert_eq!(d, vec![(7, Discard::UnreadData)]);
+        assert_eq!(due.len(), 1);
+        // The proof fails: returned for closing, counted out of the pool.
+        let c = due.into_iter().next().unwrap();
+        assert_eq!(p.checked(t0 + ms(6), c.idle, Err(Discard::CheckFailed)).unwrap_err(), (8, Discard::CheckFailed));
+        assert_eq!(p.counts(), (0, 0, 0, 0));
+        assert_eq!(p.checking(), 0);
+        assert_eq!(p.stats.reuse, 0);
+    }
+
+    #[test]
+    fn a_check_outliving_the_lifetime_or_capacity_discards() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let w = World::new();
+        let mut p = Pool::new(settings(|s| s.max_lifetime = ms(100)), false, t0);
+        p.start_refill(t0);
+        p.connected(t0, 1);
+        p.connected(t0, 2);
+        let a = lease(&mut p, &w, t0);
+        p.give_back(t0, a, t0, false).unwrap();
+        let mut d = vec![];
+        let c = p.start_checks(t0 + ms(5), &mut w.check(), &mut d).pop().unwrap();
+        assert_eq!(c.needs, Needs { holders: true, proof: false }, "nothing moved: no proof, still the holders check");
+        assert_eq!(p.checked(t0 + ms(100), c.idle, Ok(())).unwrap_err().1, Discard::Lifetime);
+        // Capacity: max_idle 1, the other socket idle meanwhile.
+        let mut q = Pool::new(settings(|s| s.max_idle = 1), false, t0);
+        q.start_refill(t0);
+        q.connected(t0, 3);
+        let s = lease(&mut q, &w, t0);
+        q.give_back(t0, s, t0, true).unwrap();
+        let c = q.start_checks(t0 + ms(5), &mut w.check(), &mut d).pop().unwrap();
+        q.connected(t0 + ms(5), 4);
+        assert_eq!(q.checked(t0 + ms(6), c.idle, Ok(())).unwrap_err(), (3, Discard::OverCapacity));
+    }
+
+    #[test]
+    fn steady_demand_finds_a_ready_socket_while_others_are_checked() {
+        // One function every 10 ms holding its socket 2 ms; quarantine 5 ms plus a 12 ms
+        // check: after the first misses, every request finds an idle socket.
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let w = World::new();
+        let mut p = Pool::new(
+            settings(|s| {
+                s.min_idle = 1;
+                s.max_idle = 8;
+                s.max_per_destination = 16;
+            }),
+            false,
+            t0,
+        );
+        let mut checks: Vec<(Instant, ToCheck<Fake>)> = vec![];
+        let mut returns: Vec<(Instant, Fake)> = vec![];
+        let (mut next_id, mut misses) = (0u32, 0);
+        let mut d = vec![];
+        for step in 0..200u32 {
+            let now = t0 + ms(u64::from(step));
+            let (done, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut checks).into_iter().partition(|(at, _)| *at <= now);
+            checks = rest;
+            for (_, c) in done {
+                let _ = p.checked(now, c.idle, Ok(()));
+            }
+            let (back, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut returns).into_iter().partition(|(at, _)| *at <= now);
+            returns = rest;
+            for (_, s) in back {
+                p.give_back(now, s, t0, true).unwrap();
+            }
+            checks.extend(p.start_checks(now, &mut w.check(), &mut d).into_iter().map(|c| (now + ms(12), c)));
+            if step % 10 == 0 {
+                match p.take(now, &mut w.check(), &mut d) {
+                    Take::Ready(i) => returns.push((now + ms(2), i.sock)),
+                    _ => misses += 1,
+                }
+            }
+            for _ in 0..p.start_refill(now) {
+                next_id += 1;
+                p.connected(now, next_id);
+            }
+        }
+        assert!(misses <= 2, "{misses} misses");
+        assert!(p.total() <= 4, "the pool stays small: {}", p.total());
+        assert!(p.stats.reuse >= 15, "{:?}", p.stats);
     }
 
     #[test]
@@ -416,15 +600,15 @@ mod tests {
         assert!(d.iter().all(|x| x.1 == Discard::IdleTimeout));
         assert_eq!(p.counts(), (0, 0, 0, 0));
         // Lifetime applies to reused sockets too.
-        assert_eq!(p.give_back(t0 + Duration::from_secs(31), 5, t0).unwrap_err().1, Discard::Lifetime);
+        assert_eq!(p.give_back(t0 + Duration::from_secs(31), 5, t0, true).unwrap_err().1, Discard::Lifetime);
     }
 
     #[test]
     fn give_back_beyond_max_idle_is_refused_and_failed_connects_back_off() {
         let t0 = Instant::now();
         let mut p: Pool<Fake> = Pool::new(settings(|s| s.max_idle = 1), false, t0);
-        p.give_back(t0, 1, t0).unwrap();
-        assert_eq!(p.give_back(t0, 2, t0).unwrap_err().1, Discard::OverCapacity);
+        p.give_back(t0, 1, t0, true).unwrap();
+        assert_eq!(p.give_back(t0, 2, t0, true).unwrap_err().1, Discard::OverCapacity);
         let mut q: Pool<Fake> = Pool::new(settings(|_| {}), false, t0);
         assert_eq!(q.start_refill(t0), 2);
         q.connect_failed(t0);

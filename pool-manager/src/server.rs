@@ -5,9 +5,12 @@
 //! under the table lock (no I/O under the lock beyond non-blocking checks), and sends it with
 //! `SCM_RIGHTS`. The socket itself stays in the task's lease map: the daemon's own reference,
 //! so a process that dies without `close()` cannot leak or smuggle it back. A `Release`
-//! moves it through the return check into quarantine or closes it; the end of the client
-//! connection closes every lease it still holds. Refills run as spawned connect tasks that
-//! put their socket into the pool when done. The maintenance task sweeps every
+//! moves it through the return check into quarantine or closes it; quarantine ends in the
+//! checker ([`crate::checker`]: holders walk, end-of-exchange proof) before the socket is
+//! idle again. The end of the client connection puts every lease it still holds through the
+//! same path (the process ended without close(): keep-alive clients, `_exit`, a signal);
+//! peer links and `warm` pools close them. Refills run as spawned connect tasks that put
+//! their socket into the pool when done. The maintenance task sweeps every
 //! [`defaults::SWEEP_INTERVAL`].
 
 use crate::config::{Config, Lookup, Policy, Probe};
@@ -92,6 +95,8 @@ pub struct Shared {
     /// The addresses `config.names` resolved to at the resolver's last turn (beside the
     /// load-time ones in `config.pools`).
     pub resolved: std::sync::RwLock<HashMap<SocketAddr, Arc<crate::config::PoolSettings>>>,
+    /// Wakes the checker: a socket entered quarantine.
+    pub(crate) check_wake: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -116,6 +121,7 @@ impl Shared {
             handed_over: std::sync::atomic::AtomicBool::new(false),
             handover_done: tokio::sync::Notify::new(),
             resolved: std::sync::RwLock::new(HashMap::new()),
+            check_wake: tokio::sync::Notify::new(),
         }
     }
 
@@ -171,7 +177,7 @@ impl Shared {
         self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn discard_all(&self, discarded: Vec<(PooledSock, Discard)>) {
+    pub(crate) fn discard_all(&self, discarded: Vec<(PooledSock, Discard)>) {
         for (s, why) in discarded {
             self.metrics.discard(why);
             drop(s);
@@ -295,6 +301,7 @@ pub async fn run_with(
     let mut tasks = JoinSet::new();
     serve_handed(&shared, &mut tasks, adopted, &cancel);
     tasks.spawn(maintain(shared.clone(), cancel.clone()));
+    tasks.spawn(crate::checker::run(shared.clone(), cancel.clone()));
     tasks.spawn(resolver(shared.clone(), cancel.clone()));
     if let Some(agent) = &shared.peer {
         tasks.spawn(crate::peer::agent::run(agent.clone(), cancel.clone()));
@@ -536,16 +543,32 @@ async fn client_with(
         }
         return;
     }
-    // Whatever is still leased was not given back cleanly: close it, never reuse it.
-    if !leases.is_empty() {
-        let mut pools = shared.lock();
-        for (_, l) in leases.drain() {
-            if let Some(p) = pools.get_mut(&l.key) {
-                p.lease_ended();
-                p.stats.discarded += 1;
-            }
-            shared.metrics.discard(Discard::LeaseLost);
+    // Whatever is still leased, the process never gave back: it ended (or closed its link)
+    // without close(). Judge each as a give-back, from what the daemon can verify.
+    for (_, l) in leases.drain() {
+        orphaned(&shared, l);
+    }
+}
+
+/// A lease whose process ended without giving it back (keep-alive clients that hold their
+/// connections until exit, `_exit`, a fatal signal). Nothing the process said can be
+/// trusted, so the socket goes through every check a clean `Release` gets (return check,
+/// quarantine, holders walk, proof); peer links are closed (the other function may still use
+/// the link) and `warm` pools never reuse.
+fn orphaned(shared: &Shared, l: Lease) {
+    if l.peer {
+        if let Some(p) = shared.lock().get_mut(&l.key) {
+            p.lease_ended();
+            p.stats.discarded += 1;
         }
+        shared.metrics.discard(Discard::LeaseLost);
+        return;
+    }
+    shared.metrics.orphans.fetch_add(1, Ordering::Relaxed);
+    if l.offered.is_some() && sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout).is_ok() {
+        unoffer(shared, l, Instant::now());
+    } else {
+        release(shared, l, Disposition::Clean);
     }
 }
 
@@ -967,8 +990,11 @@ fn release(shared: &Shared, l: Lease, disposition: Disposition) {
         Disposition::Clean if l.policy == Policy::Warm => Err(Discard::WarmPolicy),
         Disposition::Clean => sock::return_check(l.sock.fd.as_raw_fd(), l.at_handout),
     };
+    // A socket that carried no byte either way since hand-out is in the state it was handed
+    // out in: the holders check still runs, the protocol's proof is not needed.
+    let proof = verdict.is_ok() && sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout).is_err();
     let now = Instant::now();
-    settle(shared, l, verdict, &shared.metrics.returned, |pool, sock, created| pool.give_back(now, sock, created));
+    settle(shared, l, verdict, &shared.metrics.returned, |pool, sock, created| pool.give_back(now, sock, created, proof));
 }
 
 /// The end of a lease: with a good `verdict`, `keep` puts the socket back into its pool
@@ -981,9 +1007,6 @@ fn settle(
     kept: &std::sync::atomic::AtomicU64,
     keep: impl FnOnce(&mut Pool<PooledSock>, PooledSock, Instant) -> Result<(), (PooledSock, Discard)>,
 ) {
-    // sockstate: every give-back (release, unused offer) puts the socket's options back and
-    // checks its peer, after the checks that it is between exchanges.
-    let verdict = verdict.and_then(|()| crate::sockstate::reset(l.sock.fd.as_raw_fd(), l.key.dest, &l.sock.base));
     let mut pools = shared.lock();
     let Some(pool) = pools.get_mut(&l.key) else {
         shared.metrics.discard(Discard::PoolRemoved);
@@ -998,7 +1021,9 @@ fn settle(
     };
     match outcome {
         Ok(()) => {
+            drop(pools);
             kept.fetch_add(1, Ordering::Relaxed);
+            shared.check_wake.notify_one();
         }
         Err((s, why)) => {
             pool.stats.discarded += 1;
@@ -1115,7 +1140,7 @@ async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
             let mut pools = shared.lock();
             let forget_after = shared.config.auto.forget_after;
             pools.retain(|_, p| {
-                let unused = p.auto && now.duration_since(p.last_request) >= forget_after && p.counts().2 == 0;
+                let unused = p.auto && now.duration_since(p.last_request) >= forget_after && p.counts().2 == 0 && p.checking() == 0;
                 if unused {
                     discarded.extend(p.drain().into_iter().map(|s| (s, Discard::PoolRemoved)));
                 }

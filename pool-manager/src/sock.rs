@@ -45,11 +45,17 @@ pub enum Discard {
     PeerChanged,
     /// Socket options or file status flags the function set cannot be put back.
     Sockopt,
+    /// The end-of-exchange proof got other bytes than its reply (or more).
+    CheckFailed,
+    /// The end-of-exchange proof got no complete reply within `check_timeout`.
+    CheckTimeout,
+    /// Another process still holds the socket (an inherited or passed copy).
+    HeldElsewhere,
 }
 
 impl Discard {
     /// Every reason, for exporting zero counters.
-    pub const ALL: [Self; 17] = [
+    pub const ALL: [Self; 20] = [
         Self::Lifetime,
         Self::IdleTimeout,
         Self::PeerClosed,
@@ -67,6 +73,9 @@ impl Discard {
         Self::PoolRemoved,
         Self::PeerChanged,
         Self::Sockopt,
+        Self::CheckFailed,
+        Self::CheckTimeout,
+        Self::HeldElsewhere,
     ];
 
     /// Label value.
@@ -90,6 +99,9 @@ impl Discard {
             Self::PoolRemoved => "pool_removed",
             Self::PeerChanged => "peer_changed",
             Self::Sockopt => "sockopt",
+            Self::CheckFailed => "check_failed",
+            Self::CheckTimeout => "check_timeout",
+            Self::HeldElsewhere => "held_elsewhere",
         }
     }
 }

@@ -22,12 +22,15 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
     for k in keys {
         let p = &pools[&k];
         let (idle, quar, leased, connecting) = p.counts();
+        // Quarantined and under check: both on their way back, neither ready.
+        let quar = quar + p.checking();
+        let proto = p.settings.protocol.map_or(String::new(), |x| format!(":{}", x.name()));
         let cwnds: Vec<u32> = p.idle_sockets().map(|s| sock::cwnd(s.fd.as_raw_fd())).collect();
         let cwnd = if cwnds.is_empty() { "-".to_owned() } else { format!("{}", cwnds.iter().sum::<u32>() / cwnds.len() as u32) };
         let cg = if k.tenant.cgroup.is_empty() { "" } else { &k.tenant.cgroup };
         let _ = writeln!(
             out,
-            "{}:{}\t{}\t{}{}\t{idle}\t{quar}\t{leased}\t{connecting}\t{}\t{}\t{}\t{}\t{cwnd}",
+            "{}:{}\t{}\t{}{proto}{}\t{idle}\t{quar}\t{leased}\t{connecting}\t{}\t{}\t{}\t{}\t{cwnd}",
             k.tenant.uid,
             cg,
             k.dest,

@@ -64,12 +64,16 @@ fn curl_50_processes_share_at_most_two_connections_with_reuse() {
     }
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     prewarm(&d, &dest, 1);
     let url = nginx.url("/with-shim");
     let args = curl_args(&url);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     for i in 0..50 {
+        // Sequential invocations, each after the last one's socket is back from its checks
+        // (holders walk, proof: ~10-20 ms; back-to-back curls make the pool grow to 3).
+        let back = || !d.metrics().lines().any(|l| (l.contains("state=\"checking\"") || l.contains("state=\"quarantine\"")) && !l.ends_with(" 0"));
+        assert!(wait_until(Duration::from_secs(5), back), "{}", d.metrics());
         let out = ok_stdout(&shimmed(&d, "curl", &args), &format!("curl #{i}"));
         assert_eq!(out, "hello\n 200", "curl #{i}");
     }
@@ -136,7 +140,7 @@ fn python_blocking_and_asyncio_clients_work_through_the_pool() {
     }
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     prewarm(&d, &dest, 1);
     let script = client_script("http_get.py");
     let port = nginx.port.to_string();
@@ -160,7 +164,7 @@ fn pooled_connect_behaves_like_a_real_one() {
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
     // The script connects several times in quick succession: keep enough sockets ready.
-    let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nmin_idle = 6\n"));
+    let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = 6\n"));
     prewarm(&d, &dest, 6);
     let out = ok_stdout(
         &shimmed(&d, "python3", &[client_script("semantics.py").to_str().unwrap(), "127.0.0.1", &nginx.port.to_string()]),
@@ -224,7 +228,7 @@ fn programs_never_notice_a_missing_stopped_killed_or_hung_daemon() {
     };
 
     // Killed mid-run.
-    let mut d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let mut d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     prewarm(&d, &dest, 1);
     for i in 0..30 {
         if i == 10 {
@@ -238,7 +242,7 @@ fn programs_never_notice_a_missing_stopped_killed_or_hung_daemon() {
     run_all(&d, "no daemon");
 
     // Hung: stopped with SIGSTOP, it accepts nothing and answers nothing.
-    let mut d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let mut d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     prewarm(&d, &dest, 1);
     check(shimmed(&d, "curl", &args), "before SIGSTOP");
     d.kill(libc::SIGSTOP);
@@ -273,7 +277,7 @@ fn an_abandoned_reply_never_reaches_the_next_function() {
         assert_eq!(line.trim(), "ready");
     }
     let dest = format!("127.0.0.1:{port}");
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:unchecked")]);
     prewarm(&d, &dest, 1);
     let script = client_script("line_client.py");
     let p = port.to_string();
@@ -306,7 +310,7 @@ fn sockets_closed_by_the_server_are_dropped_and_the_next_function_gets_a_good_on
     }
     let nginx = Nginx::start_with("1s");
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     prewarm(&d, &dest, 1);
     let url = nginx.url("/idle");
     let args = curl_args(&url);
@@ -347,7 +351,7 @@ fn static_busybox_wget_is_served_from_the_pool_through_exec() {
     assert!(!ldd.contains("libc.so"), "{} is not a static binary: {ldd}", bb.display());
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     prewarm(&d, &dest, 1);
     let wget = |d: &Daemon, path: &str| {
         // busybox wget sends "Connection: close"; asking for keep-alive as well lets nginx keep

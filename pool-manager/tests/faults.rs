@@ -29,7 +29,7 @@ fn daemon_killed_mid_load_functions_keep_working_and_a_restarted_daemon_serves()
         return;
     }
     let nginx = Nginx::start();
-    let pool = format!("{}=reuse", nginx.addr());
+    let pool = format!("{}=reuse:http", nginx.addr());
     let mut daemon = Daemon::start(&["--pool", &pool]);
     let socket = daemon.socket.clone();
     let load = {
@@ -87,7 +87,7 @@ fn server_restart_behind_pooled_sockets_is_caught_before_hand_out() {
     }
     let mut nginx = Nginx::start();
     let daemon = Daemon::with_config(&format!(
-        "[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nmin_idle = 4\nmax_idle = 8\n",
+        "[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = 4\nmax_idle = 8\n",
         nginx.addr()
     ));
     for i in 0..3 {
@@ -114,7 +114,7 @@ fn threads_racing_connect_and_close_on_the_same_fd_numbers() {
         return;
     }
     let nginx = Nginx::start();
-    let daemon = Daemon::start(&["--pool", &format!("{}=reuse", nginx.addr())]);
+    let daemon = Daemon::start(&["--pool", &format!("{}=reuse:http", nginx.addr())]);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/race.py");
     let mut cmd = Command::new("python3");
     cmd.arg(script).args([&nginx.addr().port().to_string(), "8", "50"]);

@@ -554,7 +554,7 @@ fn thousand_concurrent_functions() {
     let nginx = Nginx::start_with_connections("75s", NGINX_WORKER_CONNECTIONS);
     let dest = nginx.addr().to_string();
     let d = Daemon::with_config(&format!(
-        "[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nmin_idle = {MIN_IDLE}\nmax_idle = {MAX_IDLE}\n\
+        "[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = {MIN_IDLE}\nmax_idle = {MAX_IDLE}\n\
          max_per_destination = {MAX_PER_DESTINATION}\n"
     ));
     let dir = TempDir::new();

@@ -16,7 +16,9 @@ const NOBODY: u32 = 65_534;
 /// The daemon configuration for one pooled destination. Every test here writes its pools
 /// through this function, so that a setting every reuse pool needs is one line to add.
 fn pool_toml(dest: &str, policy: &str) -> String {
-    format!("keep_window_when_idle = false\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"{policy}\"\nmin_idle = 1\n")
+    // A reuse pool names its protocol (every server here is nginx).
+    let protocol = if policy == "reuse" { "protocol = \"http\"\n" } else { "" };
+    format!("keep_window_when_idle = false\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"{policy}\"\n{protocol}min_idle = 1\n")
 }
 
 fn text(o: &Output) -> String {

@@ -107,7 +107,7 @@ fn allow_uids_serves_listed_uids_and_others_connect_themselves() {
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
     let port = nginx.port.to_string();
-    let d = Daemon::with_config(&format!("allow_uids = [0]\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nmin_idle = 1\n"));
+    let d = Daemon::with_config(&format!("allow_uids = [0]\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = 1\n"));
     let st = Staged::new();
     let nobody = Some((NOBODY, NOBODY));
 
@@ -195,7 +195,7 @@ fn allow_cgroups_serves_that_cgroup_and_below_and_refuses_others() {
     let allowed_name = cgroup_name(&allowed.0);
     for tenant in ["uid+cgroup", "uid"] {
         let d = Daemon::with_config(&format!(
-            "tenant = \"{tenant}\"\nallow_cgroups = [\"{allowed_name}\"]\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\n"
+            "tenant = \"{tenant}\"\nallow_cgroups = [\"{allowed_name}\"]\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"http\"\n"
         ));
         let sock = d.socket.to_str().unwrap().to_owned();
         // Inside the allowed cgroup and below it: served from the pool.
@@ -247,7 +247,7 @@ fn socket_mode_is_applied_and_a_uid_without_access_runs_without_the_pool() {
 
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
-    let d = Daemon::with_config(&format!("socket_mode = \"0660\"\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\n"));
+    let d = Daemon::with_config(&format!("socket_mode = \"0660\"\n\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"http\"\n"));
     assert_eq!(mode(&d), 0o660);
     let st = Staged::new();
     let sock = d.socket.to_str().unwrap().to_owned();

@@ -66,9 +66,9 @@ fn settled(d: &Daemon, n: f64) {
     assert!(wait_until(Duration::from_secs(5), done), "no give-back settled\n{}", d.metrics());
 }
 
-fn reuse_pool(dest: &str, min_idle: usize) -> Daemon {
+fn reuse_pool(dest: &str, protocol: &str, min_idle: usize) -> Daemon {
     Daemon::with_config(&format!(
-        "keep_window_when_idle = false\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nmin_idle = {min_idle}\nquarantine = \"1ms\"\n"
+        "keep_window_when_idle = false\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"{protocol}\"\nmin_idle = {min_idle}\nquarantine = \"1ms\"\n"
     ))
 }
 
@@ -81,7 +81,7 @@ fn options_a_function_set_never_reach_the_next_and_the_socket_is_still_reused() 
     let redis = Redis::start();
     let dest = redis.addr().to_string();
     let port = redis.addr().port().to_string();
-    let d = reuse_pool(&dest, 1);
+    let d = reuse_pool(&dest, "redis", 1);
     prewarm(&d, &dest, 1);
     let plain = run(None, &[], &["look", &port]).0;
     for round in 0..3 {
@@ -109,7 +109,7 @@ fn a_thousand_reuse_cycles_leak_no_option() {
     }
     let redis = Redis::start();
     let dest = redis.addr().to_string();
-    let d = reuse_pool(&dest, 1);
+    let d = reuse_pool(&dest, "redis", 1);
     prewarm(&d, &dest, 1);
     let out = shimmed(&d, &["cycles", &redis.addr().port().to_string(), "1000"]);
     assert_eq!(field(&out, "leaks"), "0", "{out}");
@@ -129,7 +129,7 @@ fn a_socket_whose_buffer_size_was_set_is_not_reused() {
     let redis = Redis::start();
     let dest = redis.addr().to_string();
     let port = redis.addr().port().to_string();
-    let d = reuse_pool(&dest, 1);
+    let d = reuse_pool(&dest, "redis", 1);
     for (how, reason) in [("raw", "sockopt"), ("libc", "implicit")] {
         prewarm(&d, &dest, 1);
         let before = d.metric(&format!("warmpool_discarded_total{{reason=\"{reason}\"}}"));
@@ -155,7 +155,7 @@ fn a_socket_reconnected_elsewhere_is_never_given_back() {
     let (n, m) = (Nginx::start(), Nginx::start());
     let dest = n.addr().to_string();
     let (np, mp) = (n.addr().port().to_string(), m.addr().port().to_string());
-    let d = reuse_pool(&dest, 1);
+    let d = reuse_pool(&dest, "http", 1);
     for how in ["libc", "raw"] {
         prewarm(&d, &dest, 1);
         let settled_before = d.metric("warmpool_returned_total") + d.metric("warmpool_discarded_total");
@@ -223,7 +223,7 @@ fn fd_cases_that_were_right_stay_right() {
     }
     let n = Nginx::start();
     let dest = n.addr().to_string();
-    let d = reuse_pool(&dest, 4);
+    let d = reuse_pool(&dest, "http", 4);
     prewarm(&d, &dest, 4);
     let out = shimmed(&d, &["fdcases", &n.addr().port().to_string()]);
     assert_eq!(field(&out, "done"), "7", "{out}");

@@ -100,7 +100,7 @@ fn takeover_keeps_pooled_sockets_and_leases() {
         return;
     }
     let nginx = Nginx::start();
-    let pool = format!("{}=reuse", nginx.addr());
+    let pool = format!("{}=reuse:http", nginx.addr());
     let mut old = Daemon::start(&["--pool", &pool]);
     // Two functions in a row: the pool now holds a socket that has served requests.
     for _ in 0..2 {
@@ -171,7 +171,7 @@ fn takeover_carries_a_cgroup_name_with_a_tab() {
         return;
     }
     let nginx = Nginx::start();
-    let pool = format!("{}=reuse", nginx.addr());
+    let pool = format!("{}=reuse:http", nginx.addr());
     let mut old = Daemon::start(&["--pool", &pool]);
     // (The kernel refuses a newline in a cgroup name; a tab and a space it takes.)
     let cg = Cgroup::new("fn\tx y");
@@ -235,7 +235,7 @@ fn a_successor_that_fails_before_its_commit_leaves_the_daemon_serving() {
         return;
     }
     let nginx = Nginx::start();
-    let pool = format!("{}=reuse", nginx.addr());
+    let pool = format!("{}=reuse:http", nginx.addr());
     let mut old = Daemon::start(&["--pool", &pool]);
     let holder = pooled_and_leased(&old, &nginx);
     assert!(wait_until(Duration::from_secs(3), || nginx.log_entries().iter().any(|e| e.2 == "/before")));
@@ -264,7 +264,7 @@ fn a_successor_that_vanishes_mid_handover_leaves_the_daemon_serving() {
     use pool_manager::wire::{self, Msg, Record};
     use std::os::fd::AsRawFd;
     let nginx = Nginx::start();
-    let pool = format!("{}=reuse", nginx.addr());
+    let pool = format!("{}=reuse:http", nginx.addr());
     let mut old = Daemon::start(&["--pool", &pool]);
     let holder = pooled_and_leased(&old, &nginx);
     assert!(wait_until(Duration::from_secs(3), || nginx.log_entries().iter().any(|e| e.2 == "/before")));

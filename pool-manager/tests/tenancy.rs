@@ -54,7 +54,7 @@ fn two_uids_never_receive_the_same_socket() {
     }
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     let st = Staged::new();
     let (a, b) = (64_101, 64_102);
     prewarm_as(&st, &d, a, &dest);
@@ -90,7 +90,7 @@ fn two_cgroups_of_one_uid_never_receive_the_same_socket() {
     }
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     let st = Staged::new();
     let (x, y) = (Cgroup::new("x"), Cgroup::new("y"));
     let uid = 64_103;
@@ -113,7 +113,7 @@ fn a_process_that_drops_root_is_served_as_its_new_uid() {
     }
     let nginx = Nginx::start();
     let dest = nginx.addr().to_string();
-    let d = Daemon::start(&["--pool", &format!("{dest}=reuse")]);
+    let d = Daemon::start(&["--pool", &format!("{dest}=reuse:http")]);
     let uid = 64_105;
     // Started as root (the shim opens its link at load time, as root), then drops to `uid`
     // before connecting, like a server's worker would.

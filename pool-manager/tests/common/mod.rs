@@ -565,8 +565,9 @@ pub fn shim_env(cmd: &mut Command, d: &Daemon) {
 // nginx
 // ---------------------------------------------------------------------------------------
 
-/// A single-process nginx on 127.0.0.1:<port> answering `200 "hello\n"` on every path,
-/// with an access log of `$connection $connection_requests $request_uri`.
+/// A single-process nginx on 127.0.0.1:<port> answering `200 "hello\n"` on every path but
+/// `/big` (20 KB of `B`, sent at 2 KB/s), with an access log of
+/// `$connection $connection_requests $request_uri`.
 #[derive(Debug)]
 pub struct Nginx {
     child: Child,
@@ -633,12 +634,18 @@ http {{
         location / {{
             return 200 "hello\n";
         }}
+        # 20 KB of 'B' at 2 KB/s: a body a function can give up on half-way.
+        location = /big {{
+            limit_rate 2k;
+            alias {d}/big;
+        }}
     }}
 }}
 "#
         );
         let conf = dir.join("nginx.conf");
         fs::write(&conf, conf_text).expect("write nginx.conf");
+        fs::write(dir.join("big"), vec![b'B'; 20_000]).expect("write big");
         let access_log = dir.join("access.log");
         let error_log = dir.join("error.log");
         let (out, err) = log_stdio(&dir.join("nginx.out"));
