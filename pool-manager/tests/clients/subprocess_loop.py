@@ -3,7 +3,7 @@
 usage: subprocess_loop.py HOST PORT N DAEMON_PID
 Each cycle: connect, one keep-alive GET, subprocess.run(["true"]) (CPython >= 3.10 spawns
 with vfork and closes every fd in the child with close_range), close. Prints
-"start <own fds> <daemon fds>" after the first cycle and "end <own fds> <daemon fds>" after
+"start <own fds> <daemon unix-socket fds>" after the first cycle and "end <own fds> <daemon unix-socket fds>" after
 the last, while this process still runs (a leaked link would still be open).
 """
 import os
@@ -16,8 +16,24 @@ from http_get import exchange
 host, port, n, daemon = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
 
+def unix_fds(pid):
+    """The fds of `pid` that are Unix sockets (the daemon's client links), not its pooled TCP
+    sockets, whose number moves with the pool's return path."""
+    with open("/proc/net/unix") as f:
+        unix = {line.split()[6] for line in f.readlines()[1:] if len(line.split()) > 6}
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in unix:
+            n += 1
+    return n
+
+
 def counts():
-    return len(os.listdir("/proc/self/fd")), len(os.listdir(f"/proc/{daemon}/fd"))
+    return len(os.listdir("/proc/self/fd")), unix_fds(daemon)
 
 
 def cycle(i):
