@@ -148,8 +148,11 @@ fn main() {
     cfg.keep_window_when_idle = false;
     let mut s = PoolSettings::with_policy(Policy::Reuse);
     s.min_idle = 4;
-    s.max_idle = 128;
-    s.max_per_destination = 256;
+    // Reused sockets are out of use while their return checks run (quarantine, the holders
+    // walk): a pool serves at most size / that time hand-outs per second (README, sizing).
+    let size = usize::try_from(arg("--pool-size", 128)).expect("a pool size that fits usize");
+    s.max_idle = size;
+    s.max_per_destination = 2 * size;
     s.quarantine = Duration::ZERO;
     s.protocol = Some(pool_manager::proof::Protocol::Http);
     cfg.add_pool(&pooled.to_string(), s).unwrap();
