@@ -168,8 +168,13 @@ fn a_socket_reconnected_elsewhere_is_never_given_back() {
             assert_eq!(field(&f2, "peer"), np, "{how}: a connect to {dest} reached another server\n{}", d.metrics());
         }
     }
-    assert!(d.metric("warmpool_discarded_total{reason=\"peer_changed\"}") >= 1.0, "{}", d.metrics());
-    assert_eq!(d.metric("warmpool_returned_total"), 4.0, "only the four plain functions gave back\n{}", d.metrics());
+    let peer_changed = || d.metric("warmpool_discarded_total{reason=\"peer_changed\"}");
+    assert!(wait_until(Duration::from_secs(5), || peer_changed() >= 1.0), "{}", d.metrics());
+    // The raw-syscall reconnect is invisible to the shim: its close() gives the socket back
+    // (counted returned) and the checker then discards it as peer_changed. Only the four plain
+    // functions' sockets went back into the pool.
+    let kept = d.metric("warmpool_returned_total") - d.metric("warmpool_discarded_total{reason=\"peer_changed\"}");
+    assert_eq!(kept, 4.0, "only the four plain functions gave back\n{}", d.metrics());
 }
 
 /// Case 14, the shim's half: options set before connect() that a pooled socket cannot have
