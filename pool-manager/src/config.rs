@@ -7,7 +7,7 @@ use crate::defaults;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -307,6 +307,16 @@ pub enum Lookup {
 }
 
 impl Config {
+    /// Whether any pool (configured, named, or `[auto]`) offers sockets to starting processes:
+    /// published next to the socket ([`prefetch_hint_path`]) so that the shim opens its link at
+    /// load time only when something can be offered.
+    #[must_use]
+    pub fn prefetches(&self) -> bool {
+        self.pools.values().any(|s| s.prefetch)
+            || self.names.iter().any(|(_, s)| s.prefetch)
+            || (self.auto.enabled && self.auto.settings.prefetch)
+    }
+
     /// Whether a client may use the pool under `allow_uids` and `allow_cgroups`; `Err` is the
     /// reason it may not, as told to the client.
     ///
@@ -693,3 +703,14 @@ max_lifetime = "10m"
 
 #[cfg(test)]
 mod tests;
+
+/// The prefetch hint: a file next to the socket (`<socket>.prefetch`) that exists while the
+/// daemon behind the socket has a prefetching pool. The shim checks it with one `access()` at
+/// load: a process starts its link (and takes offers) early only when that can pay off, and
+/// every other process links at its first `connect()` to a pooled destination, or never.
+#[must_use]
+pub fn prefetch_hint_path(socket: &Path) -> PathBuf {
+    let mut p = socket.as_os_str().to_owned();
+    p.push(".prefetch");
+    PathBuf::from(p)
+}

@@ -360,6 +360,7 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
             Some(r) => r.into_parts(),
             None => (server::bind(&path, cfg.socket_mode)?, Vec::new(), Vec::new()),
         };
+        publish_prefetch_hint(&path, cfg.prefetches());
         let cancel = CancellationToken::new();
         for (name, reason) in &cfg.unresolved {
             warn!(destination = %name, %reason, every = ?cfg.resolve_interval, "destination does not resolve yet; pooled once it does");
@@ -393,9 +394,27 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         }
         if shared.handed_over.load(std::sync::atomic::Ordering::Relaxed) {
             info!("handed over to a successor; the socket file stays");
-        } else if let Err(e) = std::fs::remove_file(&path) {
-            warn!(error = %e, "removing {}", path.display());
+        } else {
+            if let Err(e) = std::fs::remove_file(&path) {
+                warn!(error = %e, "removing {}", path.display());
+            }
+            publish_prefetch_hint(&path, false);
         }
         result.context("serving")
     })
+}
+
+/// Create or remove the prefetch hint next to the socket (see
+/// [`pool_manager::config::prefetch_hint_path`]). Best effort: without the hint, shims link
+/// at their first `connect()` and simply take no offers at load time.
+fn publish_prefetch_hint(socket: &std::path::Path, on: bool) {
+    let hint = pool_manager::config::prefetch_hint_path(socket);
+    let r = if on {
+        std::fs::File::create(&hint).map(drop)
+    } else {
+        std::fs::remove_file(&hint).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+    };
+    if let Err(e) = r {
+        warn!(error = %e, "prefetch hint {}", hint.display());
+    }
 }

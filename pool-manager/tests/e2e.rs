@@ -383,3 +383,48 @@ fn static_busybox_wget_is_served_from_the_pool_through_exec() {
     let o = wget(&d, "/static-no-daemon");
     assert_eq!(ok_stdout(&o, "busybox wget without a daemon"), "hello\n");
 }
+
+/// A process that connects nowhere costs the daemon nothing: with no prefetching pool there
+/// is no prefetch hint next to the socket, so the shim opens no link at load time (no client
+/// connection reaches the daemon); the first connect() to a pooled destination still links
+/// and is served. With a prefetching pool the hint exists while the daemon runs, a starting
+/// process links at load time (to take its offers), and the hint goes with the daemon.
+#[test]
+fn link_opens_at_load_only_when_the_daemon_prefetches() {
+    let nginx = Nginx::start();
+    let pool = format!("{}=reuse:http", nginx.addr());
+    let d = Daemon::start(&["--pool", &pool]);
+    let hint = d.socket.with_file_name("pool.sock.prefetch");
+    assert!(!hint.exists(), "no prefetching pool, yet a hint at {}", hint.display());
+    for _ in 0..5 {
+        ok_stdout(&shimmed(&d, "true", &[]), "true");
+        ok_stdout(&shimmed(&d, "sh", &["-c", "exit 0"]), "sh");
+    }
+    assert_eq!(d.metric("warmpool_clients_total"), 0.0, "processes that connect nowhere linked to the daemon:\n{}", d.log());
+    ok_stdout(&shimmed(&d, "curl", &["-sf", &nginx.url("/lazy")]), "curl");
+    assert_eq!(d.metric("warmpool_clients_total"), 1.0, "the first connect() to a pooled destination must link");
+    assert!(d.metric("warmpool_handouts_total") >= 1.0, "curl's connect was not asked for:\n{}", d.metrics());
+    drop(d);
+
+    let pool = format!("{}=reuse:http+prefetch", nginx.addr());
+    let mut d = Daemon::start(&["--pool", &pool]);
+    let hint = d.socket.with_file_name("pool.sock.prefetch");
+    assert!(hint.exists(), "a prefetching pool publishes {}", hint.display());
+    ok_stdout(&shimmed(&d, "true", &[]), "true");
+    assert!(wait_until(Duration::from_secs(5), || d.metric("warmpool_clients_total") >= 1.0), "no link at load time with a prefetching pool");
+    assert!(d.stop().success(), "daemon did not stop cleanly:\n{}", d.log());
+    assert!(!hint.exists(), "the hint outlived the daemon");
+}
+
+/// The library loads nothing but libc: std's unwinder (needed by the fail-open
+/// `catch_unwind` guards) is linked in statically rather than loading libgcc_s.so.1 into
+/// every process (about 70 µs each on the test VM; see preload/build.rs).
+#[test]
+fn preload_library_needs_only_libc() {
+    let out = Command::new("ldd").arg(preload_path()).output().expect("ldd");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ldd failed: {text}");
+    let libs: Vec<&str> = text.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(libs.iter().any(|l| l.starts_with("libc.so")), "no libc in {libs:?}");
+    assert!(!libs.iter().any(|l| l.contains("libgcc_s")), "libgcc_s is loaded again: {libs:?}");
+}

@@ -188,7 +188,8 @@ fn drop_link(st: &mut State) {
 
 fn open_link() -> Option<i32> {
     let settings = SETTINGS.get()?;
-    let path = &settings.socket_path;
+    crate::log::quiet_panics();
+    let path = &settings.socket_path[..=settings.socket_len];
     // SAFETY: sockaddr_un is plain old data.
     let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
     sun.sun_family = libc::AF_UNIX as libc::sa_family_t;

@@ -19,7 +19,12 @@
 //! `WARMPOOL_PREFETCH=0` (take no sockets offered at load time), `WARMPOOL_PASSTHROUGH=1`
 //! (intercept everything but never ask the daemon: measures the
 //! shim's own cost), `WARMPOOL_LAZY=1` (open the daemon link at the first `connect()`
-//! instead of at load time).
+//! even when the daemon prefetches).
+//!
+//! What every process pays at load is kept to reading the environment: no allocation, no
+//! file-system lookup but one `access()` of the daemon's prefetch hint. The link to the
+//! daemon opens at load time only when that hint says a pool offers sockets to starting
+//! processes; otherwise at the first `connect()` of an inet stream socket.
 
 mod client;
 mod exit;
@@ -37,8 +42,11 @@ use std::sync::OnceLock;
 /// Runtime settings read once from the environment at load time.
 #[derive(Debug)]
 struct Settings {
-    /// NUL-terminated socket path, as a `sockaddr_un` wants it.
-    socket_path: Vec<u8>,
+    /// The socket path, NUL-terminated, as a `sockaddr_un` wants it (fixed size: nothing
+    /// here allocates, so a process that never connects never initialises malloc for us).
+    socket_path: [u8; SUN_PATH],
+    /// Its length without the NUL.
+    socket_len: usize,
     /// Bound on a daemon answer.
     timeout_ms: u32,
     /// Intercept but never ask the daemon.
@@ -52,6 +60,11 @@ static LOG: AtomicBool = AtomicBool::new(false);
 /// Process-wide count of fds currently leased (skips table scans when zero).
 static ACTIVE: AtomicU32 = AtomicU32::new(0);
 
+/// `sizeof(sockaddr_un.sun_path)`.
+const SUN_PATH: usize = 108;
+/// What the daemon appends to its socket path for the prefetch hint (see
+/// `pool_manager::config::prefetch_hint_path`).
+const PREFETCH_HINT_SUFFIX: &[u8] = b".prefetch";
 const DEFAULT_SOCKET: &str = "/run/warmpool/pool.sock";
 const DEFAULT_TIMEOUT_MS: u32 = 50;
 
@@ -73,11 +86,31 @@ fn truthy(v: Option<&[u8]>) -> bool {
 
 /// The pool manager must never ask itself for sockets (a preload environment inherited by
 /// the daemon, e.g. from `pool-manager exec`, would otherwise loop through its own socket).
+/// The file name the kernel executed (`AT_EXECFN`, in the auxiliary vector: no system call;
+/// `readlink("/proc/self/exe")` cost every process about 15 µs).
 fn is_the_daemon() -> bool {
-    let mut buf = [0u8; 512];
-    // SAFETY: readlink into our buffer, at most its length.
-    let n = unsafe { libc::readlink(c"/proc/self/exe".as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-    n > 0 && buf[..n as usize].rsplit(|b| *b == b'/').next() == Some(b"pool-manager".as_slice())
+    // SAFETY: getauxval has no preconditions.
+    let p = unsafe { libc::getauxval(libc::AT_EXECFN) } as *const libc::c_char;
+    if p.is_null() {
+        return false;
+    }
+    // SAFETY: AT_EXECFN points at the NUL-terminated file name on the initial stack.
+    let name = unsafe { CStr::from_ptr(p) }.to_bytes();
+    name.rsplit(|b| *b == b'/').next() == Some(b"pool-manager".as_slice())
+}
+
+/// Whether the daemon behind `path` has a prefetching pool (its hint file exists): one
+/// `access()`, no allocation.
+fn daemon_prefetches(path: &[u8]) -> bool {
+    let mut hint = [0u8; SUN_PATH + 16];
+    let n = path.len();
+    if n + PREFETCH_HINT_SUFFIX.len() >= hint.len() {
+        return false;
+    }
+    hint[..n].copy_from_slice(path);
+    hint[n..n + PREFETCH_HINT_SUFFIX.len()].copy_from_slice(PREFETCH_HINT_SUFFIX);
+    // SAFETY: hint is NUL-terminated (zero-filled beyond what we copied).
+    unsafe { libc::access(hint.as_ptr().cast(), libc::F_OK) == 0 }
 }
 
 extern "C" fn init() {
@@ -92,20 +125,28 @@ fn init_inner() {
         return;
     }
     real::resolve();
-    let mut socket_path = env(c"WARMPOOL_SOCKET").unwrap_or(DEFAULT_SOCKET.as_bytes()).to_vec();
-    socket_path.push(0);
+    let path = env(c"WARMPOOL_SOCKET").unwrap_or(DEFAULT_SOCKET.as_bytes());
+    if path.is_empty() || path.len() >= SUN_PATH {
+        return; // a path no sockaddr_un can hold: the shim stays off
+    }
+    let mut socket_path = [0u8; SUN_PATH];
+    socket_path[..path.len()].copy_from_slice(path);
+    let socket_len = path.len();
     let timeout_ms = env(c"WARMPOOL_TIMEOUT_MS")
         .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
         .unwrap_or(DEFAULT_TIMEOUT_MS)
         .clamp(1, 10_000);
     let passthrough = truthy(env(c"WARMPOOL_PASSTHROUGH"));
-    if SETTINGS.set(Settings { socket_path, timeout_ms, passthrough }).is_err() {
+    if SETTINGS.set(Settings { socket_path, socket_len, timeout_ms, passthrough }).is_err() {
         return;
     }
     owner::claim();
     client::install_fork_handlers();
     OFF.store(false, Ordering::Release);
-    if !passthrough && !truthy(env(c"WARMPOOL_LAZY")) {
+    // The link opens at load time only when the daemon has something to offer a starting
+    // process (its prefetch hint); otherwise at the first connect() to a pooled destination,
+    // so a process that connects nowhere costs the daemon nothing.
+    if !passthrough && !truthy(env(c"WARMPOOL_LAZY")) && daemon_prefetches(path) {
         // WARMPOOL_PREFETCH=0: open the link, but take no offers.
         client::open_early(env(c"WARMPOOL_PREFETCH") != Some(b"0".as_slice()));
     }

@@ -30,3 +30,16 @@ macro_rules! wlog {
     };
 }
 pub(crate) use wlog;
+
+/// Make a panic inside the library silent (it is caught, and the program's own call runs):
+/// std's default hook would print to the program's stderr. The hook belongs to this
+/// library's copy of std only. Installed once, when the library first does real work (its
+/// link to the daemon), so that processes that never connect pay nothing for it.
+pub(crate) fn quiet_panics() {
+    static DONE: std::sync::Once = std::sync::Once::new();
+    DONE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            wlog!("internal error (the program's own call runs instead): {info}");
+        }));
+    });
+}
