@@ -17,5 +17,7 @@ fn main() {
             .expect("writing the linker script");
         println!("cargo:rustc-link-search=native={}", dir.display());
     }
+    // Only the dynamic symbols (the interposed calls) matter to a process loading us.
+    println!("cargo:rustc-cdylib-link-arg=-Wl,--strip-all");
     println!("cargo:rerun-if-changed=build.rs");
 }
