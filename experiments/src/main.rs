@@ -50,7 +50,7 @@ enum Cmd {
         /// Configurations, comma-separated.
         #[arg(
             long,
-            default_value = "baseline,dummy-shim,warm,reuse,prefetch,empty-preload,nginx-keepalive,haproxy,true-baseline,true-empty-preload,true-shim",
+            default_value = "baseline,dummy-shim,warm,reuse,prefetch,empty-preload,nginx-keepalive,haproxy,true-baseline,true-empty-preload,true-shim,true-shim-prefetch",
             value_delimiter = ','
         )]
         configs: Vec<reuse::Config>,

@@ -41,8 +41,12 @@ pub(crate) enum Config {
     TrueBaseline,
     /// `/bin/true` under the empty preload library.
     TrueEmptyPreload,
-    /// `/bin/true` under the shim, linked to the prefetch pool's daemon.
+    /// `/bin/true` under the shim, with the reuse pool's daemon (no prefetching pool: the
+    /// shim does not link at load time).
     TrueShim,
+    /// `/bin/true` under the shim, with the prefetch pool's daemon (every starting process
+    /// links at load time to take its offers).
+    TrueShimPrefetch,
 }
 
 impl Config {
@@ -59,11 +63,12 @@ impl Config {
             Self::TrueBaseline => "true-baseline",
             Self::TrueEmptyPreload => "true-empty-preload",
             Self::TrueShim => "true-shim",
+            Self::TrueShimPrefetch => "true-shim-prefetch",
         }
     }
     /// Whether the function connects (and reports connect → close); the `true-*` ones do not.
     pub(crate) fn connects(self) -> bool {
-        !matches!(self, Self::TrueBaseline | Self::TrueEmptyPreload | Self::TrueShim)
+        !matches!(self, Self::TrueBaseline | Self::TrueEmptyPreload | Self::TrueShim | Self::TrueShimPrefetch)
     }
     /// Median from the source study (two CloudLab m510 nodes, 10 GbE), µs.
     pub(crate) fn source_median_us(self) -> Option<f64> {
@@ -265,7 +270,8 @@ impl Setup<'_> {
             Config::Haproxy => (Some(self.haproxy.context("haproxy not started")?), vec![]),
             Config::TrueBaseline => (None, vec![]),
             Config::TrueEmptyPreload => (None, empty()?),
-            Config::TrueShim => (None, shim(self.prefetch)),
+            Config::TrueShim => (None, shim(self.reuse)),
+            Config::TrueShimPrefetch => (None, shim(self.prefetch)),
         };
         let (program, args) = match target {
             Some(t) => (self.exe.clone(), vec!["function".into(), t.to_string().into()]),

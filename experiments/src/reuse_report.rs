@@ -195,7 +195,7 @@ fn noconnect_table(md: &mut String, run: &Run<'_>) {
     }
     let _ = writeln!(
         md,
-        "\n`true-shim` runs under the shim linked to the prefetch pool's daemon, as a shell helper of a deployed function would.\n"
+        "\n`true-shim` runs under the shim with the reuse pool's daemon (nothing prefetches, so the shim links at the first pooled connect(), here never); `true-shim-prefetch` with the prefetch pool's daemon (every starting process links at load time to take its offers).\n"
     );
 }
 

@@ -44,7 +44,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Every configuration of `experiments reuse`, in its default order.
-const REUSE_CONFIGS: [&str; 11] = [
+const REUSE_CONFIGS: [&str; 12] = [
     "baseline",
     "dummy-shim",
     "warm",
@@ -56,6 +56,7 @@ const REUSE_CONFIGS: [&str; 11] = [
     "true-baseline",
     "true-empty-preload",
     "true-shim",
+    "true-shim-prefetch",
 ];
 
 /// The numbers in the summary's table row that starts with `| name |`.
@@ -90,7 +91,7 @@ fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
     }
     let polylines = |f: &str| std::fs::read_to_string(out.join(f)).unwrap().matches("<polyline").count();
     assert_eq!(polylines("reuse_cdf.svg"), 8, "connect → close: the configurations that connect");
-    assert_eq!(polylines("reuse_function_cdf.svg"), 11, "whole function: every configuration");
+    assert_eq!(polylines("reuse_function_cdf.svg"), 12, "whole function: every configuration");
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(summary.contains("| reuse |") && summary.contains("RTT 200µs"), "{summary}");
     // Both metrics per connecting configuration, /bin/true's against the empty preload library.
