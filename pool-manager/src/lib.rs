@@ -26,6 +26,7 @@ pub mod peer;
 pub mod pool;
 pub mod proof;
 pub mod server;
+pub mod sizing;
 pub mod sock;
 pub mod sockstate;
 pub mod status;

@@ -369,7 +369,10 @@ fn static_busybox_wget_is_served_from_the_pool_through_exec() {
     for i in 0..5 {
         let o = wget(&d, &format!("/static{i}"));
         assert_eq!(ok_stdout(&o, "busybox wget"), "hello\n", "invocation {i}");
-        std::thread::sleep(Duration::from_millis(20));
+        // Until the given-back socket has passed the return path (a fixed sleep was flaky
+        // on a loaded machine).
+        let back = f64::from(i + 1);
+        assert!(wait_until(Duration::from_secs(5), || d.metric("warmpool_checked_idle_total") >= back), "{}", d.metrics());
     }
     let conns: HashSet<u64> =
         nginx.connections().iter().filter(|(_, u)| u.starts_with("/static")).map(|(c, _)| *c).collect();
