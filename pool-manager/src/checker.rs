@@ -125,15 +125,18 @@ fn collect(shared: &Shared, now: Instant) -> (Vec<Job>, Option<Instant>) {
 async fn walk(shared: &Shared, mut jobs: Vec<Job>) -> Vec<Job> {
     let inodes: Vec<Option<u64>> =
         jobs.iter().map(|j| if j.needs.holders { holders::socket_inode(j.idle.sock.fd.as_raw_fd()) } else { None }).collect();
-    let wanted: HashSet<u64> = inodes.iter().flatten().copied().collect();
-    if wanted.is_empty() {
+    let socks: Vec<(std::os::fd::RawFd, u64)> =
+        jobs.iter().zip(&inodes).filter_map(|(j, ino)| ino.map(|i| (j.idle.sock.fd.as_raw_fd(), i))).collect();
+    if socks.is_empty() {
         return jobs;
     }
     let me = std::process::id();
-    let (found, stats) = tokio::task::spawn_blocking(move || holders::find_holders(&wanted, me)).await.unwrap_or_else(|_| {
-        // The walk panicked: nothing is proved, so every socket counts as held.
-        (inodes.iter().flatten().copied().collect(), holders::WalkStats::default())
+    let asked = socks.clone();
+    let (held, stats) = tokio::task::spawn_blocking(move || holders::find_held(&asked, me)).await.unwrap_or_else(|_| {
+        // The check panicked: nothing is proved, so every socket counts as held.
+        (vec![true; socks.len()], holders::WalkStats::default())
     });
+    let found: HashSet<u64> = socks.iter().zip(&held).filter(|(_, h)| **h).map(|((_, ino), _)| *ino).collect();
     shared.metrics.observe_holders_walk(&stats);
     for (job, ino) in jobs.iter_mut().zip(&inodes) {
         if ino.is_some_and(|i| found.contains(&i)) {

@@ -13,10 +13,18 @@
 //! namespace (`hostPID` in a container) and may read every process's `/proc/PID/fd`
 //! (root, or `CAP_SYS_PTRACE`); a process it cannot read counts as holding nothing. Blocking
 //! file-system work: run it with `spawn_blocking`.
+//!
+//! Preferred over the walk, where the daemon may load BPF programs: the kernel's own answer,
+//! each socket's file reference count ([`crate::filerefs`]), which has none of these limits
+//! and needs no waiting. [`find_held`] uses it when it loads and walks `/proc` otherwise
+//! (`WARMPOOL_HOLDERS=proc` forces the walk, for comparison).
 
+use crate::filerefs::FileRefs;
 use std::collections::HashSet;
 use std::os::fd::RawFd;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use tracing::{info, warn};
 
 /// The inode of a socket (what `/proc/PID/fd/N` links to as `socket:[inode]`).
 #[must_use]
@@ -41,6 +49,56 @@ pub struct WalkStats {
     pub fds: usize,
     /// Wall time.
     pub elapsed: Duration,
+    /// Answered by the kernel's reference counts (no walk).
+    pub kernel: bool,
+}
+
+static KERNEL: OnceLock<Option<FileRefs>> = OnceLock::new();
+
+/// The kernel's reference counts, loaded on first use (once per daemon process).
+fn kernel() -> Option<&'static FileRefs> {
+    KERNEL
+        .get_or_init(|| {
+            if std::env::var_os("WARMPOOL_HOLDERS").is_some_and(|v| v == "proc") {
+                info!("holders check: walking /proc (WARMPOOL_HOLDERS=proc)");
+                return None;
+            }
+            match FileRefs::load() {
+                Ok(r) => {
+                    info!(count = r.kind(), "holders check: file reference counts from the kernel (BPF iterator)");
+                    Some(r)
+                }
+                Err(e) => {
+                    warn!(error = %e, "holders check: BPF iterator unavailable, walking /proc instead");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// Whether the holders check is answered by the kernel (loads the iterator if not yet).
+#[must_use]
+pub fn by_kernel() -> bool {
+    kernel().is_some()
+}
+
+/// Which of `socks` (this process's fds, each with its socket inode) some other process
+/// holds, or a message in flight carries: one pass over our own file reference counts, or
+/// one walk of `/proc` without BPF.
+#[must_use]
+pub fn find_held(socks: &[(RawFd, u64)], exclude_pid: u32) -> (Vec<bool>, WalkStats) {
+    let started = Instant::now();
+    if let Some(k) = kernel() {
+        let fds: Vec<RawFd> = socks.iter().map(|(fd, _)| *fd).collect();
+        match k.held(&fds) {
+            Ok(held) => return (held, WalkStats { processes: 1, fds: fds.len(), elapsed: started.elapsed(), kernel: true, ..WalkStats::default() }),
+            Err(e) => warn!(error = %e, "holders check: reading the iterator failed; walking /proc this time"),
+        }
+    }
+    let wanted: HashSet<u64> = socks.iter().map(|(_, ino)| *ino).collect();
+    let (found, stats) = find_holders(&wanted, exclude_pid);
+    (socks.iter().map(|(_, ino)| found.contains(ino)).collect(), stats)
 }
 
 /// The inodes of `wanted` that some process other than `exclude_pid` holds.

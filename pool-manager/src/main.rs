@@ -361,6 +361,9 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
             None => (server::bind(&path, cfg.socket_mode)?, Vec::new(), Vec::new()),
         };
         publish_prefetch_hint(&path, cfg.prefetches());
+        // Load the holders check's BPF iterator now (it logs which method is used), not in
+        // the first give-back's return path.
+        let _ = pool_manager::holders::by_kernel();
         let cancel = CancellationToken::new();
         for (name, reason) in &cfg.unresolved {
             warn!(destination = %name, %reason, every = ?cfg.resolve_interval, "destination does not resolve yet; pooled once it does");

@@ -70,6 +70,7 @@ pub struct Metrics {
     holders_walk_ns: AtomicU64,
     holders_last_processes: AtomicU64,
     holders_last_fds: AtomicU64,
+    holders_kernel: AtomicU64,
 }
 
 impl Metrics {
@@ -105,6 +106,7 @@ impl Metrics {
         self.holders_walk_ns.fetch_add(w.elapsed.as_nanos() as u64, Ordering::Relaxed);
         self.holders_last_processes.store(w.processes as u64, Ordering::Relaxed);
         self.holders_last_fds.store(w.fds as u64, Ordering::Relaxed);
+        self.holders_kernel.store(u64::from(w.kernel), Ordering::Relaxed);
     }
 
     /// Record one hand-out's daemon-side latency.
@@ -168,7 +170,7 @@ pub fn render(shared: &Shared) -> String {
     );
     let _ = writeln!(o, "# TYPE warmpool_orphaned_leases_total counter");
     let _ = writeln!(o, "warmpool_orphaned_leases_total {}", c(&m.orphans));
-    let _ = writeln!(o, "# HELP warmpool_holders_walks_total Walks of /proc proving no other process holds a given-back socket.");
+    let _ = writeln!(o, "# HELP warmpool_holders_walks_total Holders checks (one per batch) proving no other process holds a given-back socket.");
     let _ = writeln!(o, "# TYPE warmpool_holders_walks_total counter");
     let _ = writeln!(o, "warmpool_holders_walks_total {}", c(&m.holders_walks));
     let _ = writeln!(o, "# TYPE warmpool_holders_walk_seconds_total counter");
@@ -177,6 +179,9 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "# TYPE warmpool_holders_walk_last gauge");
     let _ = writeln!(o, "warmpool_holders_walk_last{{what=\"processes\"}} {}", c(&m.holders_last_processes));
     let _ = writeln!(o, "warmpool_holders_walk_last{{what=\"fds\"}} {}", c(&m.holders_last_fds));
+    let _ = writeln!(o, "# HELP warmpool_holders_by_kernel 1 if the last holders check read the kernel's file reference counts (BPF iterator), 0 if it walked /proc.");
+    let _ = writeln!(o, "# TYPE warmpool_holders_by_kernel gauge");
+    let _ = writeln!(o, "warmpool_holders_by_kernel {}", c(&m.holders_kernel));
     let _ = writeln!(o, "# TYPE warmpool_connects_total counter");
     let _ = writeln!(o, "warmpool_connects_total{{result=\"ok\"}} {}", c(&m.connects_ok));
     let _ = writeln!(o, "warmpool_connects_total{{result=\"failed\"}} {}", c(&m.connects_failed));

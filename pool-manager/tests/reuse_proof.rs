@@ -49,7 +49,15 @@ fn reused(d: &Daemon) -> f64 {
 
 /// A daemon with a reuse pool for `dest`, prewarmed for this test's tenant (one idle socket).
 fn daemon(dest: &str, protocol: &str) -> Daemon {
-    let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"{protocol}\"\nmin_idle = 1\n"));
+    daemon_with_env(dest, protocol, &[])
+}
+
+/// `daemon`, with extra environment variables for the daemon.
+fn daemon_with_env(dest: &str, protocol: &str, env: &[(&str, &str)]) -> Daemon {
+    let dir = TempDir::new();
+    let cfg = dir.join("pool.toml");
+    std::fs::write(&cfg, format!("[[pool]]\ndestination = \"{dest}\"\npolicy = \"reuse\"\nprotocol = \"{protocol}\"\nmin_idle = 1\n")).unwrap();
+    let d = Daemon::start_with_env(&["--config", cfg.to_str().unwrap()], env);
     let o = Command::new(pool_manager_bin()).args(["prewarm", "--socket"]).arg(&d.socket).arg(dest).env_remove("LD_PRELOAD").output().unwrap();
     assert!(o.status.success(), "prewarm: {}", String::from_utf8_lossy(&o.stderr));
     let idle = format!("warmpool_pool_sockets{{dest=\"{dest}\"");
@@ -278,15 +286,29 @@ fn compile(src: &str, dir: &TempDir) -> PathBuf {
     out
 }
 
-/// Case 09: a socket a `system()` helper inherited (and uses later) is never reused.
+/// Case 09: a socket a `system()` helper inherited (and uses later) is never reused; proved
+/// by the kernel's file reference counts (root: the BPF iterator loads).
 #[test]
 fn socket_inherited_through_system_is_never_reused() {
-    if !require_tool("nginx") || !require_tool("cc") || !require_tool("python3") {
+    if !require_root("holders from the kernel") {
         return;
     }
+    let d = system_inherit_case(&[]);
+    assert_eq!(d.metric("warmpool_holders_by_kernel"), 1.0, "the BPF iterator should answer as root:\n{}", d.log());
+}
+
+/// Case 09 again with the `/proc` walk (`WARMPOOL_HOLDERS=proc`), the fallback where the
+/// daemon may not load BPF programs.
+#[test]
+fn socket_inherited_through_system_is_never_reused_walking_proc() {
+    let d = system_inherit_case(&[("WARMPOOL_HOLDERS", "proc")]);
+    assert_eq!(d.metric("warmpool_holders_by_kernel"), 0.0);
+}
+
+fn system_inherit_case(env: &[(&str, &str)]) -> Daemon {
     let nginx = Nginx::start();
     let port = nginx.port.to_string();
-    let d = daemon(&nginx.addr().to_string(), "http");
+    let d = daemon_with_env(&nginx.addr().to_string(), "http", env);
     let dir = TempDir::new();
     let f1 = compile("system_inherit.c", &dir);
     let n = cycles(10);
@@ -302,6 +324,7 @@ fn socket_inherited_through_system_is_never_reused() {
         assert!(!out.contains("sent-by-f1-helper"));
     }
     assert!(discarded(&d, "held_elsewhere") >= n as f64, "{}", d.metrics());
+    d
 }
 
 /// Case 11: under `pool-manager exec`, a socket a setsid helper keeps is never reused.
