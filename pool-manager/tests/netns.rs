@@ -8,8 +8,9 @@
 
 mod common;
 
+use common::pyhttp::PyServer;
 use common::*;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -101,81 +102,6 @@ fn handouts(d: &Daemon) -> f64 {
     d.metric("warmpool_handouts_total{kind=\"warm\"}") + d.metric("warmpool_handouts_total{kind=\"reuse\"}")
 }
 
-/// A python3 HTTP/1.1 keep-alive server on `addr:port` that logs `conn <peer ip>` per
-/// accepted connection and `req <peer ip>` per request.
-struct PyServer {
-    child: std::process::Child,
-    log: PathBuf,
-    _dir: TempDir,
-}
-
-const PY_SERVER: &str = r#"
-import socket, sys, threading
-addr, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-lock = threading.Lock()
-def note(s):
-    with lock, open(log, "a") as f:
-        f.write(s + "\n")
-def serve(c, peer):
-    note("conn " + peer[0])
-    buf = b""
-    try:
-        while True:
-            d = c.recv(4096)
-            if not d:
-                return
-            buf += d
-            while b"\r\n\r\n" in buf:
-                _, buf = buf.split(b"\r\n\r\n", 1)
-                note("req " + peer[0])
-                c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nhello\n")
-    finally:
-        c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((addr, port))
-s.listen(128)
-open(log + ".ready", "w").close()
-while True:
-    c, peer = s.accept()
-    threading.Thread(target=serve, args=(c, peer), daemon=True).start()
-"#;
-
-impl PyServer {
-    fn start(addr: &str, port: u16) -> PyServer {
-        let dir = TempDir::new();
-        let script = dir.join("server.py");
-        std::fs::write(&script, PY_SERVER).expect("write server.py");
-        let log = dir.join("server.log");
-        let child = Command::new(SYSTEM_PYTHON)
-            .arg(&script)
-            .args([addr, &port.to_string()])
-            .arg(&log)
-            .env_remove("LD_PRELOAD")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn python3 server");
-        let ready = PathBuf::from(format!("{}.ready", log.display()));
-        assert!(wait_until(Duration::from_secs(10), || ready.exists()), "python3 server did not start");
-        PyServer { child, log, _dir: dir }
-    }
-
-    /// (kind, peer address) lines.
-    fn lines(&self) -> Vec<(String, String)> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())))
-            .collect()
-    }
-}
-
-impl Drop for PyServer {
-    fn drop(&mut self) {
-        terminate_child(&mut self.child, Duration::from_secs(2));
-    }
-}
-
 fn daemon(extra: &str) -> Daemon {
     Daemon::with_config(&format!("keep_window_when_idle = false\n{extra}\n[auto]\nenabled = true\npolicy = \"warm\"\n"))
 }
@@ -234,8 +160,8 @@ fn the_server_sees_the_clients_own_address() {
     let d = daemon("");
     run_until_handouts(&ns, &d, &url, 3.0);
     let lines = srv.lines();
-    assert!(lines.iter().any(|(k, _)| k == "req"), "{lines:?}");
-    let foreign: Vec<_> = lines.iter().filter(|(_, a)| a != "198.18.101.2").collect();
+    assert!(lines.iter().any(|(k, _, _)| k == "req"), "{lines:?}");
+    let foreign: Vec<_> = lines.iter().filter(|(_, a, _)| a != "198.18.101.2").collect();
     assert!(foreign.is_empty(), "connections from another address than the namespace's: {foreign:?}");
 }
 
