@@ -35,10 +35,17 @@ declare -A CHECK=(
     [python3-yaml]=""
     [systemd]="systemd-analyze"
     [haproxy]="haproxy"
+    [podman]="podman"
+    [runc]="runc"
+    [mmdebstrap]="mmdebstrap"
+    [containernetworking-plugins]=""
+    [iptables]="iptables"
+    [uidmap]="newuidmap"
 )
 ORDER=(nginx-light redis-server redis-tools curl python3 busybox-static iproute2 nftables
        util-linux procps ca-certificates build-essential pkg-config librsvg2-bin bpftool
-       python3-venv g++ python3-yaml systemd haproxy)
+       python3-venv g++ python3-yaml systemd haproxy
+       podman runc mmdebstrap containernetworking-plugins iptables uidmap)
 
 have_cmd() {
     local c=$1

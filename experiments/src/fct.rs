@@ -167,7 +167,7 @@ struct Cg(PathBuf);
 
 impl Cg {
     fn new(name: &str) -> Result<Self> {
-        let dir = shim_user::assist::own_cgroup_dir()?.join(format!("warmpool-fct-{}-{name}", std::process::id()));
+        let dir = tenancy::cgroup::own_cgroup_dir()?.join(format!("warmpool-fct-{}-{name}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
         Ok(Self(dir))
     }

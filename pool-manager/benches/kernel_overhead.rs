@@ -24,7 +24,7 @@ fn main() {
     }
     let args: Vec<String> = std::env::args().collect();
     let iters: usize = args.iter().position(|a| a == "--iters").and_then(|i| args.get(i + 1)?.parse().ok()).unwrap_or(20_000);
-    let cg = shim_user::assist::own_cgroup_dir().expect("own cgroup").join(format!("warmpool-bench-{}", std::process::id()));
+    let cg = tenancy::cgroup::own_cgroup_dir().expect("own cgroup").join(format!("warmpool-bench-{}", std::process::id()));
     std::fs::create_dir_all(&cg).expect("create cgroup");
     std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

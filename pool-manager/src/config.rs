@@ -258,6 +258,9 @@ pub struct Config {
     pub unresolved: Vec<(String, String)>,
     /// How often `names` are resolved again.
     pub resolve_interval: Duration,
+    /// How long a network namespace other than the daemon's keeps its pools (and the thread
+    /// that makes its sockets) after its last client went away.
+    pub netns_linger: Duration,
     /// Peer links (`[peer]`), when this node takes part in a job.
     pub peer: Option<PeerSettings>,
 }
@@ -283,6 +286,7 @@ impl Default for Config {
             names: Vec::new(),
             unresolved: Vec::new(),
             resolve_interval: defaults::RESOLVE_INTERVAL,
+            netns_linger: defaults::NETNS_LINGER,
             kernel: Kernel {
                 assist: AssistMode::Off,
                 cgroups: vec![],
@@ -465,6 +469,9 @@ impl Config {
                 return Err(ConfigError::Invalid { field: "resolve_interval".into(), reason: "must be at least 10ms".into() });
             }
         }
+        if let Some(l) = file.netns_linger {
+            c.netns_linger = parse_duration("netns_linger", &l)?;
+        }
         if let Some(m) = file.socket_mode {
             c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).ok().filter(|v| *v <= 0o777).ok_or_else(|| {
                 ConfigError::Invalid { field: "socket_mode".into(), reason: format!("{m:?} is not octal permission bits like \"0660\"") }
@@ -538,6 +545,7 @@ struct FileConfig {
     socket: Option<PathBuf>,
     socket_mode: Option<String>,
     resolve_interval: Option<String>,
+    netns_linger: Option<String>,
     metrics: Option<String>,
     metrics_tenant_labels: Option<bool>,
     tenant: Option<TenantBy>,
@@ -682,6 +690,7 @@ tenant = "uid+cgroup"
 keep_window_when_idle = true
 # metrics = "127.0.0.1:9464"  # Prometheus /metrics and /ready (off unless set or --metrics)
 metrics_tenant_labels = false # true: per-pool series labelled with destination, uid, cgroup
+netns_linger = "5s"           # pools of another network namespace close this long after its last client
 
 [kernel]
 assist = "off"              # off | auto | on: eBPF learned initial windows (see README)

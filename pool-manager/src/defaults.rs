@@ -95,6 +95,9 @@ pub const MAX_PREFETCH: usize = 8;
 /// are pooled from then on; a name that did not resolve at start is pooled once it does).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How long another network namespace's pools outlive its last client (`netns_linger`).
+pub const NETNS_LINGER: Duration = Duration::from_secs(5);
+
 /// Bound on a given-back socket's end-of-exchange proof (send, whole reply, quiet window). A
 /// server that has not answered a one-line request within a second is not one to reuse a
 /// connection to; a socket under check is only unavailable, nobody waits for it.

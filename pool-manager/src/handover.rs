@@ -124,7 +124,7 @@ async fn offer(shared: &Shared, conn: &AsyncFd<OwnedFd>, idle: &[(PoolKey, Idle<
         return Err(gone());
     }
     let (mut n_idle, mut n_clients, mut n_leases) = (0u32, 0u32, 0u32);
-    for (k, i) in idle.iter().filter(|(k, _)| k.tenant.cgroup.len() <= MAX_CGROUP) {
+    for (k, i) in idle.iter().filter(|(k, _)| k.tenant.cgroup.len() <= MAX_CGROUP && k.tenant.netns.is_none()) {
         let dest = Dest::from_socket_addr(k.dest);
         let rec = Record::Idle { uid: k.tenant.uid, cgroup: k.tenant.cgroup.as_bytes(), dest, reuse: i.source == Source::Reuse, age_ms: age(i.created) };
         if !send(rec, Some(i.sock.fd.as_raw_fd())).await {
@@ -134,7 +134,9 @@ async fn offer(shared: &Shared, conn: &AsyncFd<OwnedFd>, idle: &[(PoolKey, Idle<
     }
     // (A cgroup path longer than the kernel's PATH_MAX cannot be read from /proc: none is
     // skipped in practice; one that were would stay with this daemon and close with it.)
-    for c in clients.iter().filter(|c| c.peer.tenant.cgroup.len() <= MAX_CGROUP) {
+    // Tenants of other network namespaces stay too (the records carry no namespace): their
+    // sockets close with this daemon and their processes reconnect to the successor.
+    for c in clients.iter().filter(|c| c.peer.tenant.cgroup.len() <= MAX_CGROUP && c.peer.tenant.netns.is_none()) {
         let t = &c.peer.tenant;
         if !send(Record::Client { uid: t.uid, cgroup: t.cgroup.as_bytes(), pid: c.peer.pid }, Some(c.conn.as_raw_fd())).await {
             return Err(gone());
@@ -318,7 +320,7 @@ fn failed(what: impl std::fmt::Display) -> TakeoverError {
 
 fn tenant(uid: u32, cgroup: &[u8]) -> Result<Tenant, TakeoverError> {
     let cgroup = std::str::from_utf8(cgroup).map_err(|_| failed("a cgroup that is not UTF-8"))?;
-    Ok(Tenant { uid, cgroup: cgroup.into() })
+    Ok(Tenant { uid, cgroup: cgroup.into(), netns: None })
 }
 
 fn dest(d: &Dest) -> SocketAddr {
@@ -372,7 +374,7 @@ pub fn take(path: &std::path::Path) -> Result<Pending, TakeoverError> {
                 let source = if reuse { Source::Reuse } else { Source::Warm };
                 idle.push((tenant(uid, cgroup)?, dest(&d), source, Duration::from_millis(age_ms), need_fd()?));
             }
-            Record::Client { uid, cgroup, pid } => clients.push((Peer { tenant: tenant(uid, cgroup)?, pid }, need_fd()?, Vec::new())),
+            Record::Client { uid, cgroup, pid } => clients.push((Peer { tenant: tenant(uid, cgroup)?, pid, netns: None }, need_fd()?, Vec::new())),
             Record::Lease { id, dest: d, age_ms, reuse, peer, acked, received } => {
                 let meta = LeaseMeta {
                     id,

@@ -8,7 +8,8 @@
 //! Modules: [`config`] (TOML, flags, embedded default; [`allow`] its allow-lists),
 //! [`defaults`] (every limit with its reason), [`pool`] (the sans-IO pool state machine),
 //! [`sock`] (kernel-state checks), [`sockstate`] (a function's socket options and peer never
-//! reach the next function), [`tenant`] (who is asking, from the kernel), [`server`]
+//! reach the next function), [`tenant`] (who is asking, from the kernel), [`netns`] (sockets made in the client's
+//! network namespace), [`server`]
 //! (listener, clients, leases, maintenance), the return path's checks ([`holders`]: no other
 //! process holds a given-back socket; [`proof`]: the protocol's end-of-exchange proof; run by
 //! the checker task), [`handover`] (restart by take-over), [`peer`] (links between
@@ -24,6 +25,7 @@ pub mod filerefs;
 pub mod handover;
 pub mod holders;
 pub mod metrics;
+pub mod netns;
 pub mod peer;
 pub mod pool;
 pub mod proof;

@@ -302,7 +302,7 @@ fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim_user
     if k.assist == AssistMode::Off {
         return Ok(None);
     }
-    let cgroups = if k.cgroups.is_empty() { vec![shim_user::assist::own_cgroup_dir()?] } else { k.cgroups.clone() };
+    let cgroups = if k.cgroups.is_empty() { vec![tenancy::cgroup::own_cgroup_dir()?] } else { k.cgroups.clone() };
     match shim_user::assist::KernelAssist::attach(&cgroups, k.max_initial_window) {
         Ok(a) => {
             info!(cgroups = ?cgroups, max_initial_window = k.max_initial_window, "kernel assist attached: learned initial windows on");

@@ -65,6 +65,8 @@ pub struct PoolKey {
 pub struct Shared {
     /// Configuration.
     pub config: Config,
+    /// Network namespaces served besides the daemon's own (their socket makers).
+    pub netns: Arc<crate::netns::Namespaces>,
     /// The pool table.
     pub pools: Mutex<HashMap<PoolKey, Pool<PooledSock>>>,
     /// Counters.
@@ -104,6 +106,7 @@ impl Shared {
     #[must_use]
     pub fn new(config: Config) -> Self {
         Self {
+            netns: crate::netns::Namespaces::new(config.netns_linger),
             config,
             pools: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
@@ -409,7 +412,7 @@ fn identify(shared: &Shared, conn: &OwnedFd) -> Result<(Peer, Option<String>), t
     let by = shared.config.tenant_by;
     // The cgroup allow-list needs the cgroup even where tenants are told apart by uid only.
     let read_cgroup = if shared.config.allow_cgroups.is_some() { TenantBy::UidAndCgroup } else { by };
-    let mut peer = tenant::identify(conn.as_raw_fd(), read_cgroup)?;
+    let mut peer = tenant::identify(conn.as_raw_fd(), read_cgroup, &shared.netns)?;
     let refusal = shared.config.admits(peer.tenant.uid, &peer.tenant.cgroup).err();
     if by == TenantBy::Uid {
         peer.tenant.cgroup = Arc::from("");
@@ -735,7 +738,12 @@ async fn handle(
 /// program's `connect()` with `ECONNREFUSED` rather than letting it go out to a virtual
 /// address, which stands for a peer and is nobody's real address.
 async fn peer_refusal(agent: &crate::peer::agent::Agent, tenant: &Tenant, conn: &AsyncFd<OwnedFd>, seq: u32) -> Option<Reply> {
-    let why = agent.settings.admission.admits(&agent.settings.me.job, tenant.uid, &tenant.cgroup).err()?;
+    // No peer link crosses network namespaces.
+    let why = if tenant.netns.is_some() {
+        "peer links are not served to other network namespaces".to_owned()
+    } else {
+        agent.settings.admission.admits(&agent.settings.me.job, tenant.uid, &tenant.cgroup).err()?
+    };
     agent.metrics.denied.fetch_add(1, Ordering::Relaxed);
     debug!(uid = tenant.uid, cgroup = %tenant.cgroup, reason = %why, "peer link refused");
     // (If this send fails, the connection is gone and the reply below goes nowhere either.)
@@ -1058,7 +1066,7 @@ fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeout: std::ti
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
-            let r = sock::connect(key.dest, timeout).await.map(PooledSock::new);
+            let r = crate::netns::connect(&shared, &key, timeout).await;
             let now = Instant::now();
             let mut pools = shared.lock();
             let pool = pools.get_mut(&key);
@@ -1146,6 +1154,7 @@ async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
                 !unused
             });
+            crate::netns::close_expired(&shared, &mut pools, now, &mut discarded);
             for (key, pool) in pools.iter_mut() {
                 let before = discarded.len();
                 pool.sweep(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded);
@@ -1208,7 +1217,7 @@ impl DemandTracker {
                 continue;
             }
             let cgroup = if by_uid { Arc::from("") } else { cgroup };
-            let key = PoolKey { tenant: Tenant { uid, cgroup }, dest };
+            let key = PoolKey { tenant: Tenant { uid, cgroup, netns: None }, dest };
             let (n, timeout) = {
                 let mut pools = shared.lock();
                 if pools.contains_key(&key) {

@@ -334,6 +334,15 @@ pub fn local_port(fd: RawFd) -> u16 {
 /// The connect error or a timeout.
 pub async fn connect(dest: std::net::SocketAddr, timeout: Duration) -> std::io::Result<OwnedFd> {
     let s = if dest.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    connect_with(s, dest, timeout).await
+}
+
+/// Connect an existing socket (one made in another network namespace, say) to `dest`, as
+/// [`connect`] does.
+///
+/// # Errors
+/// The connect error or a timeout.
+pub async fn connect_with(s: tokio::net::TcpSocket, dest: std::net::SocketAddr, timeout: Duration) -> std::io::Result<OwnedFd> {
     let stream = tokio::time::timeout(timeout, s.connect(dest))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;

@@ -3,11 +3,15 @@
 //! `SO_PEERCRED` gives the uid and pid of the process that connected. Where the kernel has
 //! `SO_PEERPIDFD` (6.5+) we also take a pidfd, read the cgroup through the pid, and then
 //! confirm with the pidfd that the process still lives: if it had exited, the pid could
-//! belong to someone else by now and the cgroup we read would be theirs.
+//! belong to someone else by now and the cgroup we read would be theirs. The network
+//! namespace comes from the pidfd too (see `tenancy::netns`); a client outside the daemon's
+//! own namespace holds a [`Member`] of it for as long as it is connected.
 
 use crate::config::TenantBy;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use crate::netns::{Member, Namespaces};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::sync::Arc;
+use tenancy::{NetNs, NetNsError, NetNsId};
 
 /// A tenant: pools never cross tenants.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -16,6 +20,8 @@ pub struct Tenant {
     pub uid: u32,
     /// Peer cgroup v2 path (empty when grouping by uid only).
     pub cgroup: Arc<str>,
+    /// The peer's network namespace; `None`: the daemon's own.
+    pub netns: Option<NetNsId>,
 }
 
 /// Credentials of a connected peer.
@@ -25,6 +31,8 @@ pub struct Peer {
     pub tenant: Tenant,
     /// Pid at connect time (for logs).
     pub pid: i32,
+    /// Membership of a namespace other than the daemon's (keeps its pools open).
+    pub netns: Option<Member>,
 }
 
 /// Errors identifying a peer.
@@ -40,37 +48,31 @@ pub enum TenantError {
         /// Pid.
         pid: i32,
         /// Cause.
-        source: shim_user::CgroupError,
+        source: tenancy::CgroupError,
     },
+    /// The peer's network namespace could not be identified: it gets no sockets (its own
+    /// connect() runs), never one made elsewhere.
+    #[error(transparent)]
+    Netns(#[from] NetNsError),
     /// The peer exited before it could be identified.
     #[error("peer pid {0} exited before it could be identified")]
     Gone(i32),
 }
 
-const SO_PEERPIDFD: libc::c_int = 77;
-
-fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
-    let mut fd: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: SO_PEERPIDFD writes one int (a new fd, owned by us).
-    let r = unsafe { libc::getsockopt(sock, libc::SOL_SOCKET, SO_PEERPIDFD, (&mut fd as *mut libc::c_int).cast(), &mut len) };
-    // SAFETY: on success the kernel installed a new fd for us.
-    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+fn netns_of(pidfd: Option<&OwnedFd>, pid: i32) -> Result<NetNs, NetNsError> {
+    match pidfd {
+        Some(p) => NetNs::of_pidfd(p.as_fd(), pid),
+        // No pidfd on this kernel: the pid from SO_PEERCRED, as for the cgroup.
+        None => NetNs::open(std::path::Path::new(&format!("/proc/{pid}/ns/net"))).map_err(|source| NetNsError::Open { pid, source }),
+    }
 }
 
-/// Whether the process behind a pidfd has exited (its pidfd polls readable).
-fn exited(pidfd: &OwnedFd) -> bool {
-    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one pollfd, zero timeout.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r != 0
-}
-
-/// Identify the peer of an accepted connection.
+/// Identify the peer of an accepted connection; a client of another network namespace
+/// joins that namespace in `namespaces`.
 ///
 /// # Errors
 /// See [`TenantError`].
-pub fn identify(sock: RawFd, by: TenantBy) -> Result<Peer, TenantError> {
+pub fn identify(sock: RawFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> Result<Peer, TenantError> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: SO_PEERCRED writes one ucred.
@@ -78,16 +80,16 @@ pub fn identify(sock: RawFd, by: TenantBy) -> Result<Peer, TenantError> {
     if r != 0 {
         return Err(TenantError::Cred(std::io::Error::last_os_error()));
     }
+    let pidfd = tenancy::netns::peer_pidfd(sock);
     let cgroup: Arc<str> = match by {
         TenantBy::Uid => Arc::from(""),
-        TenantBy::UidAndCgroup => {
-            let pidfd = peer_pidfd(sock);
-            let cg = shim_user::cgroup_of(cred.pid).map_err(|source| TenantError::Cgroup { pid: cred.pid, source })?;
-            if pidfd.as_ref().is_some_and(exited) {
-                return Err(TenantError::Gone(cred.pid));
-            }
-            Arc::from(cg)
-        }
+        TenantBy::UidAndCgroup => Arc::from(tenancy::cgroup::cgroup_of(cred.pid).map_err(|source| TenantError::Cgroup { pid: cred.pid, source })?),
     };
-    Ok(Peer { tenant: Tenant { uid: cred.uid, cgroup }, pid: cred.pid })
+    let ns = netns_of(pidfd.as_ref(), cred.pid)?;
+    if pidfd.as_ref().is_some_and(|p| tenancy::netns::pidfd_exited(p.as_fd())) {
+        return Err(TenantError::Gone(cred.pid));
+    }
+    let member = namespaces.join(ns);
+    let netns = member.as_ref().map(Member::id);
+    Ok(Peer { tenant: Tenant { uid: cred.uid, cgroup, netns }, pid: cred.pid, netns: member })
 }

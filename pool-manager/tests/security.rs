@@ -173,7 +173,7 @@ fn allow_uids_serves_listed_uids_and_others_connect_themselves() {
 
 /// `path` relative to the cgroup2 mount, as `/proc/PID/cgroup` shows it.
 fn cgroup_name(path: &Path) -> String {
-    let mount = shim_user::cgroup2_mount().expect("cgroup2 mounted");
+    let mount = tenancy::cgroup::cgroup2_mount().expect("cgroup2 mounted");
     format!("/{}", path.strip_prefix(&mount).expect("under the cgroup2 mount").display())
 }
 

@@ -7,7 +7,7 @@
 
 use shim_ebpf::{names, DemandKey, DestKey, KernelConfig, LearnedWindow};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// The object built by build.rs (empty when the eBPF toolchain was missing).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/warmpool-shim.o"));
@@ -139,42 +139,5 @@ fn addr_of(k: &DestKey) -> Option<SocketAddr> {
     Some(SocketAddr::new(ip, port))
 }
 
-/// The cgroup v2 directory this process is in (the default attach point).
-///
-/// # Errors
-/// If cgroup2 is not mounted or the process has no v2 membership.
-pub fn own_cgroup_dir() -> Result<PathBuf, crate::CgroupError> {
-    let root = crate::cgroup2_mount()?;
-    let rel = crate::cgroup_of(std::process::id() as i32)?;
-    Ok(root.join(rel.trim_start_matches('/')))
-}
+pub use tenancy::cgroup::{cgroup_path_of_id, is_cgroup_dir, own_cgroup_dir};
 
-/// Find the cgroup directory with inode number `id` (a cgroup id) under `roots`, returning
-/// its path relative to the cgroup2 mount (as `/proc/PID/cgroup` shows it).
-#[must_use]
-pub fn cgroup_path_of_id(id: u64, roots: &[PathBuf]) -> Option<String> {
-    use std::os::unix::fs::MetadataExt;
-    let mount = crate::cgroup2_mount().ok()?;
-    let mut stack: Vec<PathBuf> = roots.to_vec();
-    let mut seen = 0;
-    while let Some(dir) = stack.pop() {
-        seen += 1;
-        if seen > 10_000 {
-            return None;
-        }
-        if std::fs::metadata(&dir).ok()?.ino() == id {
-            let rel = dir.strip_prefix(&mount).ok()?;
-            return Some(format!("/{}", rel.display()).replace("//", "/"));
-        }
-        if let Ok(rd) = std::fs::read_dir(&dir) {
-            stack.extend(rd.filter_map(Result::ok).filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
-        }
-    }
-    None
-}
-
-/// Whether `path` is a cgroup v2 directory.
-#[must_use]
-pub fn is_cgroup_dir(path: &Path) -> bool {
-    path.join("cgroup.procs").exists()
-}

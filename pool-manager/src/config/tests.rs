@@ -189,3 +189,11 @@ fn reuse_pools_name_their_protocol() {
     let s = c.pools.get(&"127.0.0.1:6379".parse().unwrap()).unwrap();
     assert!(s.prefetch && s.protocol == Some(crate::proof::Protocol::Redis));
 }
+
+#[test]
+fn netns_linger_is_read_and_defaults_to_a_few_seconds() {
+    assert_eq!(Config::from_toml("netns_linger = \"250ms\"\n").unwrap().netns_linger, std::time::Duration::from_millis(250));
+    assert_eq!(Config::default().netns_linger, crate::defaults::NETNS_LINGER);
+    assert_eq!(Config::from_toml(EMBEDDED_DEFAULT).unwrap().netns_linger, crate::defaults::NETNS_LINGER);
+    assert!(Config::from_toml("netns_linger = \"soon\"\n").is_err());
+}

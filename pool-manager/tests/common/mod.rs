@@ -10,6 +10,7 @@
 //! test for post-mortem inspection; their paths are printed on stderr.
 #![allow(dead_code, unreachable_pub, missing_debug_implementations)]
 pub mod nat;
+pub mod pyhttp;
 
 use std::ffi::OsStr;
 use std::fs;
@@ -954,8 +955,8 @@ pub struct Cgroup(pub PathBuf);
 
 impl Cgroup {
     pub fn new(name: &str) -> Self {
-        let root = shim_user::cgroup2_mount().expect("cgroup2 mounted");
-        let own = shim_user::cgroup_of(std::process::id() as i32).expect("our cgroup");
+        let root = tenancy::cgroup::cgroup2_mount().expect("cgroup2 mounted");
+        let own = tenancy::cgroup::cgroup_of(std::process::id() as i32).expect("our cgroup");
         let path = root.join(own.trim_start_matches('/')).join(format!("warmpool-test-{}-{name}", std::process::id()));
         fs::create_dir_all(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
         Self(path)

@@ -1,0 +1,186 @@
+//! Network-namespace identity of a peer, from the kernel.
+//!
+//! A client's namespace comes from its pidfd (`SO_PEERPIDFD` on the Unix connection):
+//! `ioctl(pidfd, PIDFD_GET_NET_NAMESPACE)` (Linux 6.11+) gives an fd of the namespace
+//! itself. Where that ioctl is missing, `/proc/<pid>/ns/net` is opened and the pidfd is
+//! checked afterwards: if the process had exited, the pid could name another process by now.
+//! The identity is the (device, inode) of the namespace file; it cannot be reused while the
+//! [`NetNs`] (which holds the fd, and so the namespace) lives.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+/// Identity of a network namespace: device and inode of its nsfs file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NetNsId {
+    /// `st_dev` of the namespace file.
+    pub dev: u64,
+    /// `st_ino` of the namespace file (what `lsns` and `/proc/PID/ns/net` show).
+    pub ino: u64,
+}
+
+impl std::fmt::Display for NetNsId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "net:[{}]", self.ino)
+    }
+}
+
+/// An open network namespace: its fd (which keeps it alive) and its identity.
+#[derive(Debug)]
+pub struct NetNs {
+    fd: OwnedFd,
+    id: NetNsId,
+}
+
+/// Errors finding or entering a network namespace.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NetNsError {
+    /// The namespace file could not be opened or examined.
+    #[error("network namespace of pid {pid}: {source}")]
+    Open {
+        /// Pid.
+        pid: i32,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The process exited before its namespace could be tied to it.
+    #[error("pid {0} exited before its network namespace could be read")]
+    Gone(i32),
+    /// `setns` failed.
+    #[error("entering {id}: {source}")]
+    Enter {
+        /// The namespace.
+        id: NetNsId,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
+
+/// `PIDFD_GET_NET_NAMESPACE` = `_IO(PIDFS_IOCTL_MAGIC 0xFF, 4)` (linux/pidfd.h, 6.11+).
+const PIDFD_GET_NET_NAMESPACE: libc::c_ulong = 0xFF04;
+const SO_PEERPIDFD: libc::c_int = 77;
+
+impl NetNs {
+    /// Wrap an fd that refers to a network namespace (an nsfs file).
+    ///
+    /// # Errors
+    /// The `fstat` error.
+    pub fn from_fd(fd: OwnedFd) -> std::io::Result<Self> {
+        let id = id_of(fd.as_fd())?;
+        Ok(Self { fd, id })
+    }
+
+    /// The namespace of the calling thread.
+    ///
+    /// # Errors
+    /// The open error.
+    pub fn current() -> std::io::Result<Self> {
+        Self::from_fd(std::fs::File::open("/proc/thread-self/ns/net")?.into())
+    }
+
+    /// Open the namespace at `path` (`/proc/PID/ns/net`, `/run/netns/NAME`).
+    ///
+    /// # Errors
+    /// The open error.
+    pub fn open(path: &std::path::Path) -> std::io::Result<Self> {
+        Self::from_fd(std::fs::File::open(path)?.into())
+    }
+
+    /// The network namespace of the process behind `pidfd` (its pid is `pid`, for the
+    /// fallback and for errors).
+    ///
+    /// # Errors
+    /// [`NetNsError::Open`], or [`NetNsError::Gone`] if the process exited meanwhile.
+    pub fn of_pidfd(pidfd: BorrowedFd<'_>, pid: i32) -> Result<Self, NetNsError> {
+        // SAFETY: the ioctl takes no argument and returns a new fd (owned by us) or -1.
+        let fd = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_NET_NAMESPACE as _, 0) };
+        let fd = if fd >= 0 {
+            // SAFETY: the kernel installed a new fd for us.
+            unsafe { OwnedFd::from_raw_fd(fd) }
+        } else {
+            let f = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|source| NetNsError::Open { pid, source })?;
+            if pidfd_exited(pidfd) {
+                return Err(NetNsError::Gone(pid));
+            }
+            f.into()
+        };
+        Self::from_fd(fd).map_err(|source| NetNsError::Open { pid, source })
+    }
+
+    /// Identity.
+    #[must_use]
+    pub fn id(&self) -> NetNsId {
+        self.id
+    }
+
+    /// Move the calling thread into this namespace (needs `CAP_SYS_ADMIN`). Only the
+    /// calling thread changes; sockets it creates afterwards belong to this namespace.
+    ///
+    /// # Errors
+    /// [`NetNsError::Enter`].
+    pub fn enter(&self) -> Result<(), NetNsError> {
+        // SAFETY: setns on an fd we own; it changes only this thread's namespace.
+        let r = unsafe { libc::setns(self.fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        if r != 0 {
+            return Err(NetNsError::Enter { id: self.id, source: std::io::Error::last_os_error() });
+        }
+        Ok(())
+    }
+}
+
+impl AsFd for NetNs {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+fn id_of(fd: BorrowedFd<'_>) -> std::io::Result<NetNsId> {
+    // SAFETY: all-zero is a valid stat.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one stat.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(NetNsId { dev: st.st_dev, ino: st.st_ino })
+}
+
+/// The pidfd of the process at the other end of a Unix connection (`SO_PEERPIDFD`, 6.5+),
+/// or `None` where the kernel has none.
+#[must_use]
+pub fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
+    let mut fd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_PEERPIDFD writes one int (a new fd, owned by us).
+    let r = unsafe { libc::getsockopt(sock, libc::SOL_SOCKET, SO_PEERPIDFD, (&mut fd as *mut libc::c_int).cast(), &mut len) };
+    // SAFETY: on success the kernel installed a new fd for us.
+    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether the process behind a pidfd has exited (its pidfd polls readable).
+#[must_use]
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut p, 1, 0) };
+    r != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_namespace_through_a_pidfd_matches_proc() {
+        let own = NetNs::current().expect("own netns");
+        let ino = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("stat");
+        assert_eq!(own.id().ino, ino);
+        // SAFETY: pidfd_open returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id() as libc::pid_t, 0) } as i32;
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd, ours.
+        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let via = NetNs::of_pidfd(pidfd.as_fd(), std::process::id() as i32).expect("netns through pidfd");
+        assert_eq!(via.id(), own.id());
+        assert!(!pidfd_exited(pidfd.as_fd()));
+    }
+}
