@@ -186,27 +186,7 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "warmpool_connects_total{{result=\"ok\"}} {}", c(&m.connects_ok));
     let _ = writeln!(o, "warmpool_connects_total{{result=\"failed\"}} {}", c(&m.connects_failed));
     if let Some(agent) = &shared.peer {
-        let p = &agent.metrics;
-        let _ = writeln!(o, "# HELP warmpool_peer_links_total Peer links made, by path; failed: could not be made.");
-        let _ = writeln!(o, "# TYPE warmpool_peer_links_total counter");
-        let _ = writeln!(o, "warmpool_peer_links_total{{path=\"direct\"}} {}", c(&p.direct));
-        let _ = writeln!(o, "warmpool_peer_links_total{{path=\"relayed\"}} {}", c(&p.relayed));
-        let _ = writeln!(o, "warmpool_peer_links_total{{path=\"failed\"}} {}", c(&p.failed));
-        let _ = writeln!(o, "# TYPE warmpool_peer_punch_attempts_total counter");
-        let _ = writeln!(o, "warmpool_peer_punch_attempts_total {}", c(&p.punch_attempts));
-        let _ = writeln!(o, "# TYPE warmpool_peer_punch_connected_total counter");
-        let _ = writeln!(o, "warmpool_peer_punch_connected_total {}", c(&p.punch_ok));
-        let _ = writeln!(o, "# HELP warmpool_peer_link_setup_seconds Time from the rendezvous server's start order to a proven link.");
-        let _ = writeln!(o, "# TYPE warmpool_peer_link_setup_seconds summary");
-        let _ = writeln!(o, "warmpool_peer_link_setup_seconds_sum {}", c(&p.setup_us_sum) as f64 / 1e6);
-        let _ = writeln!(o, "warmpool_peer_link_setup_seconds_count {}", c(&p.direct) + c(&p.relayed));
-        let _ = writeln!(o, "# TYPE warmpool_peer_handouts_total counter");
-        let _ = writeln!(o, "warmpool_peer_handouts_total {}", c(&p.handouts));
-        let _ = writeln!(o, "# HELP warmpool_peer_denied_total Link requests refused: the caller is not admitted by [peer] allow_uids / allow_cgroups.");
-        let _ = writeln!(o, "# TYPE warmpool_peer_denied_total counter");
-        let _ = writeln!(o, "warmpool_peer_denied_total {}", c(&p.denied));
-        let _ = writeln!(o, "# TYPE warmpool_peer_rendezvous_connected gauge");
-        let _ = writeln!(o, "warmpool_peer_rendezvous_connected {}", u8::from(agent.connected()));
+        peer_lines(&mut o, agent);
     }
     let _ = writeln!(o, "# HELP warmpool_prewarmed_pools_total Pools created because the kernel's connect hooks showed demand.");
     let _ = writeln!(o, "# TYPE warmpool_prewarmed_pools_total counter");
@@ -234,6 +214,32 @@ pub fn render(shared: &Shared) -> String {
         aggregate_lines(&mut o, shared);
     }
     o
+}
+
+/// The peer agent's counters.
+fn peer_lines(o: &mut String, agent: &crate::peer::agent::Agent) {
+    let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+    let p = &agent.metrics;
+    let _ = writeln!(o, "# HELP warmpool_peer_links_total Peer links made, by path; failed: could not be made.");
+    let _ = writeln!(o, "# TYPE warmpool_peer_links_total counter");
+    let _ = writeln!(o, "warmpool_peer_links_total{{path=\"direct\"}} {}", c(&p.direct));
+    let _ = writeln!(o, "warmpool_peer_links_total{{path=\"relayed\"}} {}", c(&p.relayed));
+    let _ = writeln!(o, "warmpool_peer_links_total{{path=\"failed\"}} {}", c(&p.failed));
+    let _ = writeln!(o, "# TYPE warmpool_peer_punch_attempts_total counter");
+    let _ = writeln!(o, "warmpool_peer_punch_attempts_total {}", c(&p.punch_attempts));
+    let _ = writeln!(o, "# TYPE warmpool_peer_punch_connected_total counter");
+    let _ = writeln!(o, "warmpool_peer_punch_connected_total {}", c(&p.punch_ok));
+    let _ = writeln!(o, "# HELP warmpool_peer_link_setup_seconds Time from the rendezvous server's start order to a proven link.");
+    let _ = writeln!(o, "# TYPE warmpool_peer_link_setup_seconds summary");
+    let _ = writeln!(o, "warmpool_peer_link_setup_seconds_sum {}", c(&p.setup_us_sum) as f64 / 1e6);
+    let _ = writeln!(o, "warmpool_peer_link_setup_seconds_count {}", c(&p.direct) + c(&p.relayed));
+    let _ = writeln!(o, "# TYPE warmpool_peer_handouts_total counter");
+    let _ = writeln!(o, "warmpool_peer_handouts_total {}", c(&p.handouts));
+    let _ = writeln!(o, "# HELP warmpool_peer_denied_total Link requests refused: the caller is not admitted by [peer] allow_uids / allow_cgroups.");
+    let _ = writeln!(o, "# TYPE warmpool_peer_denied_total counter");
+    let _ = writeln!(o, "warmpool_peer_denied_total {}", c(&p.denied));
+    let _ = writeln!(o, "# TYPE warmpool_peer_rendezvous_connected gauge");
+    let _ = writeln!(o, "warmpool_peer_rendezvous_connected {}", u8::from(agent.connected()));
 }
 
 /// Pools and kernel-assist data with per-tenant labels (destination, uid, cgroup): only with

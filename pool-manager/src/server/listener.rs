@@ -1,0 +1,199 @@
+//! The listening socket: binding it, accepting clients (one task each, in a `JoinSet`),
+//! the daemon's run loop with its background tasks, and a blocking client connect.
+
+use crate::defaults;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::io::unix::AsyncFd;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use super::{Shared, ServeError};
+use super::session::*;
+use super::tasks::*;
+
+pub(super) fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+pub(super) fn sockaddr_un(path: &Path) -> std::io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: plain old data.
+    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let b = path.as_os_str().as_bytes();
+    if b.len() >= sun.sun_path.len() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "socket path too long"));
+    }
+    for (d, s) in sun.sun_path.iter_mut().zip(b) {
+        *d = *s as libc::c_char;
+    }
+    Ok((sun, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
+}
+
+pub(super) fn seqpacket() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain socket creation; the fd goes straight into an OwnedFd.
+    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) })?;
+    // SAFETY: fresh fd, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Connect to a daemon's socket (blocking, for the CLI).
+///
+/// # Errors
+/// The connect error.
+pub fn connect_client(path: &Path) -> std::io::Result<OwnedFd> {
+    let (sun, len) = sockaddr_un(path)?;
+    // SAFETY: plain socket creation.
+    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: fresh fd.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sun is a valid address of `len` bytes.
+    cvt(unsafe { libc::connect(sock.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) })?;
+    Ok(sock)
+}
+
+/// Bind the listening socket: creates the directory, refuses to steal a live daemon's socket,
+/// replaces a stale one, applies `mode`.
+///
+/// # Errors
+/// See [`ServeError`].
+pub fn bind(path: &Path, mode: u32) -> Result<OwnedFd, ServeError> {
+    let io = |what, source| ServeError::Io { what, path: path.into(), source };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
+    }
+    if path.exists() {
+        if connect_client(path).is_ok() {
+            return Err(ServeError::InUse(path.into()));
+        }
+        std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;
+    }
+    let (sun, len) = sockaddr_un(path).map_err(|e| io("socket path", e))?;
+    let sock = seqpacket().map_err(|e| io("creating socket for", e))?;
+    // SAFETY: sun is a valid address of `len` bytes.
+    cvt(unsafe { libc::bind(sock.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) }).map_err(|e| io("binding", e))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io("setting permissions of", e))?;
+    // SAFETY: listen on our bound socket.
+    cvt(unsafe { libc::listen(sock.as_raw_fd(), defaults::LISTEN_BACKLOG) }).map_err(|e| io("listening on", e))?;
+    Ok(sock)
+}
+
+/// Run the daemon on a bound listener until `cancel` fires; then close every pooled and
+/// leased socket and return. The caller removes the socket file.
+///
+/// # Errors
+/// If the listener cannot be registered with the reactor.
+pub async fn run(listener: OwnedFd, shared: Arc<Shared>, cancel: CancellationToken) -> std::io::Result<()> {
+    run_with(listener, shared, cancel, Vec::new()).await
+}
+
+/// [`run`], serving also client connections (with their leases) adopted from a predecessor.
+///
+/// # Errors
+/// If the listener cannot be registered with the reactor.
+pub async fn run_with(
+    listener: OwnedFd,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    adopted: Vec<crate::handover::HandedClient>,
+) -> std::io::Result<()> {
+    shared.listener_fd.store(listener.as_raw_fd(), Ordering::Relaxed);
+    // SAFETY: AsyncFd owns the OwnedFd, so the fd stays open exactly as long as it is registered.
+    let listener = unsafe { AsyncFd::register(listener) }.map_err(|e| std::io::Error::other(e.to_string()))?;
+    let mut tasks = JoinSet::new();
+    serve_handed(&shared, &mut tasks, adopted, &cancel);
+    tasks.spawn(maintain(shared.clone(), cancel.clone()));
+    tasks.spawn(crate::checker::run(shared.clone(), cancel.clone()));
+    tasks.spawn(resolver(shared.clone(), cancel.clone()));
+    if let Some(agent) = &shared.peer {
+        tasks.spawn(crate::peer::agent::run(agent.clone(), cancel.clone()));
+    }
+    loop {
+        accept_until(&listener, &shared, &mut tasks, &cancel).await?;
+        if cancel.is_cancelled() {
+            break;
+        }
+        // A successor is taking over: wait until it committed (stop) or failed (serve on).
+        tokio::select! {
+            () = shared.handover_done.notified() => {}
+            () = cancel.cancelled() => break,
+        }
+        if shared.handed_over.load(Ordering::Relaxed) {
+            break;
+        }
+        let back = std::mem::take(&mut *shared.handed.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        info!(clients = back.len(), "serving on after the failed take-over");
+        serve_handed(&shared, &mut tasks, back, &cancel);
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    let mut pools = shared.lock();
+    let mut n = 0;
+    for pool in pools.values_mut() {
+        n += pool.drain().len();
+    }
+    pools.clear();
+    info!(closed = n, "pool manager stopped; pooled sockets closed");
+    Ok(())
+}
+
+/// Serve client connections (with their leases) taken over from a predecessor, or back from
+/// a take-over that failed.
+pub(super) fn serve_handed(shared: &Arc<Shared>, tasks: &mut JoinSet<()>, handed: Vec<crate::handover::HandedClient>, cancel: &CancellationToken) {
+    for h in handed {
+        shared.active_clients.fetch_add(1, Ordering::Relaxed);
+        let leases: HashMap<u64, Lease> = h.leases.into_iter().collect();
+        // Judge the client by this daemon's configuration (it may differ from the
+        // predecessor's); the tenant stays the one its leases were made for.
+        let refusal = match identify(shared, &h.conn) {
+            Ok((_, refusal)) => refusal,
+            Err(_) => shared.config.admits(h.peer.tenant.uid, &h.peer.tenant.cgroup).err(),
+        };
+        tasks.spawn(client_with(shared.clone(), h.conn, Ok((h.peer, refusal)), leases, cancel.clone()));
+    }
+}
+
+/// Accept client connections until `cancel` fires or a successor takes over.
+pub(super) async fn accept_until(listener: &AsyncFd<OwnedFd>, shared: &Arc<Shared>, tasks: &mut JoinSet<()>, cancel: &CancellationToken) -> std::io::Result<()> {
+    let handover = shared.handover_token();
+    loop {
+        let mut guard = tokio::select! {
+            () = cancel.cancelled() => return Ok(()),
+            () = handover.cancelled() => return Ok(()),
+            g = listener.readable() => g?,
+        };
+        let accepted = guard.try_io(|l| {
+            // SAFETY: accept4 on our listener; the new fd goes straight into an OwnedFd.
+            let fd = unsafe {
+                libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            };
+            // SAFETY: on success, a fresh fd we own.
+            cvt(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        });
+        match accepted {
+            Ok(Ok(conn)) => {
+                shared.metrics.clients.fetch_add(1, Ordering::Relaxed);
+                shared.active_clients.fetch_add(1, Ordering::Relaxed);
+                tasks.spawn(client(shared.clone(), conn, cancel.clone()));
+            }
+            Ok(Err(e)) => {
+                warn!(error = %e, "accept failed");
+                if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+            Err(_would_block) => {}
+        }
+        // Reap finished client tasks so the set does not grow with every client ever seen.
+        while tasks.try_join_next().is_some() {}
+    }
+}

@@ -1,0 +1,218 @@
+//! The daemon: a Unix `SOCK_SEQPACKET` listener, one task per client process, a maintenance
+//! task, and the pool table they share.
+//!
+//! Data flow: a client task decodes a request, takes a socket from its tenant's [`Pool`]
+//! under the table lock (no I/O under the lock beyond non-blocking checks), and sends it with
+//! `SCM_RIGHTS`. The socket itself stays in the task's lease map: the daemon's own reference,
+//! so a process that dies without `close()` cannot leak or smuggle it back. A `Release`
+//! moves it through the return check into quarantine or closes it; quarantine ends in the
+//! checker ([`crate::checker`]: holders walk, end-of-exchange proof) before the socket is
+//! idle again. The end of the client connection puts every lease it still holds through the
+//! same path (the process ended without close(): keep-alive clients, `_exit`, a signal);
+//! peer links and `warm` pools close them. Refills run as spawned connect tasks that put
+//! their socket into the pool when done. The maintenance task sweeps every
+//! [`defaults::SWEEP_INTERVAL`].
+//!
+//! Modules: `listener` (bind, the accept loop, the run loop with its background tasks),
+//! `session` (one client connection: identify, read, dispatch, answer, and the leases it
+//! leaves behind), `grant` (acquire from a pool or a peer link, grant, prefetch offers,
+//! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker).
+//! This module holds what they share: [`Shared`], [`PoolKey`], [`PooledSock`].
+
+
+mod grant;
+mod listener;
+mod session;
+mod tasks;
+
+pub use listener::{bind, connect_client, run, run_with};
+pub(crate) use grant::pool_for;
+pub(crate) use session::{send_within, Lease};
+
+use crate::config::{Config, Lookup};
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+use crate::sock::Discard;
+use crate::tenant::Tenant;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio_util::sync::CancellationToken;
+
+/// A socket held by the daemon.
+#[derive(Debug)]
+pub struct PooledSock {
+    /// The daemon's reference.
+    pub fd: OwnedFd,
+    /// Its options as the daemon made it: what it is put back to on give-back.
+    pub base: Arc<crate::sockstate::Snapshot>,
+}
+
+impl PooledSock {
+    /// A socket the daemon just made (or one known to be as it was made): its own options
+    /// are the pool's.
+    #[must_use]
+    pub fn new(fd: OwnedFd) -> Self {
+        let base = Arc::new(crate::sockstate::Snapshot::take(fd.as_raw_fd()));
+        Self { fd, base }
+    }
+}
+
+/// Pools are keyed by tenant and destination: they never cross tenants.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PoolKey {
+    /// Who.
+    pub tenant: Tenant,
+    /// Where (as the application asked: IPv4, IPv6 or IPv4-mapped IPv6).
+    pub dest: SocketAddr,
+}
+
+/// State shared by every task.
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration.
+    pub config: Config,
+    /// Network namespaces served besides the daemon's own (their socket makers).
+    pub netns: Arc<crate::netns::Namespaces>,
+    /// The pool table.
+    pub pools: Mutex<HashMap<PoolKey, Pool<PooledSock>>>,
+    /// Counters.
+    pub metrics: Metrics,
+    next_lease: AtomicU64,
+    daemon_uid: u32,
+    /// The eBPF kernel assist, when attached (detached when dropped).
+    pub assist: Option<Mutex<shim_user::assist::KernelAssist>>,
+    /// Peer links, when `[peer]` is configured.
+    pub peer: Option<Arc<crate::peer::agent::Agent>>,
+    /// Fired when a successor takes over: client tasks hand their connections over. A new
+    /// token replaces it when a take-over fails (see [`Shared::handover_token`]).
+    pub(crate) handover: Mutex<CancellationToken>,
+    /// A take-over is in progress (a second successor is refused meanwhile).
+    pub(crate) taking_over: std::sync::atomic::AtomicBool,
+    /// Client connections (with their leases) collected for the successor.
+    pub(crate) handed: Mutex<Vec<crate::handover::HandedClient>>,
+    /// Client tasks alive.
+    pub(crate) active_clients: AtomicUsize,
+    /// The listening socket's fd number while `run` holds it.
+    pub(crate) listener_fd: std::sync::atomic::AtomicI32,
+    /// The metrics endpoint's listening socket, handed to a successor with the rest (-1:
+    /// none).
+    pub metrics_fd: std::sync::atomic::AtomicI32,
+    /// Set once everything went to a successor: the socket file now belongs to it.
+    pub handed_over: std::sync::atomic::AtomicBool,
+    pub(crate) handover_done: tokio::sync::Notify,
+    /// The addresses `config.names` resolved to at the resolver's last turn (beside the
+    /// load-time ones in `config.pools`).
+    pub resolved: std::sync::RwLock<HashMap<SocketAddr, Arc<crate::config::PoolSettings>>>,
+    /// Wakes the checker: a socket entered quarantine.
+    pub(crate) check_wake: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// Fresh state for a configuration.
+    #[must_use]
+    pub fn new(config: Config) -> Self {
+        Self {
+            netns: crate::netns::Namespaces::new(config.netns_linger),
+            config,
+            pools: Mutex::new(HashMap::new()),
+            metrics: Metrics::default(),
+            next_lease: AtomicU64::new(1),
+            // SAFETY: geteuid has no preconditions.
+            daemon_uid: unsafe { libc::geteuid() },
+            assist: None,
+            peer: None,
+            handover: Mutex::new(CancellationToken::new()),
+            taking_over: std::sync::atomic::AtomicBool::new(false),
+            handed: Mutex::new(Vec::new()),
+            active_clients: AtomicUsize::new(0),
+            listener_fd: std::sync::atomic::AtomicI32::new(-1),
+            metrics_fd: std::sync::atomic::AtomicI32::new(-1),
+            handed_over: std::sync::atomic::AtomicBool::new(false),
+            handover_done: tokio::sync::Notify::new(),
+            resolved: std::sync::RwLock::new(HashMap::new()),
+            check_wake: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Settings for a destination: configured (at load, or by a name's later resolution),
+    /// auto, or not pooled.
+    #[must_use]
+    pub fn lookup(&self, dest: &SocketAddr) -> Lookup {
+        match self.config.lookup(dest) {
+            Lookup::Configured(s) => Lookup::Configured(s),
+            other => {
+                let resolved = self.resolved.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                match resolved.get(dest) {
+                    Some(s) => Lookup::Configured(s.clone()),
+                    None => other,
+                }
+            }
+        }
+    }
+
+    /// Connect counts the kernel saw: (cgroup id, uid, destination, connects).
+    pub fn demand(&self) -> Vec<(u64, u32, SocketAddr, u64)> {
+        let Some(a) = &self.assist else { return vec![] };
+        a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).demand()
+    }
+
+    /// What the kernel assist learned: (destination, cwnd segments, srtt µs, samples).
+    pub fn learned(&self) -> Vec<(SocketAddr, u32, u32, u32)> {
+        let Some(a) = &self.assist else { return vec![] };
+        let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut v: Vec<_> = a.learned().into_iter().map(|(d, w)| (d, w.cwnd, w.srtt_us, w.samples)).collect();
+        v.sort();
+        v
+    }
+
+    /// The current take-over signal (a client task takes it when it starts).
+    pub(crate) fn handover_token(&self) -> CancellationToken {
+        self.handover.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Lease ids continue above those a predecessor handed out.
+    pub(crate) fn raise_next_lease(&self, min: u64) {
+        self.next_lease.fetch_max(min, Ordering::Relaxed);
+    }
+
+    /// The daemon's effective uid.
+    #[must_use]
+    pub fn daemon_uid(&self) -> u32 {
+        self.daemon_uid
+    }
+
+    /// Lock the pool table (a panic elsewhere must not wedge the daemon).
+    pub fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Pool<PooledSock>>> {
+        self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn discard_all(&self, discarded: Vec<(PooledSock, Discard)>) {
+        for (s, why) in discarded {
+            self.metrics.discard(why);
+            drop(s);
+        }
+    }
+}
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// Another daemon answers on the socket path.
+    #[error("{0} is in use by a running pool manager")]
+    InUse(PathBuf),
+    /// A system call failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        what: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+}
