@@ -143,15 +143,20 @@ fn no_fd_leak_after_10000_acquire_give_back_cycles() {
     for i in 0..100 {
         cycle(i);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let before = fd_count(d.pid());
+    // The daemon's fds minus the sockets its pools hold (the pool may grow or shrink by a
+    // socket or two with demand; anything else that grows is a leak).
+    let other_fds = |d: &Daemon| {
+        std::thread::sleep(Duration::from_millis(300));
+        let pooled = d.metric("warmpool_pool_sockets");
+        (fd_count(d.pid()) as f64 - pooled, pooled)
+    };
+    let (before, pooled_before) = other_fds(&d);
     for i in 0..10_000 {
         cycle(100 + i);
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let after = fd_count(d.pid());
-    eprintln!("daemon fds: {before} before, {after} after 10,000 cycles");
-    assert!(after <= before + 1, "daemon fd count grew from {before} to {after}");
+    let (after, pooled_after) = other_fds(&d);
+    eprintln!("daemon fds besides pooled sockets: {before} before, {after} after 10,000 cycles (pooled {pooled_before} -> {pooled_after})");
+    assert!(after <= before + 1.0, "daemon fd count (besides pooled sockets) grew from {before} to {after}");
     assert!(d.metric("warmpool_handouts_total{kind=\"reuse\"") >= 10_000.0, "{}", d.metrics());
     // Every cycle ran on the pool's few server connections (at most max_per_destination).
     assert!(d.metric("warmpool_connects_total{result=\"ok\"") <= 16.0, "{}", d.metrics());
