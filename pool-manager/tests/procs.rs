@@ -138,6 +138,9 @@ fn a_vfork_child_closing_its_copy_never_gives_the_parents_socket_away() {
     out.read_line(&mut line).unwrap();
     assert!(parent.wait().unwrap().success());
     assert_eq!(line.trim(), "done 200");
+    // nginx logs a request after answering it: wait for all three lines.
+    let logged = |uri: &str| nginx.connections().iter().any(|(_, u)| u == uri);
+    assert!(wait_until(Duration::from_secs(5), || ["/parent1", "/parent2", "/other"].iter().all(|u| logged(u))), "{:?}", nginx.connections());
     let conn_of = |uri: &str| nginx.connections().iter().find(|(_, u)| u == uri).map(|(c, _)| *c).unwrap();
     assert_eq!(conn_of("/parent1"), conn_of("/parent2"), "the parent kept its connection");
     assert_ne!(conn_of("/other"), conn_of("/parent1"), "another function was handed the socket the parent still used");
