@@ -176,12 +176,13 @@ fn default_socket() -> PathBuf {
 }
 
 fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std::net::SocketAddr>) -> Result<()> {
-    use pool_manager::peer::{self, rendezvous::Server, Keys, PeerName};
+    use pool_manager::peer::{self, Keys, PeerName};
+    use rendezvous::Server;
     let mut keys = std::collections::HashMap::new();
     for j in jobs {
         let (job, file) = j.split_once('=').with_context(|| format!("--job {j:?}: expected JOB=FILE"))?;
         PeerName::parse(&format!("{job}/x")).map_err(|_| anyhow::anyhow!("--job {j:?}: {job:?} is not a valid job name"))?;
-        let secret = peer::read_secret(std::path::Path::new(file)).map_err(anyhow::Error::msg)?;
+        let secret = peer::read_secret(std::path::Path::new(file))?;
         keys.insert(job.to_owned(), Keys::derive(&secret).rendezvous);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

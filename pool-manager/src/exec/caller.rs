@@ -216,21 +216,6 @@ fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::
     Some(libc::c_int::from_ne_bytes(v))
 }
 
-/// The local address of `fd` is the unspecified one, port 0 (nothing was bound).
-fn unbound(fd: RawFd) -> bool {
-    // SAFETY: sockaddr_storage is plain old data; getsockname writes at most `len` bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    if unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
-        return false;
-    }
-    // SAFETY: the kernel wrote `len` bytes of a socket address into `ss`.
-    let bytes = unsafe { std::slice::from_raw_parts((&ss as *const libc::sockaddr_storage).cast::<u8>(), len as usize) };
-    // Family first (2 bytes); everything after it (port, flow info, address, scope) is zero.
-    bytes.len() > 2 && bytes[2..].iter().all(|b| *b == 0)
-}
-
 const SIOCGSKNS: libc::c_ulong = 0x894C;
 
 /// Whether the socket was made in this process's network namespace (unknown — the ioctl
@@ -250,12 +235,12 @@ fn in_our_netns(fd: RawFd) -> bool {
 /// that a pooled socket may replace: never connected, nothing bound, made in our network
 /// namespace, every option in [`OPTIONS`] as on a fresh socket of its family.
 pub(super) fn plain_unbound_tcp(fd: RawFd, domain: u8) -> bool {
-    let family = if domain == 4 { libc::AF_INET } else { libc::AF_INET6 };
+    let family = wire::sockaddr::family_of(domain);
     if int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
         || int_option(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
         || int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(family)
         || crate::sock::tcp_info(fd).is_none_or(|i| i.state != 7)
-        || !unbound(fd)
+        || !wire::sockaddr::socket_unbound(fd, domain)
         || !in_our_netns(fd)
     {
         return false;

@@ -256,7 +256,7 @@ impl Supervisor {
         }
         let mut addr = [0u8; 128];
         caller::read_mem(n.pid, addr_ptr, &mut addr[..len])?;
-        let dest = parse_sockaddr(&addr[..len])?;
+        let dest = Dest::from_sockaddr(&addr[..len])?;
         if self.known_unpooled(&dest) {
             return None;
         }
@@ -377,23 +377,5 @@ impl Supervisor {
                 let _ = wire::unix::recv(link, &mut buf, 0);
             }
         }
-    }
-}
-
-fn parse_sockaddr(b: &[u8]) -> Option<Dest> {
-    let family = u16::from_ne_bytes([b[0], b[1]]);
-    let port = u16::from_be_bytes([b[2], b[3]]);
-    match i32::from(family) {
-        libc::AF_INET if b.len() >= 16 => {
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&b[4..8]);
-            Some(Dest { domain: 4, port, addr, scope_id: 0 })
-        }
-        libc::AF_INET6 if b.len() >= 28 => {
-            let mut addr = [0u8; 16];
-            addr.copy_from_slice(&b[8..24]);
-            Some(Dest { domain: 6, port, addr, scope_id: u32::from_ne_bytes([b[24], b[25], b[26], b[27]]) })
-        }
-        _ => None,
     }
 }

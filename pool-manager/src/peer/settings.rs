@@ -126,7 +126,7 @@ impl FilePeer {
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| invalid("rendezvous", format!("{:?} is not HOST:PORT", self.rendezvous)))?;
-        let secret = crate::peer::read_secret(&self.secret_file).map_err(|e| invalid("secret_file", e))?;
+        let secret = crate::peer::read_secret(&self.secret_file).map_err(|e| invalid("secret_file", e.to_string()))?;
         let admission = self.admission(tenant_by)?;
         let virtual_range = match self.virtual_range {
             Some(r) => VirtualRange::parse(&r).map_err(|e| invalid("virtual_range", e))?,
