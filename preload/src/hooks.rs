@@ -8,7 +8,7 @@ use libc::{c_char, c_int, c_uint, c_void, pid_t, sockaddr, socklen_t};
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
-use wire::sockaddr::{address_of, socket_unbound, SOCKADDR_MAX};
+use wire::sockaddr::{address_of, unshaped_tcp, Shaped, SOCKADDR_MAX};
 use wire::{Dest, Disposition};
 
 thread_local! {
@@ -37,30 +37,11 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
-fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
-    let mut v: c_int = 0;
-    let mut len = std::mem::size_of::<c_int>() as socklen_t;
-    // SAFETY: an int-sized option into an int.
-    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut c_int).cast(), &mut len) };
-    (r == 0).then_some(v)
-}
-
 /// The remote address of the inet socket `fd`.
 fn peer_address(fd: c_int) -> Option<Dest> {
     let mut b = [0u8; SOCKADDR_MAX];
     address_of(fd, true, &mut b).and_then(|n| Dest::from_sockaddr(&b[..n]))
 }
-
-/// TCP state of `fd` from TCP_INFO (7 = CLOSE: a fresh, unconnected socket).
-fn tcp_state(fd: c_int) -> Option<u8> {
-    let mut info = [0u8; 8];
-    let mut len = info.len() as socklen_t;
-    // SAFETY: the kernel copies at most `len` bytes of tcp_info; byte 0 is tcpi_state.
-    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len) };
-    (r == 0 && len >= 1).then_some(info[0])
-}
-
-const TCP_CLOSE: u8 = 7;
 
 /// A connect that runs as the program asked instead of on a pooled socket, for `why`.
 fn bypass(fd: c_int, dest: &Dest, why: &str) -> Option<c_int> {
@@ -109,15 +90,11 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
     if client::is_link(fd) || client::known_unpooled(&dest) {
         return None;
     }
-    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
-        || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
-        || tcp_state(fd)? != TCP_CLOSE
-    {
-        return None;
-    }
     // Bound ones are not ours to pool; a family mismatch is the kernel's error to report.
-    if !socket_unbound(fd, dest.domain) {
-        return bypass(fd, &dest, "bound");
+    match unshaped_tcp(fd, dest.domain) {
+        Ok(()) => {}
+        Err(Shaped::NotFreshTcp) => return None,
+        Err(Shaped::Bound) => return bypass(fd, &dest, "bound"),
     }
     if let Some(why) = sockopt::bypass_reason(fd, dest.domain) {
         return bypass(fd, &dest, why);

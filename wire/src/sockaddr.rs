@@ -1,7 +1,8 @@
 //! Socket addresses in their kernel form: a [`Dest`] from the raw bytes of a `sockaddr_in`
-//! or `sockaddr_in6` and back, and the "unbound, nothing chosen yet" check on a socket's local
-//! address. Written once here for the preload's `connect()` hook and the exec supervisor
-//! (which reads the address out of the traced program's memory).
+//! or `sockaddr_in6` and back, and the check that a socket is one a pooled socket may stand
+//! in for ([`unshaped_tcp`]: a TCP stream socket, never connected, nothing bound). Written
+//! once here for the preload's `connect()` hook and the exec supervisor (which reads the
+//! address out of the traced program's memory).
 //!
 //! No allocation and no locks: the preload calls these from `connect()`.
 
@@ -107,6 +108,56 @@ pub fn socket_unbound(fd: RawFd, domain: u8) -> bool {
     address_of(fd, false, &mut b).is_some_and(|n| unbound_of_family(&b[..n], domain))
 }
 
+/// Why a socket is not one a pooled socket may replace ([`unshaped_tcp`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shaped {
+    /// Not a TCP stream socket, or not in state CLOSE (connecting or connected already), or
+    /// its options could not be read.
+    NotFreshTcp,
+    /// Bound: a source address or port was chosen, or the family differs from the address's.
+    Bound,
+}
+
+/// `TCP_INFO`'s `tcpi_state` of a socket that never connected.
+const TCP_CLOSE: u8 = 7;
+
+fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = core::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: an int-sized option into an int; the kernel writes at most `len` bytes.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
+    (r == 0).then_some(v)
+}
+
+/// `tcpi_state` (byte 0 of `TCP_INFO`) of `fd`.
+fn tcp_state(fd: RawFd) -> Option<u8> {
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the kernel copies at most `len` bytes of tcp_info; byte 0 is tcpi_state.
+    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len) };
+    (r == 0 && len >= 1).then_some(info[0])
+}
+
+/// Whether `fd` is a TCP stream socket of the family of `domain` that never connected and has
+/// nothing bound ([`socket_unbound`]): the only kind a pooled socket may replace. Options the
+/// program set are the caller's to check (the preload replays some; exec refuses any).
+///
+/// # Errors
+/// What makes it unfit, [`Shaped`].
+pub fn unshaped_tcp(fd: RawFd, domain: u8) -> Result<(), Shaped> {
+    if int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
+        || int_option(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
+        || tcp_state(fd) != Some(TCP_CLOSE)
+    {
+        return Err(Shaped::NotFreshTcp);
+    }
+    if socket_unbound(fd, domain) {
+        Ok(())
+    } else {
+        Err(Shaped::Bound)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +198,16 @@ mod tests {
         // SAFETY: binding our socket to a sockaddr_in of `n` bytes.
         assert_eq!(unsafe { libc::bind(v4.as_raw_fd(), b.as_ptr().cast(), n as libc::socklen_t) }, 0);
         assert!(!socket_unbound(v4.as_raw_fd(), 4), "a source address without a port is a choice");
+        assert_eq!(unshaped_tcp(v4.as_raw_fd(), 4), Err(Shaped::Bound));
+        assert_eq!(unshaped_tcp(v6.as_raw_fd(), 6), Ok(()));
+        assert_eq!(unshaped_tcp(v6.as_raw_fd(), 4), Err(Shaped::Bound), "family mismatch");
+        // SAFETY: a plain socket call; the fd is checked and owned at once.
+        let udp = unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)) };
+        assert_eq!(unshaped_tcp(udp.as_raw_fd(), 4), Err(Shaped::NotFreshTcp));
+        // A listening socket is not in CLOSE.
+        let l = tcp(libc::AF_INET);
+        // SAFETY: listen on our own socket.
+        assert_eq!(unsafe { libc::listen(l.as_raw_fd(), 1) }, 0);
+        assert_eq!(unshaped_tcp(l.as_raw_fd(), 4), Err(Shaped::NotFreshTcp));
     }
 }

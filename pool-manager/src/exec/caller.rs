@@ -211,11 +211,6 @@ fn fresh_options(family: libc::c_int) -> Option<&'static [Option<Vec<u8>>]> {
     .as_deref()
 }
 
-fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
-    let v: [u8; 4] = option(fd, (level, name))?.try_into().ok()?;
-    Some(libc::c_int::from_ne_bytes(v))
-}
-
 const SIOCGSKNS: libc::c_ulong = 0x894C;
 
 /// Whether the socket was made in this process's network namespace (unknown — the ioctl
@@ -235,17 +230,10 @@ fn in_our_netns(fd: RawFd) -> bool {
 /// that a pooled socket may replace: never connected, nothing bound, made in our network
 /// namespace, every option in [`OPTIONS`] as on a fresh socket of its family.
 pub(super) fn plain_unbound_tcp(fd: RawFd, domain: u8) -> bool {
-    let family = wire::sockaddr::family_of(domain);
-    if int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
-        || int_option(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
-        || int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(family)
-        || crate::sock::tcp_info(fd).is_none_or(|i| i.state != 7)
-        || !wire::sockaddr::socket_unbound(fd, domain)
-        || !in_our_netns(fd)
-    {
+    if wire::sockaddr::unshaped_tcp(fd, domain).is_err() || !in_our_netns(fd) {
         return false;
     }
-    let Some(fresh) = fresh_options(family) else { return false };
+    let Some(fresh) = fresh_options(wire::sockaddr::family_of(domain)) else { return false };
     OPTIONS.iter().zip(fresh).all(|(&o, want)| option(fd, o) == *want)
 }
 
