@@ -18,7 +18,6 @@ pub mod allow;
 pub(crate) mod checker;
 pub mod config;
 pub mod defaults;
-pub mod exec;
 pub mod handover;
 pub mod holders;
 pub mod metrics;

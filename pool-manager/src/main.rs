@@ -143,7 +143,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Exec { socket, command } => {
-            let code = pool_manager::exec::run(&socket_path(socket, default_socket()), &command)?;
+            let code = exec::run(&socket_path(socket, default_socket()), &command)?;
             std::process::exit(code);
         }
         Cmd::Config => {

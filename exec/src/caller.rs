@@ -44,11 +44,9 @@ fn inode_of(path: &str) -> Option<(u64, u64)> {
 }
 
 /// `(st_dev, st_ino)` of an open fd.
-fn inode_of_fd(fd: RawFd) -> Option<(u64, u64)> {
-    // SAFETY: `stat` is plain old data; fstat fills it or fails.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+fn inode_of_fd(fd: impl std::os::fd::AsFd) -> Option<(u64, u64)> {
+    let st = rustix::fs::fstat(fd).ok()?;
+    Some((st.st_dev, st.st_ino))
 }
 
 /// The numbers after `key` on the line of `status` that starts with it.
@@ -106,13 +104,8 @@ impl Caller {
         let dir = format!("/proc/{tid}");
         let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
         let tgid = status_numbers(&status, "Tgid:").next()?;
-        // SAFETY: pidfd_open with a pid and no flags; the fd goes into OwnedFd at once.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid as libc::pid_t, 0) } as RawFd;
-        if raw < 0 {
-            return None;
-        }
-        // SAFETY: a fresh fd we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let pid = rustix::process::Pid::from_raw(i32::try_from(tgid).ok()?)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
         Some(Caller { tid, identity: Identity::read(&dir, &status)?, pidfd })
     }
 
@@ -120,15 +113,9 @@ impl Caller {
     /// against the thread's own fd table: a thread with a private table (`unshare(CLONE_FILES)`)
     /// may hold something else under that number than its process's leader.
     pub(super) fn socket(&self, fd: RawFd) -> Option<(OwnedFd, bool)> {
-        // SAFETY: pidfd_getfd on our pidfd; the result goes into OwnedFd at once.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) } as RawFd;
-        if raw < 0 {
-            return None;
-        }
-        // SAFETY: a fresh fd we own.
-        let dup = unsafe { OwnedFd::from_raw_fd(raw) };
+        let dup = rustix::process::pidfd_getfd(&self.pidfd, fd, rustix::process::PidfdGetfdFlags::empty()).ok()?;
         let theirs = inode_of(&format!("/proc/{}/fd/{fd}", self.tid))?;
-        if inode_of_fd(dup.as_raw_fd())? != theirs {
+        if inode_of_fd(&dup)? != theirs {
             return None;
         }
         Some((dup, self.cloexec(fd)))
@@ -223,7 +210,7 @@ fn in_our_netns(fd: RawFd) -> bool {
     }
     // SAFETY: a fresh fd we own.
     let ns = unsafe { OwnedFd::from_raw_fd(raw) };
-    inode_of_fd(ns.as_raw_fd()) == inode_of("/proc/thread-self/ns/net")
+    inode_of_fd(&ns) == inode_of("/proc/thread-self/ns/net")
 }
 
 /// Whether `fd` (a duplicate of the caller's socket) is a TCP socket of `domain` (4 or 6)
