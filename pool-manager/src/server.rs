@@ -670,7 +670,7 @@ async fn handle(
             }
             let name = match crate::peer::PeerName::parse(name) {
                 Ok(n) => n,
-                Err(e) => return Some(Reply::error(seq, ErrorCode::Malformed, e)),
+                Err(e) => return Some(Reply::error(seq, ErrorCode::Malformed, e.to_string())),
             };
             let dest = SocketAddr::new(agent.settings.virtual_range.addr_of(&name).into(), port);
             Some(acquire_peer(shared, &peer.tenant, conn, name, dest, seq, leases).await)
@@ -740,7 +740,7 @@ async fn peer_refusal(agent: &crate::peer::agent::Agent, tenant: &Tenant, conn: 
     debug!(uid = tenant.uid, cgroup = %tenant.cgroup, reason = %why, "peer link refused");
     // (If this send fails, the connection is gone and the reply below goes nowhere either.)
     let _ = send_reply(conn, Reply::miss(seq, MissReason::Pending, 0)).await;
-    Some(Reply::error(seq, ErrorCode::Denied, why))
+    Some(Reply::error(seq, ErrorCode::Denied, why.to_string()))
 }
 
 fn is_virtual(agent: &crate::peer::agent::Agent, dest: SocketAddr) -> bool {

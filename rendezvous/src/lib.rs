@@ -46,6 +46,26 @@ pub struct RdvMetrics {
 #[error("authentication failed")]
 pub struct AuthFailed;
 
+/// Why one connection to the server ended early (logged at debug level, never sent).
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    /// Reading or writing the connection failed, or a frame was malformed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The member did not send the frame a step needs in time.
+    #[error("no {0} in time")]
+    Timeout(&'static str),
+    /// A frame other than the one the step needs.
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
+    /// See [`AuthFailed`].
+    #[error(transparent)]
+    Auth(#[from] AuthFailed),
+    /// The link it names is unknown, expired or dropped, or the member holds too many spares.
+    #[error("{0}")]
+    Link(&'static str),
+}
+
 struct Member {
     id: u64,
     tx: mpsc::UnboundedSender<Frame>,
@@ -258,17 +278,16 @@ impl Server {
         pending.retain(|_, q| !q.is_empty());
     }
 
-    async fn connection(self: Arc<Self>, mut s: TcpStream, observed: SocketAddr) -> Result<(), String> {
+    async fn connection(self: Arc<Self>, mut s: TcpStream, observed: SocketAddr) -> Result<(), ConnError> {
         let _ = s.set_nodelay(true);
         let step = STEP_TIMEOUT;
-        let io = |e: std::io::Error| e.to_string();
-        let hello = timeout(step, read_frame(&mut s)).await.map_err(|_| "no hello".to_string())?.map_err(io)?;
+        let hello = timeout(step, read_frame(&mut s)).await.map_err(|_| ConnError::Timeout("Hello"))??;
         let Frame::Hello { job, name, purpose, link, nonce: nm } = hello else {
-            return Err("expected Hello".into());
+            return Err(ConnError::Unexpected(format!("{hello:?} instead of Hello")));
         };
         let nr: [u8; NONCE_LEN] = nonce();
-        write_frame(&mut s, &Frame::Challenge { nonce: nr }).await.map_err(io)?;
-        let auth = timeout(step, read_frame(&mut s)).await.map_err(|_| "no auth".to_string())?.map_err(io)?;
+        write_frame(&mut s, &Frame::Challenge { nonce: nr }).await?;
+        let auth = timeout(step, read_frame(&mut s)).await.map_err(|_| ConnError::Timeout("Auth"))??;
         let t = Transcript::new(&job, &name, purpose, link, &nm, &nr);
         let mac_m = match &auth {
             Frame::Auth { mac: m } => Some(m),
@@ -278,17 +297,17 @@ impl Server {
             self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
             warn!(peer = %observed, "rendezvous authentication failed");
             let _ = write_frame(&mut s, &Frame::Refused { reason: AuthFailed.to_string() }).await;
-            return Err(AuthFailed.to_string());
+            return Err(AuthFailed.into());
         };
         let mr = mac(k, &t.server_input(&observed.to_string()));
-        write_frame(&mut s, &Frame::Welcome { observed, mac: mr }).await.map_err(io)?;
+        write_frame(&mut s, &Frame::Welcome { observed, mac: mr }).await?;
         match purpose {
             Purpose::Control => self.control(s, job, name, observed).await,
             Purpose::Link => self.link_end(s, job, name, link, observed).await,
         }
     }
 
-    async fn control(self: Arc<Self>, s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), String> {
+    async fn control(self: Arc<Self>, s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), ConnError> {
         let (mut rd, mut wr) = s.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
@@ -304,10 +323,10 @@ impl Server {
         });
         let r = async {
             loop {
-                match read_frame(&mut rd).await.map_err(|e| e.to_string())? {
+                match read_frame(&mut rd).await? {
                     Frame::LinkRequest { req, peer, port, prewarm } => self.link_request(&job, &name, &tx, req, &peer, port, prewarm),
                     Frame::Claimed { link } => self.claimed(&job, &name, link),
-                    other => return Err(format!("unexpected {other:?} on a control connection")),
+                    other => return Err(ConnError::Unexpected(format!("{other:?} on a control connection"))),
                 }
             }
         }
@@ -387,17 +406,17 @@ impl Server {
         }
     }
 
-    async fn probe_rtt(s: &mut TcpStream) -> Result<Duration, String> {
+    async fn probe_rtt(s: &mut TcpStream) -> Result<Duration, ConnError> {
         let t0 = Instant::now();
         let token = u64::from_le_bytes(nonce());
-        write_frame(s, &Frame::Ping { token }).await.map_err(|e| e.to_string())?;
+        write_frame(s, &Frame::Ping { token }).await?;
         match timeout(STEP_TIMEOUT, read_frame(s)).await {
             Ok(Ok(Frame::Pong { token: t })) if t == token => Ok(t0.elapsed()),
-            _ => Err("no pong".into()),
+            _ => Err(ConnError::Timeout("Pong")),
         }
     }
 
-    async fn link_end(self: Arc<Self>, mut s: TcpStream, job: String, name: String, link: u64, observed: SocketAddr) -> Result<(), String> {
+    async fn link_end(self: Arc<Self>, mut s: TcpStream, job: String, name: String, link: u64, observed: SocketAddr) -> Result<(), ConnError> {
         if link == 0 {
             return self.spare(s, job, name, observed).await;
         }
@@ -407,14 +426,14 @@ impl Server {
         };
         let Some(side) = side else {
             let _ = write_frame(&mut s, &Frame::Refused { reason: format!("no link {link} for {job}/{name}") }).await;
-            return Err("unknown link".into());
+            return Err(ConnError::Link("unknown link"));
         };
         let rtt = Self::probe_rtt(&mut s).await?;
         let (ptx, prx) = oneshot::channel();
         {
             let mut st = self.lock();
             let Some(rec) = st.links.get_mut(&link) else {
-                return Err("link expired".into());
+                return Err(ConnError::Link("link expired"));
             };
             rec.sides[side] = Some(Side { observed, rtt, punch: Some(ptx) });
             if let (Some(a), Some(b)) = (&rec.sides[0], &rec.sides[1]) {
@@ -430,12 +449,12 @@ impl Server {
             }
         }
         let order =
-            timeout(LINK_TTL, prx).await.map_err(|_| "the other end never came".to_string())?.map_err(|_| "link dropped".to_string())?;
+            timeout(LINK_TTL, prx).await.map_err(|_| ConnError::Link("the other end never came"))?.map_err(|_| ConnError::Link("link dropped"))?;
         self.after_order(s, job, link, side, order).await
     }
 
     /// A spare link connection: measured, then parked until a link needs it (or it closes).
-    async fn spare(self: Arc<Self>, mut s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), String> {
+    async fn spare(self: Arc<Self>, mut s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), ConnError> {
         let rtt = Self::probe_rtt(&mut s).await?;
         let (tx, rx) = oneshot::channel();
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
@@ -450,7 +469,7 @@ impl Server {
         };
         if full {
             let _ = write_frame(&mut s, &Frame::Refused { reason: "too many spare link connections".into() }).await;
-            return Err("too many spares".into());
+            return Err(ConnError::Link("too many spares"));
         }
         let mut probe = [0u8; 1];
         let assigned = tokio::select! {
@@ -471,12 +490,11 @@ impl Server {
 
     /// Send the punch order, then act on the end's verdict: forget a direct link, splice a
     /// relayed one once both ends ask.
-    async fn after_order(self: Arc<Self>, mut s: TcpStream, job: String, link: u64, side: usize, order: Frame) -> Result<(), String> {
-        let io = |e: std::io::Error| e.to_string();
-        write_frame(&mut s, &order).await.map_err(io)?;
-        let verdict = timeout(LINK_TTL, read_frame(&mut s)).await.map_err(|_| "no verdict".to_string())?.map_err(io)?;
+    async fn after_order(self: Arc<Self>, mut s: TcpStream, job: String, link: u64, side: usize, order: Frame) -> Result<(), ConnError> {
+        write_frame(&mut s, &order).await?;
+        let verdict = timeout(LINK_TTL, read_frame(&mut s)).await.map_err(|_| ConnError::Timeout("Verdict"))??;
         let Frame::Verdict { relay } = verdict else {
-            return Err("expected Verdict".into());
+            return Err(ConnError::Unexpected(format!("{verdict:?} instead of Verdict")));
         };
         if !relay {
             let mut st = self.lock();
@@ -491,7 +509,7 @@ impl Server {
         let other = {
             let mut st = self.lock();
             let Some(rec) = st.links.get_mut(&link) else {
-                return Err("link expired".into());
+                return Err(ConnError::Link("link expired"));
             };
             match rec.parked.take() {
                 Some((i, other)) if i != side => {

@@ -23,8 +23,11 @@
 //! have links).
 
 pub mod agent;
+mod error;
 pub mod link;
 pub mod settings;
+
+pub use error::{AcquireError, ControlError, NameError, RangeError, Refusal};
 
 use std::fmt;
 use std::net::Ipv4Addr;
@@ -46,11 +49,11 @@ impl PeerName {
     /// Parse `JOB/NAME` (each part 1..=64 of `[A-Za-z0-9._-]`).
     ///
     /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (job, name) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected JOB/NAME"))?;
+    /// [`NameError`].
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let (job, name) = s.split_once('/').ok_or_else(|| NameError::NoSlash(s.into()))?;
         if !valid_part(job) || !valid_part(name) {
-            return Err(format!("{s:?}: JOB and NAME must each be 1-{MAX_PART} characters of A-Z a-z 0-9 . _ -"));
+            return Err(NameError::BadPart(s.into()));
         }
         Ok(Self { job: job.into(), name: name.into() })
     }
@@ -58,10 +61,10 @@ impl PeerName {
     /// Parse `JOB/NAME[:PORT]` (the port is the channel; 0 when absent).
     ///
     /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse_with_port(s: &str) -> Result<(Self, u16), String> {
+    /// [`NameError`].
+    pub fn parse_with_port(s: &str) -> Result<(Self, u16), NameError> {
         match s.rsplit_once(':') {
-            Some((n, p)) => Ok((Self::parse(n)?, p.parse().map_err(|_| format!("{s:?}: {p:?} is not a port"))?)),
+            Some((n, p)) => Ok((Self::parse(n)?, p.parse().map_err(|_| NameError::BadPort(s.into(), p.into()))?)),
             None => Ok((Self::parse(s)?, 0)),
         }
     }
@@ -94,11 +97,11 @@ impl VirtualRange {
     /// Parse `A.B.C.D/N` with 8 <= N <= 30.
     ///
     /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (a, n) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected A.B.C.D/N"))?;
-        let a: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-        let prefix: u8 = n.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| format!("{s:?}: prefix length must be 8-30"))?;
+    /// [`RangeError`].
+    pub fn parse(s: &str) -> Result<Self, RangeError> {
+        let (a, n) = s.split_once('/').ok_or_else(|| RangeError::NoSlash(s.into()))?;
+        let a: Ipv4Addr = a.parse().map_err(|_| RangeError::BadAddress(s.into(), a.into()))?;
+        let prefix: u8 = n.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| RangeError::BadPrefix(s.into()))?;
         let mask = u32::MAX << (32 - prefix);
         Ok(Self { base: u32::from(a) & mask, prefix })
     }
