@@ -156,8 +156,8 @@ fn main() -> Result<()> {
         }
         Cmd::PeerAddr { peer, range } => {
             use pool_manager::peer::{PeerName, VirtualRange};
-            let range = VirtualRange::parse(&range).map_err(anyhow::Error::msg)?;
-            let peer = PeerName::parse(&peer).map_err(anyhow::Error::msg)?;
+            let range = VirtualRange::parse(&range)?;
+            let peer = PeerName::parse(&peer)?;
             println!("{}", range.addr_of(&peer));
             Ok(())
         }
