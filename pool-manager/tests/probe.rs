@@ -1,6 +1,7 @@
 //! The hand-out probe (`probe = "redis-ping"`, `sock::redis_ping`) against real servers: a
 //! Redis answers and the socket is left as it was, an HTTP server's answer fails the probe, a
 //! server that never answers fails it within the timeout, one that closes is seen closing.
+//! Also `sock::local_port` (a metrics label), read through `wire::sockaddr`.
 
 mod common;
 
@@ -41,4 +42,20 @@ fn redis_ping_passes_on_redis_and_fails_on_anything_else() {
     let fd = connect(closing.local_addr().unwrap());
     drop(closing.accept().unwrap());
     assert!(wait_until(Duration::from_secs(2), || matches!(redis_ping(&fd, Duration::from_millis(200)), Err(Discard::PeerClosed | Discard::ProbeFailed))));
+}
+
+/// The `local_port` label of `warmpool_pooled_socket_cwnd` is the socket's own port, both
+/// families.
+#[test]
+fn local_port_is_the_sockets_own_port() {
+    use std::os::fd::AsRawFd;
+    for bind in ["127.0.0.1:0", "[::1]:0"] {
+        let Ok(l) = TcpListener::bind(bind) else {
+            eprintln!("SKIP {bind}: no such loopback address here");
+            continue;
+        };
+        let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert_eq!(pool_manager::sock::local_port(s.as_raw_fd()), s.local_addr().unwrap().port(), "{bind}");
+    }
+    assert_eq!(pool_manager::sock::local_port(-1), 0);
 }
