@@ -380,7 +380,6 @@ struct KillOnDrop(u32);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        // SAFETY: signalling our own child by PID.
-        unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        crate::launch::signal(self.0, rustix::process::Signal::KILL);
     }
 }

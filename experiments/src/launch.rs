@@ -119,6 +119,13 @@ pub(crate) fn build_empty_preload(dir: &Path) -> Result<PathBuf> {
     Ok(lib)
 }
 
+/// Send `sig` to the child process `pid` that this experiment started (nothing if it is gone).
+pub(crate) fn signal(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = i32::try_from(pid).ok().and_then(rustix::process::Pid::from_raw) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,4 +1,6 @@
-//! `experiments`: reproduce what the pool buys, on this machine, with real programs.
+//! `experiments`: reproduce what the pool buys, on this machine, with real programs. Each
+//! experiment writes CSV, SVG charts and a `summary.md` (beside the source study's numbers
+//! where there are some).
 //!
 //! - `reuse`: every run is a fresh process (a "function") that connects to a real nginx,
 //!   sends one request, reads the reply and exits, timed inside from just before `connect()`
@@ -8,10 +10,17 @@
 //!   library, under the empty one and under the shim run round-robin.
 //! - `fct`: flow completion times on new versus warmed connections, with and without
 //!   competing bulk flows through a bottleneck.
+//! - `burst`: N functions start at once, with and without the pool (optionally each also
+//!   talking to a peer function over a prewarmed peer link).
+//! - `link`: peer links (`pool-manager rendezvous`, crate `warmpool-rendezvous`): time from
+//!   `connect()` to a usable link on demand, prewarmed and relayed, and link throughput.
+//! - `shuffle`: reduce-by-key between mappers and reducers over peer links, through Redis
+//!   and through a local S3-compatible object store.
 //!
-//! Both run on `--topology local` (client and server hosts in network namespaces joined by
-//! a user-space delay line, see `topo`) or `--topology loopback`, and write CSV, SVG charts
-//! and a `summary.md` beside the source study's numbers.
+//! They run on `--topology local` (client and server hosts in network namespaces joined by
+//! a user-space delay line, see `topo`), `--topology loopback`, or `--topology two-node`
+//! (`server` on the other machine). The remaining subcommands are the parts those
+//! experiments start: servers, clients, one function invocation.
 
 mod burst;
 mod delay;

@@ -112,8 +112,7 @@ impl Nginx {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !hosts.reachable(probe) {
             if Instant::now() > deadline || child.try_wait().is_ok_and(|s| s.is_some()) {
-                // SAFETY: signalling the child we started, by its PID.
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                crate::launch::signal(child.id(), rustix::process::Signal::TERM);
                 let _ = child.wait();
                 bail!("nginx did not start; see {d}/error.log");
             }
@@ -132,8 +131,7 @@ impl Nginx {
 impl Drop for Nginx {
     fn drop(&mut self) {
         if let Some(child) = &mut self.child {
-            // SAFETY: signalling the child we started, by its PID.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            crate::launch::signal(child.id(), rustix::process::Signal::TERM);
             let _ = child.wait();
         }
     }

@@ -12,8 +12,8 @@ pub(crate) struct KillOnDrop(pub(crate) Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        // SAFETY: signalling a child we started, by its PID, before reaping it.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        // Before reaping it, so the pid is still this child's.
+        crate::launch::signal(self.0.id(), rustix::process::Signal::TERM);
         let _ = self.0.wait();
     }
 }

@@ -75,8 +75,7 @@ impl Haproxy {
         let deadline = Instant::now() + Duration::from_secs(10);
         while !hosts.reachable(addr) {
             if Instant::now() > deadline || child.try_wait().is_ok_and(|s| s.is_some()) {
-                // SAFETY: signalling the child we started, by its PID.
-                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+                crate::launch::signal(child.id(), rustix::process::Signal::TERM);
                 let _ = child.wait();
                 bail!("haproxy did not start:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
             }
@@ -88,8 +87,7 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::launch::signal(self.child.id(), rustix::process::Signal::TERM);
         let _ = self.child.wait();
     }
 }

@@ -171,8 +171,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: signalling the child we started, by its PID.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        crate::launch::signal(self.child.id(), rustix::process::Signal::TERM);
         let _ = self.child.wait();
     }
 }

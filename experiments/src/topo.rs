@@ -101,33 +101,19 @@ impl Topology {
 /// thread's wake-up (tens of microseconds on a virtual machine, and variable) would be
 /// measured as path delay.
 fn handshake_time(addr: SocketAddr) -> Result<Duration> {
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::net::{AddressFamily, SocketFlags, SocketType};
     let SocketAddr::V4(v4) = addr else { bail!("IPv4 only") };
-    // SAFETY: plain socket creation; the fd goes into an OwnedFd at once.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        bail!("socket: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: a fresh fd we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: v4.port().to_be(),
-        sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(v4.ip().octets()) },
-        sin_zero: [0; 8],
-    };
+    let sock = rustix::net::socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)
+        .map_err(|e| anyhow::anyhow!("socket: {e}"))?;
     let t = Instant::now();
-    // SAFETY: a valid sockaddr_in of the right length.
-    let r = unsafe {
-        libc::connect(sock.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), std::mem::size_of::<libc::sockaddr_in>() as u32)
-    };
-    if r != 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
-        bail!("connect {addr}: {}", std::io::Error::last_os_error());
+    match rustix::net::connect(&sock, &v4) {
+        Ok(()) | Err(rustix::io::Errno::INPROGRESS) => {}
+        Err(e) => bail!("connect {addr}: {e}"),
     }
+    let now = Timespec { tv_sec: 0, tv_nsec: 0 };
     loop {
-        let mut p = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
-        // SAFETY: one pollfd, zero timeout.
-        if unsafe { libc::poll(&mut p, 1, 0) } > 0 {
+        if poll(&mut [PollFd::new(&sock, PollFlags::OUT)], Some(&now)).is_ok_and(|n| n > 0) {
             break;
         }
         if t.elapsed() > Duration::from_secs(2) {

@@ -74,22 +74,22 @@ pub const PUNCH_TIMEOUT: Duration = Duration::from_secs(1);
 /// A function waits at most this long for a link (punch, relay, proofs).
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Steps of a link's set-up that involve only the rendezvous server or the proofs.
-pub const RENDEZVOUS_STEP_TIMEOUT: Duration = Duration::from_secs(5);
+pub const RENDEZVOUS_STEP_TIMEOUT: Duration = wire::rdv::STEP_TIMEOUT;
 /// Reconnect to the rendezvous server after this long when the control connection drops.
 pub const RENDEZVOUS_RECONNECT: Duration = Duration::from_millis(500);
 /// TCP keepalive on peer links: keeps NAT mappings and detects dead peers.
 pub const PEER_KEEPALIVE_IDLE: Duration = Duration::from_secs(15);
 /// The rendezvous server forgets an unfinished link after this long.
-pub const RENDEZVOUS_LINK_TTL: Duration = Duration::from_secs(30);
+pub const RENDEZVOUS_LINK_TTL: Duration = wire::rdv::LINK_TTL;
 /// Spare link connections a manager keeps at the rendezvous server (authenticated, endpoint
 /// and RTT known), so that a new link costs no connection set-up there.
 pub const SPARE_LINK_CONNECTIONS: usize = 2;
 /// The rendezvous server accepts at most this many spares per member.
-pub const MAX_SPARES: usize = 16;
+pub const MAX_SPARES: usize = wire::rdv::MAX_SPARES;
 
 /// Most sockets offered to one starting process (`Prefetch`): one per prefetching
-/// destination, at most this many destinations.
-pub const MAX_PREFETCH: usize = 8;
+/// destination, at most this many destinations (the protocol's limit, [`wire::MAX_OFFERS`]).
+pub const MAX_PREFETCH: usize = wire::MAX_OFFERS;
 
 /// How often destinations written as host names are resolved again (addresses a name gains
 /// are pooled from then on; a name that did not resolve at start is pooled once it does).

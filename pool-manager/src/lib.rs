@@ -20,7 +20,6 @@ pub(crate) mod checker;
 pub mod config;
 pub mod defaults;
 pub mod btf;
-pub mod exec;
 pub mod filerefs;
 pub mod handover;
 pub mod holders;

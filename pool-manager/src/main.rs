@@ -143,7 +143,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Exec { socket, command } => {
-            let code = pool_manager::exec::run(&socket_path(socket, default_socket()), &command)?;
+            let code = exec::run(&socket_path(socket, default_socket()), &command)?;
             std::process::exit(code);
         }
         Cmd::Config => {
@@ -156,8 +156,8 @@ fn main() -> Result<()> {
         }
         Cmd::PeerAddr { peer, range } => {
             use pool_manager::peer::{PeerName, VirtualRange};
-            let range = VirtualRange::parse(&range).map_err(anyhow::Error::msg)?;
-            let peer = PeerName::parse(&peer).map_err(anyhow::Error::msg)?;
+            let range = VirtualRange::parse(&range)?;
+            let peer = PeerName::parse(&peer)?;
             println!("{}", range.addr_of(&peer));
             Ok(())
         }
@@ -176,12 +176,13 @@ fn default_socket() -> PathBuf {
 }
 
 fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std::net::SocketAddr>) -> Result<()> {
-    use pool_manager::peer::{self, rendezvous::Server, Keys, PeerName};
+    use pool_manager::peer::{self, Keys, PeerName};
+    use rendezvous::Server;
     let mut keys = std::collections::HashMap::new();
     for j in jobs {
         let (job, file) = j.split_once('=').with_context(|| format!("--job {j:?}: expected JOB=FILE"))?;
         PeerName::parse(&format!("{job}/x")).map_err(|_| anyhow::anyhow!("--job {j:?}: {job:?} is not a valid job name"))?;
-        let secret = peer::read_secret(std::path::Path::new(file)).map_err(anyhow::Error::msg)?;
+        let secret = peer::read_secret(std::path::Path::new(file))?;
         keys.insert(job.to_owned(), Keys::derive(&secret).rendezvous);
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -314,17 +314,8 @@ pub fn cwnd(fd: RawFd) -> u32 {
 /// Local port (for metrics labels).
 #[must_use]
 pub fn local_port(fd: RawFd) -> u16 {
-    // SAFETY: sockaddr_storage is plain old data, getsockname writes at most len bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    if unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
-        return 0;
-    }
-    // sin_port and sin6_port sit at the same offset.
-    // SAFETY: the kernel wrote an inet address.
-    let sin = unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-    u16::from_be(sin.sin_port)
+    let mut b = [0u8; wire::sockaddr::SOCKADDR_MAX];
+    wire::sockaddr::address_of(fd, false, &mut b).and_then(|n| wire::Dest::from_sockaddr(&b[..n])).map_or(0, |d| d.port)
 }
 
 /// Connect a new socket to `dest` (non-blocking, bounded by `timeout`) and detach it from
@@ -356,10 +347,9 @@ pub async fn connect_with(s: tokio::net::TcpSocket, dest: std::net::SocketAddr, 
 pub fn redis_ping(fd: &OwnedFd, timeout: Duration) -> Result<(), Discard> {
     const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
     const PONG: &[u8] = b"+PONG\r\n";
-    let raw = fd.as_raw_fd();
-    // SAFETY: send from our constant buffer without blocking or SIGPIPE.
-    let n = unsafe { libc::send(raw, PING.as_ptr().cast(), PING.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n != PING.len() as isize {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::net::{RecvFlags, SendFlags};
+    if rustix::net::send(fd, PING, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) != Ok(PING.len()) {
         return Err(Discard::ProbeFailed);
     }
     let deadline = Instant::now() + timeout;
@@ -370,20 +360,17 @@ pub fn redis_ping(fd: &OwnedFd, timeout: Duration) -> Result<(), Discard> {
         if left.is_zero() {
             return Err(Discard::ProbeFailed);
         }
-        let mut pfd = libc::pollfd { fd: raw, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd.
-        unsafe { libc::poll(&mut pfd, 1, left.as_millis().max(1) as libc::c_int) };
-        // SAFETY: recv into the unfilled part of our buffer.
-        let r = unsafe { libc::recv(raw, buf[got..].as_mut_ptr().cast(), PONG.len() - got, libc::MSG_DONTWAIT) };
-        match r {
-            0 => return Err(Discard::PeerClosed),
-            n if n > 0 => got += n as usize,
-            _ if std::io::Error::last_os_error().kind() == std::io::ErrorKind::WouldBlock => {}
-            _ => return Err(Discard::Error),
+        let wait = Timespec::try_from(left.max(Duration::from_millis(1))).unwrap_or(Timespec { tv_sec: 1, tv_nsec: 0 });
+        let _ = poll(&mut [PollFd::new(fd, PollFlags::IN)], Some(&wait));
+        match rustix::net::recv(fd, &mut buf[got..PONG.len()], RecvFlags::DONTWAIT) {
+            Ok((0, _)) => return Err(Discard::PeerClosed),
+            Ok((n, _)) => got += n,
+            Err(rustix::io::Errno::AGAIN) => {}
+            Err(_) => return Err(Discard::Error),
         }
     }
     if &buf[..got] == PONG {
-        idle_check(raw)
+        idle_check(fd.as_raw_fd())
     } else {
         Err(Discard::ProbeFailed)
     }

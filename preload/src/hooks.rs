@@ -8,6 +8,7 @@ use libc::{c_char, c_int, c_uint, c_void, pid_t, sockaddr, socklen_t};
 use std::cell::Cell;
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::sync::atomic::Ordering;
+use wire::sockaddr::{address_of, unshaped_tcp, Shaped, SOCKADDR_MAX};
 use wire::{Dest, Disposition};
 
 thread_local! {
@@ -36,72 +37,11 @@ fn set_errno(e: c_int) {
     unsafe { *libc::__errno_location() = e };
 }
 
-fn sockopt_int(fd: c_int, level: c_int, name: c_int) -> Option<c_int> {
-    let mut v: c_int = 0;
-    let mut len = std::mem::size_of::<c_int>() as socklen_t;
-    // SAFETY: an int-sized option into an int.
-    let r = unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut c_int).cast(), &mut len) };
-    (r == 0).then_some(v)
+/// The remote address of the inet socket `fd`.
+fn peer_address(fd: c_int) -> Option<Dest> {
+    let mut b = [0u8; SOCKADDR_MAX];
+    address_of(fd, true, &mut b).and_then(|n| Dest::from_sockaddr(&b[..n]))
 }
-
-/// The destination, if `addr` is an AF_INET/AF_INET6 address of the right length.
-///
-/// # Safety
-/// `addr` must be null or point at `len` readable bytes.
-unsafe fn dest_of(addr: *const sockaddr, len: socklen_t) -> Option<Dest> {
-    if addr.is_null() || (len as usize) < std::mem::size_of::<libc::sa_family_t>() {
-        return None;
-    }
-    // SAFETY: at least the family field is readable (checked above); the longer reads below
-    // are guarded by the length checks for each family.
-    unsafe {
-        match c_int::from((*addr).sa_family) {
-            libc::AF_INET if len as usize >= std::mem::size_of::<libc::sockaddr_in>() => {
-                let sin = std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in>());
-                let mut a = [0u8; 16];
-                a[..4].copy_from_slice(&sin.sin_addr.s_addr.to_ne_bytes());
-                Some(Dest { domain: 4, port: u16::from_be(sin.sin_port), addr: a, scope_id: 0 })
-            }
-            libc::AF_INET6 if len as usize >= std::mem::size_of::<libc::sockaddr_in6>() => {
-                let sin6 = std::ptr::read_unaligned(addr.cast::<libc::sockaddr_in6>());
-                Some(Dest { domain: 6, port: u16::from_be(sin6.sin6_port), addr: sin6.sin6_addr.s6_addr, scope_id: sin6.sin6_scope_id })
-            }
-            _ => None,
-        }
-    }
-}
-
-/// The local (`peer` false) or remote address of the inet socket `fd`.
-fn address(fd: c_int, peer: bool) -> Option<Dest> {
-    // SAFETY: sockaddr_storage is plain old data; the kernel fills at most `len` bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as socklen_t;
-    let p = (&mut ss as *mut libc::sockaddr_storage).cast::<sockaddr>();
-    // SAFETY: as above.
-    let r = unsafe { if peer { libc::getpeername(fd, p, &mut len) } else { libc::getsockname(fd, p, &mut len) } };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: `ss` holds `len` bytes of a socket address written by the kernel.
-    unsafe { dest_of(p, len) }
-}
-
-/// Whether `fd` is an unbound socket of `domain` (bound ones are not ours to pool; a family
-/// mismatch is the kernel's error to report).
-fn unbound_of_family(fd: c_int, domain: u8) -> bool {
-    address(fd, false).is_some_and(|d| d.domain == domain && d.port == 0 && d.addr == [0; 16])
-}
-
-/// TCP state of `fd` from TCP_INFO (7 = CLOSE: a fresh, unconnected socket).
-fn tcp_state(fd: c_int) -> Option<u8> {
-    let mut info = [0u8; 8];
-    let mut len = info.len() as socklen_t;
-    // SAFETY: the kernel copies at most `len` bytes of tcp_info; byte 0 is tcpi_state.
-    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len) };
-    (r == 0 && len >= 1).then_some(info[0])
-}
-
-const TCP_CLOSE: u8 = 7;
 
 /// A connect that runs as the program asked instead of on a pooled socket, for `why`.
 fn bypass(fd: c_int, dest: &Dest, why: &str) -> Option<c_int> {
@@ -126,7 +66,7 @@ pub(crate) fn ending(l: table::Lease, how: Disposition) -> Disposition {
 /// The same address is the program asking how its connect went (`EISCONN`): the lease
 /// stays. No allocation, no lock.
 fn connect_on_lease(fd: c_int, dest: Option<&Dest>) {
-    if dest.is_some_and(|d| address(fd, true).as_ref() == Some(d)) {
+    if dest.is_some_and(|d| peer_address(fd).as_ref() == Some(d)) {
         return;
     }
     if let Some(l) = table::take(fd) {
@@ -141,7 +81,7 @@ fn connect_on_lease(fd: c_int, dest: Option<&Dest>) {
 /// Same contract as `connect(2)`.
 unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
     // SAFETY: the caller's addr/len, as connect(2) gets them.
-    let dest = unsafe { dest_of(addr, len) };
+    let dest = unsafe { Dest::from_raw_sockaddr(addr, len) };
     if table::contains(fd) {
         connect_on_lease(fd, dest.as_ref());
         return None;
@@ -150,14 +90,11 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
     if client::is_link(fd) || client::known_unpooled(&dest) {
         return None;
     }
-    if sockopt_int(fd, libc::SOL_SOCKET, libc::SO_TYPE)? != libc::SOCK_STREAM
-        || sockopt_int(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL)? != libc::IPPROTO_TCP
-        || tcp_state(fd)? != TCP_CLOSE
-    {
-        return None;
-    }
-    if !unbound_of_family(fd, dest.domain) {
-        return bypass(fd, &dest, "bound");
+    // Bound ones are not ours to pool; a family mismatch is the kernel's error to report.
+    match unshaped_tcp(fd, dest.domain) {
+        Ok(()) => {}
+        Err(Shaped::NotFreshTcp) => return None,
+        Err(Shaped::Bound) => return bypass(fd, &dest, "bound"),
     }
     if let Some(why) = sockopt::bypass_reason(fd, dest.domain) {
         return bypass(fd, &dest, why);

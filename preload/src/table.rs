@@ -4,7 +4,7 @@
 //!
 //! Entry layout: 0 = no lease; otherwise bit 63 set, bit 62 = shared (dup'd or inherited by
 //! a child: never reusable), bit 61 = altered (the program set an option that cannot be
-//! undone: never reusable), bits 0..48 = the lease id the daemon granted.
+//! undone: never reusable), bits 0..48 = the lease id the daemon granted ([`wire::LeaseId`], 48 bits).
 //!
 //! Beside each lease, the identity of the socket it was granted on (its inode; sockets all
 //! live on one device, recorded once): at exit the shim gives a socket back only if the fd
@@ -17,7 +17,8 @@ pub(crate) const MAX_FD: usize = 65_536;
 const PRESENT: u64 = 1 << 63;
 const SHARED: u64 = 1 << 62;
 const ALTERED: u64 = 1 << 61;
-const ID_MASK: u64 = (1 << 48) - 1;
+const ID_MASK: u64 = wire::LeaseId::MAX.get();
+const _: () = assert!(ID_MASK & (PRESENT | SHARED | ALTERED) == 0, "lease ids and flag bits overlap");
 
 static LEASES: [AtomicU64; MAX_FD] = [const { AtomicU64::new(0) }; MAX_FD];
 /// Highest fd ever recorded, bounding the scans in [`for_each`].
@@ -43,9 +44,9 @@ fn decode(v: u64) -> Option<Lease> {
     (v & PRESENT != 0).then_some(Lease { id: v & ID_MASK, shared: v & SHARED != 0, altered: v & ALTERED != 0 })
 }
 
-/// Whether a lease id fits the table (the daemon allocates ids from 1 upward).
+/// Whether a lease id fits the table: a valid [`wire::LeaseId`].
 pub(crate) fn fits(id: u64) -> bool {
-    id != 0 && id <= ID_MASK
+    wire::LeaseId::new(id).is_some()
 }
 
 /// `(st_dev, st_ino)` of what `fd` refers to now.

@@ -1,9 +1,12 @@
-//! Types shared between warmpool's eBPF programs and user space.
+//! Types shared between warmpool's eBPF programs and user space (crate `shim-ebpf`).
 //!
-//! The kernel programs themselves (sockops learning converged congestion windows, cgroup
-//! connect4/6 demand counters) are the kernel-assist issue's work and are built for
-//! `bpfel-unknown-none` on nightly; this crate stays `no_std`, dependency-free and buildable
-//! on stable so that the rest of the workspace never needs the eBPF toolchain.
+//! The kernel programs live in `shim-ebpf/programs` (a sockops program that learns converged
+//! congestion windows per destination and starts new connections with them, and cgroup
+//! connect4/connect6 programs that count demand per cgroup, uid and destination); they are
+//! built for `bpfel-unknown-none` on nightly by `shim-user`'s build script, which also loads
+//! and attaches them. This crate stays `no_std` and buildable on stable (its one optional
+//! dependency, `aya`, only for the `user` feature) so that the rest of the workspace never
+//! needs the eBPF toolchain.
 //! Every type is `#[repr(C)]` with explicit padding, so its layout is the same on both sides.
 
 #![no_std]

@@ -17,7 +17,7 @@
 //!   *application's* socket), `flags: u8` (0), `port: u16`, `addr: [u8; 16]` (IPv4 in the
 //!   first 4 bytes), `scope_id: u32`. The tenant is never part of the message: the daemon
 //!   takes it from the kernel (`SO_PEERCRED`, `SO_PEERPIDFD`, the peer's cgroup).
-//! * `Release` (17 bytes): `lease: u64`, `disposition: u8` ([`Disposition`]). Sent after the
+//! * `Release` (17 bytes): `lease: u64` (a [`LeaseId`]: 1 to 2^48 − 1), `disposition: u8` ([`Disposition`]). Sent after the
 //!   application's fd was closed. No reply. No fd: the daemon holds its own reference to
 //!   every socket it hands out.
 //! * `Status` (8 bytes): asks for the pool table. Reply: `StatusReply`.
@@ -30,7 +30,7 @@
 //!   possibly preceded by `Miss(Pending)`.
 //! * `Prefetch` (8 bytes): sent once, at load time, without waiting: "I am starting; give me
 //!   now a socket for each destination of mine whose pool prefetches". Reply: one `Offer`
-//!   per such socket (the last one flagged), or `Miss(Empty)` if there is none. Offered
+//!   per such socket (at most [`MAX_OFFERS`]) (the last one flagged), or `Miss(Empty)` if there is none. Offered
 //!   sockets are leased to the process like granted ones: one the program connects with is
 //!   released as usual when closed; one it never used is released with
 //!   `Disposition::Unused` (at exit or `execve`). An offer whose process dies without either
@@ -68,10 +68,13 @@
 #![warn(missing_docs)]
 
 pub mod handover;
+mod lease;
 pub mod rdv;
+pub mod sockaddr;
 pub mod unix;
 
 pub use handover::Record;
+pub use lease::{LeaseId, LeaseIdOutOfRange, MAX_OFFERS};
 
 /// Protocol version spoken by this crate.
 pub const VERSION: u8 = 1;

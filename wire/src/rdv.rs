@@ -1,4 +1,5 @@
-//! The rendezvous protocol: pool managers ⇄ `pool-manager rendezvous`, over TCP.
+//! The rendezvous protocol: pool managers ⇄ the rendezvous server (`warmpool-rendezvous`),
+//! over TCP. Keys, MACs and async framing for both ends: [`auth`] (feature `rdv`).
 //!
 //! A stream of frames, `len: u32` (little endian, counting the type byte and the body, at
 //! most [`MAX_FRAME`]) then `type: u8` then the body. Strings are `len: u8` + UTF-8;
@@ -28,12 +29,22 @@
 
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+#[cfg(feature = "rdv")]
+pub mod auth;
+
 /// Largest frame (type byte + body).
 pub const MAX_FRAME: usize = 4096;
 /// Length of nonces.
 pub const NONCE_LEN: usize = 16;
 /// Length of MACs (HMAC-SHA256).
 pub const MAC_LEN: usize = 32;
+/// Each step of a handshake or a link's set-up that involves only the rendezvous server or
+/// the proofs must finish within this long (both ends time out on it).
+pub const STEP_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(5);
+/// The rendezvous server forgets an unfinished link after this long.
+pub const LINK_TTL: core::time::Duration = core::time::Duration::from_secs(30);
+/// The rendezvous server keeps at most this many spare link connections per member.
+pub const MAX_SPARES: usize = 16;
 
 /// What a connection is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

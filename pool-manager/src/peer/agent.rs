@@ -9,7 +9,7 @@
 //! the server does not answer a later request with it again.
 
 use super::link::{self, LinkMetrics, LinkPath};
-use super::PeerName;
+use super::{AcquireError, ControlError, PeerName};
 use crate::config::PeerSettings;
 use crate::defaults;
 use std::collections::{BTreeMap, HashMap};
@@ -160,13 +160,13 @@ impl Agent {
     ///
     /// # Errors
     /// Why there is no link (the caller answers the function with a miss).
-    pub async fn acquire(&self, peer: &PeerName, port: u16) -> Result<ReadyLink, String> {
+    pub async fn acquire(&self, peer: &PeerName, port: u16) -> Result<ReadyLink, AcquireError> {
         let me = &self.settings.me;
         if peer.job != me.job {
-            return Err(format!("{peer} is not in job {}", me.job));
+            return Err(AcquireError::OtherJob { peer: peer.clone(), job: me.job.clone() });
         }
         if peer == me {
-            return Err(format!("{peer} is this node itself"));
+            return Err(AcquireError::Itself(peer.clone()));
         }
         let ch: Channel = (peer.name.clone(), port);
         let deadline = tokio::time::Instant::now() + self.settings.link_timeout;
@@ -181,15 +181,15 @@ impl Agent {
             self.lock().requests.insert(req, tx);
             if !self.send(Frame::LinkRequest { req, peer: peer.name.clone(), port, prewarm: false }) {
                 self.lock().requests.remove(&req);
-                return Err("not connected to the rendezvous server".into());
+                return Err(AcquireError::NotConnected);
             }
             let link = match tokio::time::timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, rx).await {
-                Ok(Ok(0)) => return Err(format!("{peer} is not registered with the rendezvous server")),
+                Ok(Ok(0)) => return Err(AcquireError::NotRegistered(peer.clone())),
                 Ok(Ok(l)) => l,
-                Ok(Err(_)) => return Err("lost the rendezvous server".into()),
+                Ok(Err(_)) => return Err(AcquireError::LostServer),
                 Err(_) => {
                     self.lock().requests.remove(&req);
-                    return Err("the rendezvous server did not answer".into());
+                    return Err(AcquireError::NoAnswer);
                 }
             };
             let (wtx, wrx) = oneshot::channel();
@@ -211,14 +211,14 @@ impl Agent {
                     self.metrics.handouts.fetch_add(1, Ordering::Relaxed);
                     return Ok(l);
                 }
-                Ok(_) => return Err(format!("the link to {peer} could not be made")),
+                Ok(_) => return Err(AcquireError::NotMade(peer.clone())),
                 Err(_) => {
                     self.lock().waiters.remove(&link);
-                    return Err(format!("no link to {peer} within {:?}", self.settings.link_timeout));
+                    return Err(AcquireError::Timeout(peer.clone(), self.settings.link_timeout));
                 }
             }
         }
-        Err(format!("no link to {peer}: links kept being taken by other functions"))
+        Err(AcquireError::Contended(peer.clone()))
     }
 
     /// A link was made (or not): give it to its waiter or to the pool.
@@ -364,14 +364,13 @@ pub async fn run(agent: Arc<Agent>, cancel: CancellationToken) {
     }
 }
 
-async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), String> {
+async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), ControlError> {
     let s = &agent.settings;
-    let mut conn = tokio::net::TcpStream::connect(s.rendezvous).await.map_err(|e| e.to_string())?;
+    let mut conn = tokio::net::TcpStream::connect(s.rendezvous).await?;
     let _ = conn.set_nodelay(true);
     let observed = tokio::time::timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, link::handshake(&mut conn, &s.me, &s.keys, Purpose::Control, 0))
         .await
-        .map_err(|_| "handshake timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| ControlError::HandshakeTimeout)??;
     info!(observed = %observed, "registered with the rendezvous server");
     let (mut rd, mut wr) = conn.into_split();
     let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
@@ -398,7 +397,7 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), S
                 agent.replenish();
                 continue;
             }
-            f = link::read_frame(&mut rd) => f.map_err(|e| e.to_string())?,
+            f = link::read_frame(&mut rd) => f?,
         };
         match frame {
             Frame::Assigned { req, link } => {
@@ -421,7 +420,7 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), S
                     agent.record(link, ch, &peer, r);
                 });
             }
-            Frame::Refused { reason } => return Err(format!("refused: {reason}")),
+            Frame::Refused { reason } => return Err(ControlError::Refused(reason)),
             other => debug!(?other, "ignoring unexpected control frame"),
         }
     }

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::timeout;
-use wire::rdv::{frame_len, Frame, Purpose, MAC_LEN, NONCE_LEN};
+use wire::rdv::auth::{link_proof_input, Transcript};
+use wire::rdv::{Frame, Purpose, MAC_LEN, NONCE_LEN};
 
 /// How a link reaches the peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,32 +77,7 @@ pub enum LinkError {
     Auth(String),
 }
 
-/// Write one frame.
-///
-/// # Errors
-/// I/O.
-pub async fn write_frame(s: &mut TcpStream, f: &Frame) -> std::io::Result<()> {
-    s.write_all(&f.encode()).await
-}
-
-/// Read exactly one frame (from a stream or the read half of one).
-///
-/// # Errors
-/// I/O; malformed frames as `InvalidData`.
-pub async fn read_frame(s: &mut (impl tokio::io::AsyncRead + Unpin)) -> std::io::Result<Frame> {
-    let mut p = [0u8; 4];
-    s.read_exact(&mut p).await?;
-    let n = frame_len(p).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-    let mut body = vec![0u8; n];
-    s.read_exact(&mut body).await?;
-    Frame::decode(&body).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
-}
-
-/// The parts both sides MAC in the rendezvous handshake.
-#[must_use]
-pub fn hello_parts<'a>(job: &'a str, name: &'a str, purpose: &'a [u8; 1], link: &'a [u8; 8], nm: &'a [u8], nr: &'a [u8]) -> [&'a [u8]; 6] {
-    [job.as_bytes(), name.as_bytes(), purpose, link, nm, nr]
-}
+pub use wire::rdv::auth::{read_frame_async as read_frame, write_frame_async as write_frame};
 
 /// Authenticate to the rendezvous server on a fresh connection; returns the address it saw.
 ///
@@ -117,14 +93,12 @@ pub async fn handshake(s: &mut TcpStream, me: &PeerName, keys: &Keys, purpose: P
         Frame::Refused { reason } => return Err(LinkError::Refused(reason)),
         other => return Err(LinkError::Rendezvous(format!("expected Challenge, got {other:?}"))),
     };
-    let (p, l) = ([purpose as u8], link.to_le_bytes());
-    let parts = hello_parts(&me.job, &me.name, &p, &l, &nm, &nr);
-    let m = mac(&keys.rendezvous, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]]);
+    let t = Transcript::new(&me.job, &me.name, purpose, link, &nm, &nr);
+    let m = mac(&keys.rendezvous, &t.member_input());
     write_frame(s, &Frame::Auth { mac: m }).await.map_err(io)?;
     match read_frame(s).await.map_err(io)? {
         Frame::Welcome { observed, mac: mr } => {
-            let obs = observed.to_string();
-            if !verify(&keys.rendezvous, &[b"r", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], obs.as_bytes()], &mr) {
+            if !verify(&keys.rendezvous, &t.server_input(&observed.to_string()), &mr) {
                 return Err(LinkError::Rendezvous("the server could not prove it knows the job key".into()));
             }
             Ok(observed)
@@ -184,11 +158,11 @@ async fn prove(s: &mut TcpStream, keys: &Keys, me: &PeerName, peer: &PeerName, l
         return Err(LinkError::Auth(format!("expected {peer_s} on link {link}, got {} on link {their_link}", String::from_utf8_lossy(&name))));
     }
     let l = link.to_le_bytes();
-    let tag = mac(&keys.link, &[b"link", &l, me_s.as_bytes(), peer_s.as_bytes(), &mine, theirs]);
+    let tag = mac(&keys.link, &link_proof_input(&l, &me_s, &peer_s, &mine, theirs));
     s.write_all(&tag).await.map_err(io)?;
     let mut got = [0u8; MAC_LEN];
     s.read_exact(&mut got).await.map_err(io)?;
-    if !verify(&keys.link, &[b"link", &l, peer_s.as_bytes(), me_s.as_bytes(), theirs, &mine], &got) {
+    if !verify(&keys.link, &link_proof_input(&l, &peer_s, &me_s, theirs, &mine), &got) {
         return Err(LinkError::Auth(format!("{peer_s} does not hold the job secret")));
     }
     Ok(())

@@ -6,6 +6,7 @@
 //!
 //! ```text
 //!  node A: pool-manager serve (peer job/a)        public: pool-manager rendezvous
+//!                                                  (crate warmpool-rendezvous)
 //!    control connection ──────── Hello/Auth ──────►  members {job/a, job/b}
 //!    LinkRequest{b, port} ──────────────────────────► pairs requests, LinkStart to both
 //!    link connection from local port Lx ──────────► observes A's public endpoint, RTT
@@ -18,19 +19,18 @@
 //! A function asks by `connect()`ing to the peer's virtual address ([`VirtualRange`]) or by
 //! `warmpool_connect_peer("job/b")` in the preload library; both ends of a link ask for the
 //! same channel (the port). Submodules: [`agent`] (the daemon side), [`link`] (making one
-//! link), [`rendezvous`] (the server), [`settings`] (`[peer]` in the configuration: who may
+//! link), [`settings`] (`[peer]` in the configuration: who may
 //! have links).
 
 pub mod agent;
+mod error;
 pub mod link;
-pub mod rendezvous;
 pub mod settings;
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+pub use error::{AcquireError, ControlError, NameError, RangeError, Refusal};
+
 use std::fmt;
 use std::net::Ipv4Addr;
-use std::path::Path;
 
 /// `JOB/NAME`: a function's identity among its job's peers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,21 +42,18 @@ pub struct PeerName {
 }
 
 /// Longest job or name part.
-pub const MAX_PART: usize = 64;
-
-fn valid_part(s: &str) -> bool {
-    !s.is_empty() && s.len() <= MAX_PART && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
+pub use wire::rdv::auth::MAX_NAME_PART as MAX_PART;
+use wire::rdv::auth::valid_name_part as valid_part;
 
 impl PeerName {
     /// Parse `JOB/NAME` (each part 1..=64 of `[A-Za-z0-9._-]`).
     ///
     /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (job, name) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected JOB/NAME"))?;
+    /// [`NameError`].
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let (job, name) = s.split_once('/').ok_or_else(|| NameError::NoSlash(s.into()))?;
         if !valid_part(job) || !valid_part(name) {
-            return Err(format!("{s:?}: JOB and NAME must each be 1-{MAX_PART} characters of A-Z a-z 0-9 . _ -"));
+            return Err(NameError::BadPart(s.into()));
         }
         Ok(Self { job: job.into(), name: name.into() })
     }
@@ -64,10 +61,10 @@ impl PeerName {
     /// Parse `JOB/NAME[:PORT]` (the port is the channel; 0 when absent).
     ///
     /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse_with_port(s: &str) -> Result<(Self, u16), String> {
+    /// [`NameError`].
+    pub fn parse_with_port(s: &str) -> Result<(Self, u16), NameError> {
         match s.rsplit_once(':') {
-            Some((n, p)) => Ok((Self::parse(n)?, p.parse().map_err(|_| format!("{s:?}: {p:?} is not a port"))?)),
+            Some((n, p)) => Ok((Self::parse(n)?, p.parse().map_err(|_| NameError::BadPort(s.into(), p.into()))?)),
             None => Ok((Self::parse(s)?, 0)),
         }
     }
@@ -79,85 +76,7 @@ impl fmt::Display for PeerName {
     }
 }
 
-/// A 32-byte key.
-pub type Key = [u8; 32];
-
-/// The keys derived from a job secret. The rendezvous server gets only [`Keys::rendezvous`],
-/// so it can authenticate members but cannot forge the end-to-end proof on a link.
-#[derive(Clone)]
-pub struct Keys {
-    /// Authenticates managers to the rendezvous server and back.
-    pub rendezvous: Key,
-    /// Authenticates the two ends of a link to each other.
-    pub link: Key,
-}
-
-impl fmt::Debug for Keys {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Keys(<redacted>)")
-    }
-}
-
-impl Keys {
-    /// Derive from the job secret.
-    #[must_use]
-    pub fn derive(secret: &[u8]) -> Self {
-        Self { rendezvous: mac(secret, &[b"warmpool rendezvous v1"]), link: mac(secret, &[b"warmpool link v1"]) }
-    }
-}
-
-/// Read a secret file: at least 16 bytes once surrounding whitespace is removed.
-///
-/// # Errors
-/// Unreadable or too short.
-pub fn read_secret(path: &Path) -> Result<Vec<u8>, String> {
-    let raw = std::fs::read(path).map_err(|e| format!("reading secret {}: {e}", path.display()))?;
-    let s = raw.trim_ascii().to_vec();
-    if s.len() < 16 {
-        return Err(format!("secret {} is shorter than 16 bytes", path.display()));
-    }
-    Ok(s)
-}
-
-/// `HMAC-SHA256(key, len-prefixed parts...)`: length prefixes make the concatenation
-/// unambiguous.
-#[must_use]
-pub fn mac(key: &[u8], parts: &[&[u8]]) -> Key {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-    for p in parts {
-        m.update(&(p.len() as u32).to_le_bytes());
-        m.update(p);
-    }
-    m.finalize().into_bytes().into()
-}
-
-/// Constant-time check of a MAC.
-#[must_use]
-pub fn verify(key: &[u8], parts: &[&[u8]], tag: &[u8]) -> bool {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key length");
-    for p in parts {
-        m.update(&(p.len() as u32).to_le_bytes());
-        m.update(p);
-    }
-    m.verify_slice(tag).is_ok()
-}
-
-/// Fresh random bytes from the kernel.
-#[must_use]
-pub fn nonce<const N: usize>() -> [u8; N] {
-    let mut b = [0u8; N];
-    let mut filled = 0;
-    while filled < N {
-        // SAFETY: getrandom writes at most N - filled bytes into our buffer.
-        let r = unsafe { libc::getrandom(b[filled..].as_mut_ptr().cast(), N - filled, 0) };
-        if r > 0 {
-            filled += r as usize;
-        } else if std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            panic!("getrandom failed: {}", std::io::Error::last_os_error());
-        }
-    }
-    b
-}
+pub use wire::rdv::auth::{mac, nonce, read_secret, verify, Key, Keys, SecretError};
 
 /// The IPv4 range whose addresses stand for peers: `connect()` to one of them asks for a link
 /// to the peer it names. Every node computes the same address for a name (a hash), so
@@ -178,11 +97,11 @@ impl VirtualRange {
     /// Parse `A.B.C.D/N` with 8 <= N <= 30.
     ///
     /// # Errors
-    /// A message saying what is wrong.
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let (a, n) = s.split_once('/').ok_or_else(|| format!("{s:?}: expected A.B.C.D/N"))?;
-        let a: Ipv4Addr = a.parse().map_err(|_| format!("{s:?}: {a:?} is not an IPv4 address"))?;
-        let prefix: u8 = n.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| format!("{s:?}: prefix length must be 8-30"))?;
+    /// [`RangeError`].
+    pub fn parse(s: &str) -> Result<Self, RangeError> {
+        let (a, n) = s.split_once('/').ok_or_else(|| RangeError::NoSlash(s.into()))?;
+        let a: Ipv4Addr = a.parse().map_err(|_| RangeError::BadAddress(s.into(), a.into()))?;
+        let prefix: u8 = n.parse().ok().filter(|p| (8..=30).contains(p)).ok_or_else(|| RangeError::BadPrefix(s.into()))?;
         let mask = u32::MAX << (32 - prefix);
         Ok(Self { base: u32::from(a) & mask, prefix })
     }
@@ -245,17 +164,5 @@ mod tests {
         }
         assert!(VirtualRange::parse("198.19.0.0/31").is_err());
         assert!(VirtualRange::parse("nope/8").is_err());
-    }
-
-    #[test]
-    fn keys_and_macs() {
-        let k = Keys::derive(b"0123456789abcdef");
-        assert_ne!(k.rendezvous, k.link);
-        let t = mac(&k.link, &[b"a", b"bc"]);
-        assert!(verify(&k.link, &[b"a", b"bc"], &t));
-        assert!(!verify(&k.link, &[b"ab", b"c"], &t), "length prefixes keep parts apart");
-        assert!(!verify(&k.rendezvous, &[b"a", b"bc"], &t));
-        assert_eq!(format!("{k:?}"), "Keys(<redacted>)");
-        assert_ne!(nonce::<16>(), nonce::<16>());
     }
 }

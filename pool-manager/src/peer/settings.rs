@@ -5,6 +5,7 @@
 
 use crate::config::{parse_allow_cgroups, parse_allow_uids, parse_duration, ConfigError, TenantBy};
 use crate::defaults;
+use crate::peer::Refusal;
 use serde::Deserialize;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
@@ -72,19 +73,19 @@ impl Admission {
     /// Whether a tenant may have links; `Err` is the refusal as told to the client.
     ///
     /// # Errors
-    /// The text of the refusal.
-    pub fn admits(&self, job: &str, uid: u32, cgroup: &str) -> Result<(), String> {
+    /// The refusal, [`Refusal`].
+    pub fn admits(&self, job: &str, uid: u32, cgroup: &str) -> Result<(), Refusal> {
         if !self.uids.contains(&uid) {
-            let why = if self.default_uids {
+            let hint = if self.default_uids {
                 "by default only root, the daemon's uid and the owner of the secret file; see [peer] allow_uids"
             } else {
                 "see [peer] allow_uids"
             };
-            return Err(format!("uid {uid} may not have peer links of job {job} ({why})"));
+            return Err(Refusal::Uid { uid, job: job.into(), hint });
         }
         if let Some(roots) = &self.cgroups {
             if !roots.iter().any(|r| crate::config::cgroup_within(cgroup, r)) {
-                return Err(format!("cgroup {cgroup} may not have peer links of job {job} (see [peer] allow_cgroups)"));
+                return Err(Refusal::Cgroup { cgroup: cgroup.into(), job: job.into() });
             }
         }
         Ok(())
@@ -119,22 +120,22 @@ impl FilePeer {
     pub(crate) fn resolve(self, tenant_by: TenantBy) -> Result<PeerSettings, ConfigError> {
         use crate::peer::{Keys, PeerName, VirtualRange};
         let invalid = |field: &str, reason: String| ConfigError::Invalid { field: format!("peer.{field}"), reason };
-        let me = PeerName::parse(&self.name).map_err(|e| invalid("name", e))?;
+        let me = PeerName::parse(&self.name).map_err(|e| invalid("name", e.to_string()))?;
         let rendezvous = self
             .rendezvous
             .to_socket_addrs()
             .ok()
             .and_then(|mut a| a.next())
             .ok_or_else(|| invalid("rendezvous", format!("{:?} is not HOST:PORT", self.rendezvous)))?;
-        let secret = crate::peer::read_secret(&self.secret_file).map_err(|e| invalid("secret_file", e))?;
+        let secret = crate::peer::read_secret(&self.secret_file).map_err(|e| invalid("secret_file", e.to_string()))?;
         let admission = self.admission(tenant_by)?;
         let virtual_range = match self.virtual_range {
-            Some(r) => VirtualRange::parse(&r).map_err(|e| invalid("virtual_range", e))?,
+            Some(r) => VirtualRange::parse(&r).map_err(|e| invalid("virtual_range", e.to_string()))?,
             None => VirtualRange::default(),
         };
         let mut peers = Vec::new();
         for p in &self.peers {
-            let n = PeerName::parse(p).map_err(|e| invalid("peers", e))?;
+            let n = PeerName::parse(p).map_err(|e| invalid("peers", e.to_string()))?;
             if n.job != me.job {
                 return Err(invalid("peers", format!("{n} is not in job {}", me.job)));
             }
@@ -142,7 +143,7 @@ impl FilePeer {
         }
         let mut prewarm = Vec::new();
         for p in &self.prewarm {
-            let (n, port) = PeerName::parse_with_port(p).map_err(|e| invalid("prewarm", e))?;
+            let (n, port) = PeerName::parse_with_port(p).map_err(|e| invalid("prewarm", e.to_string()))?;
             if n.job != me.job {
                 return Err(invalid("prewarm", format!("{n} is not in job {}", me.job)));
             }
@@ -199,8 +200,7 @@ impl FilePeer {
         let owner = std::fs::metadata(&self.secret_file)
             .map_err(|e| ConfigError::Invalid { field: "peer.secret_file".into(), reason: format!("{}: {e}", self.secret_file.display()) })?
             .uid();
-        // SAFETY: geteuid has no preconditions.
-        let mut a = Admission::default_for(unsafe { libc::geteuid() }, owner);
+        let mut a = Admission::default_for(rustix::process::geteuid().as_raw(), owner);
         if let Some(v) = &self.allow_uids {
             a.uids = parse_allow_uids("peer.allow_uids", "for the default (root, the daemon's uid, the secret file's owner)", v)?;
             a.default_uids = false;
@@ -249,7 +249,7 @@ mod tests {
         assert!(a.uids.contains(&0) && a.uids.contains(&me), "{a:?}");
         assert!(a.default_uids && a.cgroups.is_none());
         assert!(a.admits("job", 0, "/x").is_ok());
-        let e = a.admits("job", 65534, "/x").unwrap_err();
+        let e = a.admits("job", 65534, "/x").unwrap_err().to_string();
         assert!(e.contains("uid 65534 may not have peer links of job job") && e.contains("owner of the secret file"), "{e}");
         assert_eq!(Admission::default_for(1000, 1000).uids, vec![0, 1000]);
     }
@@ -260,8 +260,8 @@ mod tests {
         let a = c.peer.unwrap().admission;
         assert_eq!(a.uids, vec![1000], "an explicit list replaces the default (root too)");
         assert!(a.admits("job", 1000, "/fn.slice/f1").is_ok());
-        assert!(a.admits("job", 0, "/fn.slice").unwrap_err().contains("see [peer] allow_uids"));
-        assert!(a.admits("job", 1000, "/other").unwrap_err().contains("cgroup /other may not have peer links"));
+        assert!(a.admits("job", 0, "/fn.slice").unwrap_err().to_string().contains("see [peer] allow_uids"));
+        assert!(a.admits("job", 1000, "/other").unwrap_err().to_string().contains("cgroup /other may not have peer links"));
         for (extra, top, want) in [
             ("allow_uids = []", "", "peer.allow_uids: an empty list"),
             ("allow_uids = [\"nobody\"]", "", "peer.allow_uids: \"nobody\" is not a uid"),

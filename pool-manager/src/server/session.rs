@@ -329,7 +329,7 @@ pub(super) async fn handle(
             }
             let name = match crate::peer::PeerName::parse(name) {
                 Ok(n) => n,
-                Err(e) => return Some(Reply::error(seq, ErrorCode::Malformed, e)),
+                Err(e) => return Some(Reply::error(seq, ErrorCode::Malformed, e.to_string())),
             };
             let dest = SocketAddr::new(agent.settings.virtual_range.addr_of(&name).into(), port);
             Some(acquire_peer(shared, &peer.tenant, conn, name, dest, seq, leases).await)
@@ -398,7 +398,7 @@ pub(super) async fn peer_refusal(agent: &crate::peer::agent::Agent, tenant: &Ten
     let why = if tenant.netns.is_some() {
         "peer links are not served to other network namespaces".to_owned()
     } else {
-        agent.settings.admission.admits(&agent.settings.me.job, tenant.uid, &tenant.cgroup).err()?
+        agent.settings.admission.admits(&agent.settings.me.job, tenant.uid, &tenant.cgroup).err()?.to_string()
     };
     agent.metrics.denied.fetch_add(1, Ordering::Relaxed);
     debug!(uid = tenant.uid, cgroup = %tenant.cgroup, reason = %why, "peer link refused");

@@ -44,11 +44,9 @@ fn inode_of(path: &str) -> Option<(u64, u64)> {
 }
 
 /// `(st_dev, st_ino)` of an open fd.
-fn inode_of_fd(fd: RawFd) -> Option<(u64, u64)> {
-    // SAFETY: `stat` is plain old data; fstat fills it or fails.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
+fn inode_of_fd(fd: impl std::os::fd::AsFd) -> Option<(u64, u64)> {
+    let st = rustix::fs::fstat(fd).ok()?;
+    Some((st.st_dev, st.st_ino))
 }
 
 /// The numbers after `key` on the line of `status` that starts with it.
@@ -106,13 +104,8 @@ impl Caller {
         let dir = format!("/proc/{tid}");
         let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
         let tgid = status_numbers(&status, "Tgid:").next()?;
-        // SAFETY: pidfd_open with a pid and no flags; the fd goes into OwnedFd at once.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, tgid as libc::pid_t, 0) } as RawFd;
-        if raw < 0 {
-            return None;
-        }
-        // SAFETY: a fresh fd we own.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let pid = rustix::process::Pid::from_raw(i32::try_from(tgid).ok()?)?;
+        let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
         Some(Caller { tid, identity: Identity::read(&dir, &status)?, pidfd })
     }
 
@@ -120,15 +113,9 @@ impl Caller {
     /// against the thread's own fd table: a thread with a private table (`unshare(CLONE_FILES)`)
     /// may hold something else under that number than its process's leader.
     pub(super) fn socket(&self, fd: RawFd) -> Option<(OwnedFd, bool)> {
-        // SAFETY: pidfd_getfd on our pidfd; the result goes into OwnedFd at once.
-        let raw = unsafe { libc::syscall(libc::SYS_pidfd_getfd, self.pidfd.as_raw_fd(), fd, 0) } as RawFd;
-        if raw < 0 {
-            return None;
-        }
-        // SAFETY: a fresh fd we own.
-        let dup = unsafe { OwnedFd::from_raw_fd(raw) };
+        let dup = rustix::process::pidfd_getfd(&self.pidfd, fd, rustix::process::PidfdGetfdFlags::empty()).ok()?;
         let theirs = inode_of(&format!("/proc/{}/fd/{fd}", self.tid))?;
-        if inode_of_fd(dup.as_raw_fd())? != theirs {
+        if inode_of_fd(&dup)? != theirs {
             return None;
         }
         Some((dup, self.cloexec(fd)))
@@ -211,26 +198,6 @@ fn fresh_options(family: libc::c_int) -> Option<&'static [Option<Vec<u8>>]> {
     .as_deref()
 }
 
-fn int_option(fd: RawFd, level: libc::c_int, name: libc::c_int) -> Option<libc::c_int> {
-    let v: [u8; 4] = option(fd, (level, name))?.try_into().ok()?;
-    Some(libc::c_int::from_ne_bytes(v))
-}
-
-/// The local address of `fd` is the unspecified one, port 0 (nothing was bound).
-fn unbound(fd: RawFd) -> bool {
-    // SAFETY: sockaddr_storage is plain old data; getsockname writes at most `len` bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    if unsafe { libc::getsockname(fd, (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) } != 0 {
-        return false;
-    }
-    // SAFETY: the kernel wrote `len` bytes of a socket address into `ss`.
-    let bytes = unsafe { std::slice::from_raw_parts((&ss as *const libc::sockaddr_storage).cast::<u8>(), len as usize) };
-    // Family first (2 bytes); everything after it (port, flow info, address, scope) is zero.
-    bytes.len() > 2 && bytes[2..].iter().all(|b| *b == 0)
-}
-
 const SIOCGSKNS: libc::c_ulong = 0x894C;
 
 /// Whether the socket was made in this process's network namespace (unknown — the ioctl
@@ -243,24 +210,17 @@ fn in_our_netns(fd: RawFd) -> bool {
     }
     // SAFETY: a fresh fd we own.
     let ns = unsafe { OwnedFd::from_raw_fd(raw) };
-    inode_of_fd(ns.as_raw_fd()) == inode_of("/proc/thread-self/ns/net")
+    inode_of_fd(&ns) == inode_of("/proc/thread-self/ns/net")
 }
 
 /// Whether `fd` (a duplicate of the caller's socket) is a TCP socket of `domain` (4 or 6)
 /// that a pooled socket may replace: never connected, nothing bound, made in our network
 /// namespace, every option in [`OPTIONS`] as on a fresh socket of its family.
 pub(super) fn plain_unbound_tcp(fd: RawFd, domain: u8) -> bool {
-    let family = if domain == 4 { libc::AF_INET } else { libc::AF_INET6 };
-    if int_option(fd, libc::SOL_SOCKET, libc::SO_TYPE) != Some(libc::SOCK_STREAM)
-        || int_option(fd, libc::SOL_SOCKET, libc::SO_PROTOCOL) != Some(libc::IPPROTO_TCP)
-        || int_option(fd, libc::SOL_SOCKET, libc::SO_DOMAIN) != Some(family)
-        || crate::sock::tcp_info(fd).is_none_or(|i| i.state != 7)
-        || !unbound(fd)
-        || !in_our_netns(fd)
-    {
+    if wire::sockaddr::unshaped_tcp(fd, domain).is_err() || !in_our_netns(fd) {
         return false;
     }
-    let Some(fresh) = fresh_options(family) else { return false };
+    let Some(fresh) = fresh_options(wire::sockaddr::family_of(domain)) else { return false };
     OPTIONS.iter().zip(fresh).all(|(&o, want)| option(fd, o) == *want)
 }
 

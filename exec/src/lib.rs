@@ -1,4 +1,5 @@
-//! `pool-manager exec -- CMD ARGS...`: pooled connections for programs that ignore
+//! The exec supervisor, a client of the pool manager (crate `warmpool-exec`, run as
+//! `pool-manager exec -- CMD ARGS...`): pooled connections for programs that ignore
 //! `LD_PRELOAD` (static binaries: Go programs, Debian's `busybox-static`).
 //!
 //! CMD runs under a seccomp filter that turns its `connect()` calls into user
@@ -17,17 +18,41 @@
 //! every later `connect()` of the program fails with `ENOSYS`. Here the holder is the
 //! program's own parent, which lives exactly as long as the program, so the rule that the
 //! program keeps working without the daemon holds: with no daemon, every connect continues.
+//!
+//! System calls go through rustix where it has them; what it does not cover (`fork`,
+//! `execvp`, the `seccomp` system call and its notification ioctls, `SIOCGSKNS`) stays on
+//! libc in `unsafe` blocks.
 
 mod caller;
 
-use crate::server::connect_client;
-use anyhow::{bail, Context, Result};
 use caller::{Caller, Identity};
-use std::ffi::CString;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use rustix::event::{poll, PollFd, PollFlags, Timespec};
+use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
+use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
+use rustix::process::{Pid, WaitId, WaitIdOptions, WaitOptions};
+use std::ffi::{CString, NulError};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use wire::{Dest, Disposition, Msg};
+
+/// Why the supervisor could not run the program.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    /// No program was named.
+    #[error("no command")]
+    NoCommand,
+    /// An argument holds a NUL byte.
+    #[error("argument {0:?} holds a NUL byte")]
+    Nul(String, #[source] NulError),
+    /// A system call the supervisor needs failed.
+    #[error("{0}: {1}")]
+    Sys(&'static str, #[source] std::io::Error),
+}
+
+fn sys(what: &'static str) -> impl FnOnce(rustix::io::Errno) -> ExecError {
+    move |e| ExecError::Sys(what, e.into())
+}
 
 /// Most destinations remembered as not pooled (the oldest answers expire first anyway).
 const MAX_UNPOOLED: usize = 32;
@@ -100,42 +125,32 @@ fn filter() -> Vec<libc::sock_filter> {
     ]
 }
 
-fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
 /// Run `argv` under the supervisor; returns its exit code.
 ///
 /// # Errors
 /// If the program cannot be started.
-pub fn run(socket: &Path, argv: &[String]) -> Result<i32> {
-    let prog = CString::new(argv.first().context("no command")?.as_str())?;
-    let args: Vec<CString> = argv.iter().map(|a| CString::new(a.as_str())).collect::<Result<_, _>>()?;
+pub fn run(socket: &Path, argv: &[String]) -> Result<i32, ExecError> {
+    let cstr = |a: &String| CString::new(a.as_str()).map_err(|e| ExecError::Nul(a.clone(), e));
+    let prog = cstr(argv.first().ok_or(ExecError::NoCommand)?)?;
+    let args: Vec<CString> = argv.iter().map(cstr).collect::<Result<_, _>>()?;
     let mut arg_ptrs: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
     arg_ptrs.push(std::ptr::null());
     let filter = filter();
-    let mut pair = [0; 2];
-    // SAFETY: pair has room for two fds.
-    cvt(unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, pair.as_mut_ptr()) })?;
-    // SAFETY: fresh fds we own.
-    let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+    let (ours, theirs) = rustix::net::socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).map_err(sys("socketpair"))?;
     // SAFETY: single-threaded here (no runtime started yet); the child only makes system calls
     // on memory prepared before the fork, then execs.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
-        bail!("fork: {}", std::io::Error::last_os_error());
+        return Err(ExecError::Sys("fork", std::io::Error::last_os_error()));
     }
     if pid == 0 {
         // SAFETY: child side, see above; on any failure it exits with 127 without returning.
         unsafe { child(&filter, theirs.as_raw_fd(), prog.as_ptr(), arg_ptrs.as_ptr()) }
     }
+    let pid = Pid::from_raw(pid).expect("fork returned a positive pid");
     drop(theirs);
     let mut buf = [0u8; 8];
-    let got = wire::unix::recv(ours.as_raw_fd(), &mut buf, 0)?;
+    let got = wire::unix::recv(ours.as_raw_fd(), &mut buf, 0).map_err(|e| ExecError::Sys("receiving the seccomp listener", e))?;
     let Some(listener) = got.fd else {
         // The child could not install the filter (it said why and exited) or exec'd without.
         return wait_child(pid);
@@ -173,19 +188,16 @@ unsafe fn child(filter: &[libc::sock_filter], report: RawFd, prog: *const libc::
     }
 }
 
-fn wait_child(pid: libc::pid_t) -> Result<i32> {
-    let mut status = 0;
+fn wait_child(pid: Pid) -> Result<i32, ExecError> {
     loop {
-        // SAFETY: waiting for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if r == pid {
-            break;
-        }
-        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            bail!("waitpid: {}", std::io::Error::last_os_error());
+        match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+            Ok(Some((_, status))) => {
+                return Ok(status.exit_status().or_else(|| status.terminating_signal().map(|s| 128 + s)).unwrap_or(128));
+            }
+            Ok(None) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(sys("waitpid")(e)),
         }
     }
-    Ok(if libc::WIFEXITED(status) { libc::WEXITSTATUS(status) } else { 128 + libc::WTERMSIG(status) })
 }
 
 struct Supervisor {
@@ -197,23 +209,22 @@ struct Supervisor {
     unpooled: Vec<(Dest, Instant)>,
     seq: u32,
     leases: Vec<u64>,
-    child: libc::pid_t,
+    child: Pid,
 }
 
 impl Supervisor {
     /// Answer notifications until the program and its descendants are gone.
-    fn serve(&mut self, listener: &OwnedFd) -> Result<()> {
+    fn serve(&mut self, listener: &OwnedFd) -> Result<(), ExecError> {
+        let tick = Timespec { tv_sec: 0, tv_nsec: 200_000_000 };
         loop {
-            let mut p = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-            // SAFETY: one pollfd.
-            let r = unsafe { libc::poll(&mut p, 1, 200) };
-            if r < 0 {
-                if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                bail!("poll: {}", std::io::Error::last_os_error());
+            let mut p = [PollFd::new(listener, PollFlags::IN)];
+            match poll(&mut p, Some(&tick)) {
+                Ok(_) => {}
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(sys("poll")(e)),
             }
-            if p.revents & libc::POLLIN != 0 {
+            let revents = p[0].revents();
+            if revents.contains(PollFlags::IN) {
                 let mut n = Notif::default();
                 // SAFETY: NOTIF_RECV fills one seccomp_notif.
                 if unsafe { libc::ioctl(listener.as_raw_fd(), IOCTL_NOTIF_RECV, &mut n) } == 0 {
@@ -221,18 +232,12 @@ impl Supervisor {
                 }
                 continue;
             }
-            if p.revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            if revents.intersects(PollFlags::HUP | PollFlags::ERR) {
                 return Ok(()); // no task uses the filter any more
             }
             // Quiet: stop once the program has exited (kernels that do not report POLLHUP).
-            // SAFETY: siginfo_t is plain old data; waitid fills it without reaping.
-            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-            // SAFETY: a non-reaping status check on our own child.
-            let r = unsafe {
-                libc::waitid(libc::P_PID, self.child as libc::id_t, &mut info, libc::WEXITED | libc::WNOHANG | libc::WNOWAIT)
-            };
-            // SAFETY: si_pid is valid to read after waitid.
-            if r < 0 || unsafe { info.si_pid() } != 0 {
+            let exited = rustix::process::waitid(WaitId::Pid(self.child), WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT);
+            if !matches!(exited, Ok(None)) {
                 return Ok(());
             }
         }
@@ -256,7 +261,7 @@ impl Supervisor {
         }
         let mut addr = [0u8; 128];
         caller::read_mem(n.pid, addr_ptr, &mut addr[..len])?;
-        let dest = parse_sockaddr(&addr[..len])?;
+        let dest = Dest::from_sockaddr(&addr[..len])?;
         if self.known_unpooled(&dest) {
             return None;
         }
@@ -277,12 +282,12 @@ impl Supervisor {
         if !caller::plain_unbound_tcp(theirs.as_raw_fd(), dest.domain) {
             return None;
         }
-        // SAFETY: F_GETFL on a duplicate of the caller's fd (same file description).
-        let status = unsafe { libc::fcntl(theirs.as_raw_fd(), libc::F_GETFL) };
+        // The duplicate shares the caller's file description: its status flags are the caller's.
+        let status = fcntl_getfl(&theirs).ok()?;
         drop(theirs);
         let (pooled, lease) = self.acquire(dest)?;
-        // SAFETY: F_SETFL on our pooled socket: the caller's blocking mode wins.
-        unsafe { libc::fcntl(pooled.as_raw_fd(), libc::F_SETFL, status & libc::O_NONBLOCK | libc::O_RDWR) };
+        // The caller's blocking mode wins.
+        let _ = fcntl_setfl(&pooled, status & OFlags::NONBLOCK | OFlags::RDWR);
         let add = NotifAddfd {
             id: n.id,
             flags: SECCOMP_ADDFD_FLAG_SETFD,
@@ -304,13 +309,10 @@ impl Supervisor {
     fn link(&mut self) -> Option<RawFd> {
         if self.link.is_none() {
             self.own = Identity::own();
-            let l = connect_client(&self.socket).ok()?;
-            let tv = libc::timeval { tv_sec: 0, tv_usec: 100_000 };
-            for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-                // SAFETY: a timeval option.
-                unsafe {
-                    libc::setsockopt(l.as_raw_fd(), libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as u32)
-                };
+            let l = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).ok()?;
+            rustix::net::connect(&l, &SocketAddrUnix::new(self.socket.as_path()).ok()?).ok()?;
+            for t in [rustix::net::sockopt::Timeout::Recv, rustix::net::sockopt::Timeout::Send] {
+                rustix::net::sockopt::set_socket_timeout(&l, t, Some(Duration::from_millis(100))).ok()?;
             }
             self.link = Some(l);
         }
@@ -363,8 +365,8 @@ impl Supervisor {
     /// The program exited: its copies of the pooled sockets are gone. If nothing else of its
     /// process group lives on (it could hold inherited copies), give them back clean.
     fn give_back(&mut self) {
-        // SAFETY: signal 0 only checks whether the process group has members.
-        let survivors = unsafe { libc::kill(-self.child, 0) } == 0;
+        // Signal 0 to the group only checks whether it has members.
+        let survivors = rustix::process::test_kill_process_group(self.child).is_ok();
         let how = if survivors { Disposition::Shared } else { Disposition::Clean };
         for lease in std::mem::take(&mut self.leases) {
             self.release(lease, how);
@@ -377,23 +379,5 @@ impl Supervisor {
                 let _ = wire::unix::recv(link, &mut buf, 0);
             }
         }
-    }
-}
-
-fn parse_sockaddr(b: &[u8]) -> Option<Dest> {
-    let family = u16::from_ne_bytes([b[0], b[1]]);
-    let port = u16::from_be_bytes([b[2], b[3]]);
-    match i32::from(family) {
-        libc::AF_INET if b.len() >= 16 => {
-            let mut addr = [0u8; 16];
-            addr[..4].copy_from_slice(&b[4..8]);
-            Some(Dest { domain: 4, port, addr, scope_id: 0 })
-        }
-        libc::AF_INET6 if b.len() >= 28 => {
-            let mut addr = [0u8; 16];
-            addr.copy_from_slice(&b[8..24]);
-            Some(Dest { domain: 6, port, addr, scope_id: u32::from_ne_bytes([b[24], b[25], b[26], b[27]]) })
-        }
-        _ => None,
     }
 }

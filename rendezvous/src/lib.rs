@@ -1,4 +1,5 @@
-//! `pool-manager rendezvous`: the public coordination server for peer links.
+//! The public coordination server for peer links (run as `pool-manager rendezvous`). It
+//! shares only the protocol, `wire::rdv`, with the daemon's peer agent.
 //!
 //! It authenticates members (per-job key, challenge–response both ways), tells each the
 //! address it sees (the NAT's mapping), pairs link requests, times the punch so both SYNs
@@ -7,9 +8,6 @@
 //! connections. It holds no job secret, only the derived rendezvous key, and it carries no
 //! bytes for a direct link.
 
-use super::link::{read_frame, write_frame};
-use super::{mac, nonce, verify, Key};
-use crate::defaults;
 use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
@@ -22,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wire::rdv::{Frame, Purpose, NONCE_LEN};
+use wire::rdv::auth::{mac, nonce, read_frame_async as read_frame, valid_name_part, verify, write_frame_async as write_frame, Key, Transcript};
+use wire::rdv::{Frame, Purpose, LINK_TTL, MAX_SPARES, NONCE_LEN, STEP_TIMEOUT};
 
 /// Counters.
 #[derive(Debug, Default)]
@@ -46,6 +45,26 @@ pub struct RdvMetrics {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("authentication failed")]
 pub struct AuthFailed;
+
+/// Why one connection to the server ended early (logged at debug level, never sent).
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    /// Reading or writing the connection failed, or a frame was malformed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The member did not send the frame a step needs in time.
+    #[error("no {0} in time")]
+    Timeout(&'static str),
+    /// A frame other than the one the step needs.
+    #[error("unexpected frame: {0}")]
+    Unexpected(String),
+    /// See [`AuthFailed`].
+    #[error(transparent)]
+    Auth(#[from] AuthFailed),
+    /// The link it names is unknown, expired or dropped, or the member holds too many spares.
+    #[error("{0}")]
+    Link(&'static str),
+}
 
 struct Member {
     id: u64,
@@ -149,8 +168,8 @@ impl Server {
         }
     }
 
-    /// Check a member's `Auth` (`mac_m`, `None` if it sent another frame) for `Hello` parts
-    /// `parts`; the key of its job when it passes.
+    /// Check a member's `Auth` (`mac_m`, `None` if it sent another frame) against the
+    /// handshake `t`; the key of its job when it passes.
     ///
     /// Known and unknown jobs take the same path: an unknown job is checked against
     /// `dummy_key`, every condition is evaluated (no short circuit), the comparison is
@@ -159,14 +178,14 @@ impl Server {
     ///
     /// # Errors
     /// [`AuthFailed`], whatever failed.
-    pub fn authenticate(&self, job: &str, name: &str, parts: &[&[u8]; 6], mac_m: Option<&[u8; wire::rdv::MAC_LEN]>) -> Result<&Key, AuthFailed> {
+    pub fn authenticate(&self, job: &str, name: &str, t: &Transcript<'_>, mac_m: Option<&[u8; wire::rdv::MAC_LEN]>) -> Result<&Key, AuthFailed> {
         let known = self.jobs.get(job);
         let key = known.unwrap_or(&self.dummy_key);
         // A missing Auth is checked against an all-zero tag: the same work, and it fails.
         let tag = mac_m.copied().unwrap_or([0; wire::rdv::MAC_LEN]);
         self.metrics.mac_checks.fetch_add(1, Ordering::Relaxed);
-        let mac_ok = verify(key, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]], &tag);
-        let name_ok = super::PeerName::parse(&format!("{job}/{name}")).is_ok();
+        let mac_ok = verify(key, &t.member_input(), &tag);
+        let name_ok = valid_name_part(job) & valid_name_part(name);
         // `&`, not `&&`: every condition is evaluated whatever the others say.
         if mac_ok & name_ok & mac_m.is_some() & known.is_some() {
             Ok(key)
@@ -251,7 +270,7 @@ impl Server {
 
     fn gc(&self) {
         let mut st = self.lock();
-        st.links.retain(|_, l| l.created.elapsed() < defaults::RENDEZVOUS_LINK_TTL);
+        st.links.retain(|_, l| l.created.elapsed() < LINK_TTL);
         let State { links, pending, .. } = &mut *st;
         for q in pending.values_mut() {
             q.retain(|(id, _)| links.contains_key(id));
@@ -259,39 +278,36 @@ impl Server {
         pending.retain(|_, q| !q.is_empty());
     }
 
-    async fn connection(self: Arc<Self>, mut s: TcpStream, observed: SocketAddr) -> Result<(), String> {
+    async fn connection(self: Arc<Self>, mut s: TcpStream, observed: SocketAddr) -> Result<(), ConnError> {
         let _ = s.set_nodelay(true);
-        let step = defaults::RENDEZVOUS_STEP_TIMEOUT;
-        let io = |e: std::io::Error| e.to_string();
-        let hello = timeout(step, read_frame(&mut s)).await.map_err(|_| "no hello".to_string())?.map_err(io)?;
+        let step = STEP_TIMEOUT;
+        let hello = timeout(step, read_frame(&mut s)).await.map_err(|_| ConnError::Timeout("Hello"))??;
         let Frame::Hello { job, name, purpose, link, nonce: nm } = hello else {
-            return Err("expected Hello".into());
+            return Err(ConnError::Unexpected(format!("{hello:?} instead of Hello")));
         };
         let nr: [u8; NONCE_LEN] = nonce();
-        write_frame(&mut s, &Frame::Challenge { nonce: nr }).await.map_err(io)?;
-        let auth = timeout(step, read_frame(&mut s)).await.map_err(|_| "no auth".to_string())?.map_err(io)?;
-        let (p, l) = ([purpose as u8], link.to_le_bytes());
-        let parts = super::link::hello_parts(&job, &name, &p, &l, &nm, &nr);
+        write_frame(&mut s, &Frame::Challenge { nonce: nr }).await?;
+        let auth = timeout(step, read_frame(&mut s)).await.map_err(|_| ConnError::Timeout("Auth"))??;
+        let t = Transcript::new(&job, &name, purpose, link, &nm, &nr);
         let mac_m = match &auth {
             Frame::Auth { mac: m } => Some(m),
             _ => None,
         };
-        let Ok(k) = self.authenticate(&job, &name, &parts, mac_m) else {
+        let Ok(k) = self.authenticate(&job, &name, &t, mac_m) else {
             self.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
             warn!(peer = %observed, "rendezvous authentication failed");
             let _ = write_frame(&mut s, &Frame::Refused { reason: AuthFailed.to_string() }).await;
-            return Err(AuthFailed.to_string());
+            return Err(AuthFailed.into());
         };
-        let obs = observed.to_string();
-        let mr = mac(k, &[b"r", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5], obs.as_bytes()]);
-        write_frame(&mut s, &Frame::Welcome { observed, mac: mr }).await.map_err(io)?;
+        let mr = mac(k, &t.server_input(&observed.to_string()));
+        write_frame(&mut s, &Frame::Welcome { observed, mac: mr }).await?;
         match purpose {
             Purpose::Control => self.control(s, job, name, observed).await,
             Purpose::Link => self.link_end(s, job, name, link, observed).await,
         }
     }
 
-    async fn control(self: Arc<Self>, s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), String> {
+    async fn control(self: Arc<Self>, s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), ConnError> {
         let (mut rd, mut wr) = s.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
@@ -307,10 +323,10 @@ impl Server {
         });
         let r = async {
             loop {
-                match read_frame(&mut rd).await.map_err(|e| e.to_string())? {
+                match read_frame(&mut rd).await? {
                     Frame::LinkRequest { req, peer, port, prewarm } => self.link_request(&job, &name, &tx, req, &peer, port, prewarm),
                     Frame::Claimed { link } => self.claimed(&job, &name, link),
-                    other => return Err(format!("unexpected {other:?} on a control connection")),
+                    other => return Err(ConnError::Unexpected(format!("{other:?} on a control connection"))),
                 }
             }
         }
@@ -390,17 +406,17 @@ impl Server {
         }
     }
 
-    async fn probe_rtt(s: &mut TcpStream) -> Result<Duration, String> {
+    async fn probe_rtt(s: &mut TcpStream) -> Result<Duration, ConnError> {
         let t0 = Instant::now();
         let token = u64::from_le_bytes(nonce());
-        write_frame(s, &Frame::Ping { token }).await.map_err(|e| e.to_string())?;
-        match timeout(defaults::RENDEZVOUS_STEP_TIMEOUT, read_frame(s)).await {
+        write_frame(s, &Frame::Ping { token }).await?;
+        match timeout(STEP_TIMEOUT, read_frame(s)).await {
             Ok(Ok(Frame::Pong { token: t })) if t == token => Ok(t0.elapsed()),
-            _ => Err("no pong".into()),
+            _ => Err(ConnError::Timeout("Pong")),
         }
     }
 
-    async fn link_end(self: Arc<Self>, mut s: TcpStream, job: String, name: String, link: u64, observed: SocketAddr) -> Result<(), String> {
+    async fn link_end(self: Arc<Self>, mut s: TcpStream, job: String, name: String, link: u64, observed: SocketAddr) -> Result<(), ConnError> {
         if link == 0 {
             return self.spare(s, job, name, observed).await;
         }
@@ -410,14 +426,14 @@ impl Server {
         };
         let Some(side) = side else {
             let _ = write_frame(&mut s, &Frame::Refused { reason: format!("no link {link} for {job}/{name}") }).await;
-            return Err("unknown link".into());
+            return Err(ConnError::Link("unknown link"));
         };
         let rtt = Self::probe_rtt(&mut s).await?;
         let (ptx, prx) = oneshot::channel();
         {
             let mut st = self.lock();
             let Some(rec) = st.links.get_mut(&link) else {
-                return Err("link expired".into());
+                return Err(ConnError::Link("link expired"));
             };
             rec.sides[side] = Some(Side { observed, rtt, punch: Some(ptx) });
             if let (Some(a), Some(b)) = (&rec.sides[0], &rec.sides[1]) {
@@ -433,19 +449,19 @@ impl Server {
             }
         }
         let order =
-            timeout(defaults::RENDEZVOUS_LINK_TTL, prx).await.map_err(|_| "the other end never came".to_string())?.map_err(|_| "link dropped".to_string())?;
+            timeout(LINK_TTL, prx).await.map_err(|_| ConnError::Link("the other end never came"))?.map_err(|_| ConnError::Link("link dropped"))?;
         self.after_order(s, job, link, side, order).await
     }
 
     /// A spare link connection: measured, then parked until a link needs it (or it closes).
-    async fn spare(self: Arc<Self>, mut s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), String> {
+    async fn spare(self: Arc<Self>, mut s: TcpStream, job: String, name: String, observed: SocketAddr) -> Result<(), ConnError> {
         let rtt = Self::probe_rtt(&mut s).await?;
         let (tx, rx) = oneshot::channel();
         let id = self.next_member.fetch_add(1, Ordering::Relaxed);
         let full = {
             let mut st = self.lock();
             let q = st.spares.entry((job.clone(), name.clone())).or_default();
-            let full = q.len() >= defaults::MAX_SPARES;
+            let full = q.len() >= MAX_SPARES;
             if !full {
                 q.push_back(Spare { id, observed, rtt, assign: tx });
             }
@@ -453,7 +469,7 @@ impl Server {
         };
         if full {
             let _ = write_frame(&mut s, &Frame::Refused { reason: "too many spare link connections".into() }).await;
-            return Err("too many spares".into());
+            return Err(ConnError::Link("too many spares"));
         }
         let mut probe = [0u8; 1];
         let assigned = tokio::select! {
@@ -474,12 +490,11 @@ impl Server {
 
     /// Send the punch order, then act on the end's verdict: forget a direct link, splice a
     /// relayed one once both ends ask.
-    async fn after_order(self: Arc<Self>, mut s: TcpStream, job: String, link: u64, side: usize, order: Frame) -> Result<(), String> {
-        let io = |e: std::io::Error| e.to_string();
-        write_frame(&mut s, &order).await.map_err(io)?;
-        let verdict = timeout(defaults::RENDEZVOUS_LINK_TTL, read_frame(&mut s)).await.map_err(|_| "no verdict".to_string())?.map_err(io)?;
+    async fn after_order(self: Arc<Self>, mut s: TcpStream, job: String, link: u64, side: usize, order: Frame) -> Result<(), ConnError> {
+        write_frame(&mut s, &order).await?;
+        let verdict = timeout(LINK_TTL, read_frame(&mut s)).await.map_err(|_| ConnError::Timeout("Verdict"))??;
         let Frame::Verdict { relay } = verdict else {
-            return Err("expected Verdict".into());
+            return Err(ConnError::Unexpected(format!("{verdict:?} instead of Verdict")));
         };
         if !relay {
             let mut st = self.lock();
@@ -494,7 +509,7 @@ impl Server {
         let other = {
             let mut st = self.lock();
             let Some(rec) = st.links.get_mut(&link) else {
-                return Err("link expired".into());
+                return Err(ConnError::Link("link expired"));
             };
             match rec.parked.take() {
                 Some((i, other)) if i != side => {
@@ -543,10 +558,10 @@ async fn pump(mut from: tokio::net::tcp::OwnedReadHalf, mut to: tokio::net::tcp:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::peer::Keys;
+    use wire::rdv::auth::Keys;
 
-    fn parts_for<'a>(job: &'a str, name: &'a str, p: &'a [u8; 1], l: &'a [u8; 8], nm: &'a [u8], nr: &'a [u8]) -> [&'a [u8]; 6] {
-        crate::peer::link::hello_parts(job, name, p, l, nm, nr)
+    fn parts_for<'a>(job: &'a str, name: &'a str, nm: &'a [u8; NONCE_LEN], nr: &'a [u8; NONCE_LEN]) -> Transcript<'a> {
+        Transcript::new(job, name, Purpose::Control, 0, nm, nr)
     }
 
     /// An unknown job costs the same MAC check as a known one and gets the same answer, even
@@ -556,14 +571,11 @@ mod tests {
     fn unknown_and_known_jobs_take_the_same_path() {
         let key = Keys::derive(b"the-job-secret-0123456789").rendezvous;
         let server = Server::new(HashMap::from([("job".to_owned(), key)]));
-        let (p, l, nm, nr) = ([Purpose::Control as u8], 0u64.to_le_bytes(), [1u8; NONCE_LEN], [2u8; NONCE_LEN]);
-        let mac_for = |k: &Key, job: &str| {
-            let parts = parts_for(job, "a", &p, &l, &nm, &nr);
-            mac(k, &[b"m", parts[0], parts[1], parts[2], parts[3], parts[4], parts[5]])
-        };
+        let (nm, nr) = ([1u8; NONCE_LEN], [2u8; NONCE_LEN]);
+        let mac_for = |k: &Key, job: &str| mac(k, &parts_for(job, "a", &nm, &nr).member_input());
         let checks = || server.metrics.mac_checks.load(Ordering::Relaxed);
-        let known = parts_for("job", "a", &p, &l, &nm, &nr);
-        let unknown = parts_for("nojob", "a", &p, &l, &nm, &nr);
+        let known = parts_for("job", "a", &nm, &nr);
+        let unknown = parts_for("nojob", "a", &nm, &nr);
 
         // The right MAC for a known job passes, with that job's key.
         let good = mac_for(&key, "job");
@@ -586,8 +598,8 @@ mod tests {
         assert!(errors.iter().all(|e| *e == Err(AuthFailed)), "{errors:?}");
         assert_eq!(AuthFailed.to_string(), "authentication failed");
         // A valid MAC on a name that is not a valid peer name fails too (after the check).
-        let bad = parts_for("job", "a b", &p, &l, &nm, &nr);
-        let tag = mac(&key, &[b"m", bad[0], bad[1], bad[2], bad[3], bad[4], bad[5]]);
+        let bad = parts_for("job", "a b", &nm, &nr);
+        let tag = mac(&key, &bad.member_input());
         assert_eq!(server.authenticate("job", "a b", &bad, Some(&tag)).map(|_| ()), Err(AuthFailed));
     }
 }
