@@ -212,7 +212,9 @@ s.serve_forever()
     let refused = d.metric("warmpool_checks_total{protocol=\"http\",outcome=\"timeout\"")
         + d.metric("warmpool_checks_total{protocol=\"http\",outcome=\"wrong_reply\"")
         + discarded(&d, "pending_reply")
-        + discarded(&d, "unsent");
+        + discarded(&d, "unsent")
+        // The slow reply arrived before the give-back was checked (seen once in 1,000 cycles).
+        + discarded(&d, "unread_data");
     assert!(refused + d.metric("warmpool_handouts_total{kind=\"miss\"") >= n as f64, "{}", d.metrics());
 }
 
