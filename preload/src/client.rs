@@ -207,7 +207,7 @@ fn open_link() -> Option<i32> {
     // SAFETY: raw is a fresh fd we own.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     let ms = settings.timeout_ms;
-    let tv = libc::timeval { tv_sec: (ms / 1000) as libc::time_t, tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t };
+    let tv = libc::timeval { tv_sec: (ms / 1000) as _, tv_usec: ((ms % 1000) * 1000) as _ };
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: setsockopt with a timeval of the right size.
         unsafe {
