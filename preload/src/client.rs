@@ -431,7 +431,9 @@ fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, u64)> {
 /// `vfork` child, which shares this memory), and only if the lock is free (another thread
 /// mid-request: the offers then end with the process, closed by the daemon).
 pub(crate) fn release_unused_offers() {
-    if !owner::is_owner() {
+    // No link (most processes when nothing prefetches): no offers either (dropping the link
+    // closes them), so nothing to do, not even the owner's `getpid`.
+    if CONN.load(Ordering::Acquire) < 0 || !owner::is_owner() {
         return;
     }
     let Ok(mut st) = STATE.try_lock() else { return };
