@@ -41,11 +41,12 @@ declare -A CHECK=(
     [containernetworking-plugins]=""
     [iptables]="iptables"
     [uidmap]="newuidmap"
+    [musl-tools]="musl-gcc"
 )
 ORDER=(nginx-light redis-server redis-tools curl python3 busybox-static iproute2 nftables
        util-linux procps ca-certificates build-essential pkg-config librsvg2-bin bpftool
        python3-venv g++ python3-yaml systemd haproxy
-       podman runc mmdebstrap containernetworking-plugins iptables uidmap)
+       podman runc mmdebstrap containernetworking-plugins iptables uidmap musl-tools)
 
 have_cmd() {
     local c=$1
@@ -132,6 +133,11 @@ else
     log "  (see the rustup documentation for the one-line installer)" >&2
     log "then 'source \$HOME/.cargo/env' and re-run." >&2
     exit 1
+fi
+# The preload library for musl-linked programs (scripts/build-musl.sh).
+if command -v rustup >/dev/null 2>&1 && ! rustup target list --installed | grep -qx x86_64-unknown-linux-musl; then
+    log "rustup target add x86_64-unknown-linux-musl"
+    rustup target add x86_64-unknown-linux-musl
 fi
 
 log "done"

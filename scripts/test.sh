@@ -14,6 +14,8 @@ bash scripts/setup-ebpf.sh
 
 echo "test: cargo build --release --workspace"
 cargo build --release --workspace
+echo "test: scripts/build-musl.sh"
+bash scripts/build-musl.sh
 
 echo "test: cargo test --release --workspace -- --test-threads=1 $*"
 set +e

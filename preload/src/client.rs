@@ -207,7 +207,7 @@ fn open_link() -> Option<i32> {
     // SAFETY: raw is a fresh fd we own.
     let sock = unsafe { OwnedFd::from_raw_fd(raw) };
     let ms = settings.timeout_ms;
-    let tv = libc::timeval { tv_sec: (ms / 1000) as libc::time_t, tv_usec: ((ms % 1000) * 1000) as libc::suseconds_t };
+    let tv = libc::timeval { tv_sec: (ms / 1000) as _, tv_usec: ((ms % 1000) * 1000) as _ };
     for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
         // SAFETY: setsockopt with a timeval of the right size.
         unsafe {
@@ -317,10 +317,16 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
             }
         }
     }
-    if st.prefetch_seq != 0 && settle_prefetch(&mut st, fd).is_err() {
-        drop_link(&mut st);
-        st.retry_at_ms = now + BACKOFF_MS;
-        return Outcome::Bypass;
+    if st.prefetch_seq != 0 {
+        match settle_prefetch(&mut st, fd, dest) {
+            Ok(Some((sock, lease))) => return Outcome::Grant(sock, lease),
+            Ok(None) => {}
+            Err(()) => {
+                drop_link(&mut st);
+                st.retry_at_ms = now + BACKOFF_MS;
+                return Outcome::Bypass;
+            }
+        }
     }
     if let Some((sock, lease)) = dest.and_then(|d| take_offer(&mut st, d)) {
         return Outcome::Grant(sock, lease);
@@ -359,10 +365,13 @@ fn send_prefetch(st: &mut State, fd: i32) {
     }
 }
 
-/// Read the answer to our `Prefetch` (it comes before any other) and keep the offers.
-/// `Err` means the link is unusable.
-fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
+/// Read the answer to our `Prefetch` (it comes before any other) and keep the offers. The
+/// first offer for `wanted` (the destination being connected to) is returned as it came, not
+/// kept: it goes straight onto the program's fd (no move to a high fd and back). `Err` means
+/// the link is unusable.
+fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Option<(OwnedFd, u64)>, ()> {
     let mut buf = [0u8; 64];
+    let mut taken = None;
     while st.prefetch_seq != 0 {
         let (msg, seq, sock) = next_answer(fd, &mut buf)?;
         if seq != st.prefetch_seq {
@@ -372,6 +381,10 @@ fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
             (Msg::Offer { lease, dest, last, .. }, Some(sock)) => {
                 if last {
                     st.prefetch_seq = 0;
+                }
+                if taken.is_none() && wanted == Some(&dest) && table::fits(lease) {
+                    taken = Some((sock, lease));
+                    continue;
                 }
                 let real = real::get();
                 // Out of the program's low fd numbers; close-on-exec came with MSG_CMSG_CLOEXEC.
@@ -396,7 +409,7 @@ fn settle_prefetch(st: &mut State, fd: i32) -> Result<(), ()> {
             _ => return Err(()),
         }
     }
-    Ok(())
+    Ok(taken)
 }
 
 /// The offered socket for `dest`, if the daemon offered one at load time: now the
@@ -418,7 +431,9 @@ fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, u64)> {
 /// `vfork` child, which shares this memory), and only if the lock is free (another thread
 /// mid-request: the offers then end with the process, closed by the daemon).
 pub(crate) fn release_unused_offers() {
-    if !owner::is_owner() {
+    // No link (most processes when nothing prefetches): no offers either (dropping the link
+    // closes them), so nothing to do, not even the owner's `getpid`.
+    if CONN.load(Ordering::Acquire) < 0 || !owner::is_owner() {
         return;
     }
     let Ok(mut st) = STATE.try_lock() else { return };
@@ -426,7 +441,7 @@ pub(crate) fn release_unused_offers() {
     if st.prefetch_seq != 0 && fd >= 0 {
         // A program that never asked for anything has not read the offers yet (they are
         // normally waiting in the socket; the wait is bounded by the link's timeout).
-        if settle_prefetch(&mut st, fd).is_err() {
+        if settle_prefetch(&mut st, fd, None).is_err() {
             return;
         }
     }

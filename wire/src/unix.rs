@@ -37,19 +37,20 @@ pub fn send(sock: RawFd, data: &[u8], fd: Option<RawFd>, flags: libc::c_int) -> 
     // SAFETY: msghdr is plain old data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    // The field types differ between libcs (glibc: size_t; musl: c_int, socklen_t): `as _`.
+    msg.msg_iovlen = 1 as _;
     if let Some(fd) = fd {
         // SAFETY: CMSG_SPACE is a pure size computation.
         let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
         msg.msg_control = cbuf.0.as_mut_ptr().cast();
-        msg.msg_controllen = space;
+        msg.msg_controllen = space as _;
         // SAFETY: msg_control points at `space` bytes of our aligned buffer, so the first
         // header and its data fit; CMSG_FIRSTHDR/CMSG_DATA stay inside it.
         unsafe {
             let cmsg = libc::CMSG_FIRSTHDR(&msg);
             (*cmsg).cmsg_level = libc::SOL_SOCKET;
             (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
             std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
         }
     }
@@ -72,12 +73,12 @@ pub fn recv(sock: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Recei
     // SAFETY: see `send`.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
+    msg.msg_iovlen = 1 as _;
     msg.msg_control = cbuf.0.as_mut_ptr().cast();
     // SAFETY: pure size computation.
     let space = unsafe { libc::CMSG_SPACE((MAX_FDS * std::mem::size_of::<RawFd>()) as u32) } as usize;
     debug_assert!(space <= cbuf.0.len());
-    msg.msg_controllen = space;
+    msg.msg_controllen = space as _;
     // SAFETY: msg points at live buffers for the duration of the call.
     let n = unsafe { libc::recvmsg(sock, &mut msg, flags | libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
@@ -97,7 +98,7 @@ pub fn recv(sock: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Recei
         while !cmsg.is_null() {
             if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(cmsg);
-                let bytes = (*cmsg).cmsg_len - libc::CMSG_LEN(0) as usize;
+                let bytes = ((*cmsg).cmsg_len as usize).saturating_sub(libc::CMSG_LEN(0) as usize);
                 for i in 0..bytes / std::mem::size_of::<RawFd>() {
                     let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
                     // Every fd the kernel installed is ours to close: wrap it at once.
