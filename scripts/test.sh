@@ -23,6 +23,10 @@ cargo test --release --workspace -- --test-threads=1 "$@"
 status=$?
 set -e
 echo "test: cargo test exited with status $status"
+# House rule: no source file over 800 lines, no function over 100 lines outside tests.
+if ! python3 scripts/check-sizes.py; then
+    status=1
+fi
 # Bounded fuzzing of the wire and rendezvous protocols (seed corpus in fuzz/corpus), only
 # for a full run (no test-name filter given).
 if [ "$#" -eq 0 ] && [ "${WARMPOOL_FUZZ_SECONDS:-30}" != 0 ]; then
