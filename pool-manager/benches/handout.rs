@@ -137,6 +137,8 @@ fn main() {
     let seconds = arg("--seconds", 3);
     let pooled = echo_server();
     let unpooled = echo_server();
+    // The same pool without the end-of-exchange proof: the steady-rate rows compare the two.
+    let unchecked = echo_server();
     let dir = std::env::temp_dir().join(format!("warmpool-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("pool.sock");
@@ -155,7 +157,10 @@ fn main() {
     s.max_per_destination = 2 * size;
     s.quarantine = Duration::ZERO;
     s.protocol = Some(pool_manager::proof::Protocol::Http);
+    let mut u = s.clone();
+    u.protocol = Some(pool_manager::proof::Protocol::Unchecked);
     cfg.add_pool(&pooled.to_string(), s).unwrap();
+    cfg.add_pool(&unchecked.to_string(), u).unwrap();
     let listener = server::bind(&sock, 0o600).expect("bind pool socket");
     let shared = Arc::new(Shared::new(cfg));
     let cancel = tokio_util::sync::CancellationToken::new();
@@ -216,6 +221,26 @@ fn main() {
     rows.push(Row { name: "baseline: connect+1B req/resp+close (libc)", h: base });
     rows.push(Row { name: "pooled: connect() through the pool", h: pconn });
     rows.push(Row { name: "pooled: connect+1B req/resp+close", h: ptotal });
+
+    // At a steady rate (one function per millisecond, alternating between the two pools): the
+    // proof runs in quarantine, between functions, so it should add nothing to connect().
+    let ca = sockaddr(unchecked);
+    let (mut with_proof, mut without) = (hist(), hist());
+    for i in 0..2 * arg("--steady", 2_000) {
+        let (addr, h) = if i % 2 == 0 { (&pa, &mut with_proof) } else { (&ca, &mut without) };
+        let fd = tcp_socket();
+        let c = Instant::now();
+        // SAFETY: as above, through the shim.
+        unsafe {
+            assert_eq!((shim.connect)(fd, (addr as *const libc::sockaddr_in).cast(), len), 0);
+            h.record(c.elapsed().as_nanos() as u64).unwrap();
+            request(fd);
+            (shim.close)(fd);
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    rows.push(Row { name: "steady 1/ms: pooled connect(), http proof", h: with_proof });
+    rows.push(Row { name: "steady 1/ms: pooled connect(), no proof", h: without });
 
     // Passthrough: unpooled destination, shim vs libc connect() alone.
     let (mut lib, mut shm) = (hist(), hist());

@@ -196,6 +196,8 @@ pub struct FileRefs {
     /// A socket only this process ever holds: the reference value of "held by us alone".
     control: OwnedFd,
     file_ref_t: bool,
+    /// The read buffer, kept between passes.
+    buf: std::sync::Mutex<Vec<u8>>,
 }
 
 impl FileRefs {
@@ -248,41 +250,38 @@ impl FileRefs {
         }
         // SAFETY: as above.
         let control = unsafe { OwnedFd::from_raw_fd(raw) };
-        let me = FileRefs { link, _prog: prog, control, file_ref_t: layout.file_ref_t };
-        me.snapshot()?.get(&me.control.as_raw_fd()).ok_or(FileRefsError::NoControl)?;
+        let me = FileRefs { link, _prog: prog, control, file_ref_t: layout.file_ref_t, buf: std::sync::Mutex::new(vec![0u8; 64 * 1024]) };
+        me.held(&[])?;
         Ok(me)
     }
 
-    /// Every open file of this process: fd → reference count word, as stored.
-    fn snapshot(&self) -> Result<HashMap<RawFd, u64>, FileRefsError> {
+    /// One pass of the iterator over this process's files: `visit(fd, refcount word)` for each.
+    fn each_file(&self, mut visit: impl FnMut(RawFd, u64)) -> Result<(), FileRefsError> {
         let mut create = IterCreate { link_fd: self.link.as_raw_fd() as u32, flags: 0 };
         let it = bpf(BPF_ITER_CREATE, &mut create).map_err(|source| FileRefsError::Bpf { cmd: "ITER_CREATE", source, log: String::new() })?;
         // SAFETY: as above.
         let it = unsafe { OwnedFd::from_raw_fd(it) };
-        let mut out = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
+        let mut buf = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             // SAFETY: reading into our buffer, at most its length.
             let n = unsafe { libc::read(it.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             match n {
-                0 => break,
+                0 => return Ok(()),
                 n if n < 0 => {
                     let e = std::io::Error::last_os_error();
-                    if e.kind() == std::io::ErrorKind::Interrupted {
-                        continue;
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(FileRefsError::Sys { what: "reading the iterator", source: e });
                     }
-                    return Err(FileRefsError::Sys { what: "reading the iterator", source: e });
                 }
-                n => out.extend_from_slice(&buf[..n as usize]),
+                // The program writes whole 16-byte records and seq_file never splits one.
+                n => {
+                    for r in buf[..n as usize].chunks_exact(16) {
+                        let fd = u64::from_le_bytes(r[..8].try_into().unwrap_or_default()) as RawFd;
+                        visit(fd, u64::from_le_bytes(r[8..].try_into().unwrap_or_default()));
+                    }
+                }
             }
         }
-        Ok(out
-            .chunks_exact(16)
-            .map(|r| {
-                let fd = u64::from_le_bytes(r[..8].try_into().unwrap_or_default()) as RawFd;
-                (fd, u64::from_le_bytes(r[8..].try_into().unwrap_or_default()))
-            })
-            .collect())
     }
 
     /// Which of `fds` (open in this process) someone else also holds: their count is above
@@ -291,9 +290,18 @@ impl FileRefs {
     /// # Errors
     /// The iterator could not be read (the caller proves nothing then).
     pub fn held(&self, fds: &[RawFd]) -> Result<Vec<bool>, FileRefsError> {
-        let snap = self.snapshot()?;
-        let alone = *snap.get(&self.control.as_raw_fd()).ok_or(FileRefsError::NoControl)?;
-        Ok(fds.iter().map(|fd| snap.get(fd).is_none_or(|c| *c != alone)).collect())
+        let wanted: HashMap<RawFd, usize> = fds.iter().enumerate().map(|(i, fd)| (*fd, i)).collect();
+        let control = self.control.as_raw_fd();
+        let (mut alone, mut seen) = (None, vec![None; fds.len()]);
+        self.each_file(|fd, count| {
+            if fd == control {
+                alone = Some(count);
+            } else if let Some(&i) = wanted.get(&fd) {
+                seen[i] = Some(count);
+            }
+        })?;
+        let alone = alone.ok_or(FileRefsError::NoControl)?;
+        Ok(seen.into_iter().map(|c| c != Some(alone)).collect())
     }
 
     /// Whether the kernel stores `file_ref_t` (6.13+) rather than `f_count` (for logs).
