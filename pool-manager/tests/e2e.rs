@@ -387,34 +387,40 @@ fn static_busybox_wget_is_served_from_the_pool_through_exec() {
     assert_eq!(ok_stdout(&o, "busybox wget without a daemon"), "hello\n");
 }
 
-/// A process that connects nowhere costs the daemon nothing: with no prefetching pool there
-/// is no prefetch hint next to the socket, so the shim opens no link at load time (no client
-/// connection reaches the daemon); the first connect() to a pooled destination still links
-/// and is served. With a prefetching pool the hint exists while the daemon runs, a starting
-/// process links at load time (to take its offers), and the hint goes with the daemon.
+/// A starting process links to the daemon at load time (the daemon identifies it while the
+/// program starts) and asks for offers only when the daemon publishes its prefetch hint;
+/// with `WARMPOOL_LAZY=1` a process that connects nowhere never links; the first connect()
+/// to a pooled destination links either way; the hint goes with the daemon.
 #[test]
-fn link_opens_at_load_only_when_the_daemon_prefetches() {
+fn link_at_load_and_offers_only_when_the_daemon_prefetches() {
     let nginx = Nginx::start();
     let pool = format!("{}=reuse:http", nginx.addr());
     let d = Daemon::start(&["--pool", &pool]);
     let hint = d.socket.with_file_name("pool.sock.prefetch");
     assert!(!hint.exists(), "no prefetching pool, yet a hint at {}", hint.display());
+    let lazy = |prog: &str, args: &[&str]| {
+        let mut c = Command::new(tool_path(prog));
+        c.args(args).stdin(Stdio::null());
+        shim_env(&mut c, &d);
+        c.env("WARMPOOL_LAZY", "1");
+        ok_stdout(&c.output().expect("run"), prog);
+    };
     for _ in 0..5 {
-        ok_stdout(&shimmed(&d, "true", &[]), "true");
-        ok_stdout(&shimmed(&d, "sh", &["-c", "exit 0"]), "sh");
+        lazy("true", &[]);
+        lazy("sh", &["-c", "exit 0"]);
     }
-    assert_eq!(d.metric("warmpool_clients_total"), 0.0, "processes that connect nowhere linked to the daemon:\n{}", d.log());
-    ok_stdout(&shimmed(&d, "curl", &["-sf", &nginx.url("/lazy")]), "curl");
+    assert_eq!(d.metric("warmpool_clients_total"), 0.0, "lazy processes that connect nowhere linked:\n{}", d.log());
+    lazy("curl", &["-sf", &nginx.url("/lazy")]);
     assert_eq!(d.metric("warmpool_clients_total"), 1.0, "the first connect() to a pooled destination must link");
-    assert!(d.metric("warmpool_handouts_total") >= 1.0, "curl's connect was not asked for:\n{}", d.metrics());
+    ok_stdout(&shimmed(&d, "true", &[]), "true");
+    assert!(wait_until(Duration::from_secs(5), || d.metric("warmpool_clients_total") >= 2.0), "no link at load time");
+    assert_eq!(d.metric("warmpool_prefetch_total{outcome=\"offered\"}"), 0.0, "offers without a prefetching pool");
     drop(d);
 
     let pool = format!("{}=reuse:http+prefetch", nginx.addr());
     let mut d = Daemon::start(&["--pool", &pool]);
     let hint = d.socket.with_file_name("pool.sock.prefetch");
     assert!(hint.exists(), "a prefetching pool publishes {}", hint.display());
-    ok_stdout(&shimmed(&d, "true", &[]), "true");
-    assert!(wait_until(Duration::from_secs(5), || d.metric("warmpool_clients_total") >= 1.0), "no link at load time with a prefetching pool");
     assert!(d.stop().success(), "daemon did not stop cleanly:\n{}", d.log());
     assert!(!hint.exists(), "the hint outlived the daemon");
 }
