@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -104,37 +104,7 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
     // the pool that peer is a plain echo server (as if the hosts could reach each other);
     // with the pool it is a function behind `burst/b`'s pool manager, reached over a link
     // from a pool kept at N prewarmed links.
-    let mut peer_procs = vec![];
-    let mut peer_cfg = String::new();
-    let mut echo_addr = None;
-    let mut b_socket = PathBuf::new();
-    if peer {
-        let ip = hosts.server_ip();
-        let echo = SocketAddr::new(ip, hosts.server_port(ECHO_PORT)?);
-        peer_procs.push(KillOnDrop(hosts.server(std::env::current_exe()?).args(["peer-echo-server", "--listen", &echo.to_string()]).stdout(Stdio::null()).spawn()?));
-        echo_addr = Some(echo);
-        let rdv = SocketAddr::new(ip, hosts.server_port(BURST_RDV_PORT)?);
-        let secret = work.0.join("burst.secret");
-        std::fs::write(&secret, "burst-experiment-secret-0123")?;
-        peer_procs.push(KillOnDrop(
-            hosts
-                .server(&pool_manager)
-                .args(["rendezvous", "--listen", &rdv.to_string(), "--job", &format!("burst={}", secret.display())])
-                .env_remove("LD_PRELOAD")
-                .stderr(std::fs::File::create(work.0.join("rdv.log"))?)
-                .spawn()?,
-        ));
-        let common = |name: &str, other: &str| {
-            format!("[peer]\nname = \"burst/{name}\"\nrendezvous = \"{rdv}\"\nsecret_file = \"{}\"\npeers = [\"burst/{other}\"]\n", secret.display())
-        };
-        b_socket = work.0.join("b.sock");
-        let b_toml = work.0.join("b.toml");
-        std::fs::write(&b_toml, format!("socket = \"{}\"\n{}", b_socket.display(), common("b", "a")))?;
-        peer_procs.push(KillOnDrop(
-            hosts.server(&pool_manager).args(["serve", "--config"]).arg(&b_toml).env_remove("LD_PRELOAD").stderr(std::fs::File::create(work.0.join("b.log"))?).spawn()?,
-        ));
-        peer_cfg = format!("{}prewarm = [\"burst/b:{PEER_CHANNEL}\"]\nprewarm_links = {max}\n", common("a", "b"));
-    }
+    let (_peer_procs, peer_cfg, echo_addr, b_socket) = if peer { start_peers(hosts, &work, &pool_manager, max)? } else { (vec![], String::new(), None, PathBuf::new()) };
     std::fs::write(
         &toml,
         format!(
@@ -144,7 +114,7 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
         ),
     )?;
     let daemon = Daemon::start(hosts, &pool_manager, work.0.join("pool.sock"), &["--config".into(), toml.display().to_string()], &work.0.join("pool.log"))?;
-    daemon.cli(&["prewarm", &nginx.addr.to_string()])?;
+    daemon.prewarm(hosts, &nginx.addr.to_string())?;
     let exe = std::env::current_exe()?;
     let mut csv = String::from("config,n,rep,total_us\n");
     let mut medians: Vec<(&str, usize, f64)> = vec![];
@@ -208,6 +178,43 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[usize], reps: usize, out: Option<PathB
     }
     std::fs::write(out.join("burst.csv"), &csv)?;
     let status = daemon.cli(&["status"])?;
+    report(hosts, sizes, reps, peer, &out, &medians, &status)
+}
+
+
+/// The peers' side of a burst with peers: an echo server, a rendezvous server and
+/// `burst/b`'s pool manager on the server host; the `[peer]` lines for `burst/a`'s pool.
+fn start_peers(hosts: &Hosts, work: &Scratch, pool_manager: &Path, max: usize) -> Result<(Vec<KillOnDrop>, String, Option<SocketAddr>, PathBuf)> {
+    let mut peer_procs = vec![];
+    let ip = hosts.server_ip();
+    let echo = SocketAddr::new(ip, hosts.server_port(ECHO_PORT)?);
+    peer_procs.push(KillOnDrop(hosts.server(std::env::current_exe()?).args(["peer-echo-server", "--listen", &echo.to_string()]).stdout(Stdio::null()).spawn()?));
+    let rdv = SocketAddr::new(ip, hosts.server_port(BURST_RDV_PORT)?);
+    let secret = work.0.join("burst.secret");
+    std::fs::write(&secret, "burst-experiment-secret-0123")?;
+    peer_procs.push(KillOnDrop(
+        hosts
+            .server(pool_manager)
+            .args(["rendezvous", "--listen", &rdv.to_string(), "--job", &format!("burst={}", secret.display())])
+            .env_remove("LD_PRELOAD")
+            .stderr(std::fs::File::create(work.0.join("rdv.log"))?)
+            .spawn()?,
+    ));
+    let common = |name: &str, other: &str| {
+        format!("[peer]\nname = \"burst/{name}\"\nrendezvous = \"{rdv}\"\nsecret_file = \"{}\"\npeers = [\"burst/{other}\"]\n", secret.display())
+    };
+    let b_socket = work.0.join("b.sock");
+    let b_toml = work.0.join("b.toml");
+    std::fs::write(&b_toml, format!("socket = \"{}\"\n{}", b_socket.display(), common("b", "a")))?;
+    peer_procs.push(KillOnDrop(
+        hosts.server(pool_manager).args(["serve", "--config"]).arg(&b_toml).env_remove("LD_PRELOAD").stderr(std::fs::File::create(work.0.join("b.log"))?).spawn()?,
+    ));
+    let peer_cfg = format!("{}prewarm = [\"burst/b:{PEER_CHANNEL}\"]\nprewarm_links = {max}\n", common("a", "b"));
+    Ok((peer_procs, peer_cfg, Some(echo), b_socket))
+}
+
+/// summary.md and burst.svg from the medians of a run.
+fn report(hosts: &Hosts, sizes: &[usize], reps: usize, peer: bool, out: &Path, medians: &[(&str, usize, f64)], status: &str) -> Result<()> {
     let mut md = String::new();
     let what = if peer { "connect → request → reply, then one exchange with a peer function" } else { "connect → request → reply" };
     let _ = writeln!(md, "# Burst start: N functions at once, each {what}\n");

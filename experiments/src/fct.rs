@@ -16,7 +16,7 @@ use hdrhistogram::Histogram;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -242,9 +242,8 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
         }
         Some(guard)
     };
-    let mut cfg = std::fs::File::create(work.0.join("pool.toml"))?;
-    writeln!(cfg, "[[pool]]\ndestination = \"{server}\"\npolicy = \"reuse\"\nprotocol = \"unchecked\"\nmin_idle = 1\nmax_idle = 4\n")?;
-    drop(cfg);
+    let pool = format!("[[pool]]\ndestination = \"{server}\"\npolicy = \"reuse\"\nprotocol = \"unchecked\"\nmin_idle = 1\nmax_idle = 4\n");
+    std::fs::write(work.0.join("pool.toml"), pool)?;
     let daemon = Daemon::start(
         hosts,
         &pool_manager,
@@ -311,6 +310,13 @@ pub(crate) fn run(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool]
     let status = daemon.cli(&["status"])?;
     drop(daemon);
 
+    report(hosts, sizes, reps, congestion, rate, &out, &medians, &status)
+}
+
+
+/// summary.md and fct.svg from the medians of a run.
+#[allow(clippy::too_many_arguments)]
+fn report(hosts: &Hosts, sizes: &[u64], reps: usize, congestion: &[bool], rate: &str, out: &Path, medians: &[(Conn, bool, u64, f64)], status: &str) -> Result<()> {
     let med = |c: Conn, g: bool, s: u64| medians.iter().find(|m| m.0 == c && m.1 == g && m.2 == s).map(|m| m.3);
     let mut md = String::new();
     let _ = writeln!(md, "# Flow completion time: new vs warmed connections\n");

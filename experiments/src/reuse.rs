@@ -161,7 +161,18 @@ impl Daemon {
     }
 
     pub(crate) fn cli(&self, args: &[&str]) -> Result<String> {
-        let o = Command::new(&self.bin).args(args).arg("--socket").arg(&self.socket).env_remove("LD_PRELOAD").output()?;
+        self.cli_with(Command::new(&self.bin), args)
+    }
+
+    /// `pool-manager prewarm DEST` on the client host, in its network namespace: the daemon
+    /// prewarms for the tenant that asks (uid, cgroup and network namespace), so the pool must
+    /// be asked for from where the functions run.
+    pub(crate) fn prewarm(&self, hosts: &Hosts, dest: &str) -> Result<String> {
+        self.cli_with(hosts.client(&self.bin, &[]), &["prewarm", dest])
+    }
+
+    fn cli_with(&self, mut cmd: Command, args: &[&str]) -> Result<String> {
+        let o = cmd.args(args).arg("--socket").arg(&self.socket).env_remove("LD_PRELOAD").output()?;
         if !o.status.success() {
             bail!("pool-manager {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         }
@@ -295,7 +306,7 @@ fn run_in(runs: usize, configs: &[Config], out: &Path, work: &Path, pool_manager
         &work.join("prefetch.log"),
     )?;
     for d in [&warm, &reuse, &prefetch] {
-        d.cli(&["prewarm", &dest]).ok();
+        d.prewarm(hosts, &dest).ok();
     }
     let wants = |c: &[Config]| configs.iter().any(|x| c.contains(x));
     let nginx_proxy = if wants(&[Config::NginxKeepalive]) { Some(proxy::start_nginx(work, hosts, nginx.addr)?) } else { None };

@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -338,7 +338,6 @@ fn s3_server() -> PathBuf {
 }
 
 /// The `shuffle` driver.
-#[allow(clippy::too_many_lines)]
 pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vias: &[Via], reps: usize, out: Option<PathBuf>) -> Result<()> {
     if mappers == 0 || reducers == 0 || reducers > 1000 {
         bail!("need 1..=1000 reducers and at least one mapper");
@@ -348,105 +347,16 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
     std::fs::create_dir_all(&out)?;
     let work = Scratch::new("shuffle")?;
     let w = &work.0;
-    let server_ip = hosts.server_ip();
     let exe = std::env::current_exe()?;
     let want = expected(mappers, reducers, bytes)?;
-    // Servers on the server host.
-    let mut servers: Vec<KillOnDrop> = vec![];
-    let redis_addr = SocketAddr::new(server_ip, hosts.server_port(REDIS_PORT)?);
-    let s3_addr = SocketAddr::new(server_ip, hosts.server_port(S3_PORT)?);
-    if vias.contains(&Via::Redis) {
-        servers.push(KillOnDrop(
-            hosts
-                .server("redis-server")
-                .args(["--bind", &server_ip.to_string(), "--port", &redis_addr.port().to_string(), "--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .args(["--proto-max-bulk-len", "2gb", "--client-output-buffer-limit", "normal 0 0 0"])
-                .stdout(Stdio::null())
-                .spawn()
-                .context("starting redis-server")?,
-        ));
-        wait_port(hosts, redis_addr, "redis-server")?;
-    }
-    if vias.contains(&Via::S3) {
-        let bin = s3_server();
-        if !bin.exists() {
-            bail!("{} missing: run scripts/setup.sh (it installs moto's S3 server in a venv) or set WARMPOOL_S3_SERVER", bin.display());
-        }
-        servers.push(KillOnDrop(
-            hosts
-                .server(&bin)
-                .args(["-H", &server_ip.to_string(), "-p", &s3_addr.port().to_string()])
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(w.join("s3.log"))?)
-                .spawn()
-                .context("starting the S3 server")?,
-        ));
-        wait_port(hosts, s3_addr, "the S3 server")?;
-        let code = match hosts {
-            Hosts::Local(t) => t.client.enter(move || Ok(http(s3_addr, "PUT", "/shuffle", &[])?.0))?,
-            _ => http(s3_addr, "PUT", "/shuffle", &[])?.0,
-        };
-        if code != 200 {
-            bail!("creating the bucket: HTTP {code}");
-        }
-    }
+    let (_servers, redis_addr, s3_addr) = start_servers(hosts, vias, w)?;
     let mut csv = String::from("via,rep,mappers,reducers,bytes_per_mapper,job_ms,bytes_moved\n");
     let mut rows: Vec<(&str, f64, u64)> = vec![];
     for &via in vias {
         let peers = matches!(via, Via::Peer | Via::PeerPrewarmed);
         // Peer links: a rendezvous server and shuf/b's manager on the server host, shuf/a's
         // manager on the client host (fresh for every transport, so nothing is left over).
-        let mut peer_procs: Vec<KillOnDrop> = vec![];
-        let mut a = None;
-        let mut b_socket = PathBuf::new();
-        if peers {
-            let rdv = SocketAddr::new(server_ip, hosts.server_port(RDV_PORT)?);
-            let secret = w.join("shuf.secret");
-            std::fs::write(&secret, "shuffle-experiment-secret-000")?;
-            peer_procs.push(KillOnDrop(
-                hosts
-                    .server(&pool_manager)
-                    .args(["rendezvous", "--listen", &rdv.to_string(), "--job", &format!("shuf={}", secret.display())])
-                    .env_remove("LD_PRELOAD")
-                    .stderr(std::fs::File::create(w.join(format!("rdv-{}.log", via.name())))?)
-                    .spawn()?,
-            ));
-            wait_port(hosts, rdv, "the rendezvous server")?;
-            let channels: Vec<String> = (0..reducers).map(|j| format!("\"shuf/b:{}\"", CHANNEL_BASE + j as u16)).collect();
-            let prewarm = if via == Via::PeerPrewarmed { format!("prewarm = [{}]\nprewarm_links = {mappers}\n", channels.join(", ")) } else { String::new() };
-            let cfg = |name: &str, other: &str, extra: &str| {
-                format!("[peer]\nname = \"shuf/{name}\"\nrendezvous = \"{rdv}\"\nsecret_file = \"{}\"\npeers = [\"shuf/{other}\"]\n{extra}", secret.display())
-            };
-            b_socket = w.join(format!("b-{}.sock", via.name()));
-            let b_toml = w.join(format!("b-{}.toml", via.name()));
-            std::fs::write(&b_toml, format!("socket = \"{}\"\n{}", b_socket.display(), cfg("b", "a", "")))?;
-            peer_procs.push(KillOnDrop(
-                hosts
-                    .server(&pool_manager)
-                    .args(["serve", "--config"])
-                    .arg(&b_toml)
-                    .env_remove("LD_PRELOAD")
-                    .stderr(std::fs::File::create(w.join(format!("b-{}.log", via.name())))?)
-                    .spawn()?,
-            ));
-            let a_toml = w.join(format!("a-{}.toml", via.name()));
-            std::fs::write(&a_toml, cfg("a", "b", &prewarm))?;
-            let d = Daemon::start(hosts, &pool_manager, w.join(format!("a-{}.sock", via.name())), &["--config".into(), a_toml.display().to_string()], &w.join(format!("a-{}.log", via.name())))?;
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let st = d.cli(&["status"])?;
-                let ready = ready_links(&st, "shuf/b", None);
-                if st.contains(", connected)") && b_socket.exists() && (via != Via::PeerPrewarmed || ready >= mappers * reducers) {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    bail!("peer set-up did not finish:\n{st}");
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            std::thread::sleep(Duration::from_millis(200));
-            a = Some(d);
-        }
+        let (_peer_procs, a, b_socket) = if peers { start_peer_side(hosts, via, w, &pool_manager, mappers, reducers)? } else { (vec![], None, PathBuf::new()) };
         for rep in 0..reps {
             if via == Via::PeerPrewarmed && rep > 0 {
                 // Wait for the pool to make the next job's links.
@@ -512,6 +422,112 @@ pub(crate) fn run(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vi
         }
     }
     std::fs::write(out.join("shuffle.csv"), &csv)?;
+    report(hosts, mappers, reducers, bytes, vias, reps, &out, &rows)
+}
+
+
+/// The exchange servers on the server host (Redis, the S3 server and its bucket), as `vias`
+/// need them; with their addresses.
+fn start_servers(hosts: &Hosts, vias: &[Via], w: &Path) -> Result<(Vec<KillOnDrop>, SocketAddr, SocketAddr)> {
+    let server_ip = hosts.server_ip();
+    let mut servers: Vec<KillOnDrop> = vec![];
+    let redis_addr = SocketAddr::new(server_ip, hosts.server_port(REDIS_PORT)?);
+    let s3_addr = SocketAddr::new(server_ip, hosts.server_port(S3_PORT)?);
+    if vias.contains(&Via::Redis) {
+        servers.push(KillOnDrop(
+            hosts
+                .server("redis-server")
+                .args(["--bind", &server_ip.to_string(), "--port", &redis_addr.port().to_string(), "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .args(["--proto-max-bulk-len", "2gb", "--client-output-buffer-limit", "normal 0 0 0"])
+                .stdout(Stdio::null())
+                .spawn()
+                .context("starting redis-server")?,
+        ));
+        wait_port(hosts, redis_addr, "redis-server")?;
+    }
+    if vias.contains(&Via::S3) {
+        let bin = s3_server();
+        if !bin.exists() {
+            bail!("{} missing: run scripts/setup.sh (it installs moto's S3 server in a venv) or set WARMPOOL_S3_SERVER", bin.display());
+        }
+        servers.push(KillOnDrop(
+            hosts
+                .server(&bin)
+                .args(["-H", &server_ip.to_string(), "-p", &s3_addr.port().to_string()])
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(w.join("s3.log"))?)
+                .spawn()
+                .context("starting the S3 server")?,
+        ));
+        wait_port(hosts, s3_addr, "the S3 server")?;
+        let code = match hosts {
+            Hosts::Local(t) => t.client.enter(move || Ok(http(s3_addr, "PUT", "/shuffle", &[])?.0))?,
+            _ => http(s3_addr, "PUT", "/shuffle", &[])?.0,
+        };
+        if code != 200 {
+            bail!("creating the bucket: HTTP {code}");
+        }
+    }
+    Ok((servers, redis_addr, s3_addr))
+}
+
+/// Peer links: a rendezvous server and shuf/b's manager on the server host, shuf/a's manager
+/// on the client host (fresh for every transport, so nothing is left over); waits until the
+/// links are up (and, prewarmed, ready).
+fn start_peer_side(hosts: &Hosts, via: Via, w: &Path, pool_manager: &Path, mappers: usize, reducers: usize) -> Result<(Vec<KillOnDrop>, Option<Daemon>, PathBuf)> {
+    let server_ip = hosts.server_ip();
+    let mut peer_procs: Vec<KillOnDrop> = vec![];
+    let rdv = SocketAddr::new(server_ip, hosts.server_port(RDV_PORT)?);
+    let secret = w.join("shuf.secret");
+    std::fs::write(&secret, "shuffle-experiment-secret-000")?;
+    peer_procs.push(KillOnDrop(
+        hosts
+            .server(pool_manager)
+            .args(["rendezvous", "--listen", &rdv.to_string(), "--job", &format!("shuf={}", secret.display())])
+            .env_remove("LD_PRELOAD")
+            .stderr(std::fs::File::create(w.join(format!("rdv-{}.log", via.name())))?)
+            .spawn()?,
+    ));
+    wait_port(hosts, rdv, "the rendezvous server")?;
+    let channels: Vec<String> = (0..reducers).map(|j| format!("\"shuf/b:{}\"", CHANNEL_BASE + j as u16)).collect();
+    let prewarm = if via == Via::PeerPrewarmed { format!("prewarm = [{}]\nprewarm_links = {mappers}\n", channels.join(", ")) } else { String::new() };
+    let cfg = |name: &str, other: &str, extra: &str| {
+        format!("[peer]\nname = \"shuf/{name}\"\nrendezvous = \"{rdv}\"\nsecret_file = \"{}\"\npeers = [\"shuf/{other}\"]\n{extra}", secret.display())
+    };
+    let b_socket = w.join(format!("b-{}.sock", via.name()));
+    let b_toml = w.join(format!("b-{}.toml", via.name()));
+    std::fs::write(&b_toml, format!("socket = \"{}\"\n{}", b_socket.display(), cfg("b", "a", "")))?;
+    peer_procs.push(KillOnDrop(
+        hosts
+            .server(pool_manager)
+            .args(["serve", "--config"])
+            .arg(&b_toml)
+            .env_remove("LD_PRELOAD")
+            .stderr(std::fs::File::create(w.join(format!("b-{}.log", via.name())))?)
+            .spawn()?,
+    ));
+    let a_toml = w.join(format!("a-{}.toml", via.name()));
+    std::fs::write(&a_toml, cfg("a", "b", &prewarm))?;
+    let d = Daemon::start(hosts, pool_manager, w.join(format!("a-{}.sock", via.name())), &["--config".into(), a_toml.display().to_string()], &w.join(format!("a-{}.log", via.name())))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = d.cli(&["status"])?;
+        let ready = ready_links(&st, "shuf/b", None);
+        if st.contains(", connected)") && b_socket.exists() && (via != Via::PeerPrewarmed || ready >= mappers * reducers) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("peer set-up did not finish:\n{st}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    Ok((peer_procs, Some(d), b_socket))
+}
+
+/// summary.md from the job times of a run.
+#[allow(clippy::too_many_arguments)]
+fn report(hosts: &Hosts, mappers: usize, reducers: usize, bytes: u64, vias: &[Via], reps: usize, out: &Path, rows: &[(&str, f64, u64)]) -> Result<()> {
     let mut md = String::new();
     let _ = writeln!(md, "# Shuffle: reduce-by-key, {mappers} mappers x {reducers} reducers, {} MB per mapper\n", bytes / 1_000_000);
     let _ = writeln!(md, "Path: {}; {reps} repetition(s); machine: `{}`. Every reducer's result checked against a local computation.\n", hosts.describe(), machine());
