@@ -42,6 +42,40 @@ struct Job {
     held: u32,
 }
 
+/// Run the checker on a thread of its own, with a single-threaded runtime, until `cancel`
+/// fires: its wake-ups (holders passes, proof I/O, the proofs' quiet timers) never queue on
+/// the workers that hand sockets out. (On the shared runtime, a pool with the http proof
+/// handed out about 10 µs slower at p50 than one without, at one function per ms on 2 vCPUs.)
+/// Falls back to the caller's runtime if the thread cannot be started.
+pub(crate) async fn run_on_own_thread(shared: Arc<Shared>, cancel: CancellationToken) {
+    // The thread says whether it ran the checker (false: no runtime could be built).
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<bool>();
+    let (s, c) = (shared.clone(), cancel.clone());
+    let started = std::thread::Builder::new().name("warmpool-checker".into()).spawn(move || {
+        let ran = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => {
+                rt.block_on(run(s, c));
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checker runtime: running the checker on the daemon's runtime");
+                false
+            }
+        };
+        let _ = done_tx.send(ran);
+    });
+    let ran = match started {
+        Ok(_) => done_rx.await.unwrap_or(true),
+        Err(e) => {
+            tracing::warn!(error = %e, "checker thread: running the checker on the daemon's runtime");
+            false
+        }
+    };
+    if !ran {
+        run(shared, cancel).await;
+    }
+}
+
 /// Run the checker until `cancel` fires.
 pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut proofs: JoinSet<()> = JoinSet::new();
