@@ -193,13 +193,9 @@ pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::
     if gone.is_empty() {
         return;
     }
-    pools.retain(|k, p| {
-        let closing = k.tenant.netns.is_some_and(|n| gone.contains(&n));
-        if closing {
-            discarded.extend(p.drain().into_iter().map(|s| (s, Discard::PoolRemoved)));
-        }
-        !closing
-    });
+    // Every pool of those namespaces, configured ones included.
+    let which = |t: &crate::tenant::Tenant| t.netns.is_some_and(|n| gone.contains(&n));
+    crate::server::tenants::close_locked(shared, pools, which, crate::server::CloseReason::NetnsGone, discarded);
     for id in gone {
         info!(netns = %id, "network namespace has no client left: its pools are closed");
     }

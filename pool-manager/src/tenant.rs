@@ -20,6 +20,10 @@ pub struct Tenant {
     pub uid: u32,
     /// Peer cgroup v2 path (empty when grouping by uid only).
     pub cgroup: Arc<str>,
+    /// That cgroup's id (the inode of its directory, as the kernel's connect hooks see it)
+    /// when the tenant was identified: a cgroup removed and made again under the same path
+    /// is another tenant. 0: not known (grouping by uid only, or no usable cgroup2 mount).
+    pub cgroup_id: u64,
     /// The peer's network namespace; `None`: the daemon's own.
     pub netns: Option<NetNsId>,
 }
@@ -85,11 +89,12 @@ pub fn identify(sock: RawFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> Resu
         TenantBy::Uid => Arc::from(""),
         TenantBy::UidAndCgroup => Arc::from(tenancy::cgroup::cgroup_of(cred.pid).map_err(|source| TenantError::Cgroup { pid: cred.pid, source })?),
     };
+    let cgroup_id = crate::server::tenants::cgroup_id_of_member(&cgroup);
     let ns = netns_of(pidfd.as_ref(), cred.pid)?;
     if pidfd.as_ref().is_some_and(|p| tenancy::netns::pidfd_exited(p.as_fd())) {
         return Err(TenantError::Gone(cred.pid));
     }
     let member = namespaces.join(ns);
     let netns = member.as_ref().map(Member::id);
-    Ok(Peer { tenant: Tenant { uid: cred.uid, cgroup, netns }, pid: cred.pid, netns: member })
+    Ok(Peer { tenant: Tenant { uid: cred.uid, cgroup, cgroup_id, netns }, pid: cred.pid, netns: member })
 }

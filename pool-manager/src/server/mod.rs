@@ -16,7 +16,8 @@
 //! Modules: `listener` (bind, the accept loop, the run loop with its background tasks),
 //! `session` (one client connection: identify, read, dispatch, answer, and the leases it
 //! leaves behind), `grant` (acquire from a pool or a peer link, grant, prefetch offers,
-//! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker).
+//! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker),
+//! `tenants` (closing every pool of a tenant that is gone).
 //! This module holds what they share: [`Shared`], [`PoolKey`], [`PooledSock`].
 
 
@@ -24,10 +25,12 @@ mod grant;
 mod listener;
 mod session;
 mod tasks;
+pub mod tenants;
 
 pub use listener::{bind, connect_client, run, run_with};
 pub(crate) use grant::pool_for;
 pub(crate) use session::{send_within, Lease};
+pub use tenants::{close_tenant, close_tenants, CloseReason, Closed};
 
 use crate::config::{Config, Lookup};
 use crate::metrics::Metrics;
@@ -109,6 +112,8 @@ pub struct Shared {
     pub resolved: std::sync::RwLock<HashMap<SocketAddr, Arc<crate::config::PoolSettings>>>,
     /// Wakes the checker: a socket entered quarantine.
     pub(crate) check_wake: tokio::sync::Notify,
+    /// Tenants closed (counters, and those whose pools are not made again).
+    pub lifecycle: tenants::Lifecycle,
 }
 
 impl Shared {
@@ -135,6 +140,7 @@ impl Shared {
             handover_done: tokio::sync::Notify::new(),
             resolved: std::sync::RwLock::new(HashMap::new()),
             check_wake: tokio::sync::Notify::new(),
+            lifecycle: tenants::Lifecycle::default(),
         }
     }
 
