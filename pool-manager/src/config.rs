@@ -215,8 +215,12 @@ pub struct Auto {
     pub enabled: bool,
     /// Settings for those pools.
     pub settings: Arc<PoolSettings>,
-    /// At most this many auto pools (per daemon).
+    /// At most this many auto pools per tenant (`Prewarm` requests included): one tenant
+    /// cannot use up the budget of others.
     pub max_destinations: usize,
+    /// At most this many auto pools on the daemon, all tenants together: bounds the fds the
+    /// daemon holds however many tenants come.
+    pub max_pools: usize,
     /// Remove an auto pool unused for this long.
     pub forget_after: Duration,
 }
@@ -261,6 +265,8 @@ pub struct Config {
     /// How long a network namespace other than the daemon's keeps its pools (and the thread
     /// that makes its sockets) after its last client went away.
     pub netns_linger: Duration,
+    /// How often pools of tenants whose cgroup was removed are looked for (and closed).
+    pub tenant_sweep: Duration,
     /// Peer links (`[peer]`), when this node takes part in a job.
     pub peer: Option<PeerSettings>,
 }
@@ -280,6 +286,7 @@ impl Default for Config {
                 enabled: true,
                 settings: Arc::new(PoolSettings::with_policy(Policy::Warm)),
                 max_destinations: defaults::AUTO_MAX_DESTINATIONS,
+                max_pools: defaults::AUTO_MAX_POOLS,
                 forget_after: defaults::AUTO_FORGET_AFTER,
             },
             pools: HashMap::new(),
@@ -287,6 +294,7 @@ impl Default for Config {
             unresolved: Vec::new(),
             resolve_interval: defaults::RESOLVE_INTERVAL,
             netns_linger: defaults::NETNS_LINGER,
+            tenant_sweep: defaults::TENANT_SWEEP,
             kernel: Kernel {
                 assist: AssistMode::Off,
                 cgroups: vec![],
@@ -472,6 +480,12 @@ impl Config {
         if let Some(l) = file.netns_linger {
             c.netns_linger = parse_duration("netns_linger", &l)?;
         }
+        if let Some(t) = file.tenant_sweep {
+            c.tenant_sweep = parse_duration("tenant_sweep", &t)?;
+            if c.tenant_sweep < Duration::from_millis(10) {
+                return Err(ConfigError::Invalid { field: "tenant_sweep".into(), reason: "must be at least 10ms".into() });
+            }
+        }
         if let Some(m) = file.socket_mode {
             c.socket_mode = u32::from_str_radix(m.trim_start_matches("0o"), 8).ok().filter(|v| *v <= 0o777).ok_or_else(|| {
                 ConfigError::Invalid { field: "socket_mode".into(), reason: format!("{m:?} is not octal permission bits like \"0660\"") }
@@ -503,6 +517,7 @@ impl Config {
             c.auto.enabled = a.enabled.unwrap_or(true);
             c.auto.settings = Arc::new(a.pool.apply(PoolSettings::with_policy(policy), "auto")?);
             c.auto.max_destinations = a.max_destinations.unwrap_or(c.auto.max_destinations);
+            c.auto.max_pools = a.max_pools.unwrap_or(c.auto.max_pools);
             if let Some(f) = a.forget_after {
                 c.auto.forget_after = parse_duration("auto.forget_after", &f)?;
             }
@@ -546,6 +561,7 @@ struct FileConfig {
     socket_mode: Option<String>,
     resolve_interval: Option<String>,
     netns_linger: Option<String>,
+    tenant_sweep: Option<String>,
     metrics: Option<String>,
     metrics_tenant_labels: Option<bool>,
     tenant: Option<TenantBy>,
@@ -575,6 +591,7 @@ struct FileKernel {
 struct FileAuto {
     enabled: Option<bool>,
     max_destinations: Option<usize>,
+    max_pools: Option<usize>,
     forget_after: Option<String>,
     #[serde(flatten)]
     pool: FileSettings,
@@ -691,6 +708,7 @@ keep_window_when_idle = true
 # metrics = "127.0.0.1:9464"  # Prometheus /metrics and /ready (off unless set or --metrics)
 metrics_tenant_labels = false # true: per-pool series labelled with destination, uid, cgroup
 netns_linger = "5s"           # pools of another network namespace close this long after its last client
+tenant_sweep = "1s"           # pools of tenants whose cgroup was removed close within this
 
 [kernel]
 assist = "off"              # off | auto | on: eBPF learned initial windows (see README)
@@ -701,7 +719,8 @@ prewarm_threshold = 2
 [auto]
 enabled = true
 policy = "warm"
-max_destinations = 64
+max_destinations = 64        # auto pools per tenant (uid, cgroup, network namespace)
+max_pools = 1024             # auto pools on the daemon, all tenants together
 forget_after = "10m"
 min_idle = 1
 max_idle = 8

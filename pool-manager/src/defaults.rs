@@ -49,9 +49,17 @@ pub const CONNECT_BACKOFF: Duration = Duration::from_secs(1);
 /// "Not pooled" answers tell the shim not to ask again for this long: unpooled destinations
 /// then cost no round trip, and a config change is seen within seconds.
 pub const NOT_POOLED_RETRY_MS: u32 = 5_000;
-/// Destinations pooled on first use (embedded default): bounds the daemon's memory and the
-/// sockets it keeps for whatever functions happen to contact.
+/// Destinations pooled on first use per tenant (embedded default): bounds the daemon's memory
+/// and the sockets it keeps for whatever one tenant's functions happen to contact, without
+/// one tenant using up the budget of others.
 pub const AUTO_MAX_DESTINATIONS: usize = 64;
+/// First-use pools on the daemon, all tenants together: the bound on its fds however many
+/// tenants come. An auto pool keeps `min_idle` (1) socket while it is used and at most
+/// `max_idle` (8) ready ones, so 1024 pools hold about 1,000 sockets at rest and at most
+/// about 8,000 ready, far below the `LimitNOFILE` of the shipped unit (1,048,576) and of a
+/// kernel's default `fs.file-max`; it is 16 tenants at their full 64, or a few hundred
+/// function tenants with a handful of destinations each, more than one node runs.
+pub const AUTO_MAX_POOLS: usize = 1024;
 /// An auto pool nobody asked for within this long is removed with its sockets.
 pub const AUTO_FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Hand-out attempts when checks or probes discard candidates.
@@ -95,6 +103,10 @@ pub const MAX_PREFETCH: usize = wire::MAX_OFFERS;
 /// are pooled from then on; a name that did not resolve at start is pooled once it does).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// How often the daemon looks for tenants whose cgroup is gone (`tenant_sweep`): one
+/// `stat()` of an in-memory file system per cgroup with pools (about a microsecond each), and
+/// a gone function's pools close within a second, long before an idle socket's timeout.
+pub const TENANT_SWEEP: Duration = Duration::from_secs(1);
 /// Tenants closed for good that the daemon remembers, so that a late request of one (a
 /// process moved out of its removed cgroup keeps its link) cannot make its pools again.
 /// Cgroup ids are never reused, so forgetting the oldest only lets such a straggler's pool

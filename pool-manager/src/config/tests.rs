@@ -197,3 +197,16 @@ fn netns_linger_is_read_and_defaults_to_a_few_seconds() {
     assert_eq!(Config::from_toml(EMBEDDED_DEFAULT).unwrap().netns_linger, crate::defaults::NETNS_LINGER);
     assert!(Config::from_toml("netns_linger = \"soon\"\n").is_err());
 }
+
+#[test]
+fn tenant_sweep_and_the_auto_budgets_are_read_and_default() {
+    let c = Config::from_toml("tenant_sweep = \"250ms\"\n[auto]\nmax_destinations = 3\nmax_pools = 10\n").unwrap();
+    assert_eq!(c.tenant_sweep, std::time::Duration::from_millis(250));
+    assert_eq!((c.auto.max_destinations, c.auto.max_pools), (3, 10));
+    let d = Config::from_toml(EMBEDDED_DEFAULT).unwrap();
+    assert_eq!(d.tenant_sweep, crate::defaults::TENANT_SWEEP);
+    assert_eq!(Config::default().tenant_sweep, crate::defaults::TENANT_SWEEP);
+    assert_eq!((d.auto.max_destinations, d.auto.max_pools), (crate::defaults::AUTO_MAX_DESTINATIONS, crate::defaults::AUTO_MAX_POOLS));
+    assert!(Config::from_toml("tenant_sweep = \"1ms\"\n").is_err());
+    assert!(Config::from_toml("tenant_sweep = \"often\"\n").is_err());
+}

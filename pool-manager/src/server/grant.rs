@@ -72,7 +72,7 @@ pub(crate) fn pool_for<'a>(
         let (settings, auto) = match shared.lookup(&key.dest) {
             Lookup::Configured(s) => (s, false),
             Lookup::Auto(s) => {
-                if pools.values().filter(|p| p.auto).count() >= shared.config.auto.max_destinations {
+                if !super::tenants::auto_budget_allows(shared, pools, &key.tenant) {
                     return None;
                 }
                 (s, true)

@@ -114,6 +114,7 @@ pub async fn run_with(
     tasks.spawn(maintain(shared.clone(), cancel.clone()));
     tasks.spawn(crate::checker::run_on_own_thread(shared.clone(), cancel.clone()));
     tasks.spawn(resolver(shared.clone(), cancel.clone()));
+    tasks.spawn(super::tenants::sweep(shared.clone(), cancel.clone()));
     if let Some(agent) = &shared.peer {
         tasks.spawn(crate::peer::agent::run(agent.clone(), cancel.clone()));
     }

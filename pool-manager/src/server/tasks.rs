@@ -133,8 +133,8 @@ pub(super) async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
 
 /// Turns the kernel's connect counts into prewarmed pools: a (tenant, destination) whose
 /// count rose and reached the threshold gets a pool filled to `min_idle`, under the
-/// configured settings if the destination has some, else the auto settings (bounded by
-/// `auto.max_destinations`).
+/// configured settings if the destination has some, else the auto settings (bounded per
+/// tenant by `auto.max_destinations` and on the daemon by `auto.max_pools`).
 #[derive(Debug, Default)]
 pub(super) struct DemandTracker {
     seen: HashMap<(u64, u32, SocketAddr), u64>,
@@ -185,7 +185,7 @@ impl DemandTracker {
                 let settings = match shared.lookup(&dest) {
                     Lookup::Configured(s) => s,
                     Lookup::Auto(_) | Lookup::NotPooled => {
-                        if pools.values().filter(|p| p.auto).count() >= shared.config.auto.max_destinations {
+                        if !super::tenants::auto_budget_allows(shared, &pools, &key.tenant) {
                             continue;
                         }
                         shared.config.auto.settings.clone()

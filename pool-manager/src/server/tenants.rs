@@ -176,6 +176,18 @@ fn remembered(t: &Tenant) -> bool {
     t.cgroup_id != 0
 }
 
+/// Whether `tenant` may have one more `[auto]` pool: fewer than `auto.max_destinations` of
+/// its own and fewer than `auto.max_pools` on the daemon. Called with the pool table locked,
+/// when a pool would be made (first use, `Prewarm`, kernel-seen demand).
+pub(crate) fn auto_budget_allows(shared: &Shared, pools: &HashMap<PoolKey, Pool<PooledSock>>, tenant: &Tenant) -> bool {
+    let (mut mine, mut all) = (0usize, 0usize);
+    for k in pools.iter().filter(|(_, p)| p.auto).map(|(k, _)| k) {
+        all += 1;
+        mine += usize::from(k.tenant == *tenant);
+    }
+    mine < shared.config.auto.max_destinations && all < shared.config.auto.max_pools
+}
+
 /// A cgroup's id when the tenant was identified was this, but its path no longer names a
 /// cgroup: a tenant that is gone already (closed by the next sweep).
 pub const CGROUP_GONE: u64 = u64::MAX;
@@ -247,6 +259,47 @@ pub fn cgroup_id_of_path(path: &str) -> u64 {
     }
 }
 
+/// Every `tenant_sweep`: close the pools of tenants whose cgroup is gone (its path names no
+/// cgroup, or a new one). One `stat()` per distinct cgroup with pools, on a blocking thread;
+/// the root cgroup and the daemon's own are never closed.
+pub(super) async fn sweep(shared: std::sync::Arc<Shared>, cancel: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.tenant_sweep);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cgroups: HashSet<(std::sync::Arc<str>, u64)> =
+            shared.lock().keys().filter(|k| k.tenant.cgroup_id != 0).map(|k| (k.tenant.cgroup.clone(), k.tenant.cgroup_id)).collect();
+        if cgroups.is_empty() {
+            continue;
+        }
+        let Ok(gone) = tokio::task::spawn_blocking(move || gone_cgroups(cgroups)).await else { continue };
+        if !gone.is_empty() {
+            close_tenants(&shared, |t| t.cgroup_id != 0 && gone.contains(&t.cgroup_id), CloseReason::CgroupGone);
+        }
+    }
+}
+
+/// The ids among `cgroups` (path, id when identified) whose cgroup is gone.
+fn gone_cgroups(cgroups: HashSet<(std::sync::Arc<str>, u64)>) -> HashSet<u64> {
+    let own = tenancy::cgroup::cgroup_of(std::process::id() as i32).ok().map(|p| cgroup_now(&p));
+    cgroups
+        .into_iter()
+        .filter(|(path, id)| {
+            let exempt = &**path == "/" || own == Some(CgroupNow::Id(*id));
+            !exempt
+                && match cgroup_now(path) {
+                    CgroupNow::Id(now) => now != *id,
+                    CgroupNow::Gone => true,
+                    CgroupNow::Unknown => false,
+                }
+        })
+        .map(|(_, id)| id)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -300,6 +353,24 @@ mod tests {
         shared.lifecycle.metric_lines(&mut metrics);
         assert!(metrics.contains("warmpool_tenants_closed_total{reason=\"stopped\"} 1\n"), "{metrics}");
         assert!(metrics.contains("warmpool_tenants_closed_total{reason=\"cgroup_gone\"} 0\n"), "{metrics}");
+    }
+
+    #[test]
+    fn the_auto_budget_is_per_tenant_under_a_daemon_wide_ceiling() {
+        let mut config = Config::default();
+        config.auto.max_destinations = 2;
+        config.auto.max_pools = 5;
+        let shared = Shared::new(config);
+        let now = Instant::now();
+        let mut pools = shared.lock();
+        let mut get = |t: &Tenant, port| super::super::pool_for(&shared, &mut pools, &key(t, port), now).is_some();
+        let (a, b, c) = (tenant(0, "", 0), tenant(65534, "", 0), tenant(1000, "", 0));
+        assert!(get(&a, 1) && get(&a, 2));
+        assert!(!get(&a, 3), "a tenant at its own budget gets no more");
+        assert!(get(&a, 1), "its existing pools still serve it");
+        assert!(get(&b, 1) && get(&b, 2), "another tenant has its own budget");
+        assert!(get(&c, 1));
+        assert!(!get(&c, 2), "the daemon-wide ceiling holds");
     }
 
     #[test]
