@@ -219,3 +219,92 @@ fn one_tenant_cannot_use_up_the_auto_budget_of_others() {
     let (warm, reuse): (u64, u64) = (row[7].parse().unwrap(), row[8].parse().unwrap());
     assert_eq!(warm + reuse, 3, "every curl served from uid 65534's pool: {row:?}");
 }
+
+/// A network namespace with a veth pair to the host: host end `198.18.121.1/30`, the
+/// namespace's `.2`. The host end disappears only once the kernel destroyed the namespace.
+struct VethNs {
+    name: String,
+    host_if: String,
+}
+
+fn ip(args: &[&str]) {
+    let o = Command::new(tool_path("ip")).args(args).output().expect("run ip");
+    assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+}
+
+impl VethNs {
+    fn new() -> Self {
+        let id = std::process::id() % 100_000;
+        let ns = Self { name: format!("wplc{id}"), host_if: format!("wplch{id}") };
+        let inside = format!("wplci{id}");
+        ns.delete();
+        ip(&["netns", "add", &ns.name]);
+        ip(&["link", "add", &ns.host_if, "type", "veth", "peer", "name", &inside]);
+        ip(&["link", "set", &inside, "netns", &ns.name]);
+        ip(&["addr", "add", "198.18.121.1/30", "dev", &ns.host_if]);
+        ip(&["link", "set", &ns.host_if, "up"]);
+        for args in [vec!["link", "set", "lo", "up"], vec!["addr", "add", "198.18.121.2/30", "dev", &inside], vec!["link", "set", &inside, "up"]] {
+            ip(&[&["netns", "exec", &ns.name, "ip"], &args[..]].concat());
+        }
+        ns
+    }
+
+    /// `prog` run inside the namespace.
+    fn cmd(&self, prog: &str) -> Command {
+        let mut c = Command::new(tool_path("ip"));
+        c.args(["netns", "exec", &self.name, prog]).env_remove("LD_PRELOAD").stdin(Stdio::null());
+        c
+    }
+
+    fn host_end_exists(&self) -> bool {
+        std::path::Path::new("/sys/class/net").join(&self.host_if).exists()
+    }
+
+    fn delete(&self) {
+        let _ = Command::new(tool_path("ip")).args(["netns", "del", &self.name]).output();
+    }
+}
+
+impl Drop for VethNs {
+    fn drop(&mut self) {
+        self.delete();
+        let _ = Command::new(tool_path("ip")).args(["link", "del", &self.host_if]).output();
+    }
+}
+
+/// Configured pools go with their network namespace too: once the namespace has had no
+/// client for `netns_linger` its configured pool is closed (counted as `netns_gone`), and
+/// the kernel can destroy the removed namespace (the daemon holds nothing of it).
+#[test]
+fn configured_pools_of_a_gone_namespace_are_closed_and_it_is_freed() {
+    if !require_root("configured_pools_of_a_gone_namespace_are_closed_and_it_is_freed") || !require_tool("curl") || !require_tool("ip") {
+        return;
+    }
+    let ns = VethNs::new();
+    let port = free_port();
+    let _server = common::pyhttp::PyServer::start("198.18.121.1", port);
+    let d = Daemon::with_config(&format!(
+        "keep_window_when_idle = false\nnetns_linger = \"300ms\"\n[[pool]]\ndestination = \"198.18.121.1:{port}\"\npolicy = \"warm\"\nmin_idle = 2\n"
+    ));
+    let url = format!("http://198.18.121.1:{port}/");
+    let handouts = || d.metric("warmpool_handouts_total{kind=\"warm\"}");
+    for i in 0..10 {
+        let mut c = ns.cmd("curl");
+        c.args(["-sS", "-o", "/dev/null", "--max-time", "3", &url]);
+        shim_env(&mut c, &d);
+        let o = c.output().expect("curl");
+        assert!(o.status.success(), "curl {i}: {}", String::from_utf8_lossy(&o.stderr));
+        if handouts() >= 1.0 {
+            break;
+        }
+        wait_until(Duration::from_secs(2), || status_idle(&d) >= 1);
+    }
+    assert!(handouts() >= 1.0, "no hand-out in the namespace\n{}", d.log());
+    let before = pools(&d);
+    assert_eq!(before.len(), 1, "{}", d.status());
+    assert!(rows(&d)[0][2] == "warm", "a configured pool, not an auto one: {}", d.status());
+    ns.delete();
+    assert!(wait_until(Duration::from_secs(10), || !ns.host_end_exists()), "the namespace was not freed\n{}\n{}", d.status(), d.log());
+    assert!(pools(&d).is_empty(), "{}", d.status());
+    assert_eq!(d.metric("warmpool_tenants_closed_total{reason=\"netns_gone\"}"), 1.0, "{}", d.metrics());
+}
