@@ -308,3 +308,57 @@ fn configured_pools_of_a_gone_namespace_are_closed_and_it_is_freed() {
     assert!(pools(&d).is_empty(), "{}", d.status());
     assert_eq!(d.metric("warmpool_tenants_closed_total{reason=\"netns_gone\"}"), 1.0, "{}", d.metrics());
 }
+
+/// A socket out on lease when its tenant is closed is closed when it comes back, not pooled,
+/// and the tenant's pools are not made again: a function moves itself out of its cgroup while
+/// it holds a pooled connection, the cgroup is removed and swept, then it closes the socket
+/// and connects once more (its link to the daemon still speaks for the old tenant).
+#[test]
+fn a_lease_of_a_closed_tenant_is_closed_when_it_comes_back() {
+    if !require_root("a_lease_of_a_closed_tenant_is_closed_when_it_comes_back") || !require_tool("redis-server") {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    let redis = Redis::start();
+    let d = Daemon::with_config(&format!(
+        "keep_window_when_idle = false\n[[pool]]\ndestination = \"{}\"\npolicy = \"reuse\"\nprotocol = \"redis\"\n",
+        redis.addr()
+    ));
+    let (old, elsewhere) = (Cgroup::new("leaving"), Cgroup::new("elsewhere"));
+    redis_function(&d, &old, redis.port);
+    assert!(wait_until(Duration::from_secs(5), || status_idle(&d) >= 1), "{}", d.status());
+    let script = format!(
+        "import os, socket, sys\n\
+         def ping(s):\n    s.sendall(b'PING\\r\\n'); assert s.recv(16).startswith(b'+PONG')\n\
+         s = socket.create_connection(('127.0.0.1', {port})); ping(s)\n\
+         open('{procs}', 'w').write(str(os.getpid()))\n\
+         print('moved', flush=True); sys.stdin.readline()\n\
+         s.close()\n\
+         t = socket.create_connection(('127.0.0.1', {port})); ping(t); t.close()\n\
+         print('done', flush=True)\n",
+        port = redis.port,
+        procs = elsewhere.0.join("cgroup.procs").display()
+    );
+    let mut c = old.command(std::path::Path::new(SYSTEM_PYTHON), &["-c", &script]);
+    shim_env(&mut c, &d);
+    let mut f = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("function");
+    let mut out = BufReader::new(f.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "moved\n");
+    assert_eq!(d.metric("warmpool_handouts_total{kind=\"warm\"}") + d.metric("warmpool_handouts_total{kind=\"reuse\"}"), 1.0, "served from the pool");
+    let path = old.0.clone();
+    drop(old);
+    assert!(!path.exists(), "the cgroup was left by its only process and removed");
+    assert!(wait_until(Duration::from_secs(5), || pools(&d).is_empty()), "{}", d.status());
+    let (removed, not_pooled) = (d.metric("warmpool_discarded_total{reason=\"pool_removed\"}"), d.metric("warmpool_fallbacks_total{reason=\"not_pooled\"}"));
+    f.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "done\n");
+    assert!(f.wait().unwrap().success());
+    assert_eq!(d.metric("warmpool_discarded_total{reason=\"pool_removed\"}"), removed + 1.0, "the lease was closed when it came back");
+    assert_eq!(d.metric("warmpool_fallbacks_total{reason=\"not_pooled\"}"), not_pooled + 1.0, "no pool is made again for the closed tenant");
+    assert!(pools(&d).is_empty(), "{}", d.status());
+    assert!(wait_until(Duration::from_secs(5), || redis_clients(&redis) == 0), "redis still has {} clients", redis_clients(&redis));
+}
