@@ -179,7 +179,7 @@ impl DemandTracker {
             let key = PoolKey { tenant: Tenant { uid, cgroup, cgroup_id, netns: None }, dest };
             let (n, timeout) = {
                 let mut pools = shared.lock();
-                if pools.contains_key(&key) {
+                if pools.contains_key(&key) || shared.lifecycle.is_closed(&key.tenant) {
                     continue;
                 }
                 let settings = match shared.lookup(&dest) {
