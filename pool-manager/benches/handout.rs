@@ -39,11 +39,10 @@ type CloseFn = unsafe extern "C" fn(libc::c_int) -> libc::c_int;
 /// `HEAD` request (the daemon's end-of-exchange proof, `protocol = "http"`) with an HTTP/1.1
 /// response without body.
 fn echo_server() -> SocketAddr {
-    echo_server_on(std::net::Ipv4Addr::LOCALHOST)
+    echo_server_on(TcpListener::bind("127.0.0.1:0").expect("bind"))
 }
 
-fn echo_server_on(ip: std::net::Ipv4Addr) -> SocketAddr {
-    let l = TcpListener::bind((ip, 0)).expect("bind");
+fn echo_server_on(l: TcpListener) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
@@ -157,7 +156,7 @@ fn main() {
     let sock = dir.join("pool.sock");
     // The namespace rows' topology, made before the daemon starts (its pool is configured).
     let bench_ns = netns::BenchNs::make().map_err(|why| println!("netns rows skipped: {why}")).ok();
-    let ns_dest = bench_ns.as_ref().map(|_| echo_server_on(netns::HOST_IP));
+    let ns_dests = bench_ns.as_ref().map(|ns| (echo_server_on(ns.listener()), echo_server_on(ns.listener())));
     // Before any thread exists: the shim's constructor reads these at dlopen.
     std::env::set_var("WARMPOOL_SOCKET", &sock);
 
@@ -175,8 +174,11 @@ fn main() {
     s.protocol = Some(pool_manager::proof::Protocol::Http);
     let mut u = s.clone();
     u.protocol = Some(pool_manager::proof::Protocol::Unchecked);
-    if let Some(d) = ns_dest {
-        cfg.add_pool(&d.to_string(), s.clone()).unwrap();
+    if let Some((tight, paced)) = ns_dests {
+        cfg.add_pool(&tight.to_string(), s.clone()).unwrap();
+        let mut w = PoolSettings::with_policy(Policy::Warm);
+        w.min_idle = 4;
+        cfg.add_pool(&paced.to_string(), w).unwrap();
     }
     cfg.add_pool(&pooled.to_string(), s).unwrap();
     cfg.add_pool(&unchecked.to_string(), u).unwrap();
@@ -261,8 +263,8 @@ fn main() {
     rows.push(Row { name: "steady 1/ms: pooled connect(), http proof", h: with_proof });
     rows.push(Row { name: "steady 1/ms: pooled connect(), no proof", h: without });
 
-    let ns_ratios = bench_ns.as_ref().zip(ns_dest).map(|(ns, d)| {
-        let (r, ratios) = netns::compare(ns, d, iters);
+    let ns_ratios = bench_ns.as_ref().zip(ns_dests).map(|(ns, (tight, paced))| {
+        let (r, ratios) = netns::compare(ns, tight, paced, iters);
         rows.extend(r);
         ratios
     });
@@ -345,9 +347,10 @@ fn main() {
     }
     println!("passthrough overhead (median shim - median libc): {:.2} µs", overhead as f64 / 1000.0);
     println!("throughput, 64 concurrent clients: {rate:.0} hand-outs/s ({n} in {secs:.1} s)");
-    if let Some([p50, p99]) = ns_ratios {
-        println!("pooled connect(), client in its own netns / in the daemon's: p50 x{p50:.3}, p99 x{p99:.3}");
-        csv.push_str(&format!("netns_over_host_p50_ratio,{p50:.3},,,,\nnetns_over_host_p99_ratio,{p99:.3},,,,\n"));
+    for (what, [p50, p99]) in ns_ratios.unwrap_or_default() {
+        println!("pooled connect() ({what}), client in its own netns / in the daemon's: p50 x{p50:.3}, p99 x{p99:.3}");
+        let tag = what.split(',').next().unwrap_or(what);
+        csv.push_str(&format!("netns_over_host_{tag}_p50_ratio,{p50:.3},,,,\nnetns_over_host_{tag}_p99_ratio,{p99:.3},,,,\n"));
     }
     csv.push_str(&format!("passthrough_overhead_median,{:.3},,,,\n", overhead as f64 / 1000.0));
     csv.push_str(&format!("throughput_64_clients_per_s,{rate:.0},,,,{n}\n"));

@@ -2,16 +2,24 @@
 //! namespace the bench makes, against the same from a client process in the daemon's own
 //! namespace, alternating in rounds so that both see the same machine load.
 //!
-//! Topology (root only; removed at the end, also on panic): a namespace `wpbench<pid>` with a
-//! veth pair, host end `198.19.250.1/30`, namespace end `.2`. The echo server listens on the
-//! host end's address, so both clients name the same destination (the daemon keeps one pool
-//! per client namespace: they are different tenants). The daemon runs in the host namespace
-//! and makes the namespace client's sockets through its maker for that namespace.
+//! Topology (root only; removed at the end, also on panic): two namespaces, `wpbsrv<pid>`
+//! for the echo servers and `wpbench<pid>` for the namespace client, and two veth pairs:
+//! host `198.19.250.1/30` to server `.2`, client namespace `198.19.250.6/30` to server `.5`.
+//! The servers listen on `198.19.250.9` (the server namespace's loopback), routed through
+//! each side's veth: both clients name the same destination over the same kind of path (the
+//! daemon keeps one pool per client namespace: they are different tenants). The daemon runs
+//! in the host namespace and makes the namespace client's sockets through its maker there.
 //!
 //! The two clients are this bench binary started again with `--ns-client [--netns PATH]`:
 //! identical code, one of them `setns()`-ed into the namespace before it does anything else.
-//! Each reads a count on stdin, does that many pooled connect()+1-byte request+close cycles
-//! and answers with the connect() times (ns) on one line.
+//! Each reads `COUNT PORT PACE_US` on stdin, does that many pooled connect()+1-byte
+//! request+close cycles to `198.19.250.9:PORT`, `PACE_US` apart, and answers with the
+//! connect() times (ns) on one line.
+//!
+//! Two pairs of rows: a `reuse` pool back to back (the hand-out alone: sockets come back and
+//! go out again, nothing is made), and a `warm` pool at one connect per 3 ms (every
+//! hand-out is a fresh connection, so the pool refills all the time: for the namespace
+//! client through the daemon's socket maker in that namespace).
 
 use super::{hist, load_shim, request, sockaddr, tcp_socket, Row};
 use hdrhistogram::Histogram;
@@ -21,14 +29,13 @@ use std::os::fd::AsRawFd;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The host end of the veth pair: where the echo server listens.
-pub(crate) const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 1);
-const NS_CIDR: &str = "198.19.250.2/30";
-const HOST_CIDR: &str = "198.19.250.1/30";
+/// Where the echo servers listen (the server namespace's loopback).
+pub(crate) const SERVER_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 250, 9);
 
-/// The bench's namespace; deleted (with its veth pair) on drop.
+/// The bench's namespaces; deleted (with their veth pairs) on drop.
 pub(crate) struct BenchNs {
-    name: String,
+    client: String,
+    server: String,
 }
 
 fn ip(args: &[&str]) -> Result<(), String> {
@@ -41,37 +48,60 @@ fn ip(args: &[&str]) -> Result<(), String> {
 }
 
 impl BenchNs {
-    /// Make the namespace and its veth pair, or say why not (not root, no `ip`).
+    /// Make the namespaces and veth pairs, or say why not (not root, no `ip`).
     pub(crate) fn make() -> Result<Self, String> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("not root".into());
         }
         let pid = std::process::id();
-        let ns = Self { name: format!("wpbench{pid}") };
-        let (host, inside) = (format!("wpbh{}", pid % 1_000_000), format!("wpbi{}", pid % 1_000_000));
-        let _ = Command::new("ip").args(["netns", "del", &ns.name]).output();
-        ip(&["netns", "add", &ns.name])?;
-        ip(&["link", "add", &host, "type", "veth", "peer", "name", &inside, "netns", &ns.name])?;
-        ip(&["addr", "add", HOST_CIDR, "dev", &host])?;
-        ip(&["link", "set", &host, "up"])?;
-        for args in [&["link", "set", "lo", "up"][..], &["addr", "add", NS_CIDR, "dev", &inside], &["link", "set", &inside, "up"]] {
-            let mut all = vec!["netns", "exec", &ns.name, "ip"];
-            all.extend_from_slice(args);
-            ip(&all)?;
+        let ns = Self { client: format!("wpbench{pid}"), server: format!("wpbsrv{pid}") };
+        let (c, v) = (ns.client.as_str(), ns.server.as_str());
+        let host = format!("wpbh{}", pid % 1_000_000);
+        let dest = format!("{SERVER_IP}/32");
+        for n in [c, v] {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+            ip(&["netns", "add", n])?;
+            ip(&["-n", n, "link", "set", "lo", "up"])?;
         }
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", "wpbs0", "netns", v])?;
+        ip(&["-n", c, "link", "add", "wpbc", "type", "veth", "peer", "name", "wpbs1", "netns", v])?;
+        ip(&["-n", v, "addr", "add", &dest, "dev", "lo"])?;
+        for (n, dev, cidr) in [(None, host.as_str(), "198.19.250.1/30"), (Some(v), "wpbs0", "198.19.250.2/30"), (Some(v), "wpbs1", "198.19.250.5/30"), (Some(c), "wpbc", "198.19.250.6/30")] {
+            let pre: Vec<&str> = n.map(|n| vec!["-n", n]).unwrap_or_default();
+            ip(&[&pre[..], &["addr", "add", cidr, "dev", dev]].concat())?;
+            ip(&[&pre[..], &["link", "set", dev, "up"]].concat())?;
+        }
+        ip(&["route", "add", &dest, "via", "198.19.250.2"])?;
+        ip(&["-n", c, "route", "add", &dest, "via", "198.19.250.5"])?;
         Ok(ns)
     }
 
     fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
+        format!("/run/netns/{}", self.client)
+    }
+
+    /// A listener on `SERVER_IP` in the server namespace (bound by a thread that entered it).
+    pub(crate) fn listener(&self) -> std::net::TcpListener {
+        let path = format!("/run/netns/{}", self.server);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).expect("open the server namespace");
+            // SAFETY: setns on an fd we hold; only this short-lived thread moves.
+            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind((SERVER_IP, 0)).expect("bind in the server namespace")
+        })
+        .join()
+        .expect("bind thread")
     }
 }
 
 impl Drop for BenchNs {
     fn drop(&mut self) {
-        // Deleting the namespace deletes the veth pair (both ends) with it.
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        // Deleting a namespace deletes the veth ends in it, and so both pairs, and the host
+        // route through them.
+        for n in [&self.client, &self.server] {
+            let _ = Command::new("ip").args(["netns", "del", n]).output();
+        }
     }
 }
 
@@ -83,9 +113,9 @@ struct Client {
 }
 
 impl Client {
-    fn start(netns: Option<&str>, dest: SocketAddr) -> Self {
+    fn start(netns: Option<&str>) -> Self {
         let mut c = Command::new(std::env::current_exe().expect("own exe"));
-        c.args(["--ns-client", "--dest", &dest.to_string()]);
+        c.arg("--ns-client");
         if let Some(p) = netns {
             c.args(["--netns", p]);
         }
@@ -98,9 +128,9 @@ impl Client {
         Self { child, to, from }
     }
 
-    /// `n` cycles; their connect() times go into `h`.
-    fn round(&mut self, n: u64, h: &mut Histogram<u64>) {
-        writeln!(self.to, "{n}").expect("to client");
+    /// `n` cycles to `dest`, `pace` apart; their connect() times go into `h`.
+    fn round(&mut self, n: u64, dest: SocketAddr, pace: Duration, h: &mut Histogram<u64>) {
+        writeln!(self.to, "{n} {} {}", dest.port(), pace.as_micros()).expect("to client");
         let mut line = String::new();
         self.from.read_line(&mut line).expect("from client");
         for v in line.split_ascii_whitespace() {
@@ -111,39 +141,47 @@ impl Client {
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let _ = writeln!(self.to, "0");
+        let _ = writeln!(self.to, "0 0 0");
         let _ = self.child.wait();
     }
 }
 
-/// The namespace rows: `iters` pooled connects per client, in rounds of 100, the order of
-/// the two clients swapped every round. Returns the rows and the ratios (namespace client
-/// over host client) of their p50 and p99.
-pub(crate) fn compare(ns: &BenchNs, dest: SocketAddr, iters: u64) -> (Vec<Row>, [f64; 2]) {
-    let mut host = Client::start(None, dest);
-    let mut inside = Client::start(Some(&ns.path()), dest);
-    let (mut h_host, mut h_ns) = (hist(), hist());
-    let rounds = iters.div_ceil(100);
-    for r in 0..rounds {
-        if r % 2 == 0 {
-            host.round(100, &mut h_host);
-            inside.round(100, &mut h_ns);
-        } else {
-            inside.round(100, &mut h_ns);
-            host.round(100, &mut h_host);
-        }
-    }
-    let ratio = |q: f64| h_ns.value_at_quantile(q) as f64 / h_host.value_at_quantile(q) as f64;
-    let ratios = [ratio(0.5), ratio(0.99)];
-    let rows = vec![
-        Row { name: "netns: pooled connect(), client in daemon's netns", h: h_host },
-        Row { name: "netns: pooled connect(), client in its own netns", h: h_ns },
+/// The namespace rows: `iters` pooled connects per client to the `reuse` pool `tight`, back
+/// to back, and `iters / 8` to the `warm` pool `paced` at one per 3 ms (not 1 ms: each
+/// hand-out's refill, `REFILL_DELAY` = 1 ms later, would then land on the next hand-out and
+/// measure that collision instead); in rounds of
+/// 100, the order of the two clients swapped every round. Returns the rows and, per pair,
+/// the ratios (namespace client over host client) of their p50 and p99.
+pub(crate) fn compare(ns: &BenchNs, tight: SocketAddr, paced: SocketAddr, iters: u64) -> (Vec<Row>, Vec<(&'static str, [f64; 2])>) {
+    let mut host = Client::start(None);
+    let mut inside = Client::start(Some(&ns.path()));
+    let mut rows = Vec::new();
+    let mut ratios = Vec::new();
+    let pairs = [
+        ("reuse, back to back", tight, Duration::ZERO, iters, ["netns: reuse pool, back to back, client in daemon's netns", "netns: reuse pool, back to back, client in own netns"]),
+        ("warm, 1/3ms", paced, Duration::from_millis(3), iters / 8, ["netns: warm pool, 1/3ms, client in daemon's netns", "netns: warm pool, 1/3ms, client in own netns"]),
     ];
+    for (what, dest, pace, n, names) in pairs {
+        let (mut h_host, mut h_ns) = (hist(), hist());
+        for r in 0..n.div_ceil(100) {
+            if r % 2 == 0 {
+                host.round(100, dest, pace, &mut h_host);
+                inside.round(100, dest, pace, &mut h_ns);
+            } else {
+                inside.round(100, dest, pace, &mut h_ns);
+                host.round(100, dest, pace, &mut h_host);
+            }
+        }
+        let ratio = |q: f64| h_ns.value_at_quantile(q) as f64 / h_host.value_at_quantile(q) as f64;
+        ratios.push((what, [ratio(0.5), ratio(0.99)]));
+        rows.push(Row { name: names[0], h: h_host });
+        rows.push(Row { name: names[1], h: h_ns });
+    }
     (rows, ratios)
 }
 
-/// The client process (`--ns-client --dest ADDR [--netns PATH]`): enters the namespace
-/// first (while it has one thread), loads the shim, warms its pool, then serves rounds.
+/// The client process (`--ns-client [--netns PATH]`): enters the namespace first (while it
+/// has one thread), loads the shim, then serves rounds.
 pub(crate) fn client_main() {
     let args: Vec<String> = std::env::args().collect();
     let val = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
@@ -153,16 +191,14 @@ pub(crate) fn client_main() {
         // (and the pidfd the daemon reads) is in the namespace from now on.
         assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0, "setns: {}", std::io::Error::last_os_error());
     }
-    let dest: SocketAddr = val("--dest").expect("--dest").parse().expect("an address");
     let shim = load_shim();
-    let a = sockaddr(dest);
     let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    let cycle = |record: Option<&mut Vec<u64>>| {
+    let cycle = |a: &libc::sockaddr_in, record: Option<&mut Vec<u64>>| {
         let fd = tcp_socket();
         let t = Instant::now();
         // SAFETY: connect/close through the shim with a valid address.
         unsafe {
-            assert_eq!((shim.connect)(fd, (&a as *const libc::sockaddr_in).cast(), len), 0, "connect: {}", std::io::Error::last_os_error());
+            assert_eq!((shim.connect)(fd, (a as *const libc::sockaddr_in).cast(), len), 0, "connect: {}", std::io::Error::last_os_error());
             if let Some(r) = record {
                 r.push(t.elapsed().as_nanos() as u64);
             }
@@ -170,22 +206,32 @@ pub(crate) fn client_main() {
             (shim.close)(fd);
         }
     };
-    // Warm up: the tenant's pool is made at the first connect and fills meanwhile.
-    for _ in 0..200 {
-        cycle(None);
-        std::thread::sleep(Duration::from_micros(200));
-    }
+    let mut warmed = std::collections::HashSet::new();
     let mut out = std::io::stdout().lock();
     writeln!(out, "ready").and_then(|()| out.flush()).expect("to parent");
     let mut lines = std::io::stdin().lock().lines();
     while let Some(Ok(l)) = lines.next() {
-        let n: usize = l.trim().parse().unwrap_or(0);
+        let v: Vec<u64> = l.split_ascii_whitespace().filter_map(|w| w.parse().ok()).collect();
+        let [n, port, pace_us] = v[..] else { break };
         if n == 0 {
             break;
         }
-        let mut times = Vec::with_capacity(n);
+        let a = sockaddr(SocketAddr::new(SERVER_IP.into(), u16::try_from(port).expect("a port")));
+        let pace = Duration::from_micros(pace_us);
+        // Warm up at the first round to a destination: the tenant's pool is made at the
+        // first connect and fills meanwhile.
+        if warmed.insert(port) {
+            for _ in 0..200 {
+                cycle(&a, None);
+                std::thread::sleep(Duration::from_micros(200).max(pace));
+            }
+        }
+        let mut times = Vec::with_capacity(n as usize);
         for _ in 0..n {
-            cycle(Some(&mut times));
+            cycle(&a, Some(&mut times));
+            if !pace.is_zero() {
+                std::thread::sleep(pace);
+            }
         }
         let line: Vec<String> = times.iter().map(u64::to_string).collect();
         writeln!(out, "{}", line.join(" ")).and_then(|()| out.flush()).expect("to parent");
