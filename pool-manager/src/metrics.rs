@@ -279,14 +279,14 @@ fn tenant_lines(o: &mut String, shared: &Shared) {
     for (d, ns, cwnd, _, _) in &learned {
         let _ = writeln!(o, "warmpool_learned_cwnd{{dest=\"{d}\",netns=\"{ns}\"}} {cwnd}");
     }
-    let _ = writeln!(o, "# HELP warmpool_demand_connects TCP connects seen by the kernel's connect hooks, per destination and uid.");
+    let _ = writeln!(o, "# HELP warmpool_demand_connects TCP connects seen by the kernel's connect hooks, per destination, uid and network namespace.");
     let _ = writeln!(o, "# TYPE warmpool_demand_connects gauge");
-    let mut demand: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
+    let mut demand: std::collections::BTreeMap<(String, u32, String), u64> = std::collections::BTreeMap::new();
     for d in shared.demand() {
-        *demand.entry((d.dest.to_string(), d.uid)).or_default() += d.connects;
+        *demand.entry((d.dest.to_string(), d.uid, shared.netns.label_of_cookie(d.netns))).or_default() += d.connects;
     }
-    for ((d, uid), n) in demand {
-        let _ = writeln!(o, "warmpool_demand_connects{{dest=\"{d}\",uid=\"{uid}\"}} {n}");
+    for ((d, uid, ns), n) in demand {
+        let _ = writeln!(o, "warmpool_demand_connects{{dest=\"{d}\",uid=\"{uid}\",netns=\"{ns}\"}} {n}");
     }
     let _ = writeln!(o, "# TYPE warmpool_learned_srtt_seconds gauge");
     for (d, ns, _, srtt, _) in &learned {

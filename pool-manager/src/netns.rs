@@ -307,3 +307,22 @@ pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::
         info!(netns = %id, "network namespace has no client left: its pools are closed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_name_the_daemons_own_namespace_and_no_unknown_one() {
+        let all = Namespaces::new(Duration::from_secs(5));
+        let own = new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd())).expect("SO_NETNS_COOKIE");
+        assert_eq!(all.owner_of_cookie(own), Some(None), "the daemon's own namespace");
+        assert_eq!(all.label_of_cookie(own), "host");
+        assert_eq!(all.owner_of_cookie(0), None, "0 is no cookie");
+        assert_eq!(all.owner_of_cookie(own.wrapping_add(1_000_000)), None, "an unknown namespace is nobody's");
+        assert_eq!(all.label_of_cookie(7), "cookie:7");
+        // Nothing to discover among processes of the daemon's own namespace.
+        assert_eq!(all.discover(own.wrapping_add(1_000_000), [std::process::id() as i32]), None);
+        assert_eq!(all.count(), 0);
+    }
+}

@@ -162,6 +162,8 @@ fn demand_in_a_namespace_prewarms_in_that_namespace_and_no_other() {
     let elsewhere: Vec<_> = pools_of(&d, &dest).into_iter().filter(|(l, _)| !l.contains(&label)).collect();
     assert!(elsewhere.is_empty(), "a pool for the namespace's demand outside it: {elsewhere:?}");
     assert!(d.metric("warmpool_prewarmed_pools_total") >= 1.0);
+    let counted = format!("warmpool_demand_connects{{dest=\"{dest}\",uid=\"0\",netns=\"{}\"}}", ns.label());
+    assert!(d.metric(&counted) >= 3.0, "demand not counted for the namespace:\n{}", d.metrics());
     // Every connection the server saw came from the namespace's address (plain curls and the
     // prewarmed sockets alike).
     let conns = || srv.lines().into_iter().filter(|(k, _, _)| k == "conn").collect::<Vec<_>>();
