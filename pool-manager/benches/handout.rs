@@ -349,7 +349,7 @@ fn main() {
     println!("throughput, 64 concurrent clients: {rate:.0} hand-outs/s ({n} in {secs:.1} s)");
     for (what, [p50, p99]) in ns_ratios.unwrap_or_default() {
         println!("pooled connect() ({what}), client in its own netns / in the daemon's: p50 x{p50:.3}, p99 x{p99:.3}");
-        let tag = what.split(',').next().unwrap_or(what);
+        let tag = what.split(' ').next().unwrap_or(what);
         csv.push_str(&format!("netns_over_host_{tag}_p50_ratio,{p50:.3},,,,\nnetns_over_host_{tag}_p99_ratio,{p99:.3},,,,\n"));
     }
     csv.push_str(&format!("passthrough_overhead_median,{:.3},,,,\n", overhead as f64 / 1000.0));

@@ -158,8 +158,9 @@ pub(crate) fn compare(ns: &BenchNs, tight: SocketAddr, paced: SocketAddr, iters:
     let mut rows = Vec::new();
     let mut ratios = Vec::new();
     let pairs = [
-        ("reuse, back to back", tight, Duration::ZERO, iters, ["netns: reuse pool, back to back, client in daemon's netns", "netns: reuse pool, back to back, client in own netns"]),
-        ("warm, 1/3ms", paced, Duration::from_millis(3), iters / 8, ["netns: warm pool, 1/3ms, client in daemon's netns", "netns: warm pool, 1/3ms, client in own netns"]),
+        // (Row names go into the CSV's first column: no commas.)
+        ("reuse back to back", tight, Duration::ZERO, iters, ["netns: reuse pool back to back; client in daemon's netns", "netns: reuse pool back to back; client in own netns"]),
+        ("warm 1/3ms", paced, Duration::from_millis(3), iters / 8, ["netns: warm pool 1/3ms; client in daemon's netns", "netns: warm pool 1/3ms; client in own netns"]),
     ];
     for (what, dest, pace, n, names) in pairs {
         let (mut h_host, mut h_ns) = (hist(), hist());
