@@ -161,7 +161,6 @@ impl DemandTracker {
         for (cg, cookie, uid, dest) in hot {
             let by_uid = shared.config.tenant_by == crate::config::TenantBy::Uid;
             let mut path = || self.cgroup_paths.entry(cg).or_insert_with(|| shim_user::assist::cgroup_path_of_id(cg, &roots).map(Arc::from)).clone();
-            let Some(netns) = crate::netns::of_demand(shared, cookie, &mut path) else { continue };
             let cgroup: Arc<str> = if by_uid && shared.config.allow_cgroups.is_none() {
                 Arc::from("")
             } else {
@@ -174,6 +173,9 @@ impl DemandTracker {
             if shared.config.admits(uid, &cgroup).is_err() {
                 continue;
             }
+            // The namespace the connects were made in (found, and entered, only for a tenant
+            // that may have sockets).
+            let Some(netns) = crate::netns::of_demand(shared, cookie, &mut path) else { continue };
             let cgroup = if by_uid { Arc::from("") } else { cgroup };
             let key = PoolKey { tenant: Tenant { uid, cgroup, netns }, dest };
             let (n, timeout) = {
