@@ -11,7 +11,9 @@
 //! - `pooled total`: the same full function cycle as the baseline, through the pool;
 //! - `passthrough`: the shim's connect() to an unpooled destination against libc's;
 //! - `round trip`: one protocol Acquire → Grant(fd) → Release, no shim;
-//! - `throughput`: hand-outs/s with 64 concurrent clients.
+//! - `throughput`: hand-outs/s with 64 concurrent clients;
+//! - `netns` (root only): a pooled connect() from a client process in a network namespace
+//!   the bench makes against one in the daemon's namespace, alternating (see `handout/netns.rs`).
 //!
 //! Writes `target/bench/handout.csv` (one row per metric) and prints a table.
 
@@ -27,6 +29,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "handout/netns.rs"]
+mod netns;
+
 type ConnectFn = unsafe extern "C" fn(libc::c_int, *const libc::sockaddr, libc::socklen_t) -> libc::c_int;
 type CloseFn = unsafe extern "C" fn(libc::c_int) -> libc::c_int;
 
@@ -34,7 +39,10 @@ type CloseFn = unsafe extern "C" fn(libc::c_int) -> libc::c_int;
 /// `HEAD` request (the daemon's end-of-exchange proof, `protocol = "http"`) with an HTTP/1.1
 /// response without body.
 fn echo_server() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind");
+    echo_server_on(TcpListener::bind("127.0.0.1:0").expect("bind"))
+}
+
+fn echo_server_on(l: TcpListener) -> SocketAddr {
     let addr = l.local_addr().unwrap();
     std::thread::spawn(move || {
         for c in l.incoming().flatten() {
@@ -131,6 +139,10 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 fn main() {
+    if std::env::args().any(|a| a == "--ns-client") {
+        netns::client_main();
+        return;
+    }
     // Every baseline and passthrough iteration leaves a loopback connection in TIME_WAIT for
     // 60 s; the defaults stay well inside the ~28,000 ephemeral ports.
     let iters = arg("--iters", 10_000);
@@ -142,6 +154,9 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("warmpool-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let sock = dir.join("pool.sock");
+    // The namespace rows' topology, made before the daemon starts (its pool is configured).
+    let bench_ns = netns::BenchNs::make().map_err(|why| println!("netns rows skipped: {why}")).ok();
+    let ns_dests = bench_ns.as_ref().map(|ns| (echo_server_on(ns.listener()), echo_server_on(ns.listener())));
     // Before any thread exists: the shim's constructor reads these at dlopen.
     std::env::set_var("WARMPOOL_SOCKET", &sock);
 
@@ -159,6 +174,12 @@ fn main() {
     s.protocol = Some(pool_manager::proof::Protocol::Http);
     let mut u = s.clone();
     u.protocol = Some(pool_manager::proof::Protocol::Unchecked);
+    if let Some((tight, paced)) = ns_dests {
+        cfg.add_pool(&tight.to_string(), s.clone()).unwrap();
+        let mut w = PoolSettings::with_policy(Policy::Warm);
+        w.min_idle = 4;
+        cfg.add_pool(&paced.to_string(), w).unwrap();
+    }
     cfg.add_pool(&pooled.to_string(), s).unwrap();
     cfg.add_pool(&unchecked.to_string(), u).unwrap();
     let listener = server::bind(&sock, 0o600).expect("bind pool socket");
@@ -242,6 +263,12 @@ fn main() {
     rows.push(Row { name: "steady 1/ms: pooled connect(), http proof", h: with_proof });
     rows.push(Row { name: "steady 1/ms: pooled connect(), no proof", h: without });
 
+    let ns_ratios = bench_ns.as_ref().zip(ns_dests).map(|(ns, (tight, paced))| {
+        let (r, ratios) = netns::compare(ns, tight, paced, iters);
+        rows.extend(r);
+        ratios
+    });
+
     // Passthrough: unpooled destination, shim vs libc connect() alone.
     let (mut lib, mut shm) = (hist(), hist());
     for _ in 0..iters / 2 {
@@ -320,6 +347,11 @@ fn main() {
     }
     println!("passthrough overhead (median shim - median libc): {:.2} µs", overhead as f64 / 1000.0);
     println!("throughput, 64 concurrent clients: {rate:.0} hand-outs/s ({n} in {secs:.1} s)");
+    for (what, [p50, p99]) in ns_ratios.unwrap_or_default() {
+        println!("pooled connect() ({what}), client in its own netns / in the daemon's: p50 x{p50:.3}, p99 x{p99:.3}");
+        let tag = what.split(' ').next().unwrap_or(what);
+        csv.push_str(&format!("netns_over_host_{tag}_p50_ratio,{p50:.3},,,,\nnetns_over_host_{tag}_p99_ratio,{p99:.3},,,,\n"));
+    }
     csv.push_str(&format!("passthrough_overhead_median,{:.3},,,,\n", overhead as f64 / 1000.0));
     csv.push_str(&format!("throughput_64_clients_per_s,{rate:.0},,,,{n}\n"));
     let out = std::env::current_exe().unwrap().parent().and_then(|p| p.parent()).and_then(|p| p.parent()).unwrap().join("bench");
@@ -329,6 +361,7 @@ fn main() {
 
     cancel.cancel();
     daemon.join().unwrap();
+    drop(bench_ns);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

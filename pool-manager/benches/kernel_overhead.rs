@@ -29,6 +29,7 @@ fn main() {
     std::fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).expect("join cgroup");
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
+    let l2 = l.try_clone().unwrap();
     std::thread::spawn(move || {
         for c in l.incoming() {
             drop(c);
@@ -42,7 +43,8 @@ fn main() {
         let _ = s.write_all(&vec![0u8; 4 << 20]);
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
-    assert!(assist.learned_for(addr).is_some(), "nothing learned for {addr}");
+    let netns = shim_user::assist::netns_cookie(std::os::fd::AsFd::as_fd(&l2)).expect("SO_NETNS_COOKIE");
+    assert!(assist.learned_for(netns, addr).is_some(), "nothing learned for {addr}");
     drop(assist);
 
     let (mut off, mut on) = (Histogram::<u64>::new(3).unwrap(), Histogram::<u64>::new(3).unwrap());

@@ -133,3 +133,6 @@ pub const CHECK_QUIET: Duration = Duration::from_millis(10);
 pub const HOLDERS_ATTEMPTS: u32 = 3;
 /// Pause before walking `/proc` again for sockets found held.
 pub const HOLDERS_RETRY_DELAY: Duration = Duration::from_millis(20);
+/// How many processes of a demanding cgroup are examined to find the network namespace its
+/// demand came from (each one that is in an unknown namespace costs a thread that enters it).
+pub const DISCOVER_PIDS: usize = 16;

@@ -243,7 +243,7 @@ fn peer_lines(o: &mut String, agent: &crate::peer::agent::Agent) {
     let _ = writeln!(o, "warmpool_peer_rendezvous_connected {}", u8::from(agent.connected()));
 }
 
-/// Pools and kernel-assist data with per-tenant labels (destination, uid, cgroup): only with
+/// Pools and kernel-assist data with per-tenant labels (destination, uid, cgroup, netns): only with
 /// `metrics_tenant_labels = true`, for an endpoint only the operator can reach.
 fn tenant_lines(o: &mut String, shared: &Shared) {
     let _ = writeln!(o, "# HELP warmpool_pool_sockets Sockets per pool and state.");
@@ -253,11 +253,12 @@ fn tenant_lines(o: &mut String, shared: &Shared) {
         let pools = shared.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for (key, pool) in pools.iter() {
             let labels = format!(
-                "dest=\"{}\",uid=\"{}\",cgroup=\"{}\",policy=\"{}\"",
+                "dest=\"{}\",uid=\"{}\",cgroup=\"{}\",policy=\"{}\",netns=\"{}\"",
                 key.dest,
                 key.tenant.uid,
                 escape(&key.tenant.cgroup),
-                pool.settings.policy.name()
+                pool.settings.policy.name(),
+                crate::netns::Namespaces::label(key.tenant.netns)
             );
             let (idle, quar, leased, connecting) = pool.counts();
             let checking = pool.checking();
@@ -276,21 +277,21 @@ fn tenant_lines(o: &mut String, shared: &Shared) {
     let _ = writeln!(o, "# HELP warmpool_learned_cwnd Congestion window (segments) connections to a destination converged to (kernel assist).");
     let _ = writeln!(o, "# TYPE warmpool_learned_cwnd gauge");
     let learned = shared.learned();
-    for (d, cwnd, _, _) in &learned {
-        let _ = writeln!(o, "warmpool_learned_cwnd{{dest=\"{d}\"}} {cwnd}");
+    for (d, ns, cwnd, _, _) in &learned {
+        let _ = writeln!(o, "warmpool_learned_cwnd{{dest=\"{d}\",netns=\"{ns}\"}} {cwnd}");
     }
-    let _ = writeln!(o, "# HELP warmpool_demand_connects TCP connects seen by the kernel's connect hooks, per destination and uid.");
+    let _ = writeln!(o, "# HELP warmpool_demand_connects TCP connects seen by the kernel's connect hooks, per destination, uid and network namespace.");
     let _ = writeln!(o, "# TYPE warmpool_demand_connects gauge");
-    let mut demand: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
-    for (_, uid, d, n) in shared.demand() {
-        *demand.entry((d.to_string(), uid)).or_default() += n;
+    let mut demand: std::collections::BTreeMap<(String, u32, String), u64> = std::collections::BTreeMap::new();
+    for d in shared.demand() {
+        *demand.entry((d.dest.to_string(), d.uid, shared.netns.label_of_cookie(d.netns))).or_default() += d.connects;
     }
-    for ((d, uid), n) in demand {
-        let _ = writeln!(o, "warmpool_demand_connects{{dest=\"{d}\",uid=\"{uid}\"}} {n}");
+    for ((d, uid, ns), n) in demand {
+        let _ = writeln!(o, "warmpool_demand_connects{{dest=\"{d}\",uid=\"{uid}\",netns=\"{ns}\"}} {n}");
     }
     let _ = writeln!(o, "# TYPE warmpool_learned_srtt_seconds gauge");
-    for (d, _, srtt, _) in &learned {
-        let _ = writeln!(o, "warmpool_learned_srtt_seconds{{dest=\"{d}\"}} {}", f64::from(*srtt) / 1e6);
+    for (d, ns, _, srtt, _) in &learned {
+        let _ = writeln!(o, "warmpool_learned_srtt_seconds{{dest=\"{d}\",netns=\"{ns}\"}} {}", f64::from(*srtt) / 1e6);
     }
     let _ = writeln!(o, "# HELP warmpool_pooled_socket_cwnd Congestion window (segments) of each idle pooled socket, from TCP_INFO.");
     let _ = writeln!(o, "# TYPE warmpool_pooled_socket_cwnd gauge");
@@ -328,7 +329,7 @@ fn aggregate_lines(o: &mut String, shared: &Shared) {
     let _ = writeln!(o, "warmpool_learned_destinations {}", shared.learned().len());
     let _ = writeln!(o, "# HELP warmpool_demand_connects TCP connects seen by the kernel's connect hooks, all tenants and destinations.");
     let _ = writeln!(o, "# TYPE warmpool_demand_connects gauge");
-    let _ = writeln!(o, "warmpool_demand_connects {}", shared.demand().iter().map(|d| d.3).sum::<u64>());
+    let _ = writeln!(o, "warmpool_demand_connects {}", shared.demand().iter().map(|d| d.connects).sum::<u64>());
 }
 
 fn kernel_assist_line(o: &mut String, shared: &Shared) {

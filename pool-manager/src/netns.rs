@@ -8,11 +8,18 @@
 //! pool socket is made. The namespace's entry counts its live clients ([`Member`]); once it
 //! has had none for `netns_linger`, [`close_expired`] closes its pools and ends its maker,
 //! so that the daemon holds nothing that keeps a removed namespace alive.
+//!
+//! The kernel assist names namespaces by cookie (`SO_NETNS_COOKIE`): each maker reads its
+//! namespace's cookie when it starts, so that learned windows and demand counters can be
+//! told apart per namespace ([`Namespaces::owner_of_cookie`]), and demand from a namespace
+//! no client has joined yet can be traced to it through the demanding cgroup's processes
+//! ([`Namespaces::discover`], checked by cookie: never another namespace).
 
 use crate::server::{PoolKey, PooledSock, Shared};
 use crate::sock::Discard;
 use std::collections::HashMap;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 use tenancy::{NetNs, NetNsId};
@@ -26,6 +33,8 @@ pub struct Namespaces {
     /// The daemon's own namespace (`None` if it could not be read: then every client counts
     /// as foreign, and its sockets are made by a maker).
     own: Option<NetNsId>,
+    /// The daemon's own namespace's cookie (`None`: unknown, kernel before 5.14).
+    own_cookie: Option<u64>,
     linger: Duration,
     entries: Mutex<HashMap<NetNsId, Entry>>,
 }
@@ -33,6 +42,9 @@ pub struct Namespaces {
 #[derive(Debug)]
 struct Entry {
     maker: mpsc::Sender<Request>,
+    /// The namespace's cookie, set by its maker once it entered (0 until then, or if the
+    /// kernel has no `SO_NETNS_COOKIE`).
+    cookie: Arc<AtomicU64>,
     clients: usize,
     idle_since: Option<Instant>,
 }
@@ -75,7 +87,8 @@ impl Namespaces {
                 None
             }
         };
-        Arc::new(Self { own, linger, entries: Mutex::new(HashMap::new()) })
+        let own_cookie = new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd())).ok();
+        Arc::new(Self { own, own_cookie, linger, entries: Mutex::new(HashMap::new()) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NetNsId, Entry>> {
@@ -91,7 +104,10 @@ impl Namespaces {
             return None;
         }
         let mut entries = self.lock();
-        let e = entries.entry(id).or_insert_with(|| Entry { maker: spawn_maker(ns), clients: 0, idle_since: None });
+        let e = entries.entry(id).or_insert_with(|| {
+            let cookie = Arc::new(AtomicU64::new(0));
+            Entry { maker: spawn_maker(ns, cookie.clone()), cookie, clients: 0, idle_since: None }
+        });
         e.clients += 1;
         e.idle_since = None;
         Some(Member { all: self.clone(), id })
@@ -108,6 +124,60 @@ impl Namespaces {
             !expired
         });
         gone
+    }
+
+    /// The namespace with this cookie: `Some(None)` for the daemon's own, `Some(Some(id))`
+    /// for one with an entry, `None` if unknown.
+    #[must_use]
+    pub fn owner_of_cookie(&self, cookie: u64) -> Option<Option<NetNsId>> {
+        if cookie == 0 {
+            return None;
+        }
+        if self.own_cookie == Some(cookie) {
+            return Some(None);
+        }
+        self.lock().iter().find(|(_, e)| e.cookie.load(Ordering::Relaxed) == cookie).map(|(id, _)| Some(*id))
+    }
+
+    /// How a namespace is shown in metrics and status: `host` for the daemon's own, else
+    /// `net:[INODE]`.
+    #[must_use]
+    pub fn label(id: Option<NetNsId>) -> String {
+        id.map_or_else(|| "host".to_owned(), |id| id.to_string())
+    }
+
+    /// The label of the namespace with this cookie ([`Self::label`], or `cookie:N` for one
+    /// the daemon has no entry for).
+    #[must_use]
+    pub fn label_of_cookie(&self, cookie: u64) -> String {
+        self.owner_of_cookie(cookie).map_or_else(|| format!("cookie:{cookie}"), Self::label)
+    }
+
+    /// Find the namespace with `cookie` among those of `pids` (the processes of the cgroup
+    /// that made the connects), and give it an entry (with no client: it lingers, and its
+    /// pools close after `netns_linger` unless a client joins). Only a namespace whose own
+    /// cookie is `cookie` qualifies; `None` if no process is in it (or none could be read).
+    pub fn discover(self: &Arc<Self>, cookie: u64, pids: impl IntoIterator<Item = i32>) -> Option<NetNsId> {
+        if cookie == 0 {
+            return None;
+        }
+        for pid in pids.into_iter().take(crate::defaults::DISCOVER_PIDS) {
+            let Ok(ns) = NetNs::open(std::path::Path::new(&format!("/proc/{pid}/ns/net"))) else { continue };
+            let id = ns.id();
+            if self.own == Some(id) || self.lock().contains_key(&id) {
+                // The daemon's own or a known one: `owner_of_cookie` answered for those.
+                continue;
+            }
+            match cookie_in(ns) {
+                Ok((c, ns)) if c == cookie => {
+                    info!(netns = %id, pid, "demand from a network namespace without a client: prewarming in it");
+                    return self.join(ns).map(|m| m.id());
+                }
+                Ok(_) => {}
+                Err(e) => debug!(netns = %id, error = %e, "cannot read a network namespace's cookie"),
+            }
+        }
+        None
     }
 
     /// Namespaces with an entry (for status and tests).
@@ -129,9 +199,24 @@ impl Namespaces {
     }
 }
 
-/// Start the thread that makes sockets inside `ns`. It ends when its sender is dropped (the
-/// entry removed); until then it and its fd keep the namespace alive.
-fn spawn_maker(ns: NetNs) -> mpsc::Sender<Request> {
+/// The cookie of `ns`, read on a short-lived thread that enters it (never a runtime thread);
+/// `ns` comes back for the caller to keep or drop.
+fn cookie_in(ns: NetNs) -> std::io::Result<(u64, NetNs)> {
+    std::thread::Builder::new()
+        .name("netns-cookie".into())
+        .spawn(move || {
+            ns.enter().map_err(|e| std::io::Error::other(e.to_string()))?;
+            let c = new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd()))?;
+            Ok((c, ns))
+        })?
+        .join()
+        .map_err(|_| std::io::Error::other("the cookie thread panicked"))?
+}
+
+/// Start the thread that makes sockets inside `ns`; it sets `cookie` once it entered. It
+/// ends when its sender is dropped (the entry removed); until then it and its fd keep the
+/// namespace alive.
+fn spawn_maker(ns: NetNs, cookie: Arc<AtomicU64>) -> mpsc::Sender<Request> {
     let (tx, rx) = mpsc::channel::<Request>();
     let id = ns.id();
     let spawned = std::thread::Builder::new().name(format!("netns-{}", id.ino)).spawn(move || {
@@ -140,6 +225,10 @@ fn spawn_maker(ns: NetNs) -> mpsc::Sender<Request> {
             // Once per namespace entry: every request below gets the error (a miss).
             warn!(error = %e, "cannot enter a client's network namespace: its clients get misses");
         } else {
+            match new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd())) {
+                Ok(c) => cookie.store(c, Ordering::Relaxed),
+                Err(e) => debug!(netns = %id, error = %e, "no cookie for a network namespace (SO_NETNS_COOKIE)"),
+            }
             debug!(netns = %id, "socket maker started");
         }
         while let Ok((domain, reply)) = rx.recv() {
@@ -185,6 +274,20 @@ pub async fn connect(shared: &Shared, key: &PoolKey, timeout: Duration) -> std::
     Ok(PooledSock::new(fd))
 }
 
+/// The namespace kernel-seen demand with namespace `cookie` came from, by a process of
+/// `cgroup` (its path, asked for only when the namespace is not known yet): `Some(None)` for
+/// the daemon's own, `Some(Some(id))` for another (given an entry if it had none: see
+/// [`Namespaces::discover`]), `None` if it cannot be found (then nothing is prewarmed for
+/// it, in no namespace).
+pub fn of_demand(shared: &Shared, cookie: u64, cgroup: &mut dyn FnMut() -> Option<Arc<str>>) -> Option<Option<NetNsId>> {
+    if let Some(known) = shared.netns.owner_of_cookie(cookie) {
+        return Some(known);
+    }
+    let procs = tenancy::cgroup::cgroup2_mount().ok()?.join(cgroup()?.trim_start_matches('/')).join("cgroup.procs");
+    let text = std::fs::read_to_string(procs).ok()?;
+    shared.netns.discover(cookie, text.lines().filter_map(|l| l.trim().parse().ok())).map(Some)
+}
+
 /// Close the pools of namespaces that have had no client for `netns_linger`, and end their
 /// makers; the pools' sockets go to `discarded`. Called by the periodic sweep with the pool
 /// table locked.
@@ -198,5 +301,24 @@ pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::
     crate::server::tenants::close_locked(shared, pools, which, crate::server::CloseReason::NetnsGone, discarded);
     for id in gone {
         info!(netns = %id, "network namespace has no client left: its pools are closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cookies_name_the_daemons_own_namespace_and_no_unknown_one() {
+        let all = Namespaces::new(Duration::from_secs(5));
+        let own = new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd())).expect("SO_NETNS_COOKIE");
+        assert_eq!(all.owner_of_cookie(own), Some(None), "the daemon's own namespace");
+        assert_eq!(all.label_of_cookie(own), "host");
+        assert_eq!(all.owner_of_cookie(0), None, "0 is no cookie");
+        assert_eq!(all.owner_of_cookie(own.wrapping_add(1_000_000)), None, "an unknown namespace is nobody's");
+        assert_eq!(all.label_of_cookie(7), "cookie:7");
+        // Nothing to discover among processes of the daemon's own namespace.
+        assert_eq!(all.discover(own.wrapping_add(1_000_000), [std::process::id() as i32]), None);
+        assert_eq!(all.count(), 0);
     }
 }

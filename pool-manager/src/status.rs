@@ -44,15 +44,15 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
     }
     let learned = shared.learned();
     if all && !learned.is_empty() {
-        out.push_str("\nLEARNED (kernel assist)\tCWND\tSRTT_US\tSAMPLES\n");
-        for (d, cwnd, srtt, n) in learned {
-            let _ = writeln!(out, "{d}\t{cwnd}\t{srtt}\t{n}");
+        out.push_str("\nLEARNED (kernel assist)\tNETNS\tCWND\tSRTT_US\tSAMPLES\n");
+        for (d, ns, cwnd, srtt, n) in learned {
+            let _ = writeln!(out, "{d}\t{ns}\t{cwnd}\t{srtt}\t{n}");
         }
     }
     let mut demand: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
-    for (_, uid, d, n) in shared.demand() {
-        if all || uid == caller.tenant.uid {
-            *demand.entry((d.to_string(), uid)).or_default() += n;
+    for d in shared.demand() {
+        if all || d.uid == caller.tenant.uid {
+            *demand.entry((d.dest.to_string(), d.uid)).or_default() += d.connects;
         }
     }
     if !demand.is_empty() {

@@ -1,19 +1,25 @@
 //! Types shared between warmpool's eBPF programs and user space (crate `shim-ebpf`).
 //!
 //! The kernel programs live in `shim-ebpf/programs` (a sockops program that learns converged
-//! congestion windows per destination and starts new connections with them, and cgroup
-//! connect4/connect6 programs that count demand per cgroup, uid and destination); they are
+//! congestion windows per (network namespace, destination) and starts new connections with
+//! them, and cgroup connect4/connect6 programs that count demand per cgroup, network
+//! namespace, uid and destination); they are
 //! built for `bpfel-unknown-none` on nightly by `shim-user`'s build script, which also loads
 //! and attaches them. This crate stays `no_std` and buildable on stable (its one optional
 //! dependency, `aya`, only for the `user` feature) so that the rest of the workspace never
 //! needs the eBPF toolchain.
 //! Every type is `#[repr(C)]` with explicit padding, so its layout is the same on both sides.
+//!
+//! Network namespaces are named by their cookie (`bpf_get_netns_cookie()` in the programs,
+//! `SO_NETNS_COOKIE` on a socket made in the namespace in user space): the same address can
+//! be another host in another namespace, so nothing learned or counted in one is used for or
+//! attributed to another.
 
 #![no_std]
 
 /// Map and program names, kept in one place so user space never spells them twice.
 pub mod names {
-    /// LRU hash: [`DestKey`] → [`LearnedWindow`].
+    /// LRU hash: [`LearnedKey`] → [`LearnedWindow`].
     pub const LEARNED: &str = "WARMPOOL_LEARNED";
     /// Hash: [`DemandKey`] → `u64` connect count.
     pub const DEMAND: &str = "WARMPOOL_DEMAND";
@@ -41,6 +47,16 @@ pub struct DestKey {
     pub addr: [u8; 16],
 }
 
+/// A destination as seen from one network namespace: the key of what sockops learned.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LearnedKey {
+    /// The network namespace's cookie.
+    pub netns: u64,
+    /// The destination (port 0: any port of that address, learned on both sides).
+    pub dest: DestKey,
+}
+
 /// What sockops learned about a destination.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -65,13 +81,16 @@ pub struct KernelConfig {
     pub max_iw: u32,
 }
 
-/// Demand counter key: a destination as seen from one uid in one cgroup.
+/// Demand counter key: a destination as seen from one uid in one cgroup and one network
+/// namespace.
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct DemandKey {
     /// The connecting process's cgroup id (`bpf_get_current_cgroup_id`: the inode number
     /// of its cgroup v2 directory).
     pub cgroup_id: u64,
+    /// The cookie of the connecting socket's network namespace.
+    pub netns: u64,
     /// The connecting process's uid.
     pub uid: u32,
     /// Explicit padding.
@@ -86,6 +105,8 @@ pub struct DemandKey {
 mod user {
     // SAFETY: see the module docs.
     unsafe impl aya::Pod for super::DestKey {}
+    // SAFETY: see the module docs.
+    unsafe impl aya::Pod for super::LearnedKey {}
     // SAFETY: see the module docs.
     unsafe impl aya::Pod for super::LearnedWindow {}
     // SAFETY: see the module docs.
@@ -102,7 +123,8 @@ mod tests {
     fn layouts_have_no_hidden_padding() {
         assert_eq!(core::mem::size_of::<DestKey>(), 24);
         assert_eq!(core::mem::size_of::<LearnedWindow>(), 16);
-        assert_eq!(core::mem::size_of::<DemandKey>(), 40);
+        assert_eq!(core::mem::size_of::<LearnedKey>(), 32);
+        assert_eq!(core::mem::size_of::<DemandKey>(), 48);
         assert_eq!(core::mem::size_of::<KernelConfig>(), 8);
     }
 }

@@ -1,12 +1,16 @@
 //! Kernel assist: load warmpool's sockops program (built from `shim-ebpf/programs` and
 //! embedded in this library), attach it to cgroups, and read what it learned.
 //!
-//! The program learns, per destination, the congestion window connections converged to and
-//! sets `TCP_BPF_IW` on new connections to known destinations (see the program's docs).
-//! Dropping [`KernelAssist`] detaches everything.
+//! The program learns, per (network namespace, destination), the congestion window
+//! connections converged to and sets `TCP_BPF_IW` on new connections to known destinations
+//! of the same namespace (see the program's docs); the connect hooks count demand per
+//! (cgroup, namespace, uid, destination). Namespaces are named by cookie: [`netns_cookie`]
+//! reads one from a socket made in the namespace. Dropping [`KernelAssist`] detaches
+//! everything.
 
-use shim_ebpf::{names, DemandKey, DestKey, KernelConfig, LearnedWindow};
+use shim_ebpf::{names, DemandKey, DestKey, KernelConfig, LearnedKey, LearnedWindow};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 
 /// The object built by build.rs (empty when the eBPF toolchain was missing).
@@ -30,6 +34,50 @@ pub enum AssistError {
         /// Why.
         reason: String,
     },
+}
+
+/// Connects the kernel's connect hooks counted for one (cgroup, namespace, uid, destination).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand {
+    /// The connecting processes' cgroup id (inode of the cgroup v2 directory).
+    pub cgroup_id: u64,
+    /// The cookie of the network namespace the connects were made in.
+    pub netns: u64,
+    /// The connecting processes' uid.
+    pub uid: u32,
+    /// The destination.
+    pub dest: SocketAddr,
+    /// Connects counted.
+    pub connects: u64,
+}
+
+/// What the sockops program learned for one destination in one network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Learned {
+    /// The network namespace's cookie.
+    pub netns: u64,
+    /// The destination (port 0: the address, any port).
+    pub dest: SocketAddr,
+    /// The window.
+    pub window: LearnedWindow,
+}
+
+/// `SO_NETNS_COOKIE` (linux/socket.h, 5.14+).
+const SO_NETNS_COOKIE: libc::c_int = 71;
+
+/// The cookie of the network namespace `sock` was made in (what the programs' keys hold).
+///
+/// # Errors
+/// The `getsockopt` error (kernels before 5.14 have no `SO_NETNS_COOKIE`).
+pub fn netns_cookie(sock: BorrowedFd<'_>) -> std::io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_NETNS_COOKIE writes one u64 into our buffer of that size.
+    let r = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_NETNS_COOKIE, (&mut cookie as *mut u64).cast(), &mut len) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 /// Loaded and attached programs; detached on drop.
@@ -106,26 +154,29 @@ impl KernelAssist {
         &self.cgroups
     }
 
-    /// Everything learned so far.
+    /// Everything learned so far, in every namespace.
     #[must_use]
-    pub fn learned(&self) -> Vec<(SocketAddr, LearnedWindow)> {
+    pub fn learned(&self) -> Vec<Learned> {
         let Some(map) = self.ebpf.map(names::LEARNED) else { return vec![] };
-        let Ok(m) = aya::maps::HashMap::<_, DestKey, LearnedWindow>::try_from(map) else { return vec![] };
-        m.iter().filter_map(Result::ok).filter_map(|(k, v)| Some((addr_of(&k)?, v))).collect()
+        let Ok(m) = aya::maps::HashMap::<_, LearnedKey, LearnedWindow>::try_from(map) else { return vec![] };
+        m.iter().filter_map(Result::ok).filter_map(|(k, window)| Some(Learned { netns: k.netns, dest: addr_of(&k.dest)?, window })).collect()
     }
 
-    /// Connect counts so far: (cgroup id, uid, destination, connects).
+    /// Connect counts so far.
     #[must_use]
-    pub fn demand(&self) -> Vec<(u64, u32, SocketAddr, u64)> {
+    pub fn demand(&self) -> Vec<Demand> {
         let Some(map) = self.ebpf.map(names::DEMAND) else { return vec![] };
         let Ok(m) = aya::maps::HashMap::<_, DemandKey, u64>::try_from(map) else { return vec![] };
-        m.iter().filter_map(Result::ok).filter_map(|(k, n)| Some((k.cgroup_id, k.uid, addr_of(&k.dest)?, n))).collect()
+        m.iter()
+            .filter_map(Result::ok)
+            .filter_map(|(k, connects)| Some(Demand { cgroup_id: k.cgroup_id, netns: k.netns, uid: k.uid, dest: addr_of(&k.dest)?, connects }))
+            .collect()
     }
 
-    /// What was learned for one destination.
+    /// What was learned for one destination in the namespace with cookie `netns`.
     #[must_use]
-    pub fn learned_for(&self, dest: SocketAddr) -> Option<LearnedWindow> {
-        self.learned().into_iter().find(|(a, _)| *a == dest).map(|(_, v)| v)
+    pub fn learned_for(&self, netns: u64, dest: SocketAddr) -> Option<LearnedWindow> {
+        self.learned().into_iter().find(|l| l.netns == netns && l.dest == dest).map(|l| l.window)
     }
 }
 

@@ -160,17 +160,21 @@ impl Shared {
         }
     }
 
-    /// Connect counts the kernel saw: (cgroup id, uid, destination, connects).
-    pub fn demand(&self) -> Vec<(u64, u32, SocketAddr, u64)> {
+    /// Connect counts the kernel saw, per (cgroup, network namespace cookie, uid, destination).
+    pub fn demand(&self) -> Vec<shim_user::assist::Demand> {
         let Some(a) = &self.assist else { return vec![] };
         a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).demand()
     }
 
-    /// What the kernel assist learned: (destination, cwnd segments, srtt µs, samples).
-    pub fn learned(&self) -> Vec<(SocketAddr, u32, u32, u32)> {
+    /// What the kernel assist learned: (destination, namespace label (see
+    /// [`crate::netns::Namespaces::label`]), cwnd segments, srtt µs, samples).
+    pub fn learned(&self) -> Vec<(SocketAddr, String, u32, u32, u32)> {
         let Some(a) = &self.assist else { return vec![] };
-        let a = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut v: Vec<_> = a.learned().into_iter().map(|(d, w)| (d, w.cwnd, w.srtt_us, w.samples)).collect();
+        let learned = a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).learned();
+        let mut v: Vec<_> = learned
+            .into_iter()
+            .map(|l| (l.dest, self.netns.label_of_cookie(l.netns), l.window.cwnd, l.window.srtt_us, l.window.samples))
+            .collect();
         v.sort();
         v
     }

@@ -132,12 +132,13 @@ pub(super) async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
 }
 
 /// Turns the kernel's connect counts into prewarmed pools: a (tenant, destination) whose
-/// count rose and reached the threshold gets a pool filled to `min_idle`, under the
+/// count rose and reached the threshold gets a pool filled to `min_idle`, in the network
+/// namespace the connects were made in (never another: see `netns::of_demand`), under the
 /// configured settings if the destination has some, else the auto settings (bounded per
 /// tenant by `auto.max_destinations` and on the daemon by `auto.max_pools`).
 #[derive(Debug, Default)]
 pub(super) struct DemandTracker {
-    seen: HashMap<(u64, u32, SocketAddr), u64>,
+    seen: HashMap<(u64, u64, u32, SocketAddr), u64>,
     cgroup_paths: HashMap<u64, Option<Arc<str>>>,
 }
 
@@ -150,24 +151,21 @@ impl DemandTracker {
             .map(|a| a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).cgroups().to_vec())
             .unwrap_or_default();
         let mut hot = Vec::new();
-        for (cg, uid, dest, n) in shared.demand() {
-            let before = self.seen.insert((cg, uid, dest), n).unwrap_or(0);
-            if n > before && n >= threshold {
-                hot.push((cg, uid, dest));
+        for d in shared.demand() {
+            let before = self.seen.insert((d.cgroup_id, d.netns, d.uid, d.dest), d.connects).unwrap_or(0);
+            if d.connects > before && d.connects >= threshold {
+                hot.push((d.cgroup_id, d.netns, d.uid, d.dest));
             }
         }
         let now = Instant::now();
-        for (cg, uid, dest) in hot {
+        for (cg, cookie, uid, dest) in hot {
             let by_uid = shared.config.tenant_by == crate::config::TenantBy::Uid;
+            let mut path = || self.cgroup_paths.entry(cg).or_insert_with(|| shim_user::assist::cgroup_path_of_id(cg, &roots).map(Arc::from)).clone();
             let cgroup: Arc<str> = if by_uid && shared.config.allow_cgroups.is_none() {
                 Arc::from("")
             } else {
-                let path = self
-                    .cgroup_paths
-                    .entry(cg)
-                    .or_insert_with(|| shim_user::assist::cgroup_path_of_id(cg, &roots).map(Arc::from));
-                match path {
-                    Some(p) => p.clone(),
+                match path() {
+                    Some(p) => p,
                     None => continue,
                 }
             };
@@ -175,8 +173,11 @@ impl DemandTracker {
             if shared.config.admits(uid, &cgroup).is_err() {
                 continue;
             }
+            // The namespace the connects were made in (found, and entered, only for a tenant
+            // that may have sockets).
+            let Some(netns) = crate::netns::of_demand(shared, cookie, &mut path) else { continue };
             let (cgroup, cgroup_id) = if by_uid { (Arc::from(""), 0) } else { (cgroup, cg) };
-            let key = PoolKey { tenant: Tenant { uid, cgroup, cgroup_id, netns: None }, dest };
+            let key = PoolKey { tenant: Tenant { uid, cgroup, cgroup_id, netns }, dest };
             let (n, timeout) = {
                 let mut pools = shared.lock();
                 if pools.contains_key(&key) || shared.lifecycle.is_closed(&key.tenant) {

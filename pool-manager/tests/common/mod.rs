@@ -10,6 +10,7 @@
 //! test for post-mortem inspection; their paths are printed on stderr.
 #![allow(dead_code, unreachable_pub, missing_debug_implementations)]
 pub mod nat;
+pub mod ns;
 pub mod pyhttp;
 
 use std::ffi::OsStr;
@@ -967,7 +968,7 @@ impl Cgroup {
         let mut c = Command::new("/bin/sh");
         let mut script = format!("echo $$ > {}/cgroup.procs && exec \"$0\"", self.0.display());
         for i in 0..args.len() {
-            script.push_str(&format!(" \"${}\"", i + 1));
+            script.push_str(&format!(" \"${{{}}}\"", i + 1));
         }
         c.arg("-c").arg(script).arg(prog).args(args);
         c

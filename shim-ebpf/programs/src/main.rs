@@ -1,8 +1,9 @@
 //! warmpool's kernel side: one sockops program.
 //!
 //! - When an established connection to a destination closes, record the congestion window
-//!   and smoothed RTT it reached in [`LEARNED`] (an LRU hash keyed by destination), as an
-//!   EWMA (new = (3 * old + sample) / 4).
+//!   and smoothed RTT it reached in [`LEARNED`] (an LRU hash keyed by the socket's network
+//!   namespace cookie and the destination: the same address can be another host, on another
+//!   path, in another namespace), as an EWMA (new = (3 * old + sample) / 4).
 //! - The same on the passive side, keyed by the peer's address alone (its port is
 //!   ephemeral): every window is also learned under (address, port 0), so on our own servers
 //!   (experiments, peer links) connections from a known client start converged.
@@ -15,7 +16,7 @@
 //!   `TCP_BPF_IW` is refused once data went out), set `TCP_BPF_IW` to the learned window,
 //!   clamped to [`CONFIG`]'s maximum, so new and pre-warmed connections start converged.
 //!
-//! - cgroup connect4/connect6: count TCP connects per (cgroup, uid, destination) in
+//! - cgroup connect4/connect6: count TCP connects per (cgroup, netns, uid, destination) in
 //!   [`DEMAND`], so the pool manager sees demand from programs the preload shim does not
 //!   cover and can prewarm what is hot. They never change or refuse a connect.
 //!
@@ -28,20 +29,20 @@ use aya_ebpf::bindings::{
     BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RWND_INIT, BPF_SOCK_OPS_STATE_CB,
     BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
 };
-use aya_ebpf::helpers::bpf_setsockopt;
+use aya_ebpf::helpers::{bpf_get_netns_cookie, bpf_setsockopt};
 use core::ptr::read_volatile;
 use aya_ebpf::helpers::{bpf_get_current_cgroup_id, bpf_get_current_uid_gid};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sock_ops};
 use aya_ebpf::programs::SockAddrContext;
 use aya_ebpf::maps::{Array, LruHashMap};
 use aya_ebpf::programs::SockOpsContext;
-use shim_ebpf::{DemandKey, DestKey, KernelConfig, LearnedWindow};
+use shim_ebpf::{DemandKey, DestKey, KernelConfig, LearnedKey, LearnedWindow};
 
-/// Destination → what connections to it converged to.
+/// (network namespace, destination) → what connections to it converged to.
 #[map(name = "WARMPOOL_LEARNED")]
-static LEARNED: LruHashMap<DestKey, LearnedWindow> = LruHashMap::with_max_entries(4096, 0);
+static LEARNED: LruHashMap<LearnedKey, LearnedWindow> = LruHashMap::with_max_entries(4096, 0);
 
-/// (cgroup, uid, destination) → TCP connects seen.
+/// (cgroup, netns, uid, destination) → TCP connects seen.
 #[map(name = "WARMPOOL_DEMAND")]
 static DEMAND: LruHashMap<DemandKey, u64> = LruHashMap::with_max_entries(8192, 0);
 
@@ -87,6 +88,18 @@ fn dest_of(ctx: &SockOpsContext) -> Option<DestKey> {
         return None;
     }
     Some(key)
+}
+
+/// The [`LEARNED`] key of this connection's peer in its network namespace (`any_port`: the
+/// peer's address alone).
+fn learned_key(ctx: &SockOpsContext, any_port: bool) -> Option<LearnedKey> {
+    let mut dest = dest_of(ctx)?;
+    if any_port {
+        dest.port_be = 0;
+    }
+    // SAFETY: sock_ops programs may call this helper with their context (Linux 5.15+).
+    let netns = unsafe { bpf_get_netns_cookie(ctx.ops.cast()) };
+    Some(LearnedKey { netns, dest })
 }
 
 /// An IPv6 address from a context's four 32-bit words (network order), each read with its
@@ -150,10 +163,9 @@ fn try_sockops(ctx: &SockOpsContext) -> Result<(), i64> {
     }
 }
 
-/// Whether something was learned about this connection's peer (any port).
+/// Whether something was learned about this connection's peer (any port), in its namespace.
 fn known(ctx: &SockOpsContext) -> bool {
-    let Some(key) = dest_of(ctx) else { return false };
-    let any = DestKey { port_be: 0, ..key };
+    let (Some(key), Some(any)) = (learned_key(ctx, false), learned_key(ctx, true)) else { return false };
     // SAFETY: map lookups return pointers valid for this program run.
     unsafe { LEARNED.get(&key).is_some() || LEARNED.get(&any).is_some() }
 }
@@ -163,12 +175,12 @@ fn config() -> KernelConfig {
 }
 
 fn learn(ctx: &SockOpsContext) {
-    let Some(key) = dest_of(ctx) else { return };
+    let Some(key) = learned_key(ctx, false) else { return };
     learn_key(ctx, key);
-    learn_key(ctx, DestKey { port_be: 0, ..key });
+    learn_key(ctx, LearnedKey { dest: DestKey { port_be: 0, ..key.dest }, ..key });
 }
 
-fn learn_key(ctx: &SockOpsContext, key: DestKey) {
+fn learn_key(ctx: &SockOpsContext, key: LearnedKey) {
     // SAFETY: the context pointer is valid for the program's run; these fields are readable
     // in sock_ops programs.
     let (cwnd, srtt_us) = unsafe { (read_volatile(&(*ctx.ops).snd_cwnd), read_volatile(&(*ctx.ops).srtt_us) >> 3) };
@@ -196,10 +208,7 @@ fn set_initial_window(ctx: &SockOpsContext, any_port: bool) -> Result<(), i64> {
     if cfg.enabled == 0 {
         return Ok(());
     }
-    let Some(mut key) = dest_of(ctx) else { return Ok(()) };
-    if any_port {
-        key.port_be = 0;
-    }
+    let Some(key) = learned_key(ctx, any_port) else { return Ok(()) };
     // SAFETY: a map lookup returns a pointer valid for this program run.
     let Some(learned) = (unsafe { LEARNED.get(&key) }) else { return Ok(()) };
     let mut iw = learned.cwnd.min(cfg.max_iw);
@@ -245,9 +254,11 @@ fn count_connect(ctx: &SockAddrContext, v6: bool) {
         let ip = unsafe { read_volatile(&(*sa).user_ip4) };
         dest.addr[..4].copy_from_slice(&ip.to_ne_bytes());
     }
-    // SAFETY: plain helpers without arguments.
-    let (cgroup_id, uid) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_uid_gid() as u32) };
-    let key = DemandKey { cgroup_id, uid, _pad: 0, dest };
+    // SAFETY: plain helpers without arguments, and the netns cookie helper with this
+    // program's own context (cgroup sock_addr programs, Linux 5.7+).
+    let (cgroup_id, uid, netns) =
+        unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_uid_gid() as u32, bpf_get_netns_cookie(ctx.sock_addr.cast())) };
+    let key = DemandKey { cgroup_id, netns, uid, _pad: 0, dest };
     match DEMAND.get_ptr_mut(&key) {
         // SAFETY: the map owns the value; a racing update may lose one count, which is fine
         // for a demand signal.
