@@ -23,6 +23,7 @@ use crate::defaults;
 use crate::netns::Member;
 use crate::tenant::{Peer, Tenant, TenantError};
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,9 +45,11 @@ pub struct Containers {
 
 #[derive(Debug)]
 struct Registered {
-    tenant: Tenant,
-    /// Keeps the container's namespace served until it stops.
-    _member: Option<Member>,
+    /// Its tenants: one, or two when its process changed uid between the two create hooks
+    /// (`createRuntime` sees the runtime's init still as root; `poststart` the program).
+    tenants: Vec<Tenant>,
+    /// Keep the container's namespace served until it stops.
+    _members: Vec<Member>,
     /// Tells this registration apart from a later one under the same id.
     generation: u64,
     /// Ends the task that watches the container's process.
@@ -162,16 +165,13 @@ async fn create(shared: &Arc<Shared>, link: &Link, peer: &Identified, id: &str, 
         };
         return Reply::error(seq, ErrorCode::Denied, why);
     };
-    let generation = shared.containers.next.fetch_add(1, Ordering::Relaxed);
-    let watch = CancellationToken::new();
-    let reg = Registered { tenant: p.tenant.clone(), _member: p.netns.as_ref().map(Member::another), generation, watch: watch.clone() };
-    if let Some(old) = shared.containers.lock().insert(id.to_owned(), reg) {
-        old.watch.cancel();
-    }
-    spawn_exit_watch(shared.clone(), id.to_owned(), generation, pidfd.clone(), watch);
+    register(shared, id, p, pidfd);
     let dests: Vec<_> = {
         let resolved = shared.resolved.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        shared.config.pools.iter().chain(resolved.iter()).filter(|(_, s)| s.min_idle > 0).map(|(d, _)| *d).collect()
+        // The IPv4-mapped twin of an IPv4 destination is left out: programs that connect to
+        // an IPv4 address do so from an AF_INET socket (the annotation can still name it).
+        let mapped = |d: &SocketAddr| matches!(d.ip(), IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some());
+        shared.config.pools.iter().chain(resolved.iter()).filter(|(d, s)| s.min_idle > 0 && !mapped(d)).map(|(d, _)| *d).collect()
     };
     for d in dests {
         // (A destination refused here is simply not prewarmed.)
@@ -180,6 +180,25 @@ async fn create(shared: &Arc<Shared>, link: &Link, peer: &Identified, id: &str, 
     let (pools, idle) = wait_filled(shared, &p.tenant).await;
     info!(container = %id, pid = p.pid, uid = p.tenant.uid, cgroup = %p.tenant.cgroup, pools, idle, "container registered");
     Reply::msg(&Msg::StatusReply(&format!("container {id}: {pools} pool(s), {idle} idle socket(s)")), seq)
+}
+
+/// Remember `id` as `p`'s container; a second create hook of the same container adds its
+/// tenant if that changed (a program that runs as another uid than the runtime's init).
+fn register(shared: &Arc<Shared>, id: &str, p: &Peer, pidfd: &Arc<OwnedFd>) {
+    let mut by_id = shared.containers.lock();
+    if let Some(r) = by_id.get_mut(id) {
+        if !r.tenants.contains(&p.tenant) {
+            r.tenants.push(p.tenant.clone());
+            r._members.extend(p.netns.as_ref().map(Member::another));
+        }
+        return;
+    }
+    let generation = shared.containers.next.fetch_add(1, Ordering::Relaxed);
+    let watch = CancellationToken::new();
+    let members = p.netns.as_ref().map(Member::another).into_iter().collect();
+    by_id.insert(id.to_owned(), Registered { tenants: vec![p.tenant.clone()], _members: members, generation, watch: watch.clone() });
+    drop(by_id);
+    spawn_exit_watch(shared.clone(), id.to_owned(), generation, pidfd.clone(), watch);
 }
 
 /// Wait (bounded) until no pool of `tenant` has a connect in flight; its pool and idle
@@ -231,13 +250,17 @@ fn stop(shared: &Shared, id: &str, generation: Option<u64>) -> String {
         }
     };
     let Some(reg) = reg else {
+        if generation.is_none() {
+            info!(container = %id, "stop hook for a container not registered (closed already, or never warmed)");
+        }
         return format!("container {id} is not registered (closed already)");
     };
     reg.watch.cancel();
-    let closed = close_tenant(shared, &reg.tenant);
-    let netns = reg.tenant.netns;
+    let closed: usize = reg.tenants.iter().map(|t| close_tenant(shared, t)).sum();
+    let mut namespaces: Vec<_> = reg.tenants.iter().filter_map(|t| t.netns).collect();
+    namespaces.dedup();
     drop(reg);
-    let freed = netns.is_some_and(|n| crate::netns::close_now(shared, n));
+    let freed = namespaces.into_iter().fold(false, |f, n| crate::netns::close_now(shared, n) || f);
     let why = if generation.is_some() { "its process exited" } else { "stop hook" };
     info!(container = %id, pools = closed, netns_freed = freed, "container stopped ({why}): its pools are closed");
     format!("container {id}: {closed} pool(s) closed{}", if freed { ", network namespace let go" } else { "" })
