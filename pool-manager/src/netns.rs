@@ -35,6 +35,9 @@ struct Entry {
     maker: mpsc::Sender<Request>,
     clients: usize,
     idle_since: Option<Instant>,
+    /// Its container stopped while a client was still connected (a link whose end the
+    /// daemon has not read yet): close it at the first sweep without clients, no linger.
+    closing: bool,
 }
 
 /// A live client of a namespace: while one exists, the namespace keeps its pools.
@@ -101,9 +104,10 @@ impl Namespaces {
             return None;
         }
         let mut entries = self.lock();
-        let e = entries.entry(id).or_insert_with(|| Entry { maker: spawn_maker(ns), clients: 0, idle_since: None });
+        let e = entries.entry(id).or_insert_with(|| Entry { maker: spawn_maker(ns), clients: 0, idle_since: None, closing: false });
         e.clients += 1;
         e.idle_since = None;
+        e.closing = false;
         Some(Member { all: self.clone(), id })
     }
 
@@ -111,7 +115,8 @@ impl Namespaces {
     fn take_expired(&self, now: Instant) -> Vec<NetNsId> {
         let mut gone = Vec::new();
         self.lock().retain(|id, e| {
-            let expired = e.clients == 0 && e.idle_since.is_some_and(|t| now.duration_since(t) >= self.linger);
+            let linger = if e.closing { Duration::ZERO } else { self.linger };
+            let expired = e.clients == 0 && e.idle_since.is_some_and(|t| now.duration_since(t) >= linger);
             if expired {
                 gone.push(*id);
             }
@@ -221,12 +226,19 @@ fn close_pools(pools: &mut HashMap<PoolKey, crate::pool::Pool<PooledSock>>, gone
 
 /// Close namespace `id` now, without waiting for `netns_linger`, if it has no client left
 /// (its container stopped): its pools and its maker go, and with them everything of the
-/// daemon's that kept it alive. Returns whether it was closed.
+/// daemon's that kept it alive. Returns whether it was closed; if a client is still
+/// connected, the namespace closes at the first sweep after its last client, with no linger.
 pub fn close_now(shared: &Shared, id: NetNsId) -> bool {
     let removed = {
         let mut entries = shared.netns.lock();
-        let idle = entries.get(&id).is_some_and(|e| e.clients == 0);
-        idle && entries.remove(&id).is_some()
+        match entries.get_mut(&id) {
+            Some(e) if e.clients == 0 => entries.remove(&id).is_some(),
+            Some(e) => {
+                e.closing = true;
+                false
+            }
+            None => false,
+        }
     };
     if removed {
         let mut discarded = Vec::new();

@@ -263,7 +263,7 @@ fn stop(shared: &Shared, id: &str, generation: Option<u64>) -> String {
     let freed = namespaces.into_iter().fold(false, |f, n| crate::netns::close_now(shared, n) || f);
     let why = if generation.is_some() { "its process exited" } else { "stop hook" };
     info!(container = %id, pools = closed, netns_freed = freed, "container stopped ({why}): its pools are closed");
-    format!("container {id}: {closed} pool(s) closed{}", if freed { ", network namespace let go" } else { "" })
+    format!("container {id}: {closed} pool(s) closed, network namespace {}", if freed { "let go" } else { "let go after its last client" })
 }
 
 /// Close every pool of `tenant`; the number closed.
