@@ -36,6 +36,9 @@ pub enum Stage {
     Poststart,
     /// After the container stopped.
     Poststop,
+    /// From the state's `status` (one hook definition for every stage): `creating` is
+    /// createRuntime, `created` or `running` poststart, `stopped` poststop.
+    Auto,
 }
 
 impl std::str::FromStr for Stage {
@@ -45,6 +48,7 @@ impl std::str::FromStr for Stage {
             "createRuntime" | "prestart" => Ok(Self::CreateRuntime),
             "poststart" => Ok(Self::Poststart),
             "poststop" => Ok(Self::Poststop),
+            "auto" => Ok(Self::Auto),
             other => Err(HookError::Stage(other.to_owned())),
         }
     }
@@ -64,6 +68,9 @@ pub struct State {
     /// Its bundle directory (for logs).
     #[serde(default)]
     pub bundle: Option<String>,
+    /// `creating`, `created`, `running` or `stopped`.
+    #[serde(default)]
+    pub status: String,
 }
 
 /// Errors of the hook (all reported on stderr; the hook still exits 0).
@@ -71,7 +78,7 @@ pub struct State {
 #[non_exhaustive]
 pub enum HookError {
     /// Not a stage this hook handles.
-    #[error("unknown hook stage {0:?} (expected createRuntime, poststart or poststop)")]
+    #[error("unknown hook stage {0:?} (expected createRuntime, poststart, poststop or auto)")]
     Stage(String),
     /// The state on stdin is not an OCI state.
     #[error("container state on stdin: {0}")]
@@ -133,8 +140,15 @@ pub fn prewarm_destinations(annotations: &HashMap<String, String>) -> Result<Vec
 /// See [`HookError`].
 pub fn run(stage: Stage, socket: &Path, state: &str) -> Result<String, HookError> {
     let state: State = serde_json::from_str(state)?;
+    let stage = match (stage, state.status.as_str()) {
+        (Stage::Auto, "creating") => Stage::CreateRuntime,
+        (Stage::Auto, "created" | "running") => Stage::Poststart,
+        (Stage::Auto, "stopped") => Stage::Poststop,
+        (Stage::Auto, other) => return Err(HookError::Stage(format!("auto, with status {other:?}"))),
+        (s, _) => s,
+    };
     match stage {
-        Stage::CreateRuntime | Stage::Poststart => create(socket, &state),
+        Stage::CreateRuntime | Stage::Poststart | Stage::Auto => create(socket, &state),
         Stage::Poststop => {
             let link = Link::connect(socket)?;
             link.ask(&Msg::Container { stage: ContainerStage::Stop, id: &state.id }, None)
@@ -230,5 +244,9 @@ mod tests {
         assert!(matches!(run(Stage::Poststop, Path::new("/nonexistent"), "not json"), Err(HookError::State(_))));
         assert!(matches!(run(Stage::CreateRuntime, Path::new("/nonexistent"), r#"{"id":"x","pid":0}"#), Err(HookError::NoPid(_))));
         assert!(matches!("prestop".parse::<Stage>(), Err(HookError::Stage(_))));
+        assert!(matches!(run(Stage::Auto, Path::new("/nonexistent"), r#"{"id":"x","status":"paused"}"#), Err(HookError::Stage(_))));
+        // `auto` at stop needs no pid, and reaches for the daemon (absent here).
+        let r = run(Stage::Auto, Path::new("/nonexistent"), r#"{"id":"x","status":"stopped"}"#);
+        assert!(matches!(r, Err(HookError::Io { what: "connecting to the pool manager", .. })), "{r:?}");
     }
 }

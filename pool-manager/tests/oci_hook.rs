@@ -154,41 +154,48 @@ fn the_processs_exit_closes_its_pools_and_the_hook_never_fails() {
     assert!(ok && err.contains("unknown hook stage"), "{err}");
 }
 
-/// (d) with podman and runc: the hook from a hooks directory makes a fresh container's
-/// first connect() a warm hand-out (no miss), and within 1 s of the container's stop its
-/// pools are gone and nothing of the daemon's refers to its namespace.
+/// (d) with podman and runc: the shipped hook definition (deploy/oci-hooks/warmpool.json) in
+/// a hooks directory makes a fresh annotated container's first connect() a warm hand-out (no
+/// miss), and within 1 s of the container's stop its pools are gone and nothing of the
+/// daemon's refers to its namespace.
 #[test]
 fn podman_runs_the_hook_and_the_first_connect_is_warm() {
     if !containers::needs("podman_runs_the_hook_and_the_first_connect_is_warm") {
         return;
     }
     containers::image();
-    let hooks = TempDir::new();
-    std::fs::write(
-        hooks.join("warmpool.json"),
-        format!(
-            r#"{{"version":"1.0.0","hook":{{"path":"{bin}","args":["pool-manager","oci-hook","createRuntime"],"env":["WARMPOOL_SOCKET=@SOCK@"],"timeout":10}},"when":{{"always":true}},"stages":["createRuntime"]}}"#,
-            bin = pool_manager_bin().display()
-        ),
-    )
-    .expect("write hook");
     let mut lab = Lab::new();
-    let port = free_port();
-    let srv = PyServer::start(containers::SERVER, port);
-    let dest = format!("{}:{port}", containers::SERVER);
+    let (p1, p2) = (free_port(), free_port());
+    let srv = PyServer::start(containers::SERVER, p1);
+    let srv2 = PyServer::start(containers::SERVER, p2);
+    let (dest, dest2) = (format!("{}:{p1}", containers::SERVER), format!("{}:{p2}", containers::SERVER));
     let url = format!("http://{dest}/");
-    let d = Daemon::with_config(&format!("keep_window_when_idle = false\nnetns_linger = \"300s\"\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"warm\"\nmin_idle = 1\n"));
-    // One definition per stage (as the shipped file does), pointed at this daemon.
-    let text = std::fs::read_to_string(hooks.join("warmpool.json")).unwrap().replace("@SOCK@", d.socket.to_str().unwrap());
-    std::fs::write(hooks.join("warmpool.json"), &text).unwrap();
-    std::fs::write(hooks.join("warmpool-stop.json"), text.replace("createRuntime", "poststop")).unwrap();
+    let d = Daemon::with_config(&format!(
+        "keep_window_when_idle = false\nnetns_linger = \"300s\"\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"warm\"\nmin_idle = 1\n[auto]\nenabled = true\npolicy = \"warm\"\n"
+    ));
+    // The shipped definition, pointed at this build and this daemon.
+    let shipped = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/oci-hooks/warmpool.json")).expect("shipped hook");
+    assert!(shipped.contains("\"/usr/local/bin/pool-manager\"") && shipped.contains("WARMPOOL_SOCKET=/run/warmpool/pool.sock"), "{shipped}");
+    let hooks = TempDir::new();
+    let text = shipped
+        .replace("\"/usr/local/bin/pool-manager\"", &format!("{:?}", pool_manager_bin().display().to_string()))
+        .replace("WARMPOOL_SOCKET=/run/warmpool/pool.sock", &format!("WARMPOOL_SOCKET={}", d.socket.display()));
+    std::fs::write(hooks.join("warmpool.json"), text).expect("write hook");
     lab.hooks = Some(hooks.path().to_owned());
 
-    let c = lab.start(Some(&d), 40);
+    // Without the annotation the hook does not run: nothing is warmed.
+    let plain = lab.start(Some(&d), 41);
+    assert!(pools_for(&d, &dest).is_empty(), "{}", d.status());
+    drop(plain);
+    let annotation = format!("warmpool.prewarm={dest2}");
+    let c = lab.start_with(Some(&d), 40, &["--annotation", &annotation]);
     let pid = c.pid();
     let ino = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/proc/{pid}/ns/net")).expect("container netns"));
     assert_eq!(pools_for(&d, &dest).iter().map(|p| p.0).sum::<u64>(), 1, "warm before the first connect: {}\n{}", d.status(), d.log());
-    assert!(srv.lines().iter().all(|(_, a, _)| a == "198.18.111.40"), "made in the container's namespace: {:?}", srv.lines());
+    assert_eq!(pools_for(&d, &dest2).iter().map(|p| p.0).sum::<u64>(), 1, "the annotation's destination too: {}", d.status());
+    for s in [&srv, &srv2] {
+        assert!(!s.lines().is_empty() && s.lines().iter().all(|(_, a, _)| a == "198.18.111.40"), "made in the container's namespace: {:?}", s.lines());
+    }
     assert_eq!(c.exec(true, &containers::curls(1, &url)).trim(), "200", "{}", d.log());
     assert_eq!(d.metric("warmpool_handouts_total{kind=\"warm\"}"), 1.0, "the first connect is a warm hand-out: {}", d.metrics());
     assert_eq!(d.metric("warmpool_handouts_total{kind=\"miss\"}"), 0.0, "{}", d.metrics());
@@ -196,7 +203,7 @@ fn podman_runs_the_hook_and_the_first_connect_is_warm() {
 
     let stopped = Instant::now();
     drop(c); // podman rm -f -t 0: the runtime runs poststop
-    let pools_gone = wait_until(Duration::from_secs(1), || pools_for(&d, &dest).is_empty());
+    let pools_gone = wait_until(Duration::from_secs(1), || pools_for(&d, &dest).is_empty() && pools_for(&d, &dest2).is_empty());
     let ns_gone = wait_until(Duration::from_secs(1), || !daemon_namespaces(d.pid()).contains(&ino));
     eprintln!("after the stop: pools gone {pools_gone}, namespace let go {ns_gone}, {:?}", stopped.elapsed());
     assert!(pools_gone, "pools of the stopped container still open: {}\n{}", d.status(), d.log());
