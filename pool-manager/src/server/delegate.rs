@@ -158,7 +158,7 @@ fn delegate(shared: &Shared, link: &mut Link, got: wire::unix::Received, first: 
 /// `Container { Create }`: register the delegated tenant under `id`, fill its configured
 /// pools and answer once their connects are done.
 async fn create(shared: &Arc<Shared>, link: &Link, peer: &Identified, id: &str, seq: u32) -> Reply {
-    let (Some(pidfd), Ok((p, None))) = (&link.pidfd, &*peer) else {
+    let (Some(pidfd), Ok((p, None))) = (&link.pidfd, peer) else {
         let why = match peer {
             Ok((_, Some(why))) => why.clone(),
             _ => "Container { Create } needs a delegated connection (Delegate first)".into(),
@@ -245,7 +245,7 @@ fn stop(shared: &Shared, id: &str, generation: Option<u64>) -> String {
     let reg = {
         let mut by_id = shared.containers.lock();
         match by_id.get(id) {
-            Some(r) if generation.map_or(true, |g| g == r.generation) => by_id.remove(id),
+            Some(r) if generation.is_none_or(|g| g == r.generation) => by_id.remove(id),
             _ => None,
         }
     };
@@ -260,7 +260,10 @@ fn stop(shared: &Shared, id: &str, generation: Option<u64>) -> String {
     let mut namespaces: Vec<_> = reg.tenants.iter().filter_map(|t| t.netns).collect();
     namespaces.dedup();
     drop(reg);
-    let freed = namespaces.into_iter().fold(false, |f, n| crate::netns::close_now(shared, n) || f);
+    let mut freed = false;
+    for n in namespaces {
+        freed |= crate::netns::close_now(shared, n);
+    }
     let why = if generation.is_some() { "its process exited" } else { "stop hook" };
     info!(container = %id, pools = closed, netns_freed = freed, "container stopped ({why}): its pools are closed");
     format!("container {id}: {closed} pool(s) closed, network namespace {}", if freed { "let go" } else { "let go after its last client" })
