@@ -40,6 +40,7 @@ fn wire_seeds(dir: &Path) {
         ("takeover", enc(&Msg::Takeover, 16)),
         ("prefetch", enc(&Msg::Prefetch, 19)),
         ("delegate", enc(&Msg::Delegate, 22)),
+        ("delegate-as", enc(&Msg::DelegateAs { uid: 1000 }, 24)),
         ("container", enc(&Msg::Container { stage: ContainerStage::Create, id: "4f1c0a9e" }, 23)),
         ("release-unused", enc(&Msg::Release { lease: 42, disposition: Disposition::Unused }, 20)),
         ("offer-v4", enc(&Msg::Offer { lease: 42, source: Source::Reuse, last: true, dest: v4 }, 21)),

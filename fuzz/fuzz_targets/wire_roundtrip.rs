@@ -52,6 +52,7 @@ enum AMsg {
     Takeover,
     Prefetch,
     Delegate,
+    DelegateAs { uid: u32 },
     Container { stage: u8, id: String },
     Offer { lease: u64, source: u8, last: bool, dest: ADest },
     Handover(ARecord),
@@ -137,6 +138,7 @@ fn build(m: &AMsg) -> Msg<'_> {
         AMsg::Takeover => Msg::Takeover,
         AMsg::Prefetch => Msg::Prefetch,
         AMsg::Delegate => Msg::Delegate,
+        AMsg::DelegateAs { uid } => Msg::DelegateAs { uid: *uid },
         AMsg::Container { stage, id } => Msg::Container { stage: pick(&[ContainerStage::Create, ContainerStage::Stop], *stage), id },
         AMsg::Offer { lease, source, last, dest: d } => {
             Msg::Offer { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source), last: *last, dest: dest(d) }
@@ -181,6 +183,7 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         Msg::Acquire(_) | Msg::Prewarm(_) => Some(32),
         Msg::Release { .. } | Msg::Grant { .. } => Some(17),
         Msg::Miss { .. } => Some(13),
+        Msg::DelegateAs { .. } => Some(12),
         Msg::Status | Msg::Takeover | Msg::Prefetch | Msg::Delegate => Some(HEADER_LEN),
         Msg::Offer { .. } => Some(OFFER_LEN),
         Msg::Handover(r) => Some(HEADER_LEN + r.len()),

@@ -6,7 +6,10 @@
 //! or `poststart` the hook opens a pidfd of the container's process and sends it to the
 //! daemon as the first message of a connection (`Msg::Delegate`): the daemon identifies the
 //! container from the kernel (uid, cgroup, network namespace), never from anything the hook
-//! says. The hook then asks for the destinations of the annotation `warmpool.prewarm`
+//! says. One exception, at `createRuntime` only: the runtime's init is still root then and
+//! switches to the container's user (`process.user.uid` of the bundle's `config.json`, which
+//! the runtime enforces) only when it starts the program; the hook names that uid
+//! (`Msg::DelegateAs`), which the daemon accepts only while the process is still root. The hook then asks for the destinations of the annotation `warmpool.prewarm`
 //! (`HOST:PORT,...`) and registers the container (`Msg::Container { Create }`), which also
 //! fills the configured pools and answers once they are filled. At `poststop` it sends
 //! `Msg::Container { Stop }`: the daemon closes the container's pools and lets its
@@ -148,7 +151,8 @@ pub fn run(stage: Stage, socket: &Path, state: &str) -> Result<String, HookError
         (s, _) => s,
     };
     match stage {
-        Stage::CreateRuntime | Stage::Poststart | Stage::Auto => create(socket, &state),
+        Stage::CreateRuntime | Stage::Auto => create(socket, &state, future_uid(state.bundle.as_deref())),
+        Stage::Poststart => create(socket, &state, None),
         Stage::Poststop => {
             let link = Link::connect(socket)?;
             link.ask(&Msg::Container { stage: ContainerStage::Stop, id: &state.id }, None)
@@ -156,13 +160,24 @@ pub fn run(stage: Stage, socket: &Path, state: &str) -> Result<String, HookError
     }
 }
 
-fn create(socket: &Path, state: &State) -> Result<String, HookError> {
+/// The uid the runtime will start the container's program as (`process.user.uid` of the
+/// bundle's `config.json`), when it is not root; `None` if it is root or cannot be read (the
+/// process's own uid then stands, and `poststart` adds the program's).
+fn future_uid(bundle: Option<&str>) -> Option<u32> {
+    let text = std::fs::read_to_string(Path::new(bundle?).join("config.json")).ok()?;
+    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let uid = u32::try_from(config.pointer("/process/user/uid")?.as_u64()?).ok()?;
+    (uid != 0).then_some(uid)
+}
+
+fn create(socket: &Path, state: &State, as_uid: Option<u32>) -> Result<String, HookError> {
     let pid = state.pid.filter(|p| *p > 0).ok_or_else(|| HookError::NoPid(state.id.clone()))?;
     // Read before anything reaches the daemon: a bad annotation warms nothing.
     let dests = prewarm_destinations(&state.annotations)?;
     let pidfd = pidfd_open(pid)?;
     let link = Link::connect(socket)?;
-    let mut said = vec![link.ask(&Msg::Delegate, Some(pidfd.as_raw_fd()))?];
+    let delegate = as_uid.map_or(Msg::Delegate, |uid| Msg::DelegateAs { uid });
+    let mut said = vec![link.ask(&delegate, Some(pidfd.as_raw_fd()))?];
     drop(pidfd);
     for d in dests {
         said.push(link.ask(&Msg::Prewarm(Dest::from_socket_addr(d)), None)?);
@@ -234,6 +249,21 @@ mod tests {
         let s: State = serde_json::from_str(r#"{"id":"abc","status":"stopped"}"#).expect("parses");
         assert_eq!(s.pid, None);
         assert!(prewarm_destinations(&s.annotations).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_future_uid_comes_from_the_bundle() {
+        let dir = std::env::temp_dir().join(format!("warmpool-hook-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bundle = dir.to_str().unwrap();
+        std::fs::write(dir.join("config.json"), r#"{"process":{"user":{"uid":1000,"gid":1000},"args":["sh"]}}"#).unwrap();
+        assert_eq!(future_uid(Some(bundle)), Some(1000));
+        std::fs::write(dir.join("config.json"), r#"{"process":{"user":{"uid":0,"gid":0}}}"#).unwrap();
+        assert_eq!(future_uid(Some(bundle)), None, "root: the process's own uid stands");
+        std::fs::write(dir.join("config.json"), "{").unwrap();
+        assert_eq!(future_uid(Some(bundle)), None);
+        assert_eq!(future_uid(None), None);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

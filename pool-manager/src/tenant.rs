@@ -64,6 +64,14 @@ pub enum TenantError {
     /// A delegated fd is not a pidfd of a live process in the daemon's pid namespace.
     #[error("the delegated fd is not a pidfd of a live process")]
     NotAPidfd,
+    /// `DelegateAs` for a process that no longer runs as root: its own uid stands.
+    #[error("pid {pid} already runs as uid {uid}: a uid can be named only for a process that is still root")]
+    NotRoot {
+        /// Pid.
+        pid: i32,
+        /// Its uid.
+        uid: u32,
+    },
     /// The delegated process's credentials could not be read.
     #[error("uid of pid {pid}: {source}")]
     Uid {

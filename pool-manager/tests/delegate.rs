@@ -7,11 +7,11 @@
 
 mod common;
 
-use common::ns::Ns;
+use common::ns::{Ns, Sleeper};
 use common::pyhttp::PyServer;
 use common::*;
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 const NOBODY: u32 = 65534;
@@ -42,27 +42,9 @@ fn run(mut c: Command) -> String {
     out
 }
 
+/// The last answer to `op` (an `acquire` prints each miss before its grant).
 fn line<'a>(out: &'a str, op: &str) -> &'a str {
-    out.lines().find(|l| l.starts_with(&format!("{op} "))).unwrap_or_else(|| panic!("no answer to {op}: {out}"))
-}
-
-/// A `sleep` inside `ns` (the process whose tenant a connection is delegated to).
-struct Sleeper(Child);
-
-impl Sleeper {
-    fn start(ns: &Ns) -> Sleeper {
-        Sleeper(ns.cmd("sleep").arg("60").spawn().expect("sleep in the namespace"))
-    }
-    fn pid(&self) -> String {
-        // `ip netns exec` execs the program: the child's pid is the sleep's.
-        self.0.id().to_string()
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        terminate_child(&mut self.0, Duration::from_secs(1));
-    }
+    out.lines().filter(|l| l.starts_with(&format!("{op} "))).last().unwrap_or_else(|| panic!("no answer to {op}: {out}"))
 }
 
 #[test]
@@ -115,6 +97,26 @@ fn delegate_of_a_dead_process_or_not_first_is_refused() {
     assert!(line(&out, "delegate").contains("must be the first message"), "{out}");
 }
 
+/// `DelegateAs` names the uid of a process that is still root (a runtime's init before it
+/// starts the program), never of one that already switched.
+#[test]
+fn delegate_as_names_a_uid_only_for_a_root_process() {
+    if !require_root("delegate_as_names_a_uid_only_for_a_root_process") {
+        return;
+    }
+    let d = Daemon::with_config("[auto]\nenabled = true\npolicy = \"warm\"\n");
+    let s = Script::new();
+    let out = run(s.cmd(&d, "self@1000", &[]));
+    assert!(line(&out, "delegate").starts_with("delegate ok delegated: pid ") && out.contains(" uid 1000 "), "{out}");
+    let mut nobody = Command::new("sleep");
+    nobody.arg("60").uid(NOBODY).gid(NOBODY);
+    let mut child = nobody.spawn().expect("sleep as nobody");
+    let out = run(s.cmd(&d, &format!("{}@1000", child.id()), &["status"]));
+    terminate_child(&mut child, Duration::from_secs(1));
+    assert!(line(&out, "delegate").contains("already runs as uid 65534"), "{out}");
+    assert!(line(&out, "status").starts_with("status error 4 "), "refused: the connection serves nobody: {out}");
+}
+
 /// The delegated connection's sockets are made in the pidfd process's namespace: the
 /// granted socket's local address is the namespace's, and the server saw that address.
 #[test]
@@ -129,7 +131,7 @@ fn a_delegated_connection_gets_sockets_made_in_the_processs_namespace() {
     let d = Daemon::with_config("keep_window_when_idle = false\n[auto]\nenabled = true\npolicy = \"warm\"\n");
     let sleeper = Sleeper::start(&ns);
     let s = Script::new();
-    let out = run(s.cmd(&d, &sleeper.pid(), &[&format!("prewarm:{dest}"), &format!("acquire:{dest}")]));
+    let out = run(s.cmd(&d, &sleeper.pid().to_string(), &[&format!("prewarm:{dest}"), &format!("acquire:{dest}")]));
     let delegated = line(&out, "delegate");
     assert!(delegated.starts_with("delegate ok delegated: pid ") && delegated.contains(&format!("net:[{}]", ns.inode())), "{out}");
     let grant = line(&out, "acquire");

@@ -12,11 +12,11 @@
 mod common;
 
 use common::containers::{self, Lab};
-use common::ns::Ns;
+use common::ns::{Ns, Sleeper};
 use common::pyhttp::PyServer;
 use common::*;
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// `pool-manager oci-hook <stage>` with `state` on stdin: (exit success, stderr).
@@ -55,25 +55,9 @@ fn pools_for(d: &Daemon, dest: &str) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// A `sleep` inside `ns`: the "container's process" of the hand-run hook.
-struct Sleeper(Child);
-
-impl Sleeper {
-    fn start(ns: &Ns) -> Sleeper {
-        Sleeper(ns.cmd("sleep").arg("120").spawn().expect("sleep in the namespace"))
-    }
-    fn state(&self, id: &str, annotations: &str) -> String {
-        format!(r#"{{"ociVersion":"1.0.2","id":"{id}","status":"creating","pid":{},"bundle":"/nonexistent","annotations":{{{annotations}}}}}"#, self.0.id())
-    }
-    fn kill(&mut self) {
-        terminate_child(&mut self.0, Duration::from_secs(1));
-    }
-}
-
-impl Drop for Sleeper {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// The OCI state of a container whose process is `pid`.
+fn state(pid: u32, id: &str, annotations: &str) -> String {
+    format!(r#"{{"ociVersion":"1.0.2","id":"{id}","status":"creating","pid":{pid},"bundle":"/nonexistent","annotations":{{{annotations}}}}}"#)
 }
 
 /// The hand-run hook: createRuntime fills the configured pool (min_idle 2) and the
@@ -94,12 +78,13 @@ fn the_hook_warms_a_namespace_and_poststop_frees_it() {
         "keep_window_when_idle = false\nnetns_linger = \"300s\"\n[[pool]]\ndestination = \"{dest1}\"\npolicy = \"warm\"\nmin_idle = 2\n[auto]\nenabled = true\npolicy = \"warm\"\n"
     ));
     let mut sleeper = Sleeper::start(&ns);
-    let (ok, err) = hook(&d, "createRuntime", &sleeper.state("c1", &format!(r#""warmpool.prewarm":"{dest2}""#)));
+    let (ok, err) = hook(&d, "createRuntime", &state(sleeper.pid(), "c1", &format!(r#""warmpool.prewarm":"{dest2}""#)));
     assert!(ok, "the hook always exits 0: {err}");
     assert!(err.contains("container c1: 2 pool(s), 3 idle socket(s)"), "filled before the hook returned: {err}\n{}", d.log());
     // Made in the namespace: the servers saw its address only.
     for srv in [&srv1, &srv2] {
-        assert!(!srv.lines().is_empty() && srv.lines().iter().all(|(_, a, _)| a == "198.18.105.2"), "{:?}", srv.lines());
+        assert!(wait_until(Duration::from_secs(2), || !srv.lines().is_empty()), "the server logged no connection");
+        assert!(srv.lines().iter().all(|(_, a, _)| a == "198.18.105.2"), "{:?}", srv.lines());
     }
     let ino = ns.inode();
     assert!(daemon_namespaces(d.pid()).contains(&ino), "a maker thread serves the namespace");
@@ -132,7 +117,7 @@ fn the_processs_exit_closes_its_pools_and_the_hook_never_fails() {
     let dest = format!("198.18.106.1:{port}");
     let d = Daemon::with_config(&format!("keep_window_when_idle = false\nnetns_linger = \"300s\"\n[[pool]]\ndestination = \"{dest}\"\npolicy = \"warm\"\nmin_idle = 1\n"));
     let mut sleeper = Sleeper::start(&ns);
-    let (ok, err) = hook(&d, "createRuntime", &sleeper.state("c2", ""));
+    let (ok, err) = hook(&d, "createRuntime", &state(sleeper.pid(), "c2", ""));
     assert!(ok && err.contains("1 idle socket(s)"), "{err}");
     let ino = ns.inode();
     assert_eq!(pools_for(&d, &dest), vec![(1, 0)], "{}", d.status());
@@ -194,7 +179,8 @@ fn podman_runs_the_hook_and_the_first_connect_is_warm() {
     assert_eq!(pools_for(&d, &dest).iter().map(|p| p.0).sum::<u64>(), 1, "warm before the first connect: {}\n{}", d.status(), d.log());
     assert_eq!(pools_for(&d, &dest2).iter().map(|p| p.0).sum::<u64>(), 1, "the annotation's destination too: {}", d.status());
     for s in [&srv, &srv2] {
-        assert!(!s.lines().is_empty() && s.lines().iter().all(|(_, a, _)| a == "198.18.111.40"), "made in the container's namespace: {:?}", s.lines());
+        assert!(wait_until(Duration::from_secs(2), || !s.lines().is_empty()), "the server logged no connection");
+        assert!(s.lines().iter().all(|(_, a, _)| a == "198.18.111.40"), "made in the container's namespace: {:?}", s.lines());
     }
     assert_eq!(c.exec(true, &containers::curls(1, &url)).trim(), "200", "{}", d.log());
     assert_eq!(d.metric("warmpool_handouts_total{kind=\"warm\"}"), 1.0, "the first connect is a warm hand-out: {}", d.metrics());
@@ -214,4 +200,16 @@ fn podman_runs_the_hook_and_the_first_connect_is_warm() {
     let stopped: Vec<&str> = log.lines().filter(|l| l.contains("container stopped") || l.contains("container registered") || l.contains("stop hook")).collect();
     eprintln!("{}", stopped.join("\n"));
     assert!(!stopped.is_empty(), "{log}");
+
+    // A container whose program runs as another user (`--user 1000`): the runtime's init is
+    // still root at createRuntime; the hook names the bundle's uid and the first connect of
+    // the program (uid 1000) is a warm hand-out too.
+    let u = lab.start_with(Some(&d), 42, &["--annotation", "warmpool.prewarm=", "--user", "1000"]);
+    let tenants: Vec<String> = d.status().lines().filter(|l| l.split_whitespace().nth(1) == Some(dest.as_str())).map(String::from).collect();
+    assert!(tenants.len() == 1 && tenants[0].starts_with("1000:"), "warmed for uid 1000 only: {tenants:?}\n{}", d.log());
+    assert_eq!(u.exec(true, "id -u; ").trim(), "1000");
+    let warm = d.metric("warmpool_handouts_total{kind=\"warm\"}");
+    assert_eq!(u.exec(true, &containers::curls(1, &url)).trim(), "200", "{}", d.log());
+    assert_eq!(d.metric("warmpool_handouts_total{kind=\"warm\"}"), warm + 1.0, "uid 1000's first connect is warm: {}", d.metrics());
+    assert_eq!(d.metric("warmpool_handouts_total{kind=\"miss\"}"), 0.0, "{}", d.metrics());
 }

@@ -46,6 +46,10 @@
 //!   process from the kernel (uid, cgroup, network namespace) and serves the whole
 //!   connection as that process's tenant from then on. Reply: `StatusReply` (a short
 //!   confirmation) or `Error(Denied)` (not privileged, not first, process gone).
+//! * `DelegateAs` (12 bytes + a pidfd): `Delegate` with `uid: u32`, the uid the process is
+//!   about to run as. For OCI hooks at `createRuntime`, when the runtime's init is still
+//!   root and switches to the container's user only when it starts the program: accepted
+//!   only while the process is uid 0 (the cgroup and namespace still come from the kernel).
 //! * `Container` (10..=265 bytes): `stage: u8` ([`ContainerStage`]), then the container's
 //!   id in UTF-8 (1..=[`MAX_CONTAINER_ID`] bytes), from the same privileged peers. `Create`,
 //!   on a delegated connection: remember the container as the delegated tenant, keep its
@@ -123,6 +127,8 @@ pub enum Kind {
     Delegate = 8,
     /// A container's lifecycle event (OCI hook).
     Container = 9,
+    /// `Delegate`, for a process about to switch to another uid.
+    DelegateAs = 10,
     /// A socket is attached.
     Grant = 0x81,
     /// No socket: connect yourself.
@@ -149,6 +155,7 @@ impl Kind {
             7 => Self::Prefetch,
             8 => Self::Delegate,
             9 => Self::Container,
+            10 => Self::DelegateAs,
             0x85 => Self::Offer,
             0x86 => Self::Handover,
             0x81 => Self::Grant,
@@ -323,6 +330,11 @@ pub enum Msg<'a> {
     Prefetch,
     /// See the module docs (the pidfd travels beside the message).
     Delegate,
+    /// See the module docs (the pidfd travels beside the message).
+    DelegateAs {
+        /// The uid the process is about to run as.
+        uid: u32,
+    },
     /// See the module docs.
     Container {
         /// Which event.
@@ -437,6 +449,11 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         Msg::Delegate => {
             header(buf, Kind::Delegate, seq);
             HEADER_LEN
+        }
+        Msg::DelegateAs { uid } => {
+            header(buf, Kind::DelegateAs, seq);
+            buf[8..12].copy_from_slice(&uid.to_le_bytes());
+            12
         }
         Msg::Container { stage, id } => {
             header(buf, Kind::Container, seq);
@@ -575,6 +592,10 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         Kind::Takeover => Msg::Takeover,
         Kind::Prefetch => Msg::Prefetch,
         Kind::Delegate => Msg::Delegate,
+        Kind::DelegateAs => {
+            need(12)?;
+            Msg::DelegateAs { uid: u32::from_le_bytes([buf[8], buf[9], buf[10], buf[11]]) }
+        }
         Kind::Container => {
             need(10)?;
             let stage = match buf[8] {
@@ -676,6 +697,7 @@ mod tests {
         roundtrip(Msg::Takeover);
         roundtrip(Msg::Prefetch);
         roundtrip(Msg::Delegate);
+        roundtrip(Msg::DelegateAs { uid: 1000 });
         roundtrip(Msg::Container { stage: ContainerStage::Create, id: "4f1c0a9e" });
         roundtrip(Msg::Container { stage: ContainerStage::Stop, id: "x" });
         roundtrip(Msg::Release { lease: 1 << 40, disposition: Disposition::Unused });

@@ -105,7 +105,7 @@ pub(super) async fn intercept(
 ) -> Step {
     let first = std::mem::take(&mut link.first);
     let kind = if got.len >= wire::HEADER_LEN && !got.truncated { buf[3] } else { 0 };
-    if kind != Kind::Delegate as u8 && kind != Kind::Container as u8 {
+    if ![Kind::Delegate as u8, Kind::DelegateAs as u8, Kind::Container as u8].contains(&kind) {
         return Step::Pass(got);
     }
     let reply = match wire::decode(&buf[..got.len]) {
@@ -114,7 +114,8 @@ pub(super) async fn intercept(
             drop(got); // (a pidfd that came along is closed before answering)
             Reply::error(seq, ErrorCode::Denied, "Delegate and Container are accepted only from uid 0 in the pool manager's own network namespace".into())
         }
-        Ok((Msg::Delegate, seq)) => delegate(shared, link, got, first, peer, seq),
+        Ok((Msg::Delegate, seq)) => delegate(shared, link, got, first, peer, None, seq),
+        Ok((Msg::DelegateAs { uid }, seq)) => delegate(shared, link, got, first, peer, Some(uid), seq),
         Ok((Msg::Container { stage: ContainerStage::Create, id }, seq)) if got.fd.is_none() => create(shared, link, peer, id, seq).await,
         Ok((Msg::Container { stage: ContainerStage::Stop, id }, seq)) if got.fd.is_none() => {
             let text = stop(shared, id, None);
@@ -127,8 +128,9 @@ pub(super) async fn intercept(
 
 /// `Delegate`: identify the process behind the attached pidfd; from now on the connection
 /// is served as its tenant. A refused delegation leaves the connection unidentified (no
-/// socket for anyone), never served as the privileged client itself.
-fn delegate(shared: &Shared, link: &mut Link, got: wire::unix::Received, first: bool, peer: &mut Identified, seq: u32) -> Reply {
+/// socket for anyone), never served as the privileged client itself. `DelegateAs` (`as_uid`)
+/// names the uid a process that is still root is about to switch to.
+fn delegate(shared: &Shared, link: &mut Link, got: wire::unix::Received, first: bool, peer: &mut Identified, as_uid: Option<u32>, seq: u32) -> Reply {
     let Some(pidfd) = got.fd.filter(|_| got.extra_fds == 0 && !got.ctrunc) else {
         return Reply::error(seq, ErrorCode::Malformed, "Delegate carries exactly one pidfd".into());
     };
@@ -137,7 +139,15 @@ fn delegate(shared: &Shared, link: &mut Link, got: wire::unix::Received, first: 
     }
     let by = shared.config.tenant_by;
     let read_cgroup = if shared.config.allow_cgroups.is_some() { crate::config::TenantBy::UidAndCgroup } else { by };
-    match crate::tenant::identify_pidfd(&pidfd, read_cgroup, &shared.netns) {
+    let identified = crate::tenant::identify_pidfd(&pidfd, read_cgroup, &shared.netns).and_then(|mut p| match as_uid {
+        Some(_) if p.tenant.uid != 0 => Err(TenantError::NotRoot { pid: p.pid, uid: p.tenant.uid }),
+        Some(uid) => {
+            p.tenant.uid = uid;
+            Ok(p)
+        }
+        None => Ok(p),
+    });
+    match identified {
         Ok(p) => {
             let (p, refusal) = super::session::admit(shared, p);
             let text = format!("delegated: pid {} uid {} cgroup {} netns {}", p.pid, p.tenant.uid, p.tenant.cgroup, p.tenant.netns.map_or("own".into(), |n| n.to_string()));

@@ -392,6 +392,7 @@ pub(super) async fn handle(
         | Msg::Error { .. }
         | Msg::Handover(_)
         | Msg::Delegate
+        | Msg::DelegateAs { .. }
         | Msg::Container { .. }
         | Msg::Takeover => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);

@@ -3,7 +3,7 @@
 
 usage: delegate.py SOCKET TARGET [OP...]
   TARGET: a pid, "self" (this process), "dead" (a child that has exited and been reaped),
-          or "none" (send no Delegate at all)
+          or "none" (send no Delegate at all); "TARGET@UID" sends DelegateAs(UID)
   OP:     prewarm:HOST:PORT | acquire:HOST:PORT | status | create:ID | stop:ID | delegate:PID
 
 Prints one line per answer:
@@ -18,7 +18,7 @@ import sys
 import time
 
 MAGIC, VERSION = 0x5057, 1
-K_ACQUIRE, K_STATUS, K_PREWARM, K_DELEGATE, K_CONTAINER = 1, 3, 4, 8, 9
+K_ACQUIRE, K_STATUS, K_PREWARM, K_DELEGATE, K_CONTAINER, K_DELEGATE_AS = 1, 3, 4, 8, 9, 10
 K_GRANT, K_MISS, K_STATUSREPLY, K_ERROR = 0x81, 0x82, 0x83, 0x8F
 seq = 0
 
@@ -75,8 +75,10 @@ def main():
     conn.settimeout(10)
     conn.connect(path)
     if target != "none":
+        target, _, as_uid = target.partition("@")
         fd = pidfd_of(target)
-        socket.send_fds(conn, [header(K_DELEGATE)], [fd])
+        msg = header(K_DELEGATE_AS) + struct.pack("<I", int(as_uid)) if as_uid else header(K_DELEGATE)
+        socket.send_fds(conn, [msg], [fd])
         os.close(fd)
         answer(conn, "delegate")
     for op in ops:

@@ -73,3 +73,36 @@ impl Drop for Ns {
         }
     }
 }
+
+/// A `sleep` inside a namespace: a process whose tenant a test delegates to. `start` returns
+/// once it is in the namespace (`ip netns exec` enters it before it execs the program).
+pub struct Sleeper(pub std::process::Child);
+
+impl Sleeper {
+    pub fn start(ns: &Ns) -> Sleeper {
+        let child = ns.cmd("sleep").arg("120").spawn().expect("sleep in the namespace");
+        let (pid, want) = (child.id(), ns.inode());
+        let s = Sleeper(child);
+        let inside = || {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let ino = std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+            comm.trim() == "sleep" && ino == want
+        };
+        assert!(super::wait_until(std::time::Duration::from_secs(5), inside), "sleep never entered {}", ns.name);
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn kill(&mut self) {
+        super::terminate_child(&mut self.0, std::time::Duration::from_secs(1));
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
