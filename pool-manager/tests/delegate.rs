@@ -44,7 +44,7 @@ fn run(mut c: Command) -> String {
 
 /// The last answer to `op` (an `acquire` prints each miss before its grant).
 fn line<'a>(out: &'a str, op: &str) -> &'a str {
-    out.lines().filter(|l| l.starts_with(&format!("{op} "))).last().unwrap_or_else(|| panic!("no answer to {op}: {out}"))
+    out.lines().rev().find(|l| l.starts_with(&format!("{op} "))).unwrap_or_else(|| panic!("no answer to {op}: {out}"))
 }
 
 #[test]
