@@ -95,6 +95,12 @@ pub const MAX_PREFETCH: usize = wire::MAX_OFFERS;
 /// are pooled from then on; a name that did not resolve at start is pooled once it does).
 pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Tenants closed for good that the daemon remembers, so that a late request of one (a
+/// process moved out of its removed cgroup keeps its link) cannot make its pools again.
+/// Cgroup ids are never reused, so forgetting the oldest only lets such a straggler's pool
+/// live until the next sweep closes it again; 4096 entries are well under a megabyte.
+pub const CLOSED_TENANTS_REMEMBERED: usize = 4096;
+
 /// How long another network namespace's pools outlive its last client (`netns_linger`).
 pub const NETNS_LINGER: Duration = Duration::from_secs(5);
 /// How long `Container { Create }` waits for the container's pools to be filled before it

@@ -320,7 +320,9 @@ fn failed(what: impl std::fmt::Display) -> TakeoverError {
 
 fn tenant(uid: u32, cgroup: &[u8]) -> Result<Tenant, TakeoverError> {
     let cgroup = std::str::from_utf8(cgroup).map_err(|_| failed("a cgroup that is not UTF-8"))?;
-    Ok(Tenant { uid, cgroup: cgroup.into(), netns: None })
+    // The cgroup there now: a predecessor's tenant of a cgroup removed since is closed by
+    // the first sweep.
+    Ok(Tenant { uid, cgroup: cgroup.into(), cgroup_id: server::tenants::cgroup_id_of_path(cgroup), netns: None })
 }
 
 fn dest(d: &Dest) -> SocketAddr {

@@ -194,6 +194,7 @@ pub fn render(shared: &Shared) -> String {
     let _ = writeln!(o, "# HELP warmpool_takeovers_failed_total Take-overs that failed before the successor's commit; this daemon served on.");
     let _ = writeln!(o, "# TYPE warmpool_takeovers_failed_total counter");
     let _ = writeln!(o, "warmpool_takeovers_failed_total {}", c(&m.takeovers_failed));
+    shared.lifecycle.metric_lines(&mut o);
     let _ = writeln!(o, "# TYPE warmpool_clients_total counter");
     let _ = writeln!(o, "warmpool_clients_total {}", c(&m.clients));
     let _ = writeln!(o, "# HELP warmpool_handout_latency_seconds Daemon-side time from request to reply with a socket.");

@@ -208,20 +208,12 @@ pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::
     if gone.is_empty() {
         return;
     }
-    close_pools(pools, &gone, discarded);
+    // Every pool of those namespaces, configured ones included.
+    let which = |t: &crate::tenant::Tenant| t.netns.is_some_and(|n| gone.contains(&n));
+    crate::server::tenants::close_locked(shared, pools, which, crate::server::CloseReason::NetnsGone, discarded);
     for id in gone {
         info!(netns = %id, "network namespace has no client left: its pools are closed");
     }
-}
-
-fn close_pools(pools: &mut HashMap<PoolKey, crate::pool::Pool<PooledSock>>, gone: &[NetNsId], discarded: &mut Vec<(PooledSock, Discard)>) {
-    pools.retain(|k, p| {
-        let closing = k.tenant.netns.is_some_and(|n| gone.contains(&n));
-        if closing {
-            discarded.extend(p.drain().into_iter().map(|s| (s, Discard::PoolRemoved)));
-        }
-        !closing
-    });
 }
 
 /// Close namespace `id` now, without waiting for `netns_linger`, if it has no client left
@@ -242,7 +234,8 @@ pub fn close_now(shared: &Shared, id: NetNsId) -> bool {
     };
     if removed {
         let mut discarded = Vec::new();
-        close_pools(&mut shared.lock(), &[id], &mut discarded);
+        let which = |t: &crate::tenant::Tenant| t.netns == Some(id);
+        crate::server::tenants::close_locked(shared, &mut shared.lock(), which, crate::server::CloseReason::Stopped, &mut discarded);
         shared.discard_all(discarded);
         info!(netns = %id, "container stopped: its network namespace's pools are closed");
     }

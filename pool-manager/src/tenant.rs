@@ -24,6 +24,10 @@ pub struct Tenant {
     pub uid: u32,
     /// Peer cgroup v2 path (empty when grouping by uid only).
     pub cgroup: Arc<str>,
+    /// That cgroup's id (the inode of its directory, as the kernel's connect hooks see it)
+    /// when the tenant was identified: a cgroup removed and made again under the same path
+    /// is another tenant. 0: not known (grouping by uid only, or no usable cgroup2 mount).
+    pub cgroup_id: u64,
     /// The peer's network namespace; `None`: the daemon's own.
     pub netns: Option<NetNsId>,
 }
@@ -126,13 +130,14 @@ fn of_process(pid: i32, uid: u32, pidfd: Option<&OwnedFd>, by: TenantBy, namespa
         TenantBy::Uid => Arc::from(""),
         TenantBy::UidAndCgroup => Arc::from(tenancy::cgroup::cgroup_of(pid).map_err(|source| TenantError::Cgroup { pid, source })?),
     };
+    let cgroup_id = crate::server::tenants::cgroup_id_of_member(&cgroup);
     let ns = netns_of(pidfd, pid)?;
     if pidfd.is_some_and(|p| tenancy::netns::pidfd_exited(p.as_fd())) {
         return Err(TenantError::Gone(pid));
     }
     let member = namespaces.join(ns);
     let netns = member.as_ref().map(Member::id);
-    Ok(Peer { tenant: Tenant { uid, cgroup, netns }, pid, netns: member })
+    Ok(Peer { tenant: Tenant { uid, cgroup, cgroup_id, netns }, pid, netns: member })
 }
 
 /// The pid (in the daemon's pid namespace) of the process behind a pidfd, from the `Pid:`

@@ -18,7 +18,7 @@
 //! dispatch, which refuses any message carrying an fd.
 
 use super::session::{send_reply, Reply};
-use super::{PoolKey, Shared};
+use super::Shared;
 use crate::defaults;
 use crate::netns::Member;
 use crate::tenant::{Peer, Tenant, TenantError};
@@ -266,7 +266,7 @@ fn stop(shared: &Shared, id: &str, generation: Option<u64>) -> String {
         return format!("container {id} is not registered (closed already)");
     };
     reg.watch.cancel();
-    let closed: usize = reg.tenants.iter().map(|t| close_tenant(shared, t)).sum();
+    let closed: usize = reg.tenants.iter().map(|t| super::tenants::close_tenant(shared, t, super::CloseReason::Stopped).pools).sum();
     let mut namespaces: Vec<_> = reg.tenants.iter().filter_map(|t| t.netns).collect();
     namespaces.dedup();
     drop(reg);
@@ -277,22 +277,4 @@ fn stop(shared: &Shared, id: &str, generation: Option<u64>) -> String {
     let why = if generation.is_some() { "its process exited" } else { "stop hook" };
     info!(container = %id, pools = closed, netns_freed = freed, "container stopped ({why}): its pools are closed");
     format!("container {id}: {closed} pool(s) closed, network namespace {}", if freed { "let go" } else { "let go after its last client" })
-}
-
-/// Close every pool of `tenant`; the number closed.
-// MERGE: a minimal stand-in for `server::tenants::close_tenant` of the `lifecycle` branch
-// (not merged yet when this was written); replace the body with a call to it.
-fn close_tenant(shared: &Shared, tenant: &Tenant) -> usize {
-    let mut discarded = Vec::new();
-    let mut closed = 0;
-    shared.lock().retain(|k: &PoolKey, p| {
-        let ours = k.tenant == *tenant;
-        if ours {
-            closed += 1;
-            discarded.extend(p.drain().into_iter().map(|s| (s, crate::sock::Discard::PoolRemoved)));
-        }
-        !ours
-    });
-    shared.discard_all(discarded);
-    closed
 }

@@ -66,6 +66,9 @@ pub(crate) fn pool_for<'a>(
         return None;
     }
     if !pools.contains_key(key) {
+        if shared.lifecycle.is_closed(&key.tenant) {
+            return None;
+        }
         let (settings, auto) = match shared.lookup(&key.dest) {
             Lookup::Configured(s) => (s, false),
             Lookup::Auto(s) => {

@@ -17,7 +17,8 @@
 //! `session` (one client connection: identify, read, dispatch, answer, and the leases it
 //! leaves behind), `grant` (acquire from a pool or a peer link, grant, prefetch offers,
 //! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker),
-//! `delegate` (connections that act for another process: `Delegate`, the OCI hook's `Container`).
+//! `delegate` (connections that act for another process: `Delegate`, the OCI hook's `Container`),
+//! `tenants` (closing every pool of a tenant that is gone).
 //! This module holds what they share: [`Shared`], [`PoolKey`], [`PooledSock`].
 
 
@@ -26,11 +27,13 @@ mod grant;
 mod listener;
 mod session;
 mod tasks;
+pub mod tenants;
 
 pub use delegate::Containers;
 pub use listener::{bind, connect_client, run, run_with};
 pub(crate) use grant::pool_for;
 pub(crate) use session::{send_within, Lease};
+pub use tenants::{close_tenant, close_tenants, CloseReason, Closed};
 
 use crate::config::{Config, Lookup};
 use crate::metrics::Metrics;
@@ -114,6 +117,8 @@ pub struct Shared {
     pub(crate) check_wake: tokio::sync::Notify,
     /// Containers registered by the OCI hook (`Msg::Container`).
     pub containers: Containers,
+    /// Tenants closed (counters, and those whose pools are not made again).
+    pub lifecycle: tenants::Lifecycle,
 }
 
 impl Shared {
@@ -141,6 +146,7 @@ impl Shared {
             resolved: std::sync::RwLock::new(HashMap::new()),
             check_wake: tokio::sync::Notify::new(),
             containers: Containers::default(),
+            lifecycle: tenants::Lifecycle::default(),
         }
     }
 

@@ -175,8 +175,8 @@ impl DemandTracker {
             if shared.config.admits(uid, &cgroup).is_err() {
                 continue;
             }
-            let cgroup = if by_uid { Arc::from("") } else { cgroup };
-            let key = PoolKey { tenant: Tenant { uid, cgroup, netns: None }, dest };
+            let (cgroup, cgroup_id) = if by_uid { (Arc::from(""), 0) } else { (cgroup, cg) };
+            let key = PoolKey { tenant: Tenant { uid, cgroup, cgroup_id, netns: None }, dest };
             let (n, timeout) = {
                 let mut pools = shared.lock();
                 if pools.contains_key(&key) {
