@@ -194,6 +194,7 @@ fn podman_runs_the_hook_and_the_first_connect_is_warm() {
     eprintln!("after the stop: pools gone {pools_gone}, namespace let go {ns_gone}, {:?}", stopped.elapsed());
     assert!(pools_gone, "pools of the stopped container still open: {}\n{}", d.status(), d.log());
     assert!(ns_gone, "the daemon still refers to the container's namespace\n{}", d.log());
+    assert!(d.metric("warmpool_tenants_closed_total{reason=\"stopped\"}") >= 1.0, "{}", d.metrics());
     // The runtime's poststop reaches the daemon too (after the exit, it finds nothing left).
     assert!(wait_until(Duration::from_secs(5), || d.log().contains("stop hook")), "poststop never ran\n{}", d.log());
     let log = d.log();
