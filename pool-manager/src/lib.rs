@@ -10,7 +10,8 @@
 //! [`sock`] (kernel-state checks), [`sockstate`] (a function's socket options and peer never
 //! reach the next function), [`tenant`] (who is asking, from the kernel), [`netns`] (sockets made in the client's
 //! network namespace), [`server`]
-//! (listener, clients, leases, maintenance), the return path's checks ([`holders`]: no other
+//! (listener, clients, leases, maintenance; connections delegated by a node helper), [`ocihook`] (the OCI
+//! runtime hook that warms a container's pools before it starts), the return path's checks ([`holders`]: no other
 //! process holds a given-back socket; [`proof`]: the protocol's end-of-exchange proof; run by
 //! the checker task), [`handover`] (restart by take-over), [`peer`] (links between
 //! functions), [`metrics`] and [`status`].
@@ -25,6 +26,7 @@ pub mod handover;
 pub mod holders;
 pub mod metrics;
 pub mod netns;
+pub mod ocihook;
 pub mod peer;
 pub mod pool;
 pub mod proof;

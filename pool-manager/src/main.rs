@@ -72,6 +72,16 @@ enum Cmd {
         #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
         command: Vec<String>,
     },
+    /// OCI runtime hook (podman, CRI-O hooks directory): reads the container's state on
+    /// stdin; at createRuntime/poststart warms its pools in its network namespace, at
+    /// poststop closes them. Never fails the container: errors go to stderr, exit 0.
+    OciHook {
+        /// createRuntime, poststart or poststop.
+        stage: String,
+        /// The daemon's socket [default: $WARMPOOL_SOCKET, else /run/warmpool/pool.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Print the embedded default configuration.
     Config,
     /// Run the public rendezvous server for peer links (hole punching, relay).
@@ -146,6 +156,10 @@ fn main() -> Result<()> {
             let code = exec::run(&socket_path(socket, default_socket()), &command)?;
             std::process::exit(code);
         }
+        Cmd::OciHook { stage, socket } => {
+            oci_hook(&stage, &socket_path(socket, default_socket()));
+            Ok(())
+        }
         Cmd::Config => {
             print!("{}", config::EMBEDDED_DEFAULT);
             Ok(())
@@ -200,6 +214,25 @@ fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std
         server.run(listener, cancel).await;
         Ok(())
     })
+}
+
+/// The OCI hook. It never fails: any error is one line on stderr and exit status 0, because
+/// a pooling helper must not stop functions from starting (a container whose pools are cold
+/// still works; one that does not start does not). The runtime bounds the hook with the
+/// definition's `timeout`, and every daemon call here has its own.
+fn oci_hook(stage: &str, socket: &std::path::Path) {
+    use std::io::Read;
+    let mut state = String::new();
+    let r = std::io::stdin()
+        .take(1 << 20)
+        .read_to_string(&mut state)
+        .map_err(|source| pool_manager::ocihook::HookError::Io { what: "reading the container state on stdin", source })
+        .and_then(|_| stage.parse())
+        .and_then(|stage| pool_manager::ocihook::run(stage, socket, &state));
+    match r {
+        Ok(said) => eprintln!("warmpool oci-hook {stage}: {said}"),
+        Err(e) => eprintln!("warmpool oci-hook {stage}: {e} (the container starts without warm pools)"),
+    }
 }
 
 fn init_tracing(format: &str) {

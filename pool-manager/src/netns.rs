@@ -47,6 +47,9 @@ struct Entry {
     cookie: Arc<AtomicU64>,
     clients: usize,
     idle_since: Option<Instant>,
+    /// Its container stopped while a client was still connected (a link whose end the
+    /// daemon has not read yet): close it at the first sweep without clients, no linger.
+    closing: bool,
 }
 
 /// A live client of a namespace: while one exists, the namespace keeps its pools.
@@ -61,6 +64,16 @@ impl Member {
     #[must_use]
     pub fn id(&self) -> NetNsId {
         self.id
+    }
+
+    /// One more client of the same namespace (a registered container holds one until it
+    /// stops, so that its namespace stays served between the OCI hook and its first client).
+    #[must_use]
+    pub fn another(&self) -> Member {
+        if let Some(e) = self.all.lock().get_mut(&self.id) {
+            e.clients += 1;
+        }
+        Member { all: self.all.clone(), id: self.id }
     }
 }
 
@@ -106,10 +119,11 @@ impl Namespaces {
         let mut entries = self.lock();
         let e = entries.entry(id).or_insert_with(|| {
             let cookie = Arc::new(AtomicU64::new(0));
-            Entry { maker: spawn_maker(ns, cookie.clone()), cookie, clients: 0, idle_since: None }
+            Entry { maker: spawn_maker(ns, cookie.clone()), cookie, clients: 0, idle_since: None, closing: false }
         });
         e.clients += 1;
         e.idle_since = None;
+        e.closing = false;
         Some(Member { all: self.clone(), id })
     }
 
@@ -117,7 +131,8 @@ impl Namespaces {
     fn take_expired(&self, now: Instant) -> Vec<NetNsId> {
         let mut gone = Vec::new();
         self.lock().retain(|id, e| {
-            let expired = e.clients == 0 && e.idle_since.is_some_and(|t| now.duration_since(t) >= self.linger);
+            let linger = if e.closing { Duration::ZERO } else { self.linger };
+            let expired = e.clients == 0 && e.idle_since.is_some_and(|t| now.duration_since(t) >= linger);
             if expired {
                 gone.push(*id);
             }
@@ -302,6 +317,32 @@ pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::
     for id in gone {
         info!(netns = %id, "network namespace has no client left: its pools are closed");
     }
+}
+
+/// Close namespace `id` now, without waiting for `netns_linger`, if it has no client left
+/// (its container stopped): its pools and its maker go, and with them everything of the
+/// daemon's that kept it alive. Returns whether it was closed; if a client is still
+/// connected, the namespace closes at the first sweep after its last client, with no linger.
+pub fn close_now(shared: &Shared, id: NetNsId) -> bool {
+    let removed = {
+        let mut entries = shared.netns.lock();
+        match entries.get_mut(&id) {
+            Some(e) if e.clients == 0 => entries.remove(&id).is_some(),
+            Some(e) => {
+                e.closing = true;
+                false
+            }
+            None => false,
+        }
+    };
+    if removed {
+        let mut discarded = Vec::new();
+        let which = |t: &crate::tenant::Tenant| t.netns == Some(id);
+        crate::server::tenants::close_locked(shared, &mut shared.lock(), which, crate::server::CloseReason::Stopped, &mut discarded);
+        shared.discard_all(discarded);
+        info!(netns = %id, "container stopped: its network namespace's pools are closed");
+    }
+    removed
 }
 
 #[cfg(test)]

@@ -4,12 +4,12 @@
 //! path in another namespace; and demand counted in a namespace prewarms a pool in that
 //! namespace, never in the daemon's.
 //!
-//! Addresses: 198.19.201.0/30 (host .1, namespace .2); the window test uses each
+//! Addresses: 198.18.201.0/30 (host .1, namespace .2); the window test uses each
 //! namespace's own loopback.
 
 mod common;
 
-use common::ns::{ip, NetNs};
+use common::ns::{ip, Ns};
 use common::pyhttp::PyServer;
 use common::*;
 use std::io::BufRead;
@@ -43,9 +43,9 @@ impl Drop for Proc {
 }
 
 /// `sink.py PORT` on 127.0.0.1 inside `ns`, once it listens.
-fn sink_in(ns: &NetNs, port: u16) -> Proc {
+fn sink_in(ns: &Ns, port: u16) -> Proc {
     let py = tool_path("python3");
-    let mut c = ns.cmd(py.to_str().unwrap(), &[script("sink.py").to_str().unwrap(), &port.to_string()]);
+    let mut c = ns.cmd(py.to_str().unwrap()).args(&[script("sink.py").to_str().unwrap(), &port.to_string()]);
     let mut child = c.stdout(Stdio::piped()).spawn().expect("start sink");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
@@ -54,7 +54,7 @@ fn sink_in(ns: &NetNs, port: u16) -> Proc {
 }
 
 /// `cwnd.py PORT MODE` inside `ns` and `cg`: the connection's tcpi_snd_cwnd.
-fn cwnd_in(ns: &NetNs, cg: &Cgroup, port: u16, mode: &str) -> u32 {
+fn cwnd_in(ns: &Ns, cg: &Cgroup, port: u16, mode: &str) -> u32 {
     let py = tool_path("python3");
     let o = ns.cmd_in(cg, py.to_str().unwrap(), &[script("cwnd.py").to_str().unwrap(), &port.to_string(), mode]).output().unwrap();
     assert!(o.status.success(), "cwnd.py {mode}: {}", String::from_utf8_lossy(&o.stderr));
@@ -64,16 +64,16 @@ fn cwnd_in(ns: &NetNs, cg: &Cgroup, port: u16, mode: &str) -> u32 {
 /// The cookie of `ns` (`SO_NETNS_COOKIE` on a socket made there): the daemon labels what it
 /// learned in a namespace it has no entry for `cookie:N` (`net:[INODE]` once it has one:
 /// a client, or demand it traced there).
-fn cookie_of(ns: &NetNs) -> u64 {
+fn cookie_of(ns: &Ns) -> u64 {
     let py = tool_path("python3");
     let code = "import socket; print(int.from_bytes(socket.socket().getsockopt(socket.SOL_SOCKET, 71, 8), 'little'))";
-    let o = ns.cmd(py.to_str().unwrap(), &["-c", code]).output().unwrap();
+    let o = ns.cmd(py.to_str().unwrap()).args(&["-c", code]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).trim().parse().expect("a cookie")
 }
 
 /// The window learned for `dest` in `ns` (with cookie `cookie`), under either label.
-fn learned_in(d: &Daemon, dest: &str, ns: &NetNs, cookie: u64) -> Option<u32> {
+fn learned_in(d: &Daemon, dest: &str, ns: &Ns, cookie: u64) -> Option<u32> {
     let body = d.metrics();
     [format!("cookie:{cookie}"), ns.label()]
         .iter()
@@ -94,7 +94,7 @@ fn each_namespace_starts_new_connections_with_its_own_learned_window() {
     if !assist_available("each_namespace_starts_new_connections_with_its_own_learned_window") {
         return;
     }
-    let (a, b) = (NetNs::new("wa"), NetNs::new("wb"));
+    let (a, b) = (Ns::new("wa"), Ns::new("wb"));
     ip(&["-n", &b.name, "link", "set", "lo", "mtu", "1500"]);
     let (ca, cb) = (cookie_of(&a), cookie_of(&b));
     assert_ne!(ca, cb);
@@ -138,10 +138,10 @@ fn demand_in_a_namespace_prewarms_in_that_namespace_and_no_other() {
     if !assist_available("demand_in_a_namespace_prewarms_in_that_namespace_and_no_other") || !require_tool("curl") {
         return;
     }
-    let ns = NetNs::new("wd").with_veth("198.19.201");
+    let ns = Ns::new("wd").with_veth(201);
     let port = free_port();
-    let srv = PyServer::start("198.19.201.1", port);
-    let dest = format!("198.19.201.1:{port}");
+    let srv = PyServer::start("198.18.201.1", port);
+    let dest = format!("198.18.201.1:{port}");
     let url = format!("http://{dest}/");
     let cg = Cgroup::new("nsdemand");
     // A process that stays in the namespace and the cgroup (a container's init would): the
@@ -169,7 +169,7 @@ fn demand_in_a_namespace_prewarms_in_that_namespace_and_no_other() {
     let conns = || srv.lines().into_iter().filter(|(k, _, _)| k == "conn").collect::<Vec<_>>();
     assert!(wait_until(Duration::from_secs(3), || conns().len() >= 4), "3 plain connects and at least one prewarmed: {:?}", conns());
     let conns = conns();
-    assert!(conns.iter().all(|(_, a, _)| a == "198.19.201.2"), "a connection from outside the namespace: {conns:?}");
+    assert!(conns.iter().all(|(_, a, _)| a == "198.18.201.2"), "a connection from outside the namespace: {conns:?}");
     // A function with the shim in the namespace is served warm at its first connect.
     let mut c = ns.cmd_in(&cg, "curl", &["-sS", "--max-time", "5", "-o", "/dev/null", "-w", "%{http_code}", &url]);
     shim_env(&mut c, &d);

@@ -17,16 +17,19 @@
 //! `session` (one client connection: identify, read, dispatch, answer, and the leases it
 //! leaves behind), `grant` (acquire from a pool or a peer link, grant, prefetch offers,
 //! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker),
+//! `delegate` (connections that act for another process: `Delegate`, the OCI hook's `Container`),
 //! `tenants` (closing every pool of a tenant that is gone).
 //! This module holds what they share: [`Shared`], [`PoolKey`], [`PooledSock`].
 
 
+mod delegate;
 mod grant;
 mod listener;
 mod session;
 mod tasks;
 pub mod tenants;
 
+pub use delegate::Containers;
 pub use listener::{bind, connect_client, run, run_with};
 pub(crate) use grant::pool_for;
 pub(crate) use session::{send_within, Lease};
@@ -112,6 +115,8 @@ pub struct Shared {
     pub resolved: std::sync::RwLock<HashMap<SocketAddr, Arc<crate::config::PoolSettings>>>,
     /// Wakes the checker: a socket entered quarantine.
     pub(crate) check_wake: tokio::sync::Notify,
+    /// Containers registered by the OCI hook (`Msg::Container`).
+    pub containers: Containers,
     /// Tenants closed (counters, and those whose pools are not made again).
     pub lifecycle: tenants::Lifecycle,
 }
@@ -140,6 +145,7 @@ impl Shared {
             handover_done: tokio::sync::Notify::new(),
             resolved: std::sync::RwLock::new(HashMap::new()),
             check_wake: tokio::sync::Notify::new(),
+            containers: Containers::default(),
             lifecycle: tenants::Lifecycle::default(),
         }
     }

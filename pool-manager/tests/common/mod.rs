@@ -9,6 +9,7 @@
 //! Set `WARMPOOL_TEST_KEEP=1` to keep the temporary directories (logs, configs) after a
 //! test for post-mortem inspection; their paths are printed on stderr.
 #![allow(dead_code, unreachable_pub, missing_debug_implementations)]
+pub mod containers;
 pub mod nat;
 pub mod ns;
 pub mod pyhttp;

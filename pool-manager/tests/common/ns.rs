@@ -1,53 +1,52 @@
-//! Named network namespaces for tests (root): loopback up, an optional veth pair to the host
-//! with addresses from 198.18.0.0/15, commands run inside (also inside a test cgroup).
-//! Removed on drop (deleting the namespace deletes its veth pair with it).
+//! A network namespace a test makes (`ip netns add`), optionally with a veth pair to the
+//! test's own namespace; removed on drop.
 
 use super::{tool_path, Cgroup};
 use std::process::{Command, Output, Stdio};
 
-/// A named network namespace (`ip netns add`), removed (with its veth pair) on drop.
-pub struct NetNs {
+/// A named network namespace (`ip netns add`), with its loopback up and optionally a veth
+/// pair to the host. Removed (with the host end) on drop.
+pub struct Ns {
     pub name: String,
-    host_if: Option<String>,
+    pub host_if: Option<String>,
 }
 
-/// `ip ARGS`, which must succeed.
 pub fn ip(args: &[&str]) -> Output {
     let o = Command::new(tool_path("ip")).args(args).output().expect("run ip");
     assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     o
 }
 
-impl NetNs {
-    /// `tag`: short and unique per test file and test.
-    pub fn new(tag: &str) -> NetNs {
-        let name = format!("wp{tag}{}", std::process::id());
+impl Ns {
+    /// `tag`: a short name unique per test (also the /30's third octet offset).
+    pub fn new(tag: &str) -> Ns {
+        let name = format!("wpn{tag}{}", std::process::id());
         let _ = Command::new(tool_path("ip")).args(["netns", "del", &name]).output();
         ip(&["netns", "add", &name]);
-        let ns = NetNs { name, host_if: None };
-        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        let ns = Ns { name, host_if: None };
+        ns.exec_ok(&["ip", "link", "set", "lo", "up"]);
         ns
     }
 
-    /// Add a veth pair: the host end gets `<prefix>.1/30`, the namespace end `<prefix>.2/30`
-    /// (`prefix`: three octets inside 198.18.0.0/15, e.g. "198.19.201").
-    pub fn with_veth(mut self, prefix: &str) -> NetNs {
-        let tag = prefix.rsplit('.').next().unwrap_or("0");
-        let host = format!("wpvh{tag}{}", std::process::id() % 100_000);
+    /// Add a veth pair: the host end gets `198.18.<octet>.1/30`, the namespace end `.2`.
+    pub fn with_veth(mut self, octet: u8) -> Ns {
+        let host = format!("wph{}{}", octet, std::process::id() % 100_000);
+        let inside = format!("wpi{}{}", octet, std::process::id() % 100_000);
         let _ = Command::new(tool_path("ip")).args(["link", "del", &host]).output();
-        ip(&["link", "add", &host, "type", "veth", "peer", "name", "wpveth", "netns", &self.name]);
+        ip(&["link", "add", &host, "type", "veth", "peer", "name", &inside]);
         self.host_if = Some(host.clone());
-        ip(&["addr", "add", &format!("{prefix}.1/30"), "dev", &host]);
+        ip(&["link", "set", &inside, "netns", &self.name]);
+        ip(&["addr", "add", &format!("198.18.{octet}.1/30"), "dev", &host]);
         ip(&["link", "set", &host, "up"]);
-        ip(&["-n", &self.name, "addr", "add", &format!("{prefix}.2/30"), "dev", "wpveth"]);
-        ip(&["-n", &self.name, "link", "set", "wpveth", "up"]);
+        self.exec_ok(&["ip", "addr", "add", &format!("198.18.{octet}.2/30"), "dev", &inside]);
+        self.exec_ok(&["ip", "link", "set", &inside, "up"]);
         self
     }
 
-    /// `prog ARGS` inside the namespace (`ip netns exec`), without LD_PRELOAD.
-    pub fn cmd(&self, prog: &str, args: &[&str]) -> Command {
+    /// A command run inside the namespace (`ip netns exec`).
+    pub fn cmd(&self, prog: &str) -> Command {
         let mut c = Command::new(tool_path("ip"));
-        c.args(["netns", "exec", &self.name, prog]).args(args).env_remove("LD_PRELOAD").stdin(Stdio::null());
+        c.args(["netns", "exec", &self.name, prog]).env_remove("LD_PRELOAD").stdin(Stdio::null());
         c
     }
 
@@ -60,22 +59,64 @@ impl NetNs {
         c
     }
 
-    /// The namespace's inode (what `/proc/PID/ns/net` and the daemon's `net:[INODE]` show).
+    /// How the daemon labels this namespace in metrics (`net:[INODE]`).
+    pub fn label(&self) -> String {
+        format!("net:[{}]", self.inode())
+    }
+
+    pub fn exec_ok(&self, args: &[&str]) {
+        let o = self.cmd(args[0]).args(&args[1..]).output().expect("ip netns exec");
+        assert!(o.status.success(), "{args:?} in {}: {}", self.name, String::from_utf8_lossy(&o.stderr));
+    }
+
+    /// The namespace's inode (as /proc/PID/ns/net shows it).
     pub fn inode(&self) -> u64 {
         std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(format!("/run/netns/{}", self.name)).expect("stat netns"))
     }
 
-    /// How the daemon labels this namespace in metrics.
-    pub fn label(&self) -> String {
-        format!("net:[{}]", self.inode())
+    pub fn delete(&mut self) {
+        let _ = Command::new(tool_path("ip")).args(["netns", "del", &self.name]).output();
     }
 }
 
-impl Drop for NetNs {
+impl Drop for Ns {
     fn drop(&mut self) {
-        let _ = Command::new(tool_path("ip")).args(["netns", "del", &self.name]).output();
+        self.delete();
         if let Some(h) = &self.host_if {
             let _ = Command::new(tool_path("ip")).args(["link", "del", h]).output();
         }
+    }
+}
+
+/// A `sleep` inside a namespace: a process whose tenant a test delegates to. `start` returns
+/// once it is in the namespace (`ip netns exec` enters it before it execs the program).
+pub struct Sleeper(pub std::process::Child);
+
+impl Sleeper {
+    pub fn start(ns: &Ns) -> Sleeper {
+        let child = ns.cmd("sleep").arg("120").spawn().expect("sleep in the namespace");
+        let (pid, want) = (child.id(), ns.inode());
+        let s = Sleeper(child);
+        let inside = || {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let ino = std::fs::metadata(format!("/proc/{pid}/ns/net")).map(|m| std::os::unix::fs::MetadataExt::ino(&m)).unwrap_or(0);
+            comm.trim() == "sleep" && ino == want
+        };
+        assert!(super::wait_until(std::time::Duration::from_secs(5), inside), "sleep never entered {}", ns.name);
+        s
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn kill(&mut self) {
+        super::terminate_child(&mut self.0, std::time::Duration::from_secs(1));
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
