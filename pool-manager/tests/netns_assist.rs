@@ -45,7 +45,8 @@ impl Drop for Proc {
 /// `sink.py PORT` on 127.0.0.1 inside `ns`, once it listens.
 fn sink_in(ns: &Ns, port: u16) -> Proc {
     let py = tool_path("python3");
-    let mut c = ns.cmd(py.to_str().unwrap()).args(&[script("sink.py").to_str().unwrap(), &port.to_string()]);
+    let mut c = ns.cmd(py.to_str().unwrap());
+    c.args([script("sink.py").to_str().unwrap(), &port.to_string()]);
     let mut child = c.stdout(Stdio::piped()).spawn().expect("start sink");
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
