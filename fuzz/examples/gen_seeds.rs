@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use warmpool_wire::rdv::{read_frame, Frame, Purpose, MAX_FRAME};
-use warmpool_wire::{decode, encode, handover::LEGACY_KIND, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source};
+use warmpool_wire::{decode, encode, handover::LEGACY_KIND, ContainerStage, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source};
 
 fn enc(m: &Msg<'_>, seq: u32) -> Vec<u8> {
     let mut buf = [0u8; 256];
@@ -39,6 +39,8 @@ fn wire_seeds(dir: &Path) {
         ("miss-pending", enc(&Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 }, 15)),
         ("takeover", enc(&Msg::Takeover, 16)),
         ("prefetch", enc(&Msg::Prefetch, 19)),
+        ("delegate", enc(&Msg::Delegate, 22)),
+        ("container", enc(&Msg::Container { stage: ContainerStage::Create, id: "4f1c0a9e" }, 23)),
         ("release-unused", enc(&Msg::Release { lease: 42, disposition: Disposition::Unused }, 20)),
         ("offer-v4", enc(&Msg::Offer { lease: 42, source: Source::Reuse, last: true, dest: v4 }, 21)),
         ("offer-v6", enc(&Msg::Offer { lease: 43, source: Source::Warm, last: false, dest: v6 }, 21)),

@@ -8,7 +8,7 @@
 //!   come back cut on a char boundary, as long as fits. Hand-over records are never cut:
 //!   their length is exact, and any bytes of a cgroup come back as they were. The only
 //!   things `encode` does not check are a `Dest` whose domain is neither 4 nor 6 and an
-//!   empty `AcquirePeer` name: `decode` must reject exactly those.
+//!   empty `AcquirePeer` name or `Container` id: `decode` must reject exactly those.
 #![no_main]
 
 use std::cell::RefCell;
@@ -16,8 +16,8 @@ use std::cell::RefCell;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use warmpool_wire::{
-    decode, encode, handover::MAX_CGROUP, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source, HEADER_LEN,
-    MAX_MESSAGE, MAX_PEER_NAME, OFFER_LEN,
+    decode, encode, handover::MAX_CGROUP, ContainerStage, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source,
+    HEADER_LEN, MAX_CONTAINER_ID, MAX_MESSAGE, MAX_PEER_NAME, OFFER_LEN,
 };
 
 /// Poison for the bytes `encode` must not write.
@@ -51,6 +51,8 @@ enum AMsg {
     StatusReply(String),
     Takeover,
     Prefetch,
+    Delegate,
+    Container { stage: u8, id: String },
     Offer { lease: u64, source: u8, last: bool, dest: ADest },
     Handover(ARecord),
     Error { code: u8, text: String },
@@ -134,6 +136,8 @@ fn build(m: &AMsg) -> Msg<'_> {
         AMsg::StatusReply(t) => Msg::StatusReply(t),
         AMsg::Takeover => Msg::Takeover,
         AMsg::Prefetch => Msg::Prefetch,
+        AMsg::Delegate => Msg::Delegate,
+        AMsg::Container { stage, id } => Msg::Container { stage: pick(&[ContainerStage::Create, ContainerStage::Stop], *stage), id },
         AMsg::Offer { lease, source, last, dest: d } => {
             Msg::Offer { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source), last: *last, dest: dest(d) }
         }
@@ -177,11 +181,11 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         Msg::Acquire(_) | Msg::Prewarm(_) => Some(32),
         Msg::Release { .. } | Msg::Grant { .. } => Some(17),
         Msg::Miss { .. } => Some(13),
-        Msg::Status | Msg::Takeover | Msg::Prefetch => Some(HEADER_LEN),
+        Msg::Status | Msg::Takeover | Msg::Prefetch | Msg::Delegate => Some(HEADER_LEN),
         Msg::Offer { .. } => Some(OFFER_LEN),
         Msg::Handover(r) => Some(HEADER_LEN + r.len()),
         // (Exhaustive on purpose: a new message kind must be added to this target.)
-        Msg::AcquirePeer { .. } | Msg::StatusReply(_) | Msg::Error { .. } => None,
+        Msg::AcquirePeer { .. } | Msg::Container { .. } | Msg::StatusReply(_) | Msg::Error { .. } => None,
     };
     if let Some(f) = fixed {
         assert_eq!(n, f, "{msg:?}");
@@ -202,6 +206,10 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         assert_eq!(got, Err(DecodeError::Truncated), "empty peer name accepted");
         return;
     }
+    if let Msg::Container { id: "", .. } = msg {
+        assert_eq!(got, Err(DecodeError::Truncated), "empty container id accepted");
+        return;
+    }
     let (back, seq) = match got {
         Ok(v) => v,
         Err(e) => panic!("{msg:?} encoded as {bytes:02x?} does not decode: {e}"),
@@ -212,6 +220,10 @@ fn check(input: &Input, bytes: &[u8], len: usize) {
         (Msg::AcquirePeer { port, name }, Msg::AcquirePeer { port: p2, name: n2 }) => {
             assert_eq!(port, p2);
             check_text(name, n2, (len - HEADER_LEN - 2).min(MAX_PEER_NAME));
+        }
+        (Msg::Container { stage, id }, Msg::Container { stage: s2, id: i2 }) => {
+            assert_eq!(stage, s2);
+            check_text(id, i2, (len - HEADER_LEN - 1).min(MAX_CONTAINER_ID));
         }
         (Msg::Error { code, text }, Msg::Error { code: c2, text: t2 }) => {
             assert_eq!(code, c2);

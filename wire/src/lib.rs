@@ -40,6 +40,18 @@
 //!   `Handover` records carrying its listening socket, its metrics listener, its pooled
 //!   sockets, its client connections and their leases, then `Done`; it exits once the
 //!   successor sends `Commit`, and serves on if it does not (see [`handover`]).
+//! * `Delegate` (8 bytes + one fd in `SCM_RIGHTS`: a pidfd of another process): only as the
+//!   first message of a connection, and only from a peer that is uid 0 in the daemon's own
+//!   network namespace (an OCI hook, a seccomp agent). The daemon identifies the pidfd's
+//!   process from the kernel (uid, cgroup, network namespace) and serves the whole
+//!   connection as that process's tenant from then on. Reply: `StatusReply` (a short
+//!   confirmation) or `Error(Denied)` (not privileged, not first, process gone).
+//! * `Container` (10..=265 bytes): `stage: u8` ([`ContainerStage`]), then the container's
+//!   id in UTF-8 (1..=[`MAX_CONTAINER_ID`] bytes), from the same privileged peers. `Create`,
+//!   on a delegated connection: remember the container as the delegated tenant, keep its
+//!   network namespace served, fill its configured pools and answer once they are filled
+//!   (bounded). `Stop`, on any privileged connection: close that container's pools at once
+//!   and let its namespace go. Reply: `StatusReply` or `Error`.
 //!
 //! Replies (daemon → client):
 //!
@@ -86,6 +98,8 @@ pub const HEADER_LEN: usize = 8;
 pub const MAX_MESSAGE: usize = 64 * 1024;
 /// Longest peer name in `AcquirePeer`.
 pub const MAX_PEER_NAME: usize = 256;
+/// Longest container id in `Container` (runc's ids are 64 hex digits; OCI sets no limit).
+pub const MAX_CONTAINER_ID: usize = 256;
 
 /// Message kinds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +119,10 @@ pub enum Kind {
     Takeover = 6,
     /// Ask, at load time, for sockets to the destinations that prefetch.
     Prefetch = 7,
+    /// Serve this connection as the tenant of the attached pidfd's process.
+    Delegate = 8,
+    /// A container's lifecycle event (OCI hook).
+    Container = 9,
     /// A socket is attached.
     Grant = 0x81,
     /// No socket: connect yourself.
@@ -129,6 +147,8 @@ impl Kind {
             5 => Self::AcquirePeer,
             6 => Self::Takeover,
             7 => Self::Prefetch,
+            8 => Self::Delegate,
+            9 => Self::Container,
             0x85 => Self::Offer,
             0x86 => Self::Handover,
             0x81 => Self::Grant,
@@ -162,6 +182,16 @@ pub enum Source {
     Warm = 1,
     /// Given back clean by an earlier function.
     Reuse = 2,
+}
+
+/// Which point of a container's life a `Container` message reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ContainerStage {
+    /// Created (its namespaces exist, its process has not started the program yet).
+    Create = 1,
+    /// Stopped: its pools can go.
+    Stop = 2,
 }
 
 /// Why the daemon answered `Miss`.
@@ -291,6 +321,15 @@ pub enum Msg<'a> {
     Takeover,
     /// See the module docs.
     Prefetch,
+    /// See the module docs (the pidfd travels beside the message).
+    Delegate,
+    /// See the module docs.
+    Container {
+        /// Which event.
+        stage: ContainerStage,
+        /// The container's id, as the runtime names it.
+        id: &'a str,
+    },
     /// See the module docs.
     Offer {
         /// Lease id, to be named in `Release`.
@@ -394,6 +433,16 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         Msg::Prefetch => {
             header(buf, Kind::Prefetch, seq);
             HEADER_LEN
+        }
+        Msg::Delegate => {
+            header(buf, Kind::Delegate, seq);
+            HEADER_LEN
+        }
+        Msg::Container { stage, id } => {
+            header(buf, Kind::Container, seq);
+            buf[8] = stage as u8;
+            let end = buf.len().min(9 + MAX_CONTAINER_ID);
+            9 + copy_text(id, &mut buf[9..end])
         }
         Msg::Offer { lease, source, last, dest } => {
             assert!(buf.len() >= OFFER_LEN, "an Offer needs {OFFER_LEN} bytes");
@@ -525,6 +574,20 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         Kind::Status => Msg::Status,
         Kind::Takeover => Msg::Takeover,
         Kind::Prefetch => Msg::Prefetch,
+        Kind::Delegate => Msg::Delegate,
+        Kind::Container => {
+            need(10)?;
+            let stage = match buf[8] {
+                1 => ContainerStage::Create,
+                2 => ContainerStage::Stop,
+                _ => return Err(DecodeError::BadField),
+            };
+            let id = core::str::from_utf8(&buf[9..]).map_err(|_| DecodeError::BadField)?;
+            if id.len() > MAX_CONTAINER_ID {
+                return Err(DecodeError::BadField);
+            }
+            Msg::Container { stage, id }
+        }
         Kind::Offer => {
             need(OFFER_LEN)?;
             let source = source_of(buf[16])?;
@@ -592,6 +655,8 @@ mod tests {
                             | Msg::AcquirePeer { .. }
                             | Msg::Takeover
                             | Msg::Prefetch
+                            | Msg::Delegate
+                            | Msg::Container { .. }
                     ),
                     "{short:?}"
                 );
@@ -610,6 +675,9 @@ mod tests {
         roundtrip(Msg::AcquirePeer { port: 7000, name: "job/reducer-1" });
         roundtrip(Msg::Takeover);
         roundtrip(Msg::Prefetch);
+        roundtrip(Msg::Delegate);
+        roundtrip(Msg::Container { stage: ContainerStage::Create, id: "4f1c0a9e" });
+        roundtrip(Msg::Container { stage: ContainerStage::Stop, id: "x" });
         roundtrip(Msg::Release { lease: 1 << 40, disposition: Disposition::Unused });
         roundtrip(Msg::Offer { lease: 3, source: Source::Warm, last: false, dest: v4 });
         roundtrip(Msg::Offer { lease: u64::MAX, source: Source::Reuse, last: true, dest: v6 });
@@ -639,6 +707,24 @@ mod tests {
         let n = encode(&Msg::Acquire(Dest::from_socket_addr("127.0.0.1:1".parse().unwrap())), 1, &mut buf);
         buf[8] = 5;
         assert_eq!(decode(&buf[..n]), Err(DecodeError::BadField));
+    }
+
+    #[test]
+    fn container_messages_are_checked() {
+        let mut buf = [0u8; 300];
+        let n = encode(&Msg::Container { stage: ContainerStage::Create, id: "abc" }, 1, &mut buf);
+        // No id at all, an unknown stage, an id that is not UTF-8 or too long: all refused.
+        assert_eq!(decode(&buf[..9]), Err(DecodeError::Truncated));
+        buf[8] = 3;
+        assert_eq!(decode(&buf[..n]), Err(DecodeError::BadField));
+        buf[8] = 1;
+        buf[9] = 0xff;
+        assert_eq!(decode(&buf[..n]), Err(DecodeError::BadField));
+        let long = "a".repeat(MAX_CONTAINER_ID + 10);
+        let n = encode(&Msg::Container { stage: ContainerStage::Stop, id: &long }, 1, &mut buf);
+        assert_eq!(n, 9 + MAX_CONTAINER_ID, "the id is cut to the limit when encoded");
+        buf[n] = b'a';
+        assert_eq!(decode(&buf[..=n]), Err(DecodeError::BadField));
     }
 
     #[test]
