@@ -97,6 +97,13 @@ pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How long another network namespace's pools outlive its last client (`netns_linger`).
 pub const NETNS_LINGER: Duration = Duration::from_secs(5);
+/// How long `Container { Create }` waits for the container's pools to be filled before it
+/// answers: the connect timeout, so a reachable destination is always waited for, while
+/// the OCI runtime (which waits for the hook) is never held much longer.
+pub const CONTAINER_WARM_WAIT: Duration = CONNECT_TIMEOUT;
+/// How often that wait looks at the pool table (a pool has no fill notification; 5 ms is
+/// small beside a connect and costs nothing measurable).
+pub const CONTAINER_WARM_POLL: Duration = Duration::from_millis(5);
 
 /// Bound on a given-back socket's end-of-exchange proof (send, whole reply, quiet window). A
 /// server that has not answered a one-line request within a second is not one to reuse a

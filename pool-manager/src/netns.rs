@@ -50,6 +50,16 @@ impl Member {
     pub fn id(&self) -> NetNsId {
         self.id
     }
+
+    /// One more client of the same namespace (a registered container holds one until it
+    /// stops, so that its namespace stays served between the OCI hook and its first client).
+    #[must_use]
+    pub fn another(&self) -> Member {
+        if let Some(e) = self.all.lock().get_mut(&self.id) {
+            e.clients += 1;
+        }
+        Member { all: self.all.clone(), id: self.id }
+    }
 }
 
 impl Drop for Member {
@@ -193,6 +203,13 @@ pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::
     if gone.is_empty() {
         return;
     }
+    close_pools(pools, &gone, discarded);
+    for id in gone {
+        info!(netns = %id, "network namespace has no client left: its pools are closed");
+    }
+}
+
+fn close_pools(pools: &mut HashMap<PoolKey, crate::pool::Pool<PooledSock>>, gone: &[NetNsId], discarded: &mut Vec<(PooledSock, Discard)>) {
     pools.retain(|k, p| {
         let closing = k.tenant.netns.is_some_and(|n| gone.contains(&n));
         if closing {
@@ -200,7 +217,22 @@ pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::
         }
         !closing
     });
-    for id in gone {
-        info!(netns = %id, "network namespace has no client left: its pools are closed");
+}
+
+/// Close namespace `id` now, without waiting for `netns_linger`, if it has no client left
+/// (its container stopped): its pools and its maker go, and with them everything of the
+/// daemon's that kept it alive. Returns whether it was closed.
+pub fn close_now(shared: &Shared, id: NetNsId) -> bool {
+    let removed = {
+        let mut entries = shared.netns.lock();
+        let idle = entries.get(&id).is_some_and(|e| e.clients == 0);
+        idle && entries.remove(&id).is_some()
+    };
+    if removed {
+        let mut discarded = Vec::new();
+        close_pools(&mut shared.lock(), &[id], &mut discarded);
+        shared.discard_all(discarded);
+        info!(netns = %id, "container stopped: its network namespace's pools are closed");
     }
+    removed
 }

@@ -6,10 +6,14 @@
 //! belong to someone else by now and the cgroup we read would be theirs. The network
 //! namespace comes from the pidfd too (see `tenancy::netns`); a client outside the daemon's
 //! own namespace holds a [`Member`] of it for as long as it is connected.
+//!
+//! A privileged client can also hand over a pidfd (`Msg::Delegate`): [`identify_pidfd`]
+//! then identifies that process the same way (its pid from the pidfd's fdinfo, its uid from
+//! `/proc/<pid>/status`, both confirmed by the pidfd still being alive afterwards).
 
 use crate::config::TenantBy;
 use crate::netns::{Member, Namespaces};
-use std::os::fd::{AsFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use tenancy::{NetNs, NetNsError, NetNsId};
 
@@ -57,6 +61,17 @@ pub enum TenantError {
     /// The peer exited before it could be identified.
     #[error("peer pid {0} exited before it could be identified")]
     Gone(i32),
+    /// A delegated fd is not a pidfd of a live process in the daemon's pid namespace.
+    #[error("the delegated fd is not a pidfd of a live process")]
+    NotAPidfd,
+    /// The delegated process's credentials could not be read.
+    #[error("uid of pid {pid}: {source}")]
+    Uid {
+        /// Pid.
+        pid: i32,
+        /// Cause.
+        source: std::io::Error,
+    },
 }
 
 fn netns_of(pidfd: Option<&OwnedFd>, pid: i32) -> Result<NetNs, NetNsError> {
@@ -81,15 +96,90 @@ pub fn identify(sock: RawFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> Resu
         return Err(TenantError::Cred(std::io::Error::last_os_error()));
     }
     let pidfd = tenancy::netns::peer_pidfd(sock);
+    of_process(cred.pid, cred.uid, pidfd.as_ref(), by, namespaces)
+}
+
+/// Identify the process behind `pidfd`, handed over by a privileged client
+/// (`Msg::Delegate`): the same tenant it would be if it had connected itself.
+///
+/// # Errors
+/// [`TenantError::NotAPidfd`] (not a pidfd, or its process is gone), [`TenantError::Uid`],
+/// and those of [`identify`].
+pub fn identify_pidfd(pidfd: &OwnedFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> Result<Peer, TenantError> {
+    let pid = pid_of_pidfd(pidfd.as_raw_fd()).ok_or(TenantError::NotAPidfd)?;
+    let uid = euid_of(pid).map_err(|source| TenantError::Uid { pid, source })?;
+    of_process(pid, uid, Some(pidfd), by, namespaces)
+}
+
+/// The rest of identifying a process whose pid and uid are known: its cgroup and network
+/// namespace, then the check that it still lives (else the pid may name another process).
+fn of_process(pid: i32, uid: u32, pidfd: Option<&OwnedFd>, by: TenantBy, namespaces: &Arc<Namespaces>) -> Result<Peer, TenantError> {
     let cgroup: Arc<str> = match by {
         TenantBy::Uid => Arc::from(""),
-        TenantBy::UidAndCgroup => Arc::from(tenancy::cgroup::cgroup_of(cred.pid).map_err(|source| TenantError::Cgroup { pid: cred.pid, source })?),
+        TenantBy::UidAndCgroup => Arc::from(tenancy::cgroup::cgroup_of(pid).map_err(|source| TenantError::Cgroup { pid, source })?),
     };
-    let ns = netns_of(pidfd.as_ref(), cred.pid)?;
-    if pidfd.as_ref().is_some_and(|p| tenancy::netns::pidfd_exited(p.as_fd())) {
-        return Err(TenantError::Gone(cred.pid));
+    let ns = netns_of(pidfd, pid)?;
+    if pidfd.is_some_and(|p| tenancy::netns::pidfd_exited(p.as_fd())) {
+        return Err(TenantError::Gone(pid));
     }
     let member = namespaces.join(ns);
     let netns = member.as_ref().map(Member::id);
-    Ok(Peer { tenant: Tenant { uid: cred.uid, cgroup, netns }, pid: cred.pid, netns: member })
+    Ok(Peer { tenant: Tenant { uid, cgroup, netns }, pid, netns: member })
+}
+
+/// The pid (in the daemon's pid namespace) of the process behind a pidfd, from the `Pid:`
+/// line of its fdinfo; `None` for an fd that is not a pidfd, or whose process has been
+/// reaped (`Pid: -1`) or lives in no pid namespace the daemon sees (`Pid: 0`).
+fn pid_of_pidfd(fd: RawFd) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    let pid: i32 = info.lines().find_map(|l| l.strip_prefix("Pid:"))?.trim().parse().ok()?;
+    (pid > 0).then_some(pid)
+}
+
+/// The effective uid of `pid` (as `SO_PEERCRED` reports it for a connecting process).
+fn euid_of(pid: i32) -> std::io::Result<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("no Uid line in /proc/{pid}/status"));
+    let uids = status.lines().find_map(|l| l.strip_prefix("Uid:")).ok_or_else(bad)?;
+    uids.split_whitespace().nth(1).and_then(|u| u.parse().ok()).ok_or_else(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::FromRawFd;
+
+    fn pidfd_open(pid: i32) -> OwnedFd {
+        // SAFETY: pidfd_open returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
+        // SAFETY: a new fd, ours.
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+
+    #[test]
+    fn a_pidfd_identifies_its_process() {
+        let ns = Namespaces::new(std::time::Duration::from_secs(5));
+        let me = std::process::id() as i32;
+        let peer = identify_pidfd(&pidfd_open(me), TenantBy::UidAndCgroup, &ns).expect("identified");
+        assert_eq!(peer.pid, me);
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(peer.tenant.uid, unsafe { libc::geteuid() });
+        assert_eq!(&*peer.tenant.cgroup, tenancy::cgroup::cgroup_of(me).unwrap());
+        assert_eq!(peer.tenant.netns, None, "our own namespace is the daemon's");
+    }
+
+    #[test]
+    fn a_dead_process_or_another_fd_is_refused() {
+        let ns = Namespaces::new(std::time::Duration::from_secs(5));
+        let mut child = std::process::Command::new("true").spawn().expect("spawn true");
+        let pidfd = pidfd_open(child.id() as i32);
+        child.wait().expect("reap");
+        let r = identify_pidfd(&pidfd, TenantBy::UidAndCgroup, &ns);
+        assert!(matches!(r, Err(TenantError::NotAPidfd)), "{r:?}");
+        let file: OwnedFd = std::fs::File::open("/proc/self/status").expect("open").into();
+        let r = identify_pidfd(&file, TenantBy::Uid, &ns);
+        assert!(matches!(r, Err(TenantError::NotAPidfd)), "{r:?}");
+        assert_eq!(ns.count(), 0);
+    }
 }

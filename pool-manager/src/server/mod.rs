@@ -16,15 +16,18 @@
 //! Modules: `listener` (bind, the accept loop, the run loop with its background tasks),
 //! `session` (one client connection: identify, read, dispatch, answer, and the leases it
 //! leaves behind), `grant` (acquire from a pool or a peer link, grant, prefetch offers,
-//! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker).
+//! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker),
+//! `delegate` (connections that act for another process: `Delegate`, the OCI hook's `Container`).
 //! This module holds what they share: [`Shared`], [`PoolKey`], [`PooledSock`].
 
 
+mod delegate;
 mod grant;
 mod listener;
 mod session;
 mod tasks;
 
+pub use delegate::Containers;
 pub use listener::{bind, connect_client, run, run_with};
 pub(crate) use grant::pool_for;
 pub(crate) use session::{send_within, Lease};
@@ -109,6 +112,8 @@ pub struct Shared {
     pub resolved: std::sync::RwLock<HashMap<SocketAddr, Arc<crate::config::PoolSettings>>>,
     /// Wakes the checker: a socket entered quarantine.
     pub(crate) check_wake: tokio::sync::Notify,
+    /// Containers registered by the OCI hook (`Msg::Container`).
+    pub containers: Containers,
 }
 
 impl Shared {
@@ -135,6 +140,7 @@ impl Shared {
             handover_done: tokio::sync::Notify::new(),
             resolved: std::sync::RwLock::new(HashMap::new()),
             check_wake: tokio::sync::Notify::new(),
+            containers: Containers::default(),
         }
     }
 

@@ -37,15 +37,19 @@ pub(crate) struct Lease {
 /// refusal its requests get when it is not allowed.
 pub(super) fn identify(shared: &Shared, conn: &OwnedFd) -> Result<(Peer, Option<String>), tenant::TenantError> {
     use crate::config::TenantBy;
-    let by = shared.config.tenant_by;
     // The cgroup allow-list needs the cgroup even where tenants are told apart by uid only.
-    let read_cgroup = if shared.config.allow_cgroups.is_some() { TenantBy::UidAndCgroup } else { by };
-    let mut peer = tenant::identify(conn.as_raw_fd(), read_cgroup, &shared.netns)?;
+    let read_cgroup = if shared.config.allow_cgroups.is_some() { TenantBy::UidAndCgroup } else { shared.config.tenant_by };
+    Ok(admit(shared, tenant::identify(conn.as_raw_fd(), read_cgroup, &shared.netns)?))
+}
+
+/// Check an identified peer against the allow-lists (its refusal, if any), and drop the
+/// cgroup where tenants are told apart by uid only.
+pub(super) fn admit(shared: &Shared, mut peer: Peer) -> (Peer, Option<String>) {
     let refusal = shared.config.admits(peer.tenant.uid, &peer.tenant.cgroup).err();
-    if by == TenantBy::Uid {
+    if shared.config.tenant_by == crate::config::TenantBy::Uid {
         peer.tenant.cgroup = Arc::from("");
     }
-    Ok((peer, refusal))
+    (peer, refusal)
 }
 
 /// Serves one client process (one connection) until it goes away.
@@ -70,7 +74,7 @@ impl Drop for ActiveClient {
 pub(super) async fn client_with(
     shared: Arc<Shared>,
     conn: OwnedFd,
-    peer: Result<(Peer, Option<String>), tenant::TenantError>,
+    mut peer: Result<(Peer, Option<String>), tenant::TenantError>,
     mut leases: HashMap<u64, Lease>,
     cancel: CancellationToken,
 ) {
@@ -90,6 +94,7 @@ pub(super) async fn client_with(
     // after connecting): read it now rather than after the reactor's next turn reports the
     // fresh registration readable.
     let mut first = true;
+    let mut link = super::delegate::Link::new(&peer);
     loop {
         let got = if std::mem::take(&mut first) {
             match wire::unix::recv(conn.as_raw_fd(), &mut buf, libc::MSG_DONTWAIT) {
@@ -115,6 +120,11 @@ pub(super) async fn client_with(
         if got.len == 0 && got.fd.is_none() {
             break; // EOF: the process is gone (or closed its link)
         }
+        let got = match super::delegate::intercept(&shared, &conn, &mut link, got, &buf, &mut peer).await {
+            super::delegate::Step::Pass(got) => got,
+            super::delegate::Step::Done { close: false } => continue,
+            super::delegate::Step::Done { close: true } => break,
+        };
         let reply = match dispatch(&shared, &conn, got, &buf, &peer, &mut leases, &mut refusal_logged).await {
             Next::Answer(r) => r,
             Next::Close => break,
@@ -381,6 +391,8 @@ pub(super) async fn handle(
         | Msg::StatusReply(_)
         | Msg::Error { .. }
         | Msg::Handover(_)
+        | Msg::Delegate
+        | Msg::Container { .. }
         | Msg::Takeover => {
             shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
             Some(Reply::error(seq, ErrorCode::Malformed, "that is a reply, not a request".into()))

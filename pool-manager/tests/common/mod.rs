@@ -10,6 +10,7 @@
 //! test for post-mortem inspection; their paths are printed on stderr.
 #![allow(dead_code, unreachable_pub, missing_debug_implementations)]
 pub mod nat;
+pub mod ns;
 pub mod pyhttp;
 
 use std::ffi::OsStr;
