@@ -49,7 +49,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use wire::Disposition;
+use wire::{Disposition, Msg};
 
 /// Most containers served at once (one thread each).
 pub const MAX_CONTAINERS: usize = 4096;
@@ -216,7 +216,7 @@ pub fn container(socket: PathBuf, handed: Handed) {
     if !entered {
         eprintln!("seccomp-agent: container {:?}: cannot enter its network namespace: every connect continues", handed.id);
     }
-    let dial = Delegated { socket, pid: handed.pid.unwrap_or(0), pidfd: pidfd.filter(|_| entered) };
+    let dial = Delegated { socket, pid: handed.pid.unwrap_or(0), pidfd: pidfd.filter(|_| entered), retry_at: None };
     let mut notifier = Notifier::new(dial);
     if let notify::Ended::Poll(e) = notify::serve(&handed.listener, &mut notifier, || false) {
         eprintln!("seccomp-agent: container {:?}: poll: {e}", handed.id);
@@ -232,10 +232,23 @@ struct Delegated {
     pid: i32,
     /// `None`: nothing is served.
     pidfd: Option<OwnedFd>,
+    /// After a failed dial, none before this (a refused delegation costs a round trip).
+    retry_at: Option<Instant>,
 }
 
 impl Dial for Delegated {
     fn dial(&mut self) -> Option<(OwnedFd, Identity)> {
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return None;
+        }
+        let got = self.try_dial();
+        self.retry_at = got.is_none().then(|| Instant::now() + DIAL_BACKOFF);
+        got
+    }
+}
+
+impl Delegated {
+    fn try_dial(&self) -> Option<(OwnedFd, Identity)> {
         let pidfd = self.pidfd.as_ref()?;
         let identity = Identity::of_process(self.pid)?;
         // Read through the pid: it is the container's process only if that still lives.
@@ -249,8 +262,27 @@ impl Dial for Delegated {
     }
 }
 
-/// Make `link` the link of the process of `pidfd` (`Msg::Delegate`).
+/// No new link for this long after one could not be made (as the preload library's back-off).
+const DIAL_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait for the daemon to identify a delegated process.
+const DELEGATE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Make `link` the link of the process of `pidfd` (`Msg::Delegate`, answered with
+/// `StatusReply`; anything else — a refusal — leaves the link unusable).
 fn delegate(link: &OwnedFd, pidfd: &OwnedFd) -> Option<()> {
-    let _ = (link, pidfd);
-    None
+    let mut buf = [0u8; 512];
+    let n = wire::encode(&Msg::Delegate, 1, &mut buf);
+    wire::unix::send(link.as_raw_fd(), &buf[..n], Some(pidfd.as_raw_fd()), 0).ok()?;
+    if !notify::wait_readable(link.as_raw_fd(), Instant::now() + DELEGATE_TIMEOUT) {
+        return None;
+    }
+    let got = wire::unix::recv(link.as_raw_fd(), &mut buf, 0).ok()?;
+    match wire::decode(&buf[..got.len]) {
+        Ok((Msg::StatusReply(_), 1)) => Some(()),
+        Ok((Msg::Error { text, .. }, _)) => {
+            eprintln!("seccomp-agent: the pool manager refused the delegation: {text}");
+            None
+        }
+        _ => None,
+    }
 }

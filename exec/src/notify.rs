@@ -333,7 +333,7 @@ impl<D: Dial> Notifier<D> {
 }
 
 /// Wait until `fd` is readable or `deadline` passes.
-fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
+pub(crate) fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
     // SAFETY: `fd` is the notifier's link, open for the whole call.
     let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     loop {

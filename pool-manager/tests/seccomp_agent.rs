@@ -1,0 +1,304 @@
+//! Test (e) of issue 11: every process of a container served whatever its libc, through the
+//! seccomp agent (`pool-manager seccomp-agent`, the OCI seccomp `listenerPath` receiver: no
+//! `LD_PRELOAD`, no supervisor) and through the musl build of the preload library.
+//!
+//! Containers run under runc directly (root only; must run in CI), from a bundle the test
+//! writes: the rootfs is the musl image (a small directory cached under
+//! `target/containers/musl-rootfs`: musl's loader from Debian's `musl`, a musl-gcc-built HTTP
+//! client, Debian's `busybox-static`, the musl preload library), the network namespace is one
+//! the test made (a veth pair to ours, 198.18.113.0/30, no default route); the server
+//! (python, logging each connection's peer) and the daemon run in the test's namespace.
+
+mod common;
+
+use common::ns::Ns;
+use common::pyhttp::PyServer;
+use common::*;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The server's address (our end of the veth pair) and the container's.
+const SERVER: &str = "198.18.113.1";
+const CONTAINER: &str = "198.18.113.2";
+
+fn needs(test: &str) -> bool {
+    require_root(test) && require_tool("runc") && require_tool("musl-gcc") && require_tool("python3") && require_tool("ip")
+}
+
+fn ok(o: Output, what: &str) -> Output {
+    assert!(o.status.success(), "{what}: {}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    o
+}
+
+/// The musl image: built once per machine (its preload library refreshed every run).
+fn musl_rootfs() -> &'static Path {
+    static ROOT: OnceLock<PathBuf> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = target_dir().parent().expect("target/").join("containers");
+        let root = dir.join("musl-rootfs");
+        if !root.join("bin/http_get").exists() {
+            let tmp = dir.join("musl-rootfs.tmp");
+            let _ = std::fs::remove_dir_all(&tmp);
+            for d in ["bin", "lib", "proc", "dev", "tmp", "etc", "run/warmpool", "opt/warmpool"] {
+                std::fs::create_dir_all(tmp.join(d)).expect("mkdir in the rootfs");
+            }
+            // musl's loader is its libc too (Debian's `musl`: /lib/ld-musl-x86_64.so.1).
+            std::fs::copy("/lib/ld-musl-x86_64.so.1", tmp.join("lib/ld-musl-x86_64.so.1")).expect("copy musl's loader");
+            let bb = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| Path::new(p).exists()).expect("busybox-static");
+            std::fs::copy(bb, tmp.join("bin/busybox")).expect("copy busybox");
+            for link in ["sh", "sleep", "wget"] {
+                std::os::unix::fs::symlink("busybox", tmp.join("bin").join(link)).expect("busybox link");
+            }
+            let o = Command::new(tool_path("musl-gcc")).arg("-O1").arg("-o").arg(tmp.join("bin/http_get")).arg(client_script("musl_http_get.c")).output().unwrap();
+            ok(o, "musl-gcc musl_http_get.c");
+            std::fs::create_dir_all(&dir).expect("mkdir target/containers");
+            let _ = std::fs::remove_dir_all(&root);
+            std::fs::rename(&tmp, &root).expect("rename the rootfs");
+        }
+        let lib = target_dir().join("libwarmpool_preload-musl.so");
+        assert!(lib.is_file(), "{} is missing: build it with `bash scripts/build-musl.sh`", lib.display());
+        std::fs::copy(&lib, root.join("opt/warmpool/libwarmpool_preload-musl.so")).expect("copy the musl preload library");
+        root
+    })
+}
+
+/// How the container's connects reach the pool.
+enum Via<'a> {
+    /// The seccomp profile names the agent's socket as `listenerPath`.
+    Agent(&'a Path),
+    /// `LD_PRELOAD` of the musl library, the daemon's socket directory mounted.
+    Library(&'a Daemon),
+}
+
+/// One runc container (`sleep` as its first process), in network namespace `ns`; deleted on
+/// drop.
+struct Container {
+    id: String,
+    root: PathBuf,
+    env: Vec<String>,
+    _bundle: TempDir,
+}
+
+fn runc(root: &Path) -> Command {
+    let mut c = Command::new(tool_path("runc"));
+    c.arg("--root").arg(root).env_remove("LD_PRELOAD");
+    c
+}
+
+impl Container {
+    fn start(ns: &Ns, via: &Via<'_>, tag: &str) -> Container {
+        let bundle = TempDir::new();
+        let id = format!("wpsc{tag}{}", std::process::id());
+        let root = bundle.join("runc");
+        let (env, seccomp, mount) = match via {
+            Via::Agent(listen) => (
+                vec![],
+                format!(
+                    r#","seccomp": {{"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "listenerPath": "{}",
+                        "syscalls": [{{"names": ["connect"], "action": "SCMP_ACT_NOTIFY"}}]}}"#,
+                    listen.display()
+                ),
+                String::new(),
+            ),
+            Via::Library(d) => (
+                vec!["LD_PRELOAD=/opt/warmpool/libwarmpool_preload-musl.so".to_owned(), "WARMPOOL_SOCKET=/run/warmpool/pool.sock".to_owned()],
+                String::new(),
+                format!(r#",{{"destination": "/run/warmpool", "type": "bind", "source": "{}", "options": ["rbind", "rw"]}}"#, d.dir.path().display()),
+            ),
+        };
+        let config = format!(
+            r#"{{"ociVersion": "1.0.2",
+  "process": {{"terminal": false, "user": {{"uid": 0, "gid": 0}}, "args": ["/bin/sleep", "300"], "env": ["PATH=/bin"], "cwd": "/",
+    "noNewPrivileges": true, "rlimits": [{{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}}]}},
+  "root": {{"path": "{rootfs}", "readonly": true}},
+  "hostname": "{id}",
+  "mounts": [{{"destination": "/proc", "type": "proc", "source": "proc"}},
+    {{"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=1024k"]}},
+    {{"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1024k"]}}{mount}],
+  "linux": {{"namespaces": [{{"type": "pid"}}, {{"type": "ipc"}}, {{"type": "uts"}}, {{"type": "mount"}}, {{"type": "network", "path": "/run/netns/{netns}"}}],
+    "cgroupsPath": "/warmpool-test/{id}"{seccomp}}}}}"#,
+            rootfs = musl_rootfs().display(),
+            netns = ns.name,
+        );
+        std::fs::write(bundle.join("config.json"), config).expect("write config.json");
+        let log = bundle.join("runc.log");
+        let o = runc(&root)
+            .args(["run", "-d", "--bundle"])
+            .arg(bundle.path())
+            .arg(&id)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("runc log"))
+            .status()
+            .expect("runc run");
+        assert!(o.success(), "runc run: {}", std::fs::read_to_string(&log).unwrap_or_default());
+        Container { id, root, env, _bundle: bundle }
+    }
+
+    /// Run `args` in the container (`runc exec`): its output.
+    fn exec(&self, args: &[&str]) -> Output {
+        let mut c = runc(&self.root);
+        c.args(["exec"]);
+        for e in &self.env {
+            c.args(["--env", e]);
+        }
+        c.arg(&self.id).args(args).stdin(Stdio::null()).output().expect("runc exec")
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = runc(&self.root).args(["delete", "-f", &self.id]).output();
+    }
+}
+
+/// The agent, stopped by PID on drop.
+struct Agent {
+    child: Child,
+    listen: PathBuf,
+    log: PathBuf,
+}
+
+impl Agent {
+    fn start(d: &Daemon) -> Agent {
+        let listen = d.dir.join("agent.sock");
+        let log = d.dir.join("agent.log");
+        let f = std::fs::File::create(&log).expect("agent log");
+        let child = Command::new(pool_manager_bin())
+            .args(["seccomp-agent", "--listen"])
+            .arg(&listen)
+            .arg("--socket")
+            .arg(&d.socket)
+            .env_remove("LD_PRELOAD")
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().expect("dup log"))
+            .stderr(f)
+            .spawn()
+            .expect("spawn seccomp-agent");
+        let agent = Agent { child, listen, log };
+        assert!(wait_until(Duration::from_secs(5), || agent.listen.exists()), "the agent did not listen:\n{}", agent.log());
+        agent
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        terminate_child(&mut self.child, Duration::from_secs(2));
+    }
+}
+
+fn handouts(d: &Daemon) -> f64 {
+    d.metric("warmpool_handouts_total{kind=\"warm\"}") + d.metric("warmpool_handouts_total{kind=\"reuse\"}")
+}
+
+/// Every socket handed out is back and checked (a reused socket is back in its pool).
+fn settled(d: &Daemon) {
+    let ok = wait_until(Duration::from_secs(5), || {
+        let m = d.metrics();
+        metric_samples(&m, "warmpool_pool_sockets{").iter().filter(|(l, _)| l.contains("state=\"quarantine\"") || l.contains("state=\"checking\"") || l.contains("state=\"leased\"")).all(|(_, v)| *v == 0.0)
+    });
+    assert!(ok, "sockets not back after 5 s\n{}\n{}", d.metrics(), d.log());
+}
+
+/// The pools of the container's tenant: one whose cgroup is the container's.
+fn container_pools(d: &Daemon, id: &str) -> usize {
+    metric_samples(&d.metrics(), "warmpool_pool_sockets{").iter().filter(|(l, _)| l.contains(id) && l.contains("state=\"idle\"")).count()
+}
+
+/// The invocations of one test: `n` runs of the musl client, then `n` of busybox-static's wget
+/// (with `wget` false: the musl client only), each waited for until its socket is back.
+fn invoke(c: &Container, d: &Daemon, port: u16, n: usize, wget: bool) -> usize {
+    let mut done = 0;
+    let path = |kind: &str, i: usize| format!("/{kind}{i}");
+    for i in 0..n {
+        let o = c.exec(&["/bin/http_get", SERVER, &port.to_string(), &path("musl", i)]);
+        assert_eq!(String::from_utf8_lossy(&ok(o, "http_get in the container").stdout).trim(), "200", "musl invocation {i}");
+        done += 1;
+        settled(d);
+    }
+    for i in 0..if wget { n } else { 0 } {
+        let url = format!("http://{SERVER}:{port}{}", path("wget", i));
+        // busybox wget says "Connection: close"; asking for keep-alive as well lets the
+        // server keep the connection for the next invocation.
+        let o = c.exec(&["/bin/busybox", "wget", "-q", "--header", "Connection: keep-alive", "-O", "-", &url]);
+        assert_eq!(String::from_utf8_lossy(&ok(o, "busybox wget in the container").stdout), "hello\n", "wget invocation {i}");
+        done += 1;
+        settled(d);
+    }
+    done
+}
+
+/// The requests since `from` all came from the container's own address, over at most
+/// `max_conns` connections.
+fn assert_from_container(srv: &PyServer, from: usize, n: usize, max_conns: usize, d: &Daemon) {
+    let reqs: Vec<(String, u16)> = srv.request_peers().into_iter().skip(from).collect();
+    assert_eq!(reqs.len(), n, "{reqs:?}");
+    assert!(reqs.iter().all(|(a, _)| a == CONTAINER), "the server saw requests from another address than the container's: {reqs:?}");
+    let conns: HashSet<u16> = reqs.iter().map(|(_, p)| *p).collect();
+    assert!(conns.len() <= max_conns, "{n} invocations used {} upstream connections: {reqs:?}\n{}", conns.len(), d.metrics());
+}
+
+fn reuse_pool(port: u16) -> String {
+    format!("[[pool]]\ndestination = \"{SERVER}:{port}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = 1\n")
+}
+
+/// The musl client and busybox-static's wget, in a container with no `LD_PRELOAD`, get pooled
+/// sockets through the agent: the daemon hands out sockets to the container's tenant (a pool
+/// under the container's cgroup), the server sees the container's own address, and 8
+/// invocations use at most 2 upstream connections (reuse). With the agent gone, a new
+/// process cannot join the container (the runtime cannot reach `listenerPath`).
+#[test]
+fn musl_and_static_programs_in_a_container_are_served_through_the_seccomp_agent() {
+    if !needs("musl_and_static_programs_in_a_container_are_served_through_the_seccomp_agent") {
+        return;
+    }
+    let ns = Ns::new("sc").with_veth(113);
+    let port = free_port();
+    let srv = PyServer::start(SERVER, port);
+    let d = Daemon::with_config(&reuse_pool(port));
+    let mut agent = Agent::start(&d);
+    let c = Container::start(&ns, &Via::Agent(&agent.listen), "a");
+    let before = handouts(&d);
+    let n = invoke(&c, &d, port, 4, true);
+    assert!(handouts(&d) - before >= (n - 2) as f64, "pooled hand-outs: {} of {n}\n{}\n--- agent\n{}", handouts(&d) - before, d.metrics(), agent.log());
+    assert_eq!(container_pools(&d, &c.id), 1, "no pool of the container's tenant\n{}", d.metrics());
+    assert_from_container(&srv, 0, n, 2, &d);
+    terminate_child(&mut agent.child, Duration::from_secs(2));
+    let o = c.exec(&["/bin/http_get", SERVER, &port.to_string(), "/no-agent"]);
+    assert!(!o.status.success(), "runc exec without the agent: {o:?}");
+}
+
+/// The same musl client, in a container with the musl preload library instead (no seccomp
+/// profile): served from the pool, from the container's own address.
+#[test]
+fn a_musl_program_in_a_container_is_served_through_the_musl_library() {
+    if !needs("a_musl_program_in_a_container_is_served_through_the_musl_library") {
+        return;
+    }
+    let ns = Ns::new("sl").with_veth(114);
+    let port = free_port();
+    let srv = PyServer::start("198.18.114.1", port);
+    let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"198.18.114.1:{port}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = 1\n"));
+    let c = Container::start(&ns, &Via::Library(&d), "l");
+    let before = handouts(&d);
+    for i in 0..4 {
+        let o = c.exec(&["/bin/http_get", "198.18.114.1", &port.to_string(), &format!("/lib{i}")]);
+        let o = ok(o, "http_get under the musl library");
+        assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "200", "invocation {i}");
+        assert!(o.stderr.is_empty(), "invocation {i} printed: {}", String::from_utf8_lossy(&o.stderr));
+        settled(&d);
+    }
+    assert!(handouts(&d) - before >= 2.0, "pooled hand-outs: {}\n{}", handouts(&d) - before, d.metrics());
+    assert_eq!(container_pools(&d, &c.id), 1, "no pool of the container's tenant\n{}", d.metrics());
+    let reqs = srv.request_peers();
+    assert_eq!(reqs.len(), 4, "{reqs:?}");
+    assert!(reqs.iter().all(|(a, _)| a == "198.18.114.2"), "{reqs:?}");
+    assert!(reqs.iter().map(|(_, p)| p).collect::<HashSet<_>>().len() <= 2, "{reqs:?}");
+}
