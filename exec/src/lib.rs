@@ -64,9 +64,9 @@ const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 const SECCOMP_RET_USER_NOTIF: u32 = 0x7fc0_0000;
 
 #[cfg(target_arch = "x86_64")]
-const AUDIT_ARCH: u32 = 0xc000_003e;
+pub(crate) const AUDIT_ARCH: u32 = 0xc000_003e;
 #[cfg(target_arch = "aarch64")]
-const AUDIT_ARCH: u32 = 0xc000_00b7;
+pub(crate) const AUDIT_ARCH: u32 = 0xc000_00b7;
 
 /// Filter: `connect` of this architecture → user notification; everything else allowed.
 fn filter() -> Vec<libc::sock_filter> {

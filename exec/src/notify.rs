@@ -42,7 +42,7 @@ const LINK_TIMEOUT: Duration = Duration::from_millis(100);
 #[derive(Default, Debug)]
 pub(crate) struct SeccompData {
     pub(crate) nr: i32,
-    arch: u32,
+    pub(crate) arch: u32,
     instruction_pointer: u64,
     pub(crate) args: [u64; 6],
 }
@@ -191,7 +191,8 @@ impl<D: Dial> Notifier<D> {
     /// replace the caller's.
     fn check(&mut self, listener: RawFd, n: &Notif) -> Option<Call> {
         let (fd, addr_ptr, len) = (n.data.args[0] as i32, n.data.args[1], n.data.args[2] as usize);
-        if n.data.nr != libc::SYS_connect as i32 || !(16..=128).contains(&len) {
+        // A profile may notify other ABIs' connect too (another number, another layout).
+        if n.data.arch != crate::AUDIT_ARCH || n.data.nr != libc::SYS_connect as i32 || !(16..=128).contains(&len) {
             return None;
         }
         let mut addr = [0u8; 128];

@@ -42,8 +42,12 @@ fn musl_rootfs() -> &'static Path {
         if !root.join("bin/http_get").exists() {
             let tmp = dir.join("musl-rootfs.tmp");
             let _ = std::fs::remove_dir_all(&tmp);
-            for d in ["bin", "lib", "proc", "dev", "tmp", "etc", "run/warmpool", "opt/warmpool"] {
+            for d in ["bin", "lib", "proc", "sys", "dev", "tmp", "etc", "run/warmpool", "opt/warmpool"] {
                 std::fs::create_dir_all(tmp.join(d)).expect("mkdir in the rootfs");
+            }
+            // Mount points podman binds over (so that it leaves the cached image alone).
+            for f in ["etc/hostname", "etc/hosts", "etc/resolv.conf"] {
+                std::fs::write(tmp.join(f), "").expect("touch in the rootfs");
             }
             // musl's loader is its libc too (Debian's `musl`: /lib/ld-musl-x86_64.so.1).
             std::fs::copy("/lib/ld-musl-x86_64.so.1", tmp.join("lib/ld-musl-x86_64.so.1")).expect("copy musl's loader");
@@ -273,6 +277,46 @@ fn musl_and_static_programs_in_a_container_are_served_through_the_seccomp_agent(
     terminate_child(&mut agent.child, Duration::from_secs(2));
     let o = c.exec(&["/bin/http_get", SERVER, &port.to_string(), "/no-agent"]);
     assert!(!o.status.success(), "runc exec without the agent: {o:?}");
+}
+
+/// The shipped profile (deploy/seccomp/warmpool-connect.json), its `listenerPath` pointed at
+/// the test's agent, as podman's `--security-opt seccomp=`: podman 4.3 passes `listenerPath`
+/// through to runc, and the processes of a container without the preload library (busybox-static's wget, the
+/// musl client) is served from the pool, from the container's own address.
+#[test]
+fn podman_passes_the_shipped_profile_to_the_agent() {
+    if !(needs("podman_passes_the_shipped_profile_to_the_agent") && require_tool("podman")) {
+        return;
+    }
+    let ns = Ns::new("sp").with_veth(115);
+    let port = free_port();
+    let srv = PyServer::start("198.18.115.1", port);
+    let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"198.18.115.1:{port}\"\npolicy = \"warm\"\nmin_idle = 2\n"));
+    let agent = Agent::start(&d);
+    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/seccomp/warmpool-connect.json")).expect("the shipped profile");
+    assert!(shipped.contains("\"/run/warmpool/seccomp-agent.sock\""), "{shipped}");
+    let profile = d.dir.join("profile.json");
+    std::fs::write(&profile, shipped.replace("/run/warmpool/seccomp-agent.sock", &agent.listen.display().to_string())).unwrap();
+    let url = format!("http://198.18.115.1:{port}/podman");
+    let script = format!("/bin/http_get 198.18.115.1 {port} /podman-musl && /bin/busybox wget -q -O - {url}");
+    let o = Command::new(tool_path("podman"))
+        .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file", "run", "--rm"])
+        .args(["--network", &format!("ns:/run/netns/{}", ns.name), "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"])
+        .arg("--security-opt")
+        .arg(format!("seccomp={}", profile.display()))
+        .arg("--rootfs")
+        .arg(musl_rootfs())
+        .args(["/bin/sh", "-c", &script])
+        .env_remove("LD_PRELOAD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("podman run");
+    let o = ok(o, &format!("podman run\n--- agent\n{}", agent.log()));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200\nhello\n");
+    assert!(handouts(&d) >= 1.0, "no pooled hand-out\n{}\n--- agent\n{}", d.metrics(), agent.log());
+    let reqs = srv.request_peers();
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert!(reqs.iter().all(|(a, _)| a == "198.18.115.2"), "{reqs:?}");
 }
 
 /// The same musl client, in a container with the musl preload library instead (no seccomp
