@@ -208,7 +208,8 @@ fn spawn(socket: &Path, handed: Handed, live: &Arc<AtomicUsize>) {
 
 /// Serve one container until no task of it uses the filter any more.
 pub fn container(socket: PathBuf, handed: Handed) {
-    let pidfd = handed.pid.and_then(rustix::process::Pid::from_raw).and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
+    let pidfd = handed.pid.and_then(Pid::from_raw).and_then(|p| pidfd_open(p, PidfdFlags::empty()).ok());
     // This thread lives in the container's network namespace: the checks on a caller's socket
     // (made in our namespace, options as on a fresh socket) are then against the container's.
     // SAFETY: setns on a pidfd we hold; it moves only this thread, which we own.
@@ -284,5 +285,38 @@ fn delegate(link: &OwnedFd, pidfd: &OwnedFd) -> Option<()> {
             None
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What runc sends: the state JSON in one `sendmsg` with one fd, then it closes.
+    fn handed(data: &[u8], with_fd: bool) -> Result<Handed, ReceiveError> {
+        let (runtime, agent) = UnixStream::pair().expect("socketpair");
+        // (Any fd stands for the listener; not one of the pair, which would keep it open.)
+        let fd = with_fd.then(|| std::fs::File::open("/dev/null").expect("open /dev/null"));
+        wire::unix::send(runtime.as_raw_fd(), data, fd.as_ref().map(AsRawFd::as_raw_fd), 0).expect("send");
+        drop(runtime);
+        receive(&agent)
+    }
+
+    #[test]
+    fn runc_process_state_gives_pid_and_id() {
+        let state = br#"{"ociVersion":"1.0.2","fds":["seccompFd"],"pid":4242,"metadata":"",
+            "state":{"ociVersion":"1.0.2","id":"fn-1","status":"creating","pid":4242,"bundle":"/b","annotations":{"a":"b"}}}"#;
+        let h = handed(state, true).expect("handed");
+        assert_eq!((h.pid, h.id.as_str()), (Some(4242), "fn-1"));
+    }
+
+    #[test]
+    fn any_input_with_an_fd_is_served_and_without_one_refused() {
+        // (A stream socket carries no fd without at least one byte: no empty case.)
+        for junk in [&b"not json"[..], b"{\"pid\": -7}", b"{\"pid\": 99999999999}", &[0xff; 300][..]] {
+            let h = handed(junk, true).unwrap_or_else(|e| panic!("{junk:?}: {e}"));
+            assert_eq!(h.pid, None, "{junk:?}");
+        }
+        assert!(matches!(handed(b"{\"pid\": 1}", false), Err(ReceiveError::NoFd)));
     }
 }

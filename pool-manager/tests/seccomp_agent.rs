@@ -56,7 +56,8 @@ fn musl_rootfs() -> &'static Path {
             for link in ["sh", "sleep", "wget"] {
                 std::os::unix::fs::symlink("busybox", tmp.join("bin").join(link)).expect("busybox link");
             }
-            let o = Command::new(tool_path("musl-gcc")).arg("-O1").arg("-o").arg(tmp.join("bin/http_get")).arg(client_script("musl_http_get.c")).output().unwrap();
+            let mut cc = Command::new(tool_path("musl-gcc"));
+            let o = cc.arg("-O1").arg("-o").arg(tmp.join("bin/http_get")).arg(client_script("musl_http_get.c")).output().unwrap();
             ok(o, "musl-gcc musl_http_get.c");
             std::fs::create_dir_all(&dir).expect("mkdir target/containers");
             let _ = std::fs::remove_dir_all(&root);
@@ -206,7 +207,8 @@ fn handouts(d: &Daemon) -> f64 {
 fn settled(d: &Daemon) {
     let ok = wait_until(Duration::from_secs(5), || {
         let m = d.metrics();
-        metric_samples(&m, "warmpool_pool_sockets{").iter().filter(|(l, _)| l.contains("state=\"quarantine\"") || l.contains("state=\"checking\"") || l.contains("state=\"leased\"")).all(|(_, v)| *v == 0.0)
+        let busy = |l: &str| ["quarantine", "checking", "leased"].iter().any(|s| l.contains(&format!("state=\"{s}\"")));
+        metric_samples(&m, "warmpool_pool_sockets{").iter().filter(|(l, _)| busy(l)).all(|(_, v)| *v == 0.0)
     });
     assert!(ok, "sockets not back after 5 s\n{}\n{}", d.metrics(), d.log());
 }
@@ -271,7 +273,8 @@ fn musl_and_static_programs_in_a_container_are_served_through_the_seccomp_agent(
     let c = Container::start(&ns, &Via::Agent(&agent.listen), "a");
     let before = handouts(&d);
     let n = invoke(&c, &d, port, 4, true);
-    assert!(handouts(&d) - before >= (n - 2) as f64, "pooled hand-outs: {} of {n}\n{}\n--- agent\n{}", handouts(&d) - before, d.metrics(), agent.log());
+    let served = handouts(&d) - before;
+    assert!(served >= (n - 2) as f64, "pooled hand-outs: {served} of {n}\n{}\n--- agent\n{}", d.metrics(), agent.log());
     assert_eq!(container_pools(&d, &c.id), 1, "no pool of the container's tenant\n{}", d.metrics());
     assert_from_container(&srv, 0, n, 2, &d);
     terminate_child(&mut agent.child, Duration::from_secs(2));
@@ -281,8 +284,9 @@ fn musl_and_static_programs_in_a_container_are_served_through_the_seccomp_agent(
 
 /// The shipped profile (deploy/seccomp/warmpool-connect.json), its `listenerPath` pointed at
 /// the test's agent, as podman's `--security-opt seccomp=`: podman 4.3 passes `listenerPath`
-/// through to runc, and the processes of a container without the preload library (busybox-static's wget, the
-/// musl client) is served from the pool, from the container's own address.
+/// through to runc, and the processes of a container without the preload library
+/// (busybox-static's wget, the musl client) are served from the pool, from the container's
+/// own address.
 #[test]
 fn podman_passes_the_shipped_profile_to_the_agent() {
     if !(needs("podman_passes_the_shipped_profile_to_the_agent") && require_tool("podman")) {
@@ -293,7 +297,8 @@ fn podman_passes_the_shipped_profile_to_the_agent() {
     let srv = PyServer::start("198.18.115.1", port);
     let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"198.18.115.1:{port}\"\npolicy = \"warm\"\nmin_idle = 2\n"));
     let agent = Agent::start(&d);
-    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/seccomp/warmpool-connect.json")).expect("the shipped profile");
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/seccomp/warmpool-connect.json");
+    let shipped = std::fs::read_to_string(shipped).expect("the shipped profile");
     assert!(shipped.contains("\"/run/warmpool/seccomp-agent.sock\""), "{shipped}");
     let profile = d.dir.join("profile.json");
     std::fs::write(&profile, shipped.replace("/run/warmpool/seccomp-agent.sock", &agent.listen.display().to_string())).unwrap();
