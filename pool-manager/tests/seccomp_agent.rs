@@ -143,6 +143,20 @@ impl Container {
         Container { id, root, env, _bundle: bundle }
     }
 
+    /// The pid of the container's first process (runc's view: ours).
+    fn pid(&self) -> u32 {
+        let o = ok(runc(&self.root).args(["state", &self.id]).output().expect("runc state"), "runc state");
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let at = text.find("\"pid\":").expect("pid in runc state") + 6;
+        text[at..].trim_start().split(|c: char| !c.is_ascii_digit()).next().and_then(|p| p.parse().ok()).expect("a pid")
+    }
+
+    /// Whether `/bin/sh` runs in the container (exec'd: past runc's hand-over to the agent).
+    fn shell_started(&self) -> bool {
+        let o = runc(&self.root).args(["ps", &self.id]).output().expect("runc ps");
+        String::from_utf8_lossy(&o.stdout).lines().any(|l| l.contains("/bin/sh -c"))
+    }
+
     /// Run `args` in the container (`runc exec`): its output.
     fn exec(&self, args: &[&str]) -> Output {
         let mut c = runc(&self.root);
@@ -203,11 +217,12 @@ fn handouts(d: &Daemon) -> f64 {
     d.metric("warmpool_handouts_total{kind=\"warm\"}") + d.metric("warmpool_handouts_total{kind=\"reuse\"}")
 }
 
-/// Every socket handed out is back and checked (a reused socket is back in its pool).
+/// Every socket handed out is back and checked (a reused socket is back in its pool), and
+/// no pool is still filling.
 fn settled(d: &Daemon) {
     let ok = wait_until(Duration::from_secs(5), || {
         let m = d.metrics();
-        let busy = |l: &str| ["quarantine", "checking", "leased"].iter().any(|s| l.contains(&format!("state=\"{s}\"")));
+        let busy = |l: &str| ["quarantine", "checking", "leased", "connecting"].iter().any(|s| l.contains(&format!("state=\"{s}\"")));
         metric_samples(&m, "warmpool_pool_sockets{").iter().filter(|(l, _)| busy(l)).all(|(_, v)| *v == 0.0)
     });
     assert!(ok, "sockets not back after 5 s\n{}\n{}", d.metrics(), d.log());
@@ -277,9 +292,24 @@ fn musl_and_static_programs_in_a_container_are_served_through_the_seccomp_agent(
     assert!(served >= (n - 2) as f64, "pooled hand-outs: {served} of {n}\n{}\n--- agent\n{}", d.metrics(), agent.log());
     assert_eq!(container_pools(&d, &c.id), 1, "no pool of the container's tenant\n{}", d.metrics());
     assert_from_container(&srv, 0, n, 2, &d);
+
+    // The agent dies (the documented failure mode): a process already running in the
+    // container gets ENOSYS from connect(), and no new process can join the container.
+    let get = format!("/bin/http_get {SERVER} {port} /after-agent");
+    let waiting = format!("i=0; while [ ! -e /tmp/go ] && [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; {get}");
+    let mut cmd = runc(&c.root);
+    cmd.args(["exec", &c.id, "/bin/sh", "-c", &waiting]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let running = cmd.spawn().expect("runc exec");
+    // Its notification fd reached the agent once a thread serves it (the fd is the agent's).
+    assert!(wait_until(Duration::from_secs(5), || c.shell_started()), "the waiting shell did not start");
     terminate_child(&mut agent.child, Duration::from_secs(2));
+    std::fs::write(format!("/proc/{}/root/tmp/go", c.pid()), "").expect("signal the waiting shell");
+    let o = running.wait_with_output().expect("wait for the waiting shell");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && stderr.contains("Function not implemented"), "connect() after the agent died: {o:?}");
     let o = c.exec(&["/bin/http_get", SERVER, &port.to_string(), "/no-agent"]);
     assert!(!o.status.success(), "runc exec without the agent: {o:?}");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("seccomp agent"), "{o:?}");
 }
 
 /// The shipped profile (deploy/seccomp/warmpool-connect.json), its `listenerPath` pointed at
@@ -302,25 +332,40 @@ fn podman_passes_the_shipped_profile_to_the_agent() {
     assert!(shipped.contains("\"/run/warmpool/seccomp-agent.sock\""), "{shipped}");
     let profile = d.dir.join("profile.json");
     std::fs::write(&profile, shipped.replace("/run/warmpool/seccomp-agent.sock", &agent.listen.display().to_string())).unwrap();
-    let url = format!("http://198.18.115.1:{port}/podman");
-    let script = format!("/bin/http_get 198.18.115.1 {port} /podman-musl && /bin/busybox wget -q -O - {url}");
-    let o = Command::new(tool_path("podman"))
-        .args(["--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file", "run", "--rm"])
-        .args(["--network", &format!("ns:/run/netns/{}", ns.name), "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096"])
-        .arg("--security-opt")
-        .arg(format!("seccomp={}", profile.display()))
-        .arg("--rootfs")
-        .arg(musl_rootfs())
-        .args(["/bin/sh", "-c", &script])
-        .env_remove("LD_PRELOAD")
-        .stdin(Stdio::null())
-        .output()
-        .expect("podman run");
-    let o = ok(o, &format!("podman run\n--- agent\n{}", agent.log()));
-    assert_eq!(String::from_utf8_lossy(&o.stdout), "200\nhello\n");
-    assert!(handouts(&d) >= 1.0, "no pooled hand-out\n{}\n--- agent\n{}", d.metrics(), agent.log());
+    let podman = || {
+        let mut c = Command::new(tool_path("podman"));
+        c.args(["--runtime", "runc", "--cgroup-manager", "cgroupfs", "--events-backend", "file"]).env_remove("LD_PRELOAD").stdin(Stdio::null());
+        c
+    };
+    let name = format!("wpscpod{}", std::process::id());
+    let mut run = podman();
+    run.args(["run", "-d", "--rm", "--name", &name, "--network", &format!("ns:/run/netns/{}", ns.name)]);
+    run.args(["--ulimit", "nofile=1024:1024", "--ulimit", "nproc=4096:4096", "--security-opt"]).arg(format!("seccomp={}", profile.display()));
+    ok(run.arg("--rootfs").arg(musl_rootfs()).args(["/bin/sleep", "300"]).output().expect("podman run"), "podman run");
+    /// Removes the container on drop.
+    struct Removed<F: Fn() -> Command>(F, String);
+    impl<F: Fn() -> Command> Drop for Removed<F> {
+        fn drop(&mut self) {
+            let _ = (self.0)().args(["rm", "-f", "-t", "0", &self.1]).output();
+        }
+    }
+    let _removed = Removed(podman, name.clone());
+    let exec = |args: &[&str]| {
+        let o = podman().arg("exec").arg(&name).args(args).output().expect("podman exec");
+        String::from_utf8_lossy(&ok(o, &format!("podman exec {args:?}\n--- agent\n{}", agent.log())).stdout).into_owned()
+    };
+    // The first connect of a fresh container makes its tenant's pool (without the OCI hook,
+    // which would prewarm it, it may be a miss); the next ones are hand-outs.
+    assert_eq!(exec(&["/bin/http_get", "198.18.115.1", &port.to_string(), "/podman-musl"]), "200\n");
+    let idle = |d: &Daemon| metric_samples(&d.metrics(), "warmpool_pool_sockets{").iter().filter(|(l, _)| l.contains("state=\"idle\"")).map(|(_, v)| v).sum::<f64>();
+    assert!(wait_until(Duration::from_secs(5), || idle(&d) >= 1.0), "the container's pool never filled\n{}", d.metrics());
+    let before = handouts(&d);
+    assert_eq!(exec(&["/bin/busybox", "wget", "-q", "-O", "-", &format!("http://198.18.115.1:{port}/podman-wget")]), "hello\n");
+    assert!(wait_until(Duration::from_secs(5), || idle(&d) >= 1.0), "the container's pool never refilled\n{}", d.metrics());
+    assert_eq!(exec(&["/bin/http_get", "198.18.115.1", &port.to_string(), "/podman-musl2"]), "200\n");
+    assert_eq!(handouts(&d) - before, 2.0, "not pooled through podman's profile\n{}\n--- agent\n{}", d.metrics(), agent.log());
     let reqs = srv.request_peers();
-    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
     assert!(reqs.iter().all(|(a, _)| a == "198.18.115.2"), "{reqs:?}");
 }
 
