@@ -171,6 +171,12 @@ impl Container {
 impl Drop for Container {
     fn drop(&mut self) {
         let _ = runc(&self.root).args(["delete", "-f", &self.id]).output();
+        // runc leaves the (then empty) parent cgroup of cgroupsPath; rmdir fails while another
+        // test's container is in it.
+        let parents = std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path().join("warmpool-test"));
+        for dir in parents.chain([PathBuf::from("/sys/fs/cgroup/warmpool-test")]) {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
