@@ -73,6 +73,14 @@ impl Identity {
         Some(Identity { ids, cgroup, netns })
     }
 
+    /// The identity of process `pid` (its leader thread), as the daemon reads it for a link
+    /// delegated to that process.
+    pub(super) fn of_process(pid: i32) -> Option<Identity> {
+        let dir = format!("/proc/{pid}");
+        let status = std::fs::read_to_string(format!("{dir}/status")).ok()?;
+        Identity::read(&dir, &status)
+    }
+
     /// The supervisor's own identity (what the daemon sees on its link).
     pub(super) fn own() -> Option<Identity> {
         let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
@@ -182,20 +190,28 @@ fn option(fd: RawFd, (level, name): (libc::c_int, libc::c_int)) -> Option<Vec<u8
 /// The value of each of [`OPTIONS`], in order.
 type Values = Vec<Option<Vec<u8>>>;
 
-/// [`OPTIONS`] as a fresh TCP socket of each family has them, read once per supervisor (a
-/// sysctl changed since only makes later connects pass through).
-static FRESH: [OnceLock<Option<Values>>; 2] = [OnceLock::new(), OnceLock::new()];
+thread_local! {
+    /// [`OPTIONS`] as a fresh TCP socket of each family has them, read once per thread (a
+    /// sysctl changed since only makes later connects pass through). Per thread because a
+    /// thread of the seccomp agent lives in its container's network namespace, whose sysctls
+    /// (buffer sizes, congestion control) may differ from ours.
+    static FRESH: [OnceLock<Option<Values>>; 2] = const { [OnceLock::new(), OnceLock::new()] };
+}
 
-fn fresh_options(family: libc::c_int) -> Option<&'static [Option<Vec<u8>>]> {
-    let cell = &FRESH[usize::from(family == libc::AF_INET6)];
-    cell.get_or_init(|| {
-        // SAFETY: a plain socket; ownership goes to OwnedFd at once.
-        let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        // SAFETY: a fresh fd we own.
-        let fresh = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })?;
-        Some(OPTIONS.iter().map(|&o| option(fresh.as_raw_fd(), o)).collect())
+/// Whether every option of `fd` is as on a fresh socket of `family` in this thread's namespace.
+fn options_fresh(fd: RawFd, family: libc::c_int) -> bool {
+    FRESH.with(|cells| {
+        let Some(fresh) = cells[usize::from(family == libc::AF_INET6)].get_or_init(|| fresh_values(family)) else { return false };
+        OPTIONS.iter().zip(fresh).all(|(&o, want)| option(fd, o) == *want)
     })
-    .as_deref()
+}
+
+fn fresh_values(family: libc::c_int) -> Option<Values> {
+    // SAFETY: a plain socket; ownership goes to OwnedFd at once.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    // SAFETY: a fresh fd we own.
+    let fresh = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })?;
+    Some(OPTIONS.iter().map(|&o| option(fresh.as_raw_fd(), o)).collect())
 }
 
 const SIOCGSKNS: libc::c_ulong = 0x894C;
@@ -220,8 +236,7 @@ pub(super) fn plain_unbound_tcp(fd: RawFd, domain: u8) -> bool {
     if wire::sockaddr::unshaped_tcp(fd, domain).is_err() || !in_our_netns(fd) {
         return false;
     }
-    let Some(fresh) = fresh_options(wire::sockaddr::family_of(domain)) else { return false };
-    OPTIONS.iter().zip(fresh).all(|(&o, want)| option(fd, o) == *want)
+    options_fresh(fd, wire::sockaddr::family_of(domain))
 }
 
 #[cfg(test)]

@@ -82,6 +82,16 @@ enum Cmd {
         #[arg(long)]
         socket: Option<PathBuf>,
     },
+    /// The OCI seccomp `listenerPath` receiver: serve the connects of every container whose
+    /// seccomp profile names PATH (see deploy/seccomp/warmpool-connect.json). Runs until killed.
+    SeccompAgent {
+        /// Unix socket the OCI runtime hands notification fds to (the profile's `listenerPath`).
+        #[arg(long, value_name = "PATH")]
+        listen: PathBuf,
+        /// The daemon's socket [default: $WARMPOOL_SOCKET, else /run/warmpool/pool.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+    },
     /// Print the embedded default configuration.
     Config,
     /// Run the public rendezvous server for peer links (hole punching, relay).
@@ -160,6 +170,7 @@ fn main() -> Result<()> {
             oci_hook(&stage, &socket_path(socket, default_socket()));
             Ok(())
         }
+        Cmd::SeccompAgent { listen, socket } => Ok(exec::agent::run(&listen, &socket_path(socket, default_socket()))?),
         Cmd::Config => {
             print!("{}", config::EMBEDDED_DEFAULT);
             Ok(())

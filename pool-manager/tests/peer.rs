@@ -157,6 +157,17 @@ impl Job {
         cmd.spawn().expect("spawn function")
     }
 
+    /// As [`Job::function`], but run under `pool-manager exec` without `LD_PRELOAD` (as a
+    /// static binary would be): its connect() to a virtual address is served by the
+    /// supervisor's seccomp notifications.
+    fn function_under_exec(&self, host: usize, role: &str, target: &str, size: u64) -> Child {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/peer_xfer.py");
+        let mut cmd = self.topo.command(self.topo.host_ns(host), pool_manager_bin());
+        cmd.arg("exec").arg("--socket").arg(self.socket(host)).args(["--", "python3"]).arg(script).args([role, target, &size.to_string()]);
+        cmd.env_remove("LD_PRELOAD").stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.spawn().expect("spawn function under exec")
+    }
+
     fn virtual_addr(&self, peer: &str) -> String {
         let out = std::process::Command::new(pool_manager_bin()).args(["peer-addr", peer]).output().unwrap();
         assert!(out.status.success());
@@ -281,6 +292,42 @@ fn wrong_secret_gets_nothing() {
     for d in &job.daemons {
         assert!(!d.log().contains(SECRET.trim()), "the secret never appears in logs");
     }
+}
+
+/// A program under `pool-manager exec` (no preload library) that connects to a peer's
+/// virtual address gets the link, as under the library; and a refused link fails its
+/// connect() with ECONNREFUSED at once (it never goes out to the virtual address).
+#[test]
+fn a_program_under_exec_gets_a_peer_link_by_virtual_address() {
+    if !(preconditions("a_program_under_exec_gets_a_peer_link_by_virtual_address") && require_tool("setpriv")) {
+        return;
+    }
+    let job = Job::start(Mapping::Independent, Mapping::Independent, ["", ""], [SECRET, SECRET]);
+    job.wait_registered(2.0);
+    let size = 1024 * 1024;
+    let recv = job.function(2, "recv", &format!("{}:{CHANNEL}", job.virtual_addr("job/a")), 0);
+    let send = job.function_under_exec(1, "send", &format!("{}:{CHANNEL}", job.virtual_addr("job/b")), size);
+    let s = finish(send, Duration::from_secs(60)).unwrap_or_else(|e| panic!("sender under exec: {e}\n{}", job.logs()));
+    let r = finish(recv, Duration::from_secs(30)).unwrap_or_else(|e| panic!("receiver: {e}\n{}", job.logs()));
+    assert_eq!(r["bytes"], size.to_string(), "receiver got everything");
+    assert_eq!(s["sha256"], r["sha256"], "data integrity");
+    assert_eq!(job.daemon_metric(1, "warmpool_peer_handouts_total"), 1.0, "{}", job.logs());
+    // A tenant the job does not admit (uid 65534: it cannot read the secret): refused after
+    // Miss(Pending), at once, with ECONNREFUSED (before the fix, the supervisor let the
+    // connect go out to the virtual address).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(job.dir.join("a.secret"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    let script = job.dir.join("peer_xfer.py");
+    std::fs::copy(client_script("peer_xfer.py"), &script).unwrap();
+    let started = Instant::now();
+    let mut cmd = job.topo.command(job.topo.host_ns(1), tool_path("setpriv"));
+    cmd.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"]).arg(pool_manager_bin()).arg("exec").arg("--socket").arg(job.socket(1));
+    cmd.args(["--", SYSTEM_PYTHON]).arg(&script).args(["send", &format!("{}:{CHANNEL}", job.virtual_addr("job/b")), "1000"]);
+    cmd.env_remove("LD_PRELOAD").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let e = finish(cmd.spawn().expect("spawn"), Duration::from_secs(20)).expect_err("uid 65534 must get no link of the job");
+    assert!(e.contains("Connection refused"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(10), "the refusal is prompt");
+    assert_eq!(job.daemon_metric(1, "warmpool_peer_denied_total"), 1.0, "{}", job.logs());
 }
 
 /// Ready links on `host`, from its status table.
