@@ -545,6 +545,26 @@ fn source_of(b: u8) -> Result<Source, DecodeError> {
     }
 }
 
+fn disposition_of(b: u8) -> Result<Disposition, DecodeError> {
+    Ok(match b {
+        0 => Disposition::Clean,
+        1 => Disposition::Shared,
+        2 => Disposition::Implicit,
+        3 => Disposition::Unused,
+        _ => return Err(DecodeError::BadField),
+    })
+}
+
+fn miss_reason_of(b: u8) -> Result<MissReason, DecodeError> {
+    Ok(match b {
+        1 => MissReason::Empty,
+        2 => MissReason::NotPooled,
+        3 => MissReason::AtLimit,
+        4 => MissReason::Pending,
+        _ => return Err(DecodeError::BadField),
+    })
+}
+
 /// Decode one datagram. Returns the message and the sequence number.
 ///
 /// # Errors
@@ -579,14 +599,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         }
         Kind::Release => {
             need(17)?;
-            let disposition = match buf[16] {
-                0 => Disposition::Clean,
-                1 => Disposition::Shared,
-                2 => Disposition::Implicit,
-                3 => Disposition::Unused,
-                _ => return Err(DecodeError::BadField),
-            };
-            Msg::Release { lease: u64_at(8), disposition }
+            Msg::Release { lease: u64_at(8), disposition: disposition_of(buf[16])? }
         }
         Kind::Status => Msg::Status,
         Kind::Takeover => Msg::Takeover,
@@ -635,14 +648,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         }
         Kind::Miss => {
             need(13)?;
-            let reason = match buf[8] {
-                1 => MissReason::Empty,
-                2 => MissReason::NotPooled,
-                3 => MissReason::AtLimit,
-                4 => MissReason::Pending,
-                _ => return Err(DecodeError::BadField),
-            };
-            Msg::Miss { reason, retry_after_ms: u32::from_le_bytes([buf[9], buf[10], buf[11], buf[12]]) }
+            Msg::Miss { reason: miss_reason_of(buf[8])?, retry_after_ms: u32::from_le_bytes([buf[9], buf[10], buf[11], buf[12]]) }
         }
         Kind::StatusReply => Msg::StatusReply(core::str::from_utf8(&buf[8..]).map_err(|_| DecodeError::BadField)?),
         Kind::Error => {
