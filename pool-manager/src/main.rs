@@ -212,6 +212,7 @@ fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std
     }
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        let signals = stop_signals();
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
         let server = Arc::new(Server::new(keys));
         let cancel = CancellationToken::new();
@@ -221,7 +222,7 @@ fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std
             let s = server.clone();
             tokio::spawn(pool_manager::metrics::serve_with(l, Arc::new(move || s.render_metrics()), cancel.clone()));
         }
-        tokio::spawn(cancel_on_signal(cancel.clone()));
+        tokio::spawn(cancel_on_signal(signals, cancel.clone()));
         server.run(listener, cancel).await;
         Ok(())
     })
@@ -292,11 +293,22 @@ fn request(socket: &std::path::Path, msg: &pool_manager::wire::Msg<'_>) -> Resul
 }
 
 /// Fire `cancel` on SIGTERM or SIGINT.
-async fn cancel_on_signal(cancel: CancellationToken) {
+/// SIGTERM and SIGINT handlers, installed before the daemon binds anything: a signal sent as
+/// soon as the socket (or a log line) shows the daemon up stops it cleanly instead of killing
+/// it with the default action. Call within the runtime.
+fn stop_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        return;
-    };
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        (Err(e), _) | (_, Err(e)) => {
+            warn!("cannot handle SIGTERM/SIGINT ({e}): they stop the process without clean-up");
+            None
+        }
+    }
+}
+
+async fn cancel_on_signal(signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>, cancel: CancellationToken) {
+    let Some((mut term, mut int)) = signals else { return };
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
@@ -385,6 +397,7 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
+        let signals = stop_signals();
         if cfg.keep_window_when_idle {
             keep_window_when_idle();
         }
@@ -430,7 +443,7 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
             shared.metrics_fd.store(l.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
             tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone()))
         });
-        tokio::spawn(cancel_on_signal(cancel.clone()));
+        tokio::spawn(cancel_on_signal(signals, cancel.clone()));
         // On a worker thread, not in `block_on`: a listener event then accepts and starts the
         // client's task where it was seen, with no hop through the main thread.
         let result = tokio::spawn(server::run_with(listener, shared.clone(), cancel.clone(), adopted))
