@@ -18,21 +18,9 @@ fn cwnd(cmd: &mut Command) -> u32 {
     String::from_utf8_lossy(&o.stdout).trim().parse().expect("a number")
 }
 
-fn assist_available(test: &str) -> bool {
-    if !require_root(test) || !require_tool("python3") || !require_tool("bpftool") {
-        return false;
-    }
-    if !shim_user::assist::KernelAssist::built() {
-        assert!(!in_ci(), "{test}: this build has no eBPF programs; CI must build them");
-        eprintln!("SKIP {test}: built without the eBPF toolchain (scripts/setup-ebpf.sh)");
-        return false;
-    }
-    true
-}
-
 #[test]
 fn a_learned_window_starts_new_connections_converged_and_nothing_stays_attached() {
-    if !assist_available("a_learned_window_starts_new_connections_converged") {
+    if !assist_available("a_learned_window_starts_new_connections_converged", &["python3", "bpftool"]) {
         return;
     }
     let port = free_port();
@@ -90,7 +78,7 @@ fn a_learned_window_starts_new_connections_converged_and_nothing_stays_attached(
 
 #[test]
 fn kernel_assist_on_refuses_to_start_where_it_cannot_attach_and_auto_runs_without() {
-    if !assist_available("kernel_assist_on_refuses_to_start") {
+    if !assist_available("kernel_assist_on_refuses_to_start", &["python3", "bpftool"]) {
         return;
     }
     let dir = TempDir::new();
@@ -116,7 +104,7 @@ fn kernel_assist_on_refuses_to_start_where_it_cannot_attach_and_auto_runs_withou
 
 #[test]
 fn demand_from_programs_without_the_shim_prewarms_a_pool_that_later_connects_use() {
-    if !assist_available("demand_prewarms_a_pool") || !require_tool("nginx") || !require_tool("curl") {
+    if !assist_available("demand_prewarms_a_pool", &["python3", "bpftool"]) || !require_tool("nginx") || !require_tool("curl") {
         return;
     }
     let nginx = Nginx::start();

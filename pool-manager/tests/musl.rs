@@ -44,16 +44,16 @@ fn a_musl_program_under_the_musl_library_gets_pooled_sockets() {
     let o = Command::new(pool_manager_bin()).args(["prewarm", "--socket"]).arg(&d.socket).arg(&dest).env_remove("LD_PRELOAD").output().unwrap();
     assert!(o.status.success(), "prewarm: {o:?}");
     assert!(wait_until(Duration::from_secs(5), || idle(&d) >= 1.0), "no idle socket after prewarm\n{}", d.log());
-    let bin = d.dir.join("musl_get");
-    let o = Command::new(tool_path("musl-gcc")).arg("-O1").arg("-o").arg(&bin).arg(client_script("musl_get.c")).output().unwrap();
-    assert!(o.status.success(), "musl-gcc musl_get.c: {}", String::from_utf8_lossy(&o.stderr));
+    let bin = d.dir.join("http_get");
+    let o = Command::new(tool_path("musl-gcc")).arg("-O1").arg("-o").arg(&bin).arg(client_script("musl_http_get.c")).output().unwrap();
+    assert!(o.status.success(), "musl-gcc musl_http_get.c: {}", String::from_utf8_lossy(&o.stderr));
     let elf = std::fs::read(&bin).unwrap();
-    assert!(elf.windows(b"ld-musl-x86_64.so.1".len()).any(|w| w == b"ld-musl-x86_64.so.1"), "musl_get is not a musl program");
+    assert!(elf.windows(b"ld-musl-x86_64.so.1".len()).any(|w| w == b"ld-musl-x86_64.so.1"), "http_get is not a musl program");
     let before = handouts(&d);
     for i in 0..3 {
         assert!(wait_until(Duration::from_secs(5), || idle(&d) >= 1.0), "function {i}: no idle socket\n{}", d.metrics());
         let o = Command::new(&bin)
-            .args([&nginx.port.to_string(), &format!("/musl{i}")])
+            .args(["127.0.0.1", &nginx.port.to_string(), &format!("/musl{i}")])
             .env("LD_PRELOAD", &lib)
             .env("WARMPOOL_SOCKET", &d.socket)
             .env_remove("WARMPOOL_DISABLE")

@@ -21,18 +21,6 @@ fn script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/clients").join(name)
 }
 
-fn assist_available(test: &str) -> bool {
-    if !require_root(test) || !require_tool("python3") || !require_tool("ip") {
-        return false;
-    }
-    if !shim_user::assist::KernelAssist::built() {
-        assert!(!in_ci(), "{test}: this build has no eBPF programs; CI must build them");
-        eprintln!("SKIP {test}: built without the eBPF toolchain (scripts/setup-ebpf.sh)");
-        return false;
-    }
-    true
-}
-
 /// A process that is stopped by PID and reaped on drop.
 struct Proc(Child);
 
@@ -92,7 +80,7 @@ const MAX_IW: u32 = 4000;
 /// are read again before each new connection: the EWMA moves.)
 #[test]
 fn each_namespace_starts_new_connections_with_its_own_learned_window() {
-    if !assist_available("each_namespace_starts_new_connections_with_its_own_learned_window") {
+    if !assist_available("each_namespace_starts_new_connections_with_its_own_learned_window", &["python3", "ip"]) {
         return;
     }
     let (a, b) = (Ns::new("wa"), Ns::new("wb"));
@@ -136,7 +124,7 @@ fn pools_of(d: &Daemon, dest: &str) -> Vec<(String, f64)> {
 /// first connect. No pool for that destination is made in the daemon's namespace.
 #[test]
 fn demand_in_a_namespace_prewarms_in_that_namespace_and_no_other() {
-    if !assist_available("demand_in_a_namespace_prewarms_in_that_namespace_and_no_other") || !require_tool("curl") {
+    if !assist_available("demand_in_a_namespace_prewarms_in_that_namespace_and_no_other", &["python3", "ip"]) || !require_tool("curl") {
         return;
     }
     let ns = Ns::new("wd").with_veth(201);

@@ -1,5 +1,5 @@
-/* A function for the musl image (tests/seccomp_agent.rs; built with musl-gcc): connect to
- * HOST:PORT, GET PATH on a keep-alive connection, read the whole reply (Content-Length),
+/* A function linked against musl (tests/musl.rs and the musl image of tests/seccomp_agent.rs;
+ * built with musl-gcc): connect to HOST:PORT, GET PATH on a keep-alive connection, read the whole reply (Content-Length),
  * close, exit. Prints the reply's status code; on a failed call, the call and its errno
  * text (so that a test sees ENOSYS or ECONNREFUSED as such).
  *

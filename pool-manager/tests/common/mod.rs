@@ -1,6 +1,7 @@
 //! Shared integration-test harness for `pool-manager`.
 //!
-//! Used from the test files in `pool-manager/tests/` via `mod common;`. Only std + libc.
+//! Used from the test files in `pool-manager/tests/` via `mod common;`. std, libc, and
+//! `shim_user` for whether the eBPF programs were built.
 //!
 //! Every helper that spawns a process owns its `Child` and guarantees in `Drop` that the
 //! process is signalled *by PID* (never by name) and reaped. A PID is only ever signalled
@@ -85,6 +86,20 @@ pub fn require_tool(name: &str) -> bool {
     }
     eprintln!("SKIP: required tool `{name}` not found in PATH or /usr/sbin (run scripts/setup.sh)");
     false
+}
+
+/// Whether the kernel-assist tests can run: root, the `tools`, and a build with the eBPF
+/// programs (CI must have them: panics there when they are missing).
+pub fn assist_available(test: &str, tools: &[&str]) -> bool {
+    if !require_root(test) || !tools.iter().all(|t| require_tool(t)) {
+        return false;
+    }
+    if !shim_user::assist::KernelAssist::built() {
+        assert!(!in_ci(), "{test}: this build has no eBPF programs; CI must build them");
+        eprintln!("SKIP {test}: built without the eBPF toolchain (scripts/setup-ebpf.sh)");
+        return false;
+    }
+    true
 }
 
 /// Like `find_tool` but panics with a helpful message.
