@@ -233,7 +233,8 @@ async fn wait_filled(shared: &Shared, tenant: &Tenant) -> (usize, usize) {
 /// When the container's process exits, do what `Stop` does (a runtime that never runs the
 /// stop hook must not leave the namespace pinned).
 fn spawn_exit_watch(shared: Arc<Shared>, id: String, generation: u64, pidfd: Arc<OwnedFd>, cancel: CancellationToken) {
-    tokio::spawn(async move {
+    let bg = shared.clone();
+    bg.background.spawn(async move {
         // SAFETY: the AsyncFd owns (a reference to) the pidfd, so the fd stays open and the
         // same for as long as it is registered.
         let Ok(fd) = (unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }) else {

@@ -137,13 +137,15 @@ pub async fn run_with(
     }
     cancel.cancel();
     while tasks.join_next().await.is_some() {}
+    // After the client tasks: none of them can start a refill any more.
+    let aborted = shared.background.shutdown().await;
     let mut pools = shared.lock();
     let mut n = 0;
     for pool in pools.values_mut() {
         n += pool.drain().len();
     }
     pools.clear();
-    info!(closed = n, "pool manager stopped; pooled sockets closed");
+    info!(closed = n, aborted, "pool manager stopped; pooled sockets closed, background tasks ended");
     Ok(())
 }
 

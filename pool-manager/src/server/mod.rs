@@ -9,8 +9,8 @@
 //! checker ([`crate::checker`]: holders walk, end-of-exchange proof) before the socket is
 //! idle again. The end of the client connection puts every lease it still holds through the
 //! same path (the process ended without close(): keep-alive clients, `_exit`, a signal);
-//! peer links and `warm` pools close them. Refills run as spawned connect tasks that put
-//! their socket into the pool when done. The maintenance task sweeps every
+//! peer links and `warm` pools close them. Refills run as connect tasks that put their socket
+//! into the pool when done, owned by [`Shared::background`] and cancelled when `run` ends. The maintenance task sweeps every
 //! [`defaults::SWEEP_INTERVAL`].
 //!
 //! Modules: `listener` (bind, the accept loop, the run loop with its background tasks),
@@ -18,10 +18,12 @@
 //! leaves behind), `grant` (acquire from a pool or a peer link, grant, prefetch offers,
 //! release and settle, prewarm), `tasks` (refills, resolver, maintenance, demand tracker),
 //! `delegate` (connections that act for another process: `Delegate`, the OCI hook's `Container`),
-//! `tenants` (closing every pool of a tenant that is gone).
+//! `tenants` (closing every pool of a tenant that is gone), `background` (the set that owns
+//! refills and other side tasks until shutdown).
 //! This module holds what they share: [`Shared`], [`PoolKey`], [`PooledSock`].
 
 
+mod background;
 mod delegate;
 mod grant;
 mod listener;
@@ -29,6 +31,7 @@ mod session;
 mod tasks;
 pub mod tenants;
 
+pub use background::Background;
 pub use delegate::Containers;
 pub use listener::{bind, connect_client, run, run_with};
 pub(crate) use grant::pool_for;
@@ -119,6 +122,8 @@ pub struct Shared {
     pub containers: Containers,
     /// Tenants closed (counters, and those whose pools are not made again).
     pub lifecycle: tenants::Lifecycle,
+    /// Refills and other tasks started beside a request; shut down when `run` ends.
+    pub background: Background,
 }
 
 impl Shared {
@@ -147,6 +152,7 @@ impl Shared {
             check_wake: tokio::sync::Notify::new(),
             containers: Containers::default(),
             lifecycle: tenants::Lifecycle::default(),
+            background: Background::default(),
         }
     }
 

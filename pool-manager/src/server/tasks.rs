@@ -21,7 +21,8 @@ pub(super) fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeo
     for _ in 0..n {
         let shared = shared.clone();
         let key = key.clone();
-        tokio::spawn(async move {
+        let bg = shared.clone();
+        bg.background.spawn(async move {
             if !delay.is_zero() {
                 tokio::time::sleep(delay).await;
             }
