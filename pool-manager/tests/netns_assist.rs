@@ -56,7 +56,7 @@ fn cwnd_in(ns: &Ns, cg: &Cgroup, port: u16, mode: &str) -> u32 {
 fn cookie_of(ns: &Ns) -> u64 {
     let py = tool_path("python3");
     let code = "import socket; print(int.from_bytes(socket.socket().getsockopt(socket.SOL_SOCKET, 71, 8), 'little'))";
-    let o = ns.cmd(py.to_str().unwrap()).args(&["-c", code]).output().unwrap();
+    let o = ns.cmd(py.to_str().unwrap()).args(["-c", code]).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).trim().parse().expect("a cookie")
 }
