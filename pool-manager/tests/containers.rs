@@ -31,19 +31,27 @@ fn settled(d: &Daemon) {
     assert!(ok, "sockets still under check after 5 s\n{}", d.metrics());
 }
 
-/// (a) + (c): each container's pooled connections come from its own address; two
-/// containers of the same uid never share a socket; 20 fork-per-request invocations in one
-/// container use at most 2 upstream connections with a reuse pool.
-#[test]
-fn containers_get_their_own_connections_from_their_own_address() {
-    if !needs("containers_get_their_own_connections_from_their_own_address") {
-        return;
+/// The common start of a container test: the image, a lab (this thread in its namespace, a
+/// podman network), an HTTP server on its loopback and the server's URL; `None` when the test
+/// cannot run here (not root, or a tool missing outside CI).
+fn lab_with_server(test: &str) -> Option<(Lab, u16, PyServer, String)> {
+    if !needs(test) {
+        return None;
     }
     image();
     let lab = Lab::new();
     let port = free_port();
     let srv = PyServer::start(SERVER, port);
     let url = format!("http://{SERVER}:{port}/");
+    Some((lab, port, srv, url))
+}
+
+/// (a) + (c): each container's pooled connections come from its own address; two
+/// containers of the same uid never share a socket; 20 fork-per-request invocations in one
+/// container use at most 2 upstream connections with a reuse pool.
+#[test]
+fn containers_get_their_own_connections_from_their_own_address() {
+    let Some((lab, port, srv, url)) = lab_with_server("containers_get_their_own_connections_from_their_own_address") else { return };
     let d = Daemon::with_config(&format!("[[pool]]\ndestination = \"{SERVER}:{port}\"\npolicy = \"reuse\"\nprotocol = \"http\"\nmin_idle = 1\n"));
     let mut used: Vec<HashSet<u16>> = Vec::new();
     for (ip, n) in [(10u8, 20), (11, 5)] {
@@ -70,14 +78,10 @@ fn containers_get_their_own_connections_from_their_own_address() {
 /// shim exactly as without it, on every connect.
 #[test]
 fn a_container_firewall_still_rejects_through_the_shim() {
-    if !needs("a_container_firewall_still_rejects_through_the_shim") || !require_tool("nft") {
+    if !require_tool("nft") {
         return;
     }
-    image();
-    let lab = Lab::new();
-    let port = free_port();
-    let srv = PyServer::start(SERVER, port);
-    let url = format!("http://{SERVER}:{port}/");
+    let Some((lab, port, srv, url)) = lab_with_server("a_container_firewall_still_rejects_through_the_shim") else { return };
     let d = Daemon::with_config("[auto]\nenabled = true\npolicy = \"warm\"\n");
     let c = lab.start(Some(&d), 20);
     let pid = c.pid();
@@ -103,14 +107,7 @@ fn a_container_firewall_still_rejects_through_the_shim() {
 /// unchanged (its own connections; the daemon never hears of it).
 #[test]
 fn a_container_without_the_socket_mount_works_unchanged() {
-    if !needs("a_container_without_the_socket_mount_works_unchanged") {
-        return;
-    }
-    image();
-    let lab = Lab::new();
-    let port = free_port();
-    let srv = PyServer::start(SERVER, port);
-    let url = format!("http://{SERVER}:{port}/");
+    let Some((lab, _port, srv, url)) = lab_with_server("a_container_without_the_socket_mount_works_unchanged") else { return };
     let d = Daemon::with_config("[auto]\nenabled = true\npolicy = \"warm\"\n");
     let out = lab.run(None, 30, &curls(3, &url));
     assert_eq!(out.lines().filter(|l| *l == "200").count(), 3, "{out}");
