@@ -18,7 +18,7 @@ fn main() {
         eprintln!("kernel_overhead: needs root (cgroups, eBPF); skipped");
         return;
     }
-    if !shim_user::assist::KernelAssist::built() {
+    if !shim::assist::KernelAssist::built() {
         eprintln!("kernel_overhead: built without the eBPF programs (scripts/setup-ebpf.sh); skipped");
         return;
     }
@@ -35,7 +35,7 @@ fn main() {
             drop(c);
         }
     });
-    let assist = shim_user::assist::KernelAssist::attach(std::slice::from_ref(&cg), 256).expect("attach");
+    let assist = shim::assist::KernelAssist::attach(std::slice::from_ref(&cg), 256).expect("attach");
     // Give the destination a learned window: one transfer that closes.
     {
         use std::io::Write;
@@ -43,17 +43,17 @@ fn main() {
         let _ = s.write_all(&vec![0u8; 4 << 20]);
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let netns = shim_user::assist::netns_cookie(std::os::fd::AsFd::as_fd(&l2)).expect("SO_NETNS_COOKIE");
+    let netns = shim::assist::netns_cookie(std::os::fd::AsFd::as_fd(&l2)).expect("SO_NETNS_COOKIE");
     assert!(assist.learned_for(netns, addr).is_some(), "nothing learned for {addr}");
     drop(assist);
 
     let (mut off, mut on) = (Histogram::<u64>::new(3).unwrap(), Histogram::<u64>::new(3).unwrap());
     let block = 1000;
-    let mut attached: Option<shim_user::assist::KernelAssist> = None;
+    let mut attached: Option<shim::assist::KernelAssist> = None;
     for round in 0..(iters / block) * 2 {
         let with = round % 2 == 1;
         if with {
-            let a = shim_user::assist::KernelAssist::attach(std::slice::from_ref(&cg), 256).expect("attach");
+            let a = shim::assist::KernelAssist::attach(std::slice::from_ref(&cg), 256).expect("attach");
             // Re-teach the fresh map the destination.
             use std::io::Write;
             let mut s = TcpStream::connect(addr).unwrap();

@@ -354,13 +354,13 @@ fn keep_window_when_idle() {
 
 /// Attach the eBPF kernel assist as configured. `auto` runs without it (said once, here)
 /// when the build, kernel or privileges do not allow it; `on` refuses to start.
-fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim_user::assist::KernelAssist>>> {
+fn kernel_assist(k: &config::Kernel) -> Result<Option<std::sync::Mutex<shim::assist::KernelAssist>>> {
     use config::AssistMode;
     if k.assist == AssistMode::Off {
         return Ok(None);
     }
     let cgroups = if k.cgroups.is_empty() { vec![tenancy::cgroup::own_cgroup_dir()?] } else { k.cgroups.clone() };
-    match shim_user::assist::KernelAssist::attach(&cgroups, k.max_initial_window) {
+    match shim::assist::KernelAssist::attach(&cgroups, k.max_initial_window) {
         Ok(a) => {
             info!(cgroups = ?cgroups, max_initial_window = k.max_initial_window, "kernel assist attached: learned initial windows on");
             Ok(Some(std::sync::Mutex::new(a)))

@@ -100,7 +100,7 @@ impl Namespaces {
                 None
             }
         };
-        let own_cookie = new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd())).ok();
+        let own_cookie = new_socket(libc::AF_INET).and_then(|s| shim::assist::netns_cookie(s.as_fd())).ok();
         Arc::new(Self { own, own_cookie, linger, entries: Mutex::new(HashMap::new()) })
     }
 
@@ -221,7 +221,7 @@ fn cookie_in(ns: NetNs) -> std::io::Result<(u64, NetNs)> {
         .name("netns-cookie".into())
         .spawn(move || {
             ns.enter().map_err(|e| std::io::Error::other(e.to_string()))?;
-            let c = new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd()))?;
+            let c = new_socket(libc::AF_INET).and_then(|s| shim::assist::netns_cookie(s.as_fd()))?;
             Ok((c, ns))
         })?
         .join()
@@ -240,7 +240,7 @@ fn spawn_maker(ns: NetNs, cookie: Arc<AtomicU64>) -> mpsc::Sender<Request> {
             // Once per namespace entry: every request below gets the error (a miss).
             warn!(error = %e, "cannot enter a client's network namespace: its clients get misses");
         } else {
-            match new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd())) {
+            match new_socket(libc::AF_INET).and_then(|s| shim::assist::netns_cookie(s.as_fd())) {
                 Ok(c) => cookie.store(c, Ordering::Relaxed),
                 Err(e) => debug!(netns = %id, error = %e, "no cookie for a network namespace (SO_NETNS_COOKIE)"),
             }
@@ -352,7 +352,7 @@ mod tests {
     #[test]
     fn cookies_name_the_daemons_own_namespace_and_no_unknown_one() {
         let all = Namespaces::new(Duration::from_secs(5));
-        let own = new_socket(libc::AF_INET).and_then(|s| shim_user::assist::netns_cookie(s.as_fd())).expect("SO_NETNS_COOKIE");
+        let own = new_socket(libc::AF_INET).and_then(|s| shim::assist::netns_cookie(s.as_fd())).expect("SO_NETNS_COOKIE");
         assert_eq!(all.owner_of_cookie(own), Some(None), "the daemon's own namespace");
         assert_eq!(all.label_of_cookie(own), "host");
         assert_eq!(all.owner_of_cookie(0), None, "0 is no cookie");

@@ -93,7 +93,7 @@ pub struct Shared {
     next_lease: AtomicU64,
     daemon_uid: u32,
     /// The eBPF kernel assist, when attached (detached when dropped).
-    pub assist: Option<Mutex<shim_user::assist::KernelAssist>>,
+    pub assist: Option<Mutex<shim::assist::KernelAssist>>,
     /// Peer links, when `[peer]` is configured.
     pub peer: Option<Arc<crate::peer::agent::Agent>>,
     /// Fired when a successor takes over: client tasks hand their connections over. A new
@@ -173,7 +173,7 @@ impl Shared {
     }
 
     /// Connect counts the kernel saw, per (cgroup, network namespace cookie, uid, destination).
-    pub fn demand(&self) -> Vec<shim_user::assist::Demand> {
+    pub fn demand(&self) -> Vec<shim::assist::Demand> {
         let Some(a) = &self.assist else { return vec![] };
         a.lock().unwrap_or_else(std::sync::PoisonError::into_inner).demand()
     }

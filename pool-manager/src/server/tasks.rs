@@ -161,7 +161,7 @@ impl DemandTracker {
         let now = Instant::now();
         for (cg, cookie, uid, dest) in hot {
             let by_uid = shared.config.tenant_by == crate::config::TenantBy::Uid;
-            let mut path = || self.cgroup_paths.entry(cg).or_insert_with(|| shim_user::assist::cgroup_path_of_id(cg, &roots).map(Arc::from)).clone();
+            let mut path = || self.cgroup_paths.entry(cg).or_insert_with(|| shim::assist::cgroup_path_of_id(cg, &roots).map(Arc::from)).clone();
             let cgroup: Arc<str> = if by_uid && shared.config.allow_cgroups.is_none() {
                 Arc::from("")
             } else {

@@ -1,7 +1,7 @@
 //! Shared integration-test harness for `pool-manager`.
 //!
 //! Used from the test files in `pool-manager/tests/` via `mod common;`. std, libc, and
-//! `shim_user` for whether the eBPF programs were built.
+//! `shim` for whether the eBPF programs were built.
 //!
 //! Every helper that spawns a process owns its `Child` and guarantees in `Drop` that the
 //! process is signalled *by PID* (never by name) and reaped. A PID is only ever signalled
@@ -94,7 +94,7 @@ pub fn assist_available(test: &str, tools: &[&str]) -> bool {
     if !require_root(test) || !tools.iter().all(|t| require_tool(t)) {
         return false;
     }
-    if !shim_user::assist::KernelAssist::built() {
+    if !shim::assist::KernelAssist::built() {
         assert!(!in_ci(), "{test}: this build has no eBPF programs; CI must build them");
         eprintln!("SKIP {test}: built without the eBPF toolchain (scripts/setup-ebpf.sh)");
         return false;

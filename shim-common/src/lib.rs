@@ -1,10 +1,10 @@
-//! Types shared between warmpool's eBPF programs and user space (crate `shim-ebpf`).
+//! Types shared between warmpool's eBPF programs and user space (crate `shim-common`).
 //!
-//! The kernel programs live in `shim-ebpf/programs` (a sockops program that learns converged
+//! The kernel programs live in `shim-ebpf` (a sockops program that learns converged
 //! congestion windows per (network namespace, destination) and starts new connections with
 //! them, and cgroup connect4/connect6 programs that count demand per cgroup, network
 //! namespace, uid and destination); they are
-//! built for `bpfel-unknown-none` on nightly by `shim-user`'s build script, which also loads
+//! built for `bpfel-unknown-none` on nightly by `shim`'s build script, which also loads
 //! and attaches them. This crate stays `no_std` and buildable on stable (its one optional
 //! dependency, `aya`, only for the `user` feature) so that the rest of the workspace never
 //! needs the eBPF toolchain.

@@ -36,7 +36,7 @@ use aya_ebpf::macros::{cgroup_sock_addr, map, sock_ops};
 use aya_ebpf::programs::SockAddrContext;
 use aya_ebpf::maps::{Array, LruHashMap};
 use aya_ebpf::programs::SockOpsContext;
-use shim_ebpf::{DemandKey, DestKey, KernelConfig, LearnedKey, LearnedWindow};
+use shim_common::{DemandKey, DestKey, KernelConfig, LearnedKey, LearnedWindow};
 
 /// (network namespace, destination) → what connections to it converged to.
 #[map(name = "WARMPOOL_LEARNED")]

@@ -1,4 +1,4 @@
-//! Builds the kernel programs (`shim-ebpf/programs`) for `bpfel-unknown-none` with the
+//! Builds the kernel programs (`shim-ebpf`) for `bpfel-unknown-none` with the
 //! nightly toolchain and `bpf-linker` (see ../shared/TOOLCHAIN.md; `scripts/setup-ebpf.sh`
 //! installs both), and leaves the object in OUT_DIR for `include_bytes`. Without that
 //! toolchain the build still succeeds: the object is empty and kernel assist reports that it
@@ -10,10 +10,10 @@ use std::process::Command;
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("manifest dir"));
-    let programs = manifest.join("../shim-ebpf/programs");
+    let programs = manifest.join("../shim-ebpf");
     println!("cargo:rerun-if-changed={}", programs.join("src").display());
     println!("cargo:rerun-if-changed={}", programs.join("Cargo.toml").display());
-    println!("cargo:rerun-if-changed={}", manifest.join("../shim-ebpf/src").display());
+    println!("cargo:rerun-if-changed={}", manifest.join("../shim-common/src").display());
     println!("cargo:rerun-if-env-changed=WARMPOOL_REQUIRE_EBPF");
     let object = out.join("warmpool-shim.o");
     let target_dir = out.join("ebpf-target");

@@ -1,4 +1,4 @@
-//! Kernel assist: load warmpool's sockops program (built from `shim-ebpf/programs` and
+//! Kernel assist: load warmpool's sockops program (built from `shim-ebpf` and
 //! embedded in this library), attach it to cgroups, and read what it learned.
 //!
 //! The program learns, per (network namespace, destination), the congestion window
@@ -8,7 +8,7 @@
 //! reads one from a socket made in the namespace. Dropping [`KernelAssist`] detaches
 //! everything.
 
-use shim_ebpf::{names, DemandKey, DestKey, KernelConfig, LearnedKey, LearnedWindow};
+use shim_common::{names, DemandKey, DestKey, KernelConfig, LearnedKey, LearnedWindow};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
