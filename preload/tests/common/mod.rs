@@ -225,6 +225,17 @@ impl Link {
         self.send(&Msg::Miss { reason, retry_after_ms }, seq);
     }
 
+    /// The pid of the process at the other end (`SO_PEERCRED`).
+    pub fn peer_pid(&self) -> i32 {
+        let fd = self.raw().expect("link is open");
+        let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: SO_PEERCRED into a ucred of the given length.
+        let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+        assert_eq!(r, 0, "SO_PEERCRED: {}", std::io::Error::last_os_error());
+        cred.pid
+    }
+
     /// Close the link (the shim sees EOF or `EPIPE`).
     pub fn hang_up(&self) {
         self.fd.lock().expect("link lock").take();
