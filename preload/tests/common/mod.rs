@@ -50,6 +50,15 @@ pub fn preload_path() -> PathBuf {
     let dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
     let p = dir.join("libwarmpool_preload.so");
     assert!(p.is_file(), "{} is missing: cargo build --release --workspace", p.display());
+    // `cargo test` does not rebuild a cdylib for its integration tests: refuse a stale one.
+    let built = std::fs::metadata(&p).and_then(|m| m.modified()).expect("mtime of the library");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for dir in [root.join("src"), root.join("../wire/src")] {
+        for e in std::fs::read_dir(&dir).expect("read_dir src").flatten() {
+            let changed = e.metadata().and_then(|m| m.modified()).expect("mtime of a source");
+            assert!(changed <= built, "{} is older than {}: cargo build --release -p preload", p.display(), e.path().display());
+        }
+    }
     p
 }
 
@@ -317,11 +326,14 @@ impl FakeDaemon {
 // A TCP server that records what reached it
 // ---------------------------------------------------------------------------------------
 
+/// Each connection a [`Server`] accepted: its peer address and the bytes it carried.
+type Seen = Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>;
+
 /// A loopback TCP server: records each connection's peer address and the bytes it carried
 /// up to EOF.
 pub struct Server {
     pub addr: SocketAddr,
-    seen: Arc<Mutex<Vec<(SocketAddr, Vec<u8>)>>>,
+    seen: Seen,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -330,7 +342,7 @@ impl Server {
     pub fn start() -> Server {
         let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
         let addr = l.local_addr().expect("local_addr");
-        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen: Seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (seen2, stop2) = (Arc::clone(&seen), Arc::clone(&stop));
         let thread = thread::spawn(move || {
