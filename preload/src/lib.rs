@@ -123,13 +123,13 @@ extern "C" fn init() {
 fn init_inner() {
     // SAFETY: getauxval has no preconditions.
     let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
-    if secure {
-        return; // a setuid program prints nothing on its environment's word either
+    if secure || is_the_daemon() {
+        return; // not even a log line: a setuid program, or the daemon's own connects
     }
     let (lines, totals) = bypass::log_mode(env(c"WARMPOOL_LOG"));
     LOG.store(lines, Ordering::Relaxed);
     bypass::set_totals(totals);
-    if truthy(env(c"WARMPOOL_DISABLE")) || is_the_daemon() {
+    if truthy(env(c"WARMPOOL_DISABLE")) {
         return;
     }
     real::resolve();
