@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{python, FakeDaemon, Got, Link, Run, Server, CLEAN, IMPLICIT, UNUSED};
+use common::{python, FakeDaemon, Got, Link, Run, Server, CLEAN, IMPLICIT, LIMIT, UNUSED};
 use std::os::fd::AsRawFd;
 use wire::{ErrorCode, MissReason, Msg};
 
@@ -295,4 +295,27 @@ out("other", s.connect_ex(("127.0.0.1", {}))); out("after_other", count("leased"
     assert_eq!((r.field("other"), r.field("after_other")), (eisconn.as_str(), "2"), "{r}");
     assert!(got.contains(&Got::Release(31, IMPLICIT)), "a connect elsewhere ended the lease: {got:?}");
     assert!(!got.iter().any(|g| matches!(g, Got::Release(31, CLEAN))), "and only once: {got:?}");
+}
+
+/// The answer to `Prefetch` (sent at load time when the daemon's hint says it prefetches) is
+/// read before the first request: a broken one is named like a broken answer.
+#[test]
+fn a_broken_answer_to_prefetch_is_named() {
+    for (reason, status) in [("wrong_seq", false), ("unexpected", true)] {
+        let server = Server::start();
+        let d = FakeDaemon::start(move |link| {
+            assert_eq!(link.recv(LIMIT), Some(Got::Other(wire::Kind::Prefetch as u8)), "Prefetch comes first");
+            if status {
+                link.send(&Msg::StatusReply("no offers"), 1); // the right seq, the wrong kind
+            } else {
+                link.miss(99, MissReason::Empty, 0); // the right kind, another request's seq
+            }
+        });
+        d.hint_prefetch();
+        let r = python(&one_connect(reason), Some(&d.path), &server, &[]);
+        let got = d.finish();
+        own_connect_worked(&r, &server);
+        assert_eq!((r.field("count"), r.field("total")), ("1", "1"), "{reason}\n{r}");
+        assert_eq!(FakeDaemon::acquires(&got), 0, "the link was given up before asking: {got:?}");
+    }
 }

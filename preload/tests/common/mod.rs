@@ -301,6 +301,14 @@ impl FakeDaemon {
         FakeDaemon { path, got, thread: Some(thread), _dir: dir }
     }
 
+    /// Make the daemon's prefetch hint (`<socket>.prefetch`): the shim then sends `Prefetch`
+    /// at load time and reads its answer before its first request.
+    pub fn hint_prefetch(&self) {
+        let mut hint = self.path.clone().into_os_string();
+        hint.push(".prefetch");
+        std::fs::write(hint, b"").expect("write the prefetch hint");
+    }
+
     /// Everything recorded so far.
     pub fn got(&self) -> Vec<Got> {
         self.got.lock().expect("got lock").clone()
