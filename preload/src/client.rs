@@ -18,6 +18,7 @@
 //! its copies; offers never used are released as `Unused` at exit and before `execve`, so
 //! that the daemon pools them again (it checks they carried no byte).
 
+use crate::bypass::Bypass;
 use crate::log::wlog;
 use crate::{owner, real, table, SETTINGS};
 use std::cell::RefCell;
@@ -268,7 +269,7 @@ pub(crate) enum Outcome {
     /// A connected socket and its lease.
     Grant(OwnedFd, u64),
     /// Run the program's own call (no daemon, not pooled, nothing ready, any failure).
-    Bypass,
+    Bypass(Bypass),
     /// The daemon took the request on (`Miss(Pending)`: a peer link) and then said no: the
     /// destination exists only through the daemon, so the program's own connect could only
     /// hang. Fail the call with `ECONNREFUSED`.
@@ -288,7 +289,7 @@ pub(crate) fn acquire_peer(name: &str, port: u16) -> Outcome {
 fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
     // A vfork child (or a child without fork handlers) runs on its parent's link and state.
     if !owner::is_owner() {
-        return Outcome::Bypass;
+        return Outcome::Bypass(Bypass::Guest);
     }
     let mut st = lock();
     let now = now_ms();
@@ -302,7 +303,7 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
     }
     if fd < 0 {
         if now < st.retry_at_ms {
-            return Outcome::Bypass;
+            return Outcome::Bypass(Bypass::Backoff);
         }
         match open_link() {
             Some(f) => {
@@ -313,7 +314,7 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
             None => {
                 st.retry_at_ms = now + BACKOFF_MS;
                 wlog!("pool manager not reachable; running without it for {BACKOFF_MS} ms");
-                return Outcome::Bypass;
+                return Outcome::Bypass(Bypass::Unreachable);
             }
         }
     }
@@ -321,10 +322,10 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
         match settle_prefetch(&mut st, fd, dest) {
             Ok(Some((sock, lease))) => return Outcome::Grant(sock, lease),
             Ok(None) => {}
-            Err(()) => {
+            Err(why) => {
                 drop_link(&mut st);
                 st.retry_at_ms = now + BACKOFF_MS;
-                return Outcome::Bypass;
+                return Outcome::Bypass(why);
             }
         }
     }
@@ -337,20 +338,20 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
     let n = wire::encode(msg, seq, &mut buf);
     match round_trip(fd, &buf[..n], seq) {
         Ok(Answer::Grant(sock, lease)) => Outcome::Grant(sock, lease),
-        Ok(Answer::Miss { retry_after_ms }) => {
+        Ok(Answer::Miss { why, retry_after_ms }) => {
             // "Not pooled": remember it so the next connect skips the round trip.
             if let Some(dest) = dest.filter(|_| retry_after_ms > 0) {
                 let i = st.neg_next % NEG_SLOTS;
                 st.neg[i] = Some(Neg { dest: *dest, until_ms: now + u64::from(retry_after_ms) });
                 st.neg_next = st.neg_next.wrapping_add(1);
             }
-            Outcome::Bypass
+            Outcome::Bypass(why)
         }
         Ok(Answer::Refused) => Outcome::Refused,
-        Err(()) => {
+        Err(why) => {
             drop_link(&mut st);
             st.retry_at_ms = now + BACKOFF_MS;
-            Outcome::Bypass
+            Outcome::Bypass(why)
         }
     }
 }
@@ -369,13 +370,13 @@ fn send_prefetch(st: &mut State, fd: i32) {
 /// first offer for `wanted` (the destination being connected to) is returned as it came, not
 /// kept: it goes straight onto the program's fd (no move to a high fd and back). `Err` means
 /// the link is unusable.
-fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Option<(OwnedFd, u64)>, ()> {
+fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Option<(OwnedFd, u64)>, Bypass> {
     let mut buf = [0u8; 64];
     let mut taken = None;
     while st.prefetch_seq != 0 {
         let (msg, seq, sock) = next_answer(fd, &mut buf)?;
         if seq != st.prefetch_seq {
-            return Err(());
+            return Err(Bypass::WrongSeq);
         }
         match (msg, sock) {
             (Msg::Offer { lease, dest, last, .. }, Some(sock)) => {
@@ -406,7 +407,7 @@ fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Opt
                 }
             }
             (Msg::Miss { .. } | Msg::Error { .. }, None) => st.prefetch_seq = 0,
-            _ => return Err(()),
+            _ => return Err(Bypass::Unexpected),
         }
     }
     Ok(taken)
@@ -450,7 +451,7 @@ pub(crate) fn release_unused_offers() {
 
 enum Answer {
     Grant(OwnedFd, u64),
-    Miss { retry_after_ms: u32 },
+    Miss { why: Bypass, retry_after_ms: u32 },
     Refused,
 }
 
@@ -478,22 +479,26 @@ fn wait_readable(fd: i32, deadline_ms: u64) -> bool {
 
 /// The next message from the daemon (blocking, bounded by the link's receive timeout), its
 /// sequence number and the fd it carried. `Err` means the link is unusable.
-fn next_answer(fd: i32, buf: &mut [u8]) -> Result<(Msg<'_>, u32, Option<OwnedFd>), ()> {
+fn next_answer(fd: i32, buf: &mut [u8]) -> Result<(Msg<'_>, u32, Option<OwnedFd>), Bypass> {
     let got = wire::unix::recv(fd, buf, 0).map_err(|e| {
         wlog!("pool manager did not answer: {e}");
+        if e.kind() == std::io::ErrorKind::WouldBlock { Bypass::Timeout } else { Bypass::RecvFailed }
     })?;
-    if got.len == 0 || got.ctrunc {
-        return Err(());
+    if got.len == 0 {
+        return Err(Bypass::DaemonClosed);
     }
-    let (msg, seq) = wire::decode(&buf[..got.len]).map_err(|_| ())?;
+    if got.ctrunc {
+        return Err(Bypass::Truncated);
+    }
+    let (msg, seq) = wire::decode(&buf[..got.len]).map_err(|_| Bypass::Malformed)?;
     Ok((msg, seq, got.fd))
 }
 
 /// Send one request and wait for the answer with the same sequence number.
 /// `Err` means the link is unusable.
-fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
+fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, Bypass> {
     if wire::unix::send(fd, req, None, 0).is_err() {
-        return Err(());
+        return Err(Bypass::SendFailed);
     }
     let mut buf = [0u8; 512];
     let mut pending_until: Option<u64> = None;
@@ -502,7 +507,7 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
         if let Some(deadline) = pending_until {
             if !wait_readable(fd, deadline) {
                 wlog!("pool manager did not finish a pending request in time");
-                return Err(());
+                return Err(Bypass::PendingTimeout);
             }
         }
         let (msg, got_seq, sock) = next_answer(fd, &mut buf)?;
@@ -524,7 +529,7 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
                 Some(sock) if table::fits(lease) => Answer::Grant(sock, lease),
                 _ => {
                     release(lease, Disposition::Implicit);
-                    Answer::Miss { retry_after_ms: 0 }
+                    Answer::Miss { why: if sock.is_none() { Bypass::NoFd } else { Bypass::BadLease }, retry_after_ms: 0 }
                 }
             },
             Msg::Miss { .. } | Msg::Error { .. } if pending_until.is_some() => {
@@ -533,15 +538,15 @@ fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, ()> {
                 }
                 Answer::Refused
             }
-            Msg::Miss { retry_after_ms, .. } => Answer::Miss { retry_after_ms },
+            Msg::Miss { reason, retry_after_ms } => Answer::Miss { why: reason.into(), retry_after_ms },
             Msg::Error { text, .. } => {
                 wlog!("pool manager refused: {text}");
-                Answer::Miss { retry_after_ms: 0 }
+                Answer::Miss { why: Bypass::DaemonError, retry_after_ms: 0 }
             }
-            _ => return Err(()),
+            _ => return Err(Bypass::Unexpected),
         });
     }
-    Err(())
+    Err(Bypass::WrongSeq)
 }
 
 /// Tell the daemon a lease ended. No lock, no allocation, no answer; errno is preserved.

@@ -1,7 +1,8 @@
 //! The interposed libc functions. Each one either handles the call completely or falls
-//! through to the real function with the original arguments (a bypass); a panic or a
-//! reentrant call is always a bypass.
+//! through to the real function with the original arguments; for `connect()` that is a
+//! bypass, named and counted ([`crate::bypass`]). A panic or a reentrant call is always one.
 
+use crate::bypass::{self, Bypass};
 use crate::log::wlog;
 use crate::{client, owner, real, sockopt, table, OFF, SETTINGS};
 use libc::{c_char, c_int, c_uint, c_void, pid_t, sockaddr, socklen_t};
@@ -24,12 +25,12 @@ impl Drop for Entered {
     }
 }
 
-/// `Some` when the shim may act: it is on and this thread is not already inside it.
-fn enter() -> Option<Entered> {
+/// `Ok` when the shim may act: it is on and this thread is not already inside it.
+fn enter() -> Result<Entered, Bypass> {
     if OFF.load(Ordering::Acquire) {
-        return None;
+        return Err(Bypass::Off);
     }
-    BUSY.try_with(|b| (!b.replace(true)).then_some(Entered)).ok().flatten()
+    BUSY.try_with(|b| (!b.replace(true)).then_some(Entered)).ok().flatten().ok_or(Bypass::Reentrant)
 }
 
 fn set_errno(e: c_int) {
@@ -41,12 +42,6 @@ fn set_errno(e: c_int) {
 fn peer_address(fd: c_int) -> Option<Dest> {
     let mut b = [0u8; SOCKADDR_MAX];
     address_of(fd, true, &mut b).and_then(|n| Dest::from_sockaddr(&b[..n]))
-}
-
-/// A connect that runs as the program asked instead of on a pooled socket, for `why`.
-fn bypass(fd: c_int, dest: &Dest, why: &str) -> Option<c_int> {
-    wlog!("fd {fd}: connect to {} passes through: {why}", dest.socket_addr());
-    None
 }
 
 /// How a lease ends when the program lets go of its fd in a way described by `how`.
@@ -75,39 +70,46 @@ fn connect_on_lease(fd: c_int, dest: Option<&Dest>) {
     }
 }
 
-/// The pooled path of `connect()`. `None` = bypass (nothing was changed).
+/// The pooled path of `connect()`: its result, or why the real call runs instead (nothing
+/// was changed then).
 ///
 /// # Safety
 /// Same contract as `connect(2)`.
-unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Option<c_int> {
+unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Result<c_int, Bypass> {
     // SAFETY: the caller's addr/len, as connect(2) gets them.
     let dest = unsafe { Dest::from_raw_sockaddr(addr, len) };
     if table::contains(fd) {
         connect_on_lease(fd, dest.as_ref());
-        return None;
+        return Err(Bypass::Leased);
     }
-    let dest = dest?;
-    if client::is_link(fd) || client::known_unpooled(&dest) {
-        return None;
+    let dest = dest.ok_or(Bypass::NotInet)?;
+    if client::is_link(fd) {
+        return Err(Bypass::Link);
+    }
+    if client::known_unpooled(&dest) {
+        return Err(Bypass::CachedMiss);
     }
     // Bound ones are not ours to pool; a family mismatch is the kernel's error to report.
     match unshaped_tcp(fd, dest.domain) {
         Ok(()) => {}
-        Err(Shaped::NotFreshTcp) => return None,
-        Err(Shaped::Bound) => return bypass(fd, &dest, "bound"),
+        Err(Shaped::NotFreshTcp) => return Err(Bypass::NotFreshTcp),
+        Err(Shaped::Bound) => return Err(Bypass::Bound),
     }
     if let Some(why) = sockopt::bypass_reason(fd, dest.domain) {
-        return bypass(fd, &dest, why);
+        return Err(why);
+    }
+    if !table::holds_fd(fd) {
+        return Err(Bypass::FdRange);
     }
     if SETTINGS.get().is_none_or(|s| s.passthrough) {
-        return None;
+        return Err(Bypass::Passthrough);
     }
     let (pooled, lease) = match client::acquire(&dest) {
         client::Outcome::Grant(fd, lease) => (fd, lease),
-        client::Outcome::Bypass => return None,
+        client::Outcome::Bypass(why) => return Err(why),
         client::Outcome::Refused => {
             set_errno(libc::ECONNREFUSED);
-            return Some(-1);
+            return Ok(-1);
         }
     };
     let real = real::get();
@@ -115,12 +117,12 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
     let (status, fdflags) = unsafe { ((real.fcntl)(fd, libc::F_GETFL), (real.fcntl)(fd, libc::F_GETFD)) };
     if status < 0 || fdflags < 0 {
         client::release(lease, Disposition::Implicit);
-        return None;
+        return Err(Bypass::FdChanged);
     }
     if sockopt::congestion_differs(fd, pooled.as_raw_fd()) {
         // The program never had it: an offer goes back to its pool as it was.
         client::release(lease, Disposition::Unused);
-        return bypass(fd, &dest, "congestion");
+        return Err(Bypass::Congestion);
     }
     sockopt::replay(fd, pooled.as_raw_fd());
     let nonblock = status & libc::O_NONBLOCK;
@@ -135,15 +137,15 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
     unsafe { (real.close)(pooled_raw) };
     if r < 0 {
         client::release(lease, Disposition::Implicit);
-        return None;
+        return Err(Bypass::FdChanged);
     }
     table::insert(fd, lease);
     wlog!("fd {fd}: pooled socket (lease {lease}) to {}", dest.socket_addr());
     if nonblock != 0 {
         set_errno(libc::EINPROGRESS);
-        Some(-1)
+        Ok(-1)
     } else {
-        Some(0)
+        Ok(0)
     }
 }
 
@@ -153,13 +155,17 @@ unsafe fn pooled_connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> Op
 /// Same contract as `connect(2)`.
 #[no_mangle]
 pub unsafe extern "C" fn connect(fd: c_int, addr: *const sockaddr, len: socklen_t) -> c_int {
-    if let Some(_entered) = enter() {
+    let why = match enter() {
         // SAFETY: forwarding connect's own contract.
-        let handled = std::panic::catch_unwind(|| unsafe { pooled_connect(fd, addr, len) });
-        if let Ok(Some(r)) = handled {
-            return r;
-        }
-    }
+        Ok(_entered) => match std::panic::catch_unwind(|| unsafe { pooled_connect(fd, addr, len) }) {
+            Ok(Ok(r)) => return r,
+            Ok(Err(why)) => why,
+            Err(_) => Bypass::Panic,
+        },
+        Err(why) => why,
+    };
+    // SAFETY: the caller's addr/len, as connect(2) gets them (read only for the log line).
+    bypass::note(fd, why, || unsafe { Dest::from_raw_sockaddr(addr, len) });
     // SAFETY: the real connect with the caller's arguments.
     unsafe { (real::get().connect)(fd, addr, len) }
 }
@@ -410,7 +416,7 @@ pub unsafe extern "C" fn execve(path: *const c_char, argv: *const *const c_char,
 /// `peer` must be NULL or point to a NUL-terminated string.
 #[no_mangle]
 pub unsafe extern "C" fn warmpool_connect_peer(peer: *const c_char) -> c_int {
-    let Some(_entered) = enter() else {
+    let Ok(_entered) = enter() else {
         set_errno(libc::ENOTCONN);
         return -1;
     };
@@ -459,7 +465,12 @@ pub unsafe extern "C" fn warmpool_connect_peer(peer: *const c_char) -> c_int {
             set_errno(libc::ECONNREFUSED);
             -1
         }
-        Ok(client::Outcome::Bypass) | Err(_) => {
+        Ok(client::Outcome::Bypass(why)) => {
+            wlog!("peer link to {text}: no pool manager answer: {}", why.name());
+            set_errno(libc::ENOTCONN);
+            -1
+        }
+        Err(_) => {
             set_errno(libc::ENOTCONN);
             -1
         }

@@ -12,10 +12,11 @@
 //!
 //! Fail open is the rule everywhere: when anything is unexpected (no daemon, a slow daemon,
 //! a refusal, a panic, a reentrant call) the real libc function runs with the original
-//! arguments: a *bypass*. Nothing is printed unless `WARMPOOL_LOG` is set.
+//! arguments: a *bypass*, named and counted ([`bypass`]). Nothing is printed unless
+//! `WARMPOOL_LOG` is set.
 //!
 //! Environment: `WARMPOOL_SOCKET` (default `/run/warmpool/pool.sock`), `WARMPOOL_DISABLE=1`,
-//! `WARMPOOL_LOG=1`, `WARMPOOL_TIMEOUT_MS` (daemon answer bound, default 50),
+//! `WARMPOOL_LOG=1` (`totals`: the bypass counts at exit; `all`: both), `WARMPOOL_TIMEOUT_MS` (daemon answer bound, default 50),
 //! `WARMPOOL_PREFETCH=0` (take no sockets offered at load time), `WARMPOOL_PASSTHROUGH=1`
 //! (intercept everything but never ask the daemon: measures the
 //! shim's own cost), `WARMPOOL_LAZY=1` (open the daemon link at the first `connect()`
@@ -27,6 +28,7 @@
 //! only when the hint says a pool prefetches. `WARMPOOL_LAZY=1` opens the link at the first
 //! `connect()` instead.
 
+pub mod bypass;
 mod client;
 mod exit;
 pub mod hooks;
@@ -121,8 +123,13 @@ extern "C" fn init() {
 fn init_inner() {
     // SAFETY: getauxval has no preconditions.
     let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
-    LOG.store(truthy(env(c"WARMPOOL_LOG")), Ordering::Relaxed);
-    if secure || truthy(env(c"WARMPOOL_DISABLE")) || is_the_daemon() {
+    if secure || is_the_daemon() {
+        return; // not even a log line: a setuid program, or the daemon's own connects
+    }
+    let (lines, totals) = bypass::log_mode(env(c"WARMPOOL_LOG"));
+    LOG.store(lines, Ordering::Relaxed);
+    bypass::set_totals(totals);
+    if truthy(env(c"WARMPOOL_DISABLE")) {
         return;
     }
     real::resolve();
@@ -143,6 +150,7 @@ fn init_inner() {
     }
     owner::claim();
     client::install_fork_handlers();
+    bypass::install_fork_handler();
     OFF.store(false, Ordering::Release);
     // The link opens at load time, so that the daemon identifies this process (pidfd,
     // cgroup, network namespace) while the program starts rather than inside its first
@@ -157,11 +165,16 @@ fn init_inner() {
 }
 
 /// Runs at exit (`exit()` or a return from `main`; not `_exit` or a fatal signal): offers
-/// the program never used and sockets it still holds go back to the daemon ([`exit`]).
+/// the program never used and sockets it still holds go back to the daemon ([`exit`]);
+/// then the bypass totals, if `WARMPOOL_LOG` asks for them (not in a guest: [`owner`]).
 extern "C" fn fini() {
-    if !OFF.load(Ordering::Acquire) {
+    let off = OFF.load(Ordering::Acquire);
+    if !off {
         let _ = std::panic::catch_unwind(client::release_unused_offers);
         let _ = std::panic::catch_unwind(exit::give_back_leases);
+    }
+    if off || owner::is_owner() {
+        let _ = std::panic::catch_unwind(bypass::print_totals);
     }
 }
 

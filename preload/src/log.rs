@@ -9,7 +9,12 @@ pub(crate) fn enabled() -> bool {
 }
 
 pub(crate) fn emit(args: std::fmt::Arguments<'_>) {
-    let mut buf = [0u8; 256];
+    emit_sized::<256>(args);
+}
+
+/// [`emit`] into a buffer of `N` bytes (the line is cut to fit).
+pub(crate) fn emit_sized<const N: usize>(args: std::fmt::Arguments<'_>) {
+    let mut buf = [0u8; N];
     let mut cur = std::io::Cursor::new(&mut buf[..]);
     let _ = write!(cur, "warmpool[{}]: ", std::process::id());
     let _ = cur.write_fmt(args);

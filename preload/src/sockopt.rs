@@ -8,8 +8,9 @@
 //! Options that shape the connection itself or cannot be undone ([`PERMANENT`], and what
 //! [`bypass_reason`] reads from the socket: a device binding, a mark, transparent or
 //! free binding, TCP Fast Open; a congestion control other than the pooled socket's) make
-//! the connect a bypass instead, with a named reason in the `WARMPOOL_LOG` output.
+//! the connect a bypass instead, with a named reason ([`Bypass`]).
 
+use crate::bypass::Bypass;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -17,12 +18,18 @@ use std::sync::atomic::{AtomicU32, Ordering};
 struct Opt {
     level: libc::c_int,
     name: libc::c_int,
-    /// The bypass reason it gives (for `PERMANENT`) or its name.
-    label: &'static str,
+    /// The bypass it makes (for `PERMANENT`; `REPLAYED` ones make none).
+    why: Option<Bypass>,
 }
 
-const fn o(level: libc::c_int, name: libc::c_int, label: &'static str) -> Opt {
-    Opt { level, name, label }
+/// A carried option.
+const fn o(level: libc::c_int, name: libc::c_int, _label: &'static str) -> Opt {
+    Opt { level, name, why: None }
+}
+
+/// An option that makes `connect()` a bypass for `why`.
+const fn p(level: libc::c_int, name: libc::c_int, why: Bypass) -> Opt {
+    Opt { level, name, why: Some(why) }
 }
 
 const S: libc::c_int = libc::SOL_SOCKET;
@@ -59,16 +66,16 @@ const REPLAYED: [Opt; 20] = [
 /// through. Set on a pooled socket: it is given back as not reusable. Tracked (one atomic
 /// OR per `setsockopt`) because the kernel cannot tell a set value from a default one.
 const PERMANENT: [Opt; 10] = [
-    o(S, libc::SO_RCVBUF, "buffer_size"),
-    o(S, libc::SO_SNDBUF, "buffer_size"),
-    o(S, libc::SO_RCVBUFFORCE, "buffer_size"),
-    o(S, libc::SO_SNDBUFFORCE, "buffer_size"),
-    o(T, libc::TCP_MAXSEG, "maxseg"),
-    o(T, libc::TCP_WINDOW_CLAMP, "window_clamp"),
-    o(T, libc::TCP_MD5SIG, "md5sig"),
-    o(T, libc::TCP_MD5SIG_EXT, "md5sig"),
-    o(T, libc::TCP_ULP, "ulp"),
-    o(T, libc::TCP_REPAIR, "repair"),
+    p(S, libc::SO_RCVBUF, Bypass::BufferSize),
+    p(S, libc::SO_SNDBUF, Bypass::BufferSize),
+    p(S, libc::SO_RCVBUFFORCE, Bypass::BufferSize),
+    p(S, libc::SO_SNDBUFFORCE, Bypass::BufferSize),
+    p(T, libc::TCP_MAXSEG, Bypass::Maxseg),
+    p(T, libc::TCP_WINDOW_CLAMP, Bypass::WindowClamp),
+    p(T, libc::TCP_MD5SIG, Bypass::Md5sig),
+    p(T, libc::TCP_MD5SIG_EXT, Bypass::Md5sig),
+    p(T, libc::TCP_ULP, Bypass::Ulp),
+    p(T, libc::TCP_REPAIR, Bypass::Repair),
 ];
 
 /// Bit `i` = `REPLAYED[i]` was set; bit `PERMANENT_SHIFT + j` = `PERMANENT[j]` was set.
@@ -124,24 +131,24 @@ fn int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
 /// served with a pooled socket, if it cannot: an option set on it that a socket connected
 /// by someone else cannot have. Read from the socket itself where the kernel tells (no
 /// allocation, no lock), tracked otherwise ([`PERMANENT`]).
-pub(crate) fn bypass_reason(app: RawFd, domain: u8) -> Option<&'static str> {
+pub(crate) fn bypass_reason(app: RawFd, domain: u8) -> Option<Bypass> {
     let set = slot(app).map_or(0, |s| s.load(Ordering::Relaxed)) >> PERMANENT_SHIFT;
     if set != 0 {
-        return Some(PERMANENT[set.trailing_zeros() as usize].label);
+        return PERMANENT[set.trailing_zeros() as usize].why;
     }
     let (ip, transparent, freebind) = if domain == 6 {
         (libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT, libc::IPV6_FREEBIND)
     } else {
         (libc::IPPROTO_IP, libc::IP_TRANSPARENT, libc::IP_FREEBIND)
     };
-    let checks: [(libc::c_int, libc::c_int, &'static str); 5] = [
-        (S, libc::SO_BINDTOIFINDEX, "bindtodevice"),
-        (S, libc::SO_MARK, "mark"),
-        (ip, transparent, "transparent"),
-        (ip, freebind, "freebind"),
-        (T, libc::TCP_FASTOPEN_CONNECT, "fastopen_connect"),
+    let checks = [
+        p(S, libc::SO_BINDTOIFINDEX, Bypass::BindToDevice),
+        p(S, libc::SO_MARK, Bypass::Mark),
+        p(ip, transparent, Bypass::Transparent),
+        p(ip, freebind, Bypass::Freebind),
+        p(T, libc::TCP_FASTOPEN_CONNECT, Bypass::FastopenConnect),
     ];
-    checks.iter().find(|(l, n, _)| int(app, *l, *n) != 0).map(|(_, _, why)| *why)
+    checks.iter().find(|c| int(app, c.level, c.name) != 0).and_then(|c| c.why)
 }
 
 /// The congestion control algorithm of `fd` (`TCP_CONGESTION`), NUL-padded.

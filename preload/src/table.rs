@@ -49,6 +49,11 @@ pub(crate) fn fits(id: u64) -> bool {
     wire::LeaseId::new(id).is_some()
 }
 
+/// Whether the table can hold a lease on `fd` (`0..MAX_FD`).
+pub(crate) fn holds_fd(fd: i32) -> bool {
+    slot(fd).is_some()
+}
+
 /// `(st_dev, st_ino)` of what `fd` refers to now.
 fn identity(fd: i32) -> Option<(u64, u64)> {
     // SAFETY: `stat` is plain old data; fstat fills it or fails.
