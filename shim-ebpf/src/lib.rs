@@ -23,12 +23,12 @@
 
 /// Map and program names, kept in one place so user space never spells them twice.
 pub mod names {
-    /// LRU hash: [`LearnedKey`] → [`LearnedWindow`].
+    /// LRU hash: [`LearnedKey`](super::LearnedKey) → [`LearnedWindow`](super::LearnedWindow).
     pub const LEARNED: &str = "WARMPOOL_LEARNED";
-    /// LRU hash: [`DemandKey`] → `u64` connect count (the least recently counted entry
+    /// LRU hash: [`DemandKey`](super::DemandKey) → `u64` connect count (the least recently counted entry
     /// makes room).
     pub const DEMAND: &str = "WARMPOOL_DEMAND";
-    /// Array (1 entry): [`KernelConfig`].
+    /// Array (1 entry): [`KernelConfig`](super::KernelConfig).
     pub const CONFIG: &str = "WARMPOOL_CONFIG";
     /// The sockops program.
     pub const SOCKOPS: &str = "warmpool_sockops";

@@ -9,7 +9,7 @@
 //! the server does not answer a later request with it again.
 //!
 //! Tasks: [`run`] owns the control connection (its reader and writer run inside `run`'s own
-//! future, not as tasks of their own). Spare link connections ([`Agent::replenish`]) and links
+//! future, not as tasks of their own). Spare link connections (kept up by `Agent::replenish`) and links
 //! the server starts (`LinkStart`) run in the agent's task set ([`Agent::tasks`]); when `run`
 //! is cancelled it aborts and awaits them, then closes the ready links, so nothing the agent
 //! started outlives `run`.
