@@ -363,3 +363,32 @@ fn peer_agent_tasks_end_with_run() {
     // Closed when `run` returned, not later: a close moves the socket out of ESTABLISHED at once.
     assert_eq!(established_to(rdv.addr), 0, "connections to the rendezvous server left open after run returned");
 }
+
+/// A request the metrics endpoint is still reading ends with the endpoint: when `serve`
+/// returns, the connection of a client that never sent its request is closed at once, not
+/// when the endpoint's 2 s read timeout would have ended it.
+#[test]
+fn metrics_requests_in_flight_end_with_the_endpoint() {
+    let shared = Arc::new(Shared::new(no_auto()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let l = {
+        let _rt = rt.enter();
+        tokio::net::TcpListener::from_std(l).unwrap()
+    };
+    let cancel = CancellationToken::new();
+    let endpoint = rt.spawn(pool_manager::metrics::serve(l, shared, cancel.clone()));
+    let mut silent = std::net::TcpStream::connect(addr).unwrap();
+    // Answered after the silent connection was accepted (one accept loop, in queue order).
+    let (status, body) = common::http_get(addr, "/metrics", Duration::from_secs(2)).unwrap();
+    assert!(status == 200 && body.contains("warmpool_"), "{status} {body}");
+    cancel.cancel();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), endpoint).await }).expect("serve returned").unwrap();
+    use std::io::Read;
+    silent.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut b = [0u8; 16];
+    let r = silent.read(&mut b);
+    assert!(matches!(r, Ok(0)), "the silent client's connection is closed when serve returns (got {r:?})");
+}
