@@ -1,26 +1,35 @@
 //! `experiments`: reproduce what the pool buys, on this machine, with real programs. Each
-//! experiment writes CSV, SVG charts and a `summary.md` (beside the source study's numbers
-//! where there are some).
+//! experiment writes its samples as CSV and a `summary.md` (beside the source study's numbers
+//! where there are some); `reuse`, `fct` and `burst` also draw SVG charts (and PNGs when
+//! `rsvg-convert` is installed).
 //!
 //! - `reuse`: every run is a fresh process (a "function") that connects to a real nginx,
 //!   sends one request, reads the reply and exits, timed inside from just before `connect()`
-//!   and whole by the launcher (spawn to exit); configurations `baseline`, `dummy-shim`,
-//!   `warm`, `reuse`, `prefetch`, `empty-preload`, the local keep-alive proxies
-//!   `nginx-keepalive` and `haproxy`, and `/bin/true` (connects nowhere) without a preload
-//!   library, under the empty one and under the shim run round-robin.
+//!   and whole by the launcher (spawn to exit). Configurations (`--configs`): `baseline`,
+//!   `dummy-shim`, `warm`, `reuse`, `prefetch`, `empty-preload`, the local keep-alive proxies
+//!   `nginx-keepalive` and `haproxy`, and processes that connect nowhere (`/bin/true`):
+//!   `true-baseline`, `true-empty-preload`, `true-shim` and `true-shim-prefetch`; all run
+//!   round-robin.
 //! - `fct`: flow completion times on new versus warmed connections, with and without
 //!   competing bulk flows through a bottleneck.
-//! - `burst`: N functions start at once, with and without the pool (optionally each also
-//!   talking to a peer function over a prewarmed peer link).
-//! - `link`: peer links (`pool-manager rendezvous`, crate `warmpool-rendezvous`): time from
-//!   `connect()` to a usable link on demand, prewarmed and relayed, and link throughput.
+//! - `burst`: N functions start at once, with and without the pool (`--peer`: each also
+//!   talks to a peer function over a prewarmed peer link).
+//! - `link`: peer links (both pool managers and the rendezvous server started here): time
+//!   from `connect()` to a usable link on demand, prewarmed and relayed, and link throughput.
 //! - `shuffle`: reduce-by-key between mappers and reducers over peer links, through Redis
 //!   and through a local S3-compatible object store.
 //!
 //! They run on `--topology local` (client and server hosts in network namespaces joined by
-//! a user-space delay line, see `topo`), `--topology loopback`, or `--topology two-node`
-//! (`server` on the other machine). The remaining subcommands are the parts those
-//! experiments start: servers, clients, one function invocation.
+//! a user-space delay line; root), `--topology loopback`, or `--topology two-node` (`reuse`,
+//! `fct` and `burst` without `--peer`; `experiments server` runs on the other machine). The
+//! remaining subcommands, most of them hidden, are the parts those experiments start:
+//! servers, clients, launchers, one function invocation.
+//!
+//! Modules: one per experiment (`reuse` with `reuse_report`, `fct`, `burst`, `link`,
+//! `shuffle`, and `peers` for what the peer-link ones share); where the two sides run
+//! (`hosts`; `topo` builds the local topology from `netns` and the `delay` line); `launch`
+//! (starting and timing function processes); the servers and proxies compared with (`nginx`,
+//! `proxy`); `svg` (charts from the CSV's numbers).
 
 mod burst;
 mod delay;

@@ -3,18 +3,28 @@
 //!
 //! The shim ⇄ daemon wire protocol (version 1) is specified in the `warmpool-wire` crate,
 //! re-exported here as [`wire`]. The daemon is a library with a thin `main`: tests and
-//! benchmarks bind their own socket and call [`server::run`].
+//! benchmarks bind their own socket ([`server::bind`]) and call [`server::run`] with a
+//! cancellation token as the shutdown signal. Every task the daemon starts has an owner that
+//! ends it before `run` returns: `run`'s own set (clients, maintenance, checker, resolver,
+//! tenant sweep, peer agent), [`server::Background`] (refills and other side tasks) and the
+//! peer agent's set (link connections). The binary's other subcommands (`exec`,
+//! `seccomp-agent`, `rendezvous`) are other crates; this library does not use them.
 //!
-//! Modules: [`config`] (TOML, flags, embedded default; [`allow`] its allow-lists),
-//! [`defaults`] (every limit with its reason), [`pool`] (the sans-IO pool state machine),
-//! [`sock`] (kernel-state checks), [`sockstate`] (a function's socket options and peer never
-//! reach the next function), [`tenant`] (who is asking, from the kernel), [`netns`] (sockets made in the client's
-//! network namespace), [`server`]
-//! (listener, clients, leases, maintenance; connections delegated by a node helper), [`ocihook`] (the OCI
-//! runtime hook that warms a container's pools before it starts), the return path's checks ([`holders`]: no other
-//! process holds a given-back socket; [`proof`]: the protocol's end-of-exchange proof; run by
-//! the checker task), [`handover`] (restart by take-over), [`peer`] (links between
-//! functions), [`metrics`] and [`status`].
+//! Modules:
+//! - configuration: [`config`] (TOML, flags, embedded default; [`allow`] its allow-lists),
+//!   [`defaults`] (every limit with its reason);
+//! - the pools: [`pool`] (the sans-IO pool state machine), [`sizing`] (pools sized to
+//!   demand), [`server`] (listener, one session per client, acquire/grant/release, refills
+//!   and maintenance, connections delegated by a node helper), [`netns`] (sockets made in the
+//!   client's network namespace), [`tenant`] (who is asking, from the kernel);
+//! - the return path, before a given-back socket is reused: [`sock`] (kernel-state checks),
+//!   [`sockstate`] (a function's socket options and peer never reach the next function), and
+//!   the checker task, which runs [`holders`] (no other process holds it; [`filerefs`], a BPF
+//!   iterator over the daemon's file table, built for the running kernel with [`btf`]) and
+//!   [`proof`] (the protocol's end-of-exchange proof);
+//! - around the daemon: [`handover`] (restart by take-over), [`ocihook`] (the OCI runtime
+//!   hook that warms a container's pools before it starts), [`peer`] (links between
+//!   functions on different hosts), [`metrics`] (Prometheus endpoint) and [`status`].
 
 pub mod allow;
 pub(crate) mod checker;

@@ -217,13 +217,17 @@ fn rendezvous(listen: std::net::SocketAddr, jobs: &[String], metrics: Option<std
         let server = Arc::new(Server::new(keys));
         let cancel = CancellationToken::new();
         info!(%listen, jobs = jobs.len(), "rendezvous server listening");
+        // The metrics endpoint and the signal watch: both end on `cancel`, awaited below.
+        let mut side = tokio::task::JoinSet::new();
         if let Some(addr) = metrics {
             let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding metrics endpoint {addr}"))?;
             let s = server.clone();
-            tokio::spawn(pool_manager::metrics::serve_with(l, Arc::new(move || s.render_metrics()), cancel.clone()));
+            side.spawn(pool_manager::metrics::serve_with(l, Arc::new(move || s.render_metrics()), cancel.clone()));
         }
-        tokio::spawn(cancel_on_signal(signals, cancel.clone()));
-        server.run(listener, cancel).await;
+        side.spawn(cancel_on_signal(signals, cancel.clone()));
+        server.run(listener, cancel.clone()).await;
+        cancel.cancel();
+        while side.join_next().await.is_some() {}
         Ok(())
     })
 }
@@ -292,7 +296,6 @@ fn request(socket: &std::path::Path, msg: &pool_manager::wire::Msg<'_>) -> Resul
     }
 }
 
-/// Fire `cancel` on SIGTERM or SIGINT.
 /// SIGTERM and SIGINT handlers, installed before the daemon binds anything: a signal sent as
 /// soon as the socket (or a log line) shows the daemon up stops it cleanly instead of killing
 /// it with the default action. Call within the runtime.
@@ -307,11 +310,13 @@ fn stop_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::S
     }
 }
 
+/// Fire `cancel` on SIGTERM or SIGINT; return when `cancel` fires for any reason.
 async fn cancel_on_signal(signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>, cancel: CancellationToken) {
     let Some((mut term, mut int)) = signals else { return };
     tokio::select! {
         _ = term.recv() => info!("SIGTERM: stopping"),
         _ = int.recv() => info!("SIGINT: stopping"),
+        () = cancel.cancelled() => return,
     }
     cancel.cancel();
 }
@@ -439,20 +444,20 @@ fn serve(cfg: Config, takeover: bool) -> Result<()> {
         shared.peer = peer;
         let adopted = pool_manager::handover::adopt(&shared, idle, clients);
         let shared = Arc::new(shared);
-        let metrics_task = metrics_listener.map(|l| {
+        // The metrics endpoint and the signal watch: both end on `cancel`, awaited below.
+        let mut side = tokio::task::JoinSet::new();
+        if let Some(l) = metrics_listener {
             shared.metrics_fd.store(l.as_raw_fd(), std::sync::atomic::Ordering::Relaxed);
-            tokio::spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone()))
-        });
-        tokio::spawn(cancel_on_signal(signals, cancel.clone()));
+            side.spawn(pool_manager::metrics::serve(l, shared.clone(), cancel.clone()));
+        }
+        side.spawn(cancel_on_signal(signals, cancel.clone()));
         // On a worker thread, not in `block_on`: a listener event then accepts and starts the
         // client's task where it was seen, with no hop through the main thread.
         let result = tokio::spawn(server::run_with(listener, shared.clone(), cancel.clone(), adopted))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
         cancel.cancel();
-        if let Some(t) = metrics_task {
-            let _ = t.await;
-        }
+        while side.join_next().await.is_some() {}
         if shared.handed_over.load(std::sync::atomic::Ordering::Relaxed) {
             info!("handed over to a successor; the socket file stays");
         } else {

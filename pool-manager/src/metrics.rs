@@ -344,11 +344,16 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, cance
     serve_with(listener, Arc::new(move || render(&shared)), cancel).await;
 }
 
-/// [`serve`] with any renderer (the rendezvous server has its own counters).
+/// [`serve`] with any renderer (the rendezvous server has its own counters). Each request
+/// is answered by a task of its own, in a set that is aborted and awaited when `cancel` fires:
+/// none outlives this function.
 pub async fn serve_with(listener: tokio::net::TcpListener, render: Arc<dyn Fn() -> String + Send + Sync>, cancel: CancellationToken) {
+    let mut conns = tokio::task::JoinSet::new();
     loop {
+        // Reap answered requests so the set does not grow with every scrape ever served.
+        while conns.try_join_next().is_some() {}
         let accepted = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             a = listener.accept() => a,
         };
         let mut conn = match accepted {
@@ -362,7 +367,7 @@ pub async fn serve_with(listener: tokio::net::TcpListener, render: Arc<dyn Fn() 
             }
         };
         let render = render.clone();
-        tokio::spawn(async move {
+        conns.spawn(async move {
             let mut buf = [0u8; 2048];
             let mut n = 0;
             let read = tokio::time::timeout(Duration::from_secs(2), async {
@@ -398,4 +403,5 @@ pub async fn serve_with(listener: tokio::net::TcpListener, render: Arc<dyn Fn() 
             let _ = conn.shutdown().await;
         });
     }
+    conns.shutdown().await;
 }

@@ -47,6 +47,24 @@ fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("read /proc/PID/fd").count()
 }
 
+/// Wait (bounded) until the daemon is at rest: no socket connecting, in quarantine or under
+/// check, and the same fd count in three samples in a row. Returns (fds, pooled sockets).
+fn at_rest(d: &Daemon) -> (usize, f64) {
+    let busy = ["state=\"connecting\"", "state=\"quarantine\"", "state=\"checking\""];
+    let (mut last, mut same, mut pooled) = (None, 0, 0.0);
+    let ok = wait_until(Duration::from_secs(10), || {
+        let m = d.metrics();
+        let quiet = metric_samples(&m, "warmpool_pool_sockets{").iter().all(|(l, v)| *v == 0.0 || !busy.iter().any(|b| l.contains(b)));
+        pooled = metric_samples(&m, "warmpool_pool_sockets").iter().map(|(_, v)| v).sum();
+        let n = fd_count(d.pid());
+        same = if quiet && last == Some(n) { same + 1 } else { 0 };
+        last = Some(n);
+        same >= 2
+    });
+    assert!(ok, "daemon not at rest within 10 s (fds {last:?})\n{}", d.metrics());
+    (last.unwrap(), pooled)
+}
+
 fn warm_pool(d: &Daemon, c: &OwnedFd, dest: std::net::SocketAddr, n: f64) {
     send(c, &Msg::Prewarm(Dest::from_socket_addr(dest)), 1);
     let (r, _) = recv(c);
@@ -87,15 +105,14 @@ fn bad_input_gets_a_clear_error_and_harms_nobody() {
     // A request with an fd attached: refused, and the fd does not stay in the daemon.
     let n = wire::encode(&Msg::Acquire(Dest::from_socket_addr(nginx.addr())), 6, &mut buf);
     let junk = std::fs::File::open("/dev/null").unwrap();
-    std::thread::sleep(Duration::from_millis(300));
-    let fds_before = fd_count(d.pid());
+    let (fds_before, _) = at_rest(&d);
     for _ in 0..20 {
         wire::unix::send(c.as_raw_fd(), &buf[..n], Some(junk.as_raw_fd()), 0).unwrap();
         let (r, fd) = recv(&c);
         assert!(r.starts_with(&format!("error {:?}", ErrorCode::UnexpectedFd)), "{r}");
         assert!(fd.is_none());
     }
-    let fds_after = fd_count(d.pid());
+    let (fds_after, _) = at_rest(&d);
     assert_eq!(fds_before, fds_after, "the daemon kept fds it was sent");
     // A reply kind sent as a request.
     let n = wire::encode(&Msg::Grant { lease: 1, source: Source::Warm }, 7, &mut buf);
@@ -134,6 +151,7 @@ fn no_fd_leak_after_10000_acquire_give_back_cycles() {
             if r.starts_with("grant") || std::time::Instant::now() > deadline {
                 break (r, fd);
             }
+            // The poll interval of this wait (short: it runs 10,100 times).
             std::thread::sleep(Duration::from_millis(1));
         };
         assert!(r.starts_with("grant"), "cycle {seq}: {r}");
@@ -146,9 +164,8 @@ fn no_fd_leak_after_10000_acquire_give_back_cycles() {
     // The daemon's fds minus the sockets its pools hold (the pool may grow or shrink by a
     // socket or two with demand; anything else that grows is a leak).
     let other_fds = |d: &Daemon| {
-        std::thread::sleep(Duration::from_millis(300));
-        let pooled = d.metric("warmpool_pool_sockets");
-        (fd_count(d.pid()) as f64 - pooled, pooled)
+        let (fds, pooled) = at_rest(d);
+        (fds as f64 - pooled, pooled)
     };
     let (before, pooled_before) = other_fds(&d);
     for i in 0..10_000 {

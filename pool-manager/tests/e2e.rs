@@ -325,6 +325,8 @@ fn sockets_closed_by_the_server_are_dropped_and_the_next_function_gets_a_good_on
     let served_before = d.metric("warmpool_handouts_total{kind=\"warm\"") + d.metric("warmpool_handouts_total{kind=\"reuse\"");
     for i in 0..5 {
         assert_eq!(ok_stdout(&shimmed(&d, "curl", &args), &format!("curl after idle close #{i}")), "hello\n 200");
+        // The test's timing, not a wait: functions 400 ms apart against nginx's 1 s keep-alive
+        // timeout, so pooled sockets age past it and are closed by nginx between functions.
         std::thread::sleep(Duration::from_millis(400));
     }
     let served_after = d.metric("warmpool_handouts_total{kind=\"warm\"") + d.metric("warmpool_handouts_total{kind=\"reuse\"");

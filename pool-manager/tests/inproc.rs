@@ -34,7 +34,11 @@ impl InProc {
         let dir = TempDir::new();
         let sock = dir.join("pool.sock");
         let listener = server::bind(&sock, 0o600).expect("bind pool socket");
-        let shared = Arc::new(Shared::new(cfg));
+        // As the binary does: the peer agent when `[peer]` is configured.
+        let peer = cfg.peer.clone().map(|p| Arc::new(pool_manager::peer::agent::Agent::new(p)));
+        let mut shared = Shared::new(cfg);
+        shared.peer = peer;
+        let shared = Arc::new(shared);
         let cancel = CancellationToken::new();
         let (done_tx, done) = mpsc::channel();
         let (release_rt, keep_rx) = mpsc::channel::<()>();
@@ -275,4 +279,116 @@ fn no_refill_outlives_run() {
         accepted.load(Ordering::Relaxed) > base
     });
     assert!(!late, "a refill connected after run returned");
+}
+
+/// The rendezvous server in-process on a loopback port, on a runtime thread of its own.
+struct Rendezvous {
+    addr: SocketAddr,
+    cancel: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Rendezvous {
+    /// Serve job `job` whose secret is in `secret`.
+    fn start(job: &str, secret: &std::path::Path) -> Rendezvous {
+        let key = pool_manager::peer::Keys::derive(&pool_manager::peer::read_secret(secret).unwrap()).rendezvous;
+        let server = Arc::new(rendezvous::Server::new(std::iter::once((job.to_owned(), key)).collect()));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        l.set_nonblocking(true).unwrap();
+        let cancel = CancellationToken::new();
+        let c = cancel.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move { server.run(tokio::net::TcpListener::from_std(l).unwrap(), c).await });
+        });
+        Rendezvous { addr, cancel, thread: Some(thread) }
+    }
+}
+
+impl Drop for Rendezvous {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// TCP connections in this network namespace that are ESTABLISHED towards `to` (IPv4), from
+/// the kernel's table: the client ends only (the server ends have `to` as local address).
+fn established_to(to: SocketAddr) -> usize {
+    let SocketAddr::V4(v4) = to else { panic!("IPv4 only") };
+    // /proc/net/tcp prints the address as the in-memory (network order) u32 in hex.
+    let want = format!("{:08X}:{:04X}", u32::from_ne_bytes(v4.ip().octets()), v4.port());
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).filter(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() > 3 && f[2] == want && f[3] == "01"
+    }).count()
+}
+
+/// The peer agent's tasks (its spare link connections, parked at the rendezvous server until
+/// a link needs them) end with `run`: none holds the agent, and no connection it made to the
+/// rendezvous server is still open once `run` has returned.
+#[test]
+fn peer_agent_tasks_end_with_run() {
+    let dir = TempDir::new();
+    let secret = dir.join("job.secret");
+    std::fs::write(&secret, "the-job-secret-0123456789\n").unwrap();
+    let rdv = Rendezvous::start("job", &secret);
+    let mut cfg = Config::from_toml(&format!(
+        "[peer]\nname = \"job/a\"\nrendezvous = \"{}\"\nsecret_file = \"{}\"\npeers = [\"job/b\"]\n",
+        rdv.addr,
+        secret.display()
+    ))
+    .unwrap();
+    cfg.auto.enabled = false;
+    let mut d = InProc::start(cfg);
+    let agent = d.shared().peer.clone().expect("the peer agent");
+    // The control connection and the spare link connections are up.
+    let want = 1 + pool_manager::defaults::SPARE_LINK_CONNECTIONS;
+    assert!(
+        wait_until(Duration::from_secs(5), || agent.connected() && established_to(rdv.addr) == want),
+        "expected {want} connections to the rendezvous server, have {}",
+        established_to(rdv.addr)
+    );
+    assert!(Arc::strong_count(&agent) > 2, "the spare link connections' tasks hold the agent");
+    d.shutdown(Duration::from_secs(3));
+    assert_eq!(agent.tasks(), 0, "peer agent tasks left after run returned");
+    let shared = d.shared.take().unwrap();
+    assert_eq!(Arc::strong_count(&shared), 1, "a task the daemon started still holds its state");
+    drop(shared);
+    assert_eq!(Arc::strong_count(&agent), 1, "a task the peer agent started still holds it");
+    // Closed when `run` returned, not later: a close moves the socket out of ESTABLISHED at once.
+    assert_eq!(established_to(rdv.addr), 0, "connections to the rendezvous server left open after run returned");
+}
+
+/// A request the metrics endpoint is still reading ends with the endpoint: when `serve`
+/// returns, the connection of a client that never sent its request is closed at once, not
+/// when the endpoint's 2 s read timeout would have ended it.
+#[test]
+fn metrics_requests_in_flight_end_with_the_endpoint() {
+    let shared = Arc::new(Shared::new(no_auto()));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    l.set_nonblocking(true).unwrap();
+    let l = {
+        let _rt = rt.enter();
+        tokio::net::TcpListener::from_std(l).unwrap()
+    };
+    let cancel = CancellationToken::new();
+    let endpoint = rt.spawn(pool_manager::metrics::serve(l, shared, cancel.clone()));
+    let mut silent = std::net::TcpStream::connect(addr).unwrap();
+    // Answered after the silent connection was accepted (one accept loop, in queue order).
+    let (status, body) = common::http_get(addr, "/metrics", Duration::from_secs(2)).unwrap();
+    assert!(status == 200 && body.contains("warmpool_"), "{status} {body}");
+    cancel.cancel();
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(3), endpoint).await }).expect("serve returned").unwrap();
+    use std::io::Read;
+    silent.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let mut b = [0u8; 16];
+    let r = silent.read(&mut b);
+    assert!(matches!(r, Ok(0)), "the silent client's connection is closed when serve returns (got {r:?})");
 }

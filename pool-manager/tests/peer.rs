@@ -193,13 +193,8 @@ fn spawn(mut cmd: std::process::Command, log: PathBuf) -> Proc {
 
 /// Wait for a function (bounded) and parse its `key=value` line.
 fn finish(mut child: Child, timeout: Duration) -> Result<HashMap<String, String>, String> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if child.try_wait().map_err(|e| e.to_string())?.is_some() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Still running after the wait: killed, and an error.
+    wait_until(timeout, || !matches!(child.try_wait(), Ok(None)));
     if child.try_wait().map_err(|e| e.to_string())?.is_none() {
         terminate_child(&mut child, Duration::from_secs(1));
         return Err("function timed out".into());

@@ -1,14 +1,18 @@
-//! Types shared between warmpool's eBPF programs and user space (crate `shim-common`).
+//! Types shared between warmpool's eBPF programs and user space: the `#[repr(C)]` keys and
+//! values of the programs' maps, and the map and program names ([`names`]).
 //!
-//! The kernel programs live in `shim-ebpf` (a sockops program that learns converged
-//! congestion windows per (network namespace, destination) and starts new connections with
-//! them, and cgroup connect4/connect6 programs that count demand per cgroup, network
-//! namespace, uid and destination); they are
-//! built for `bpfel-unknown-none` on nightly by `shim`'s build script, which also loads
-//! and attaches them. This crate stays `no_std` and buildable on stable (its one optional
-//! dependency, `aya`, only for the `user` feature) so that the rest of the workspace never
-//! needs the eBPF toolchain.
-//! Every type is `#[repr(C)]` with explicit padding, so its layout is the same on both sides.
+//! Three crates make up the kernel assist, named as aya's template names them: this one,
+//! `shim-common` (`no_std`, shared by both sides); `shim-ebpf`, the eBPF programs (built for `bpfel-unknown-none` on nightly: a sockops program that learns
+//! converged congestion windows per (network namespace, destination) and starts new
+//! connections with them, and cgroup connect4/connect6 programs that count demand per cgroup,
+//! network namespace, uid and destination); and `shim`, the user-space crate, whose build script
+//! compiles the programs and embeds the object, and whose `assist` module loads and attaches
+//! them and reads their maps. This crate stays buildable on stable, with one optional
+//! dependency (`aya`, for the `user` feature: `aya::Pod` on every map type), so that the rest
+//! of the workspace never needs the eBPF toolchain.
+//!
+//! Every type is `#[repr(C)]` with explicit padding, so its layout is the same on both sides
+//! (the unit test pins the sizes).
 //!
 //! Network namespaces are named by their cookie (`bpf_get_netns_cookie()` in the programs,
 //! `SO_NETNS_COOKIE` on a socket made in the namespace in user space): the same address can
@@ -19,11 +23,12 @@
 
 /// Map and program names, kept in one place so user space never spells them twice.
 pub mod names {
-    /// LRU hash: [`LearnedKey`] → [`LearnedWindow`].
+    /// LRU hash: [`LearnedKey`](super::LearnedKey) → [`LearnedWindow`](super::LearnedWindow).
     pub const LEARNED: &str = "WARMPOOL_LEARNED";
-    /// Hash: [`DemandKey`] → `u64` connect count.
+    /// LRU hash: [`DemandKey`](super::DemandKey) → `u64` connect count (the least recently counted entry
+    /// makes room).
     pub const DEMAND: &str = "WARMPOOL_DEMAND";
-    /// Array (1 entry): [`KernelConfig`].
+    /// Array (1 entry): [`KernelConfig`](super::KernelConfig).
     pub const CONFIG: &str = "WARMPOOL_CONFIG";
     /// The sockops program.
     pub const SOCKOPS: &str = "warmpool_sockops";

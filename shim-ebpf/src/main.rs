@@ -1,26 +1,36 @@
-//! warmpool's kernel side: one sockops program.
+//! warmpool's kernel side: one sockops program and two cgroup connect programs, sharing the
+//! map types of the common crate (`shim_ebpf`). User space attaches all three to the
+//! cgroups it serves and writes [`CONFIG`].
 //!
-//! - When an established connection to a destination closes, record the congestion window
-//!   and smoothed RTT it reached in [`LEARNED`] (an LRU hash keyed by the socket's network
-//!   namespace cookie and the destination: the same address can be another host, on another
-//!   path, in another namespace), as an EWMA (new = (3 * old + sample) / 4).
-//! - The same on the passive side, keyed by the peer's address alone (its port is
-//!   ephemeral): every window is also learned under (address, port 0), so on our own servers
-//!   (experiments, peer links) connections from a known client start converged.
+//! `warmpool_sockops`:
+//! - When an established connection closes, record the congestion window and smoothed RTT
+//!   it reached in [`LEARNED`] (an LRU hash keyed by the socket's network namespace cookie
+//!   and the peer: the same address can be another host, on another path, in another
+//!   namespace), as an EWMA (new = (3 * old + sample) / 4). Every window is learned twice:
+//!   under (address, port) and under (address, port 0).
+//! - A new passive connection is looked up by the peer's address alone (its port is
+//!   ephemeral), so on our own servers (experiments, peer links) connections from a known
+//!   client start converged.
 //! - When an active connection to a known peer starts (`TCP_CONNECT_CB`), give it a receive
 //!   buffer large enough for the configured maximum window, and when it picks its initial
 //!   receive window (`RWND_INIT`) advertise that maximum instead of Linux's 10 segments, so
 //!   a converged sender is not held back by us.
-//! - When a new active connection to a known destination is established (before it sent
-//!   any data: the kernel sets the initial window just before this callback, and
-//!   `TCP_BPF_IW` is refused once data went out), set `TCP_BPF_IW` to the learned window,
-//!   clamped to [`CONFIG`]'s maximum, so new and pre-warmed connections start converged.
+//! - When a new connection to a known peer is established (before it sent any data: the
+//!   kernel sets the initial window just before this callback, and `TCP_BPF_IW` is refused
+//!   once data went out), set `TCP_BPF_IW` to the learned window, clamped to [`CONFIG`]'s
+//!   maximum (nothing below 11 segments is set), so new and pre-warmed connections start
+//!   converged.
 //!
-//! - cgroup connect4/connect6: count TCP connects per (cgroup, netns, uid, destination) in
-//!   [`DEMAND`], so the pool manager sees demand from programs the preload shim does not
-//!   cover and can prewarm what is hot. They never change or refuse a connect.
+//! While [`CONFIG`] is not `enabled`, the sockops program only learns.
 //!
-//! Entry points are thin and call `try_*` functions returning `Result`.
+//! `warmpool_connect4` / `warmpool_connect6` (cgroup sock_addr): count TCP connects per
+//! (cgroup, netns, uid, destination) in [`DEMAND`] (LRU), so the pool manager sees demand
+//! from programs the preload shim does not cover and can prewarm what is hot. They never
+//! change or refuse a connect.
+//!
+//! Entry points are thin: the sockops one calls `try_sockops` (a `Result`; errors only skip
+//! the setting) and always returns 1; the connect ones call `count_connect` and always allow
+//! the connect.
 
 #![no_std]
 #![no_main]

@@ -7,6 +7,12 @@
 //! is answered with a link the other side asked for and this side has not claimed yet, if
 //! there is one; otherwise with a new link. Taking a ready link is reported (`Claimed`) so
 //! the server does not answer a later request with it again.
+//!
+//! Tasks: [`run`] owns the control connection (its reader and writer run inside `run`'s own
+//! future, not as tasks of their own). Spare link connections (kept up by `Agent::replenish`) and links
+//! the server starts (`LinkStart`) run in the agent's task set ([`Agent::tasks`]); when `run`
+//! is cancelled it aborts and awaits them, then closes the ready links, so nothing the agent
+//! started outlives `run`.
 
 use super::link::{self, LinkMetrics, LinkPath};
 use super::{AcquireError, ControlError, PeerName};
@@ -62,6 +68,8 @@ pub struct Agent {
     next_req: AtomicU32,
     known: Mutex<Vec<PeerName>>,
     spares: std::sync::atomic::AtomicUsize,
+    /// Spare link connections and links being made; shut down when [`run`] ends.
+    tasks: crate::server::Background,
 }
 
 /// One line of the status table.
@@ -89,6 +97,7 @@ impl Agent {
             next_req: AtomicU32::new(1),
             known: Mutex::new(settings.peers.clone()),
             spares: std::sync::atomic::AtomicUsize::new(0),
+            tasks: crate::server::Background::default(),
             settings,
         }
     }
@@ -309,7 +318,7 @@ impl Agent {
         while self.connected() && self.spares.load(Ordering::Relaxed) < defaults::SPARE_LINK_CONNECTIONS {
             self.spares.fetch_add(1, Ordering::Relaxed);
             let agent = self.clone();
-            tokio::spawn(async move {
+            let started = self.tasks.spawn(async move {
                 let cfg = &agent.settings;
                 let r = link::spare(cfg, || {}).await;
                 agent.spares.fetch_sub(1, Ordering::Relaxed);
@@ -329,7 +338,31 @@ impl Agent {
                 let r = tokio::time::timeout(cfg.link_timeout, link::complete(cfg, rdv, order, &peer, &agent.metrics, started)).await;
                 agent.record(link, ch, &peer, r);
             });
+            if !started {
+                // Shut down: `run` has ended.
+                self.spares.fetch_sub(1, Ordering::Relaxed);
+                return;
+            }
         }
+    }
+
+    /// Spare link connections and links being made, still in the task set (finished ones
+    /// not yet reaped included; 0 once [`run`] has returned).
+    #[must_use]
+    pub fn tasks(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// At the end of [`run`], after the task set is shut down: close the ready links, and
+    /// answer every function still waiting (with no link).
+    fn close_all(&self) -> usize {
+        let mut st = self.lock();
+        let closed = st.ready.values().map(BTreeMap::len).sum();
+        st.ready.clear();
+        st.building.clear();
+        st.waiters.clear();
+        st.requests.clear();
+        closed
     }
 }
 
@@ -341,14 +374,26 @@ fn alive(fd: &OwnedFd) -> bool {
 }
 
 /// Run the agent until `cancel`: keep the control connection up, make links the rendezvous
-/// server asks for, keep prewarmed links ready.
+/// server asks for, keep prewarmed links ready. When cancelled, it aborts and awaits every
+/// task the agent started and closes the ready links before it returns.
 pub async fn run(agent: Arc<Agent>, cancel: CancellationToken) {
     let s = &agent.settings;
     info!(peer = %s.me, rendezvous = %s.rendezvous, virtual_range = %s.virtual_range, "peer links enabled");
+    stay_connected(&agent, &cancel).await;
+    agent.connected.store(false, Ordering::Relaxed);
+    *agent.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    let aborted = agent.tasks.shutdown().await;
+    let closed = agent.close_all();
+    info!(aborted, closed, "peer agent stopped; its tasks ended, ready links closed");
+}
+
+/// The control connection, reconnected after [`defaults::RENDEZVOUS_RECONNECT`] whenever it
+/// is lost, until `cancel`.
+async fn stay_connected(agent: &Arc<Agent>, cancel: &CancellationToken) {
     loop {
         let r = tokio::select! {
             () = cancel.cancelled() => return,
-            r = control(&agent, &cancel) => r,
+            r = control(agent, cancel) => r,
         };
         agent.connected.store(false, Ordering::Relaxed);
         *agent.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
@@ -372,19 +417,30 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), C
         .await
         .map_err(|_| ControlError::HandshakeTimeout)??;
     info!(observed = %observed, "registered with the rendezvous server");
-    let (mut rd, mut wr) = conn.into_split();
-    let (tx, mut rx) = mpsc::unbounded_channel::<Frame>();
-    *agent.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+    let (rd, mut wr) = conn.into_split();
+    // Frames to send (`Agent::send`, from any task) flow through `control_tx` to the writer.
+    let (control_tx, mut control_rx) = mpsc::unbounded_channel::<Frame>();
+    *agent.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(control_tx);
     agent.connected.store(true, Ordering::Relaxed);
-    let writer = tokio::spawn(async move {
+    // The writer runs beside the reader in this future (not as a task of its own), so both
+    // halves of the connection are dropped with it. It ends only when a write fails.
+    let writer = async {
         use tokio::io::AsyncWriteExt;
-        while let Some(f) = rx.recv().await {
-            if wr.write_all(&f.encode()).await.is_err() {
-                break;
-            }
+        while let Some(f) = control_rx.recv().await {
+            wr.write_all(&f.encode()).await?;
         }
-    });
-    let _writer = AbortOnDrop(writer);
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::select! {
+        r = read_control(agent, rd, cancel) => r,
+        r = writer => r.map_err(ControlError::from),
+    }
+}
+
+/// Read and act on the control connection's frames until `cancel`, with a tick each second
+/// that sweeps, prewarms and replenishes spare link connections.
+async fn read_control(agent: &Arc<Agent>, mut rd: tokio::net::tcp::OwnedReadHalf, cancel: &CancellationToken) -> Result<(), ControlError> {
+    let s = &agent.settings;
     agent.prewarm();
     agent.replenish();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -413,12 +469,15 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), C
                 }
                 let ch: Channel = (peer.name.clone(), port);
                 agent.lock().building.insert(link, ch.clone());
-                let agent = agent.clone();
-                tokio::spawn(async move {
-                    let cfg = &agent.settings;
-                    let r = tokio::time::timeout(cfg.link_timeout, link::make(cfg, link, &peer, &agent.metrics)).await;
-                    agent.record(link, ch, &peer, r);
+                let a = agent.clone();
+                let started = agent.tasks.spawn(async move {
+                    let cfg = &a.settings;
+                    let r = tokio::time::timeout(cfg.link_timeout, link::make(cfg, link, &peer, &a.metrics)).await;
+                    a.record(link, ch, &peer, r);
                 });
+                if !started {
+                    agent.lock().building.remove(&link);
+                }
             }
             Frame::Refused { reason } => return Err(ControlError::Refused(reason)),
             other => debug!(?other, "ignoring unexpected control frame"),
@@ -426,11 +485,3 @@ async fn control(agent: &Arc<Agent>, cancel: &CancellationToken) -> Result<(), C
     }
 }
 
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}

@@ -219,7 +219,7 @@ def fdcases(port):
     s = conn()
     pid = os.fork()
     if pid == 0:
-        time.sleep(0.2)
+        time.sleep(0.2)  # the case itself: a child still holds the socket when the parent closes it
         os._exit(0)
     s.close(); os.waitpid(pid, 0)  # noqa: E702
     s = conn(); pid = os.posix_spawn("/bin/true", ["true"], os.environ); s.close(); os.waitpid(pid, 0)  # noqa: E702
