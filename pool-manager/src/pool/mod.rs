@@ -1,7 +1,10 @@
 //! One pool: the sockets the daemon holds for one (tenant, destination), as a state machine
 //! without I/O. Every method takes `now` and a `check` closure that inspects a socket, and
 //! returns what to do (hand out, connect more, discard), so the rules are tested with fake
-//! sockets and virtual time (see the tests below).
+//! sockets and virtual time (see `tests.rs`). The pool keeps its own statistics: every
+//! socket it gives up with a [`Discard`] reason is counted once, where it is given up.
+//! [`PoolTable`] (in `table.rs`) holds every pool by [`PoolKey`] and is what the daemon's
+//! I/O layer drives.
 //!
 //! States of a socket: *connecting* (counted only) → *idle* → *leased* (held by the
 //! connection task, counted here) → back via *quarantine* (a short wait, held here) →
@@ -16,6 +19,9 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 use wire::Source;
+
+mod table;
+pub use table::{Actions, CheckJob, PoolKey, PoolTable, Refill, Return, TakeFor, Taken};
 
 /// A socket waiting in the pool.
 #[derive(Debug)]
@@ -98,11 +104,11 @@ pub struct Pool<S> {
     connecting: usize,
     checking: usize,
     /// Last time a function asked (auto pools are forgotten when unused).
-    pub last_request: Instant,
+    last_request: Instant,
     /// Connects are not retried before this (a failing destination is not hammered).
-    pub backoff_until: Option<Instant>,
-    /// Counters.
-    pub stats: PoolStats,
+    backoff_until: Option<Instant>,
+    /// Counters, kept by the pool's own methods only.
+    stats: PoolStats,
     /// A request found nothing idle while returned sockets sat in quarantine or under
     /// check: the next refill adds a socket even where `min_idle` is 0.
     starved: bool,
@@ -134,6 +140,17 @@ impl<S> Pool<S> {
     /// Sockets in every state.
     pub fn total(&self) -> usize {
         self.idle.len() + self.quarantine.len() + self.checking + self.leased + self.connecting
+    }
+
+    /// The pool's counters.
+    pub fn stats(&self) -> PoolStats {
+        self.stats
+    }
+
+    /// Whether an auto pool has gone unused for `forget_after` with nothing leased or under
+    /// check (then the table removes it).
+    pub fn forgettable(&self, now: Instant, forget_after: std::time::Duration) -> bool {
+        self.auto && now.duration_since(self.last_request) >= forget_after && self.leased == 0 && self.checking == 0
     }
 
     /// Sockets under check (held by the checker).
@@ -171,7 +188,7 @@ impl<S> Pool<S> {
                 break;
             };
             match check(&q.idle.sock).err().or_else(|| self.expired(&q.idle, now)) {
-                Some(why) => discarded.push((q.idle.sock, why)),
+                Some(why) => self.discard(discarded, q.idle.sock, why),
                 None if q.needs.any() => {
                     self.checking += 1;
                     out.push(ToCheck { idle: q.idle, needs: q.needs });
@@ -192,13 +209,25 @@ impl<S> Pool<S> {
     pub fn checked(&mut self, now: Instant, idle: Idle<S>, verdict: Result<(), Discard>) -> Result<(), (S, Discard)> {
         self.checking = self.checking.saturating_sub(1);
         if let Some(why) = verdict.err().or_else(|| self.expired(&idle, now)) {
-            return Err((idle.sock, why));
+            return self.refuse(idle.sock, why);
         }
         if self.idle.len() >= self.settings.max_idle {
-            return Err((idle.sock, Discard::OverCapacity));
+            return self.refuse(idle.sock, Discard::OverCapacity);
         }
         self.idle.push(Idle { since: now, ..idle });
         Ok(())
+    }
+
+    /// Give up `sock` for `why` into `discarded`, counted.
+    fn discard(&mut self, discarded: &mut Vec<(S, Discard)>, sock: S, why: Discard) {
+        self.stats.discarded += 1;
+        discarded.push((sock, why));
+    }
+
+    /// Refuse `sock` for `why` (the caller closes it), counted.
+    fn refuse(&mut self, sock: S, why: Discard) -> Result<(), (S, Discard)> {
+        self.stats.discarded += 1;
+        Err((sock, why))
     }
 
     /// Take the most recently idled socket that passes `check` (LIFO keeps the rest of the
@@ -244,7 +273,7 @@ impl<S> Pool<S> {
                     self.leased += 1;
                     return Take::Ready(i);
                 }
-                Err(why) => discarded.push((i.sock, why)),
+                Err(why) => self.discard(discarded, i.sock, why),
             }
         }
         if self.total() >= self.settings.max_per_destination {
@@ -254,14 +283,16 @@ impl<S> Pool<S> {
         }
     }
 
-    /// A hand-out did not happen after all (probe failed, send failed): un-count the lease.
+    /// A hand-out did not happen after all (the probe failed) and its socket is discarded:
+    /// un-count the lease, count the discard.
     pub fn handout_failed(&mut self) {
-        self.leased = self.leased.saturating_sub(1);
+        self.lease_ended();
     }
 
-    /// A lease ended and its socket is discarded.
+    /// A lease ended and its socket is discarded (closed by the caller): counted.
     pub fn lease_ended(&mut self) {
         self.leased = self.leased.saturating_sub(1);
+        self.stats.discarded += 1;
     }
 
     /// A lease ended with a clean give-back that passed the return check: to quarantine,
@@ -275,14 +306,21 @@ impl<S> Pool<S> {
 
     fn enqueue(&mut self, now: Instant, idle: Idle<S>, needs: Needs) -> Result<(), (S, Discard)> {
         if self.idle.len() + self.quarantine.len() + self.checking >= self.settings.max_idle {
-            return Err((idle.sock, Discard::OverCapacity));
+            return self.refuse(idle.sock, Discard::OverCapacity);
         }
         if now.duration_since(idle.created) >= self.settings.max_lifetime {
-            return Err((idle.sock, Discard::Lifetime));
+            return self.refuse(idle.sock, Discard::Lifetime);
         }
         let until = now + self.settings.quarantine;
         self.quarantine.push_back(Quarantined { idle: Idle { since: now, ..idle }, until, needs });
         Ok(())
+    }
+
+    /// `Prewarm`: a request in all but the hand-out (the pool is not forgotten), and the
+    /// connects to start now (see [`Pool::start_refill`]).
+    pub fn prewarm(&mut self, now: Instant) -> usize {
+        self.last_request = now;
+        self.start_refill(now)
     }
 
     /// How many new connects to start now (and counts them as connecting).
@@ -335,15 +373,18 @@ impl<S> Pool<S> {
         for i in std::mem::take(&mut self.idle) {
             match self.expired(&i, now).map_or_else(|| check(&i.sock), Err) {
                 Ok(()) => keep.push(i),
-                Err(why) => discarded.push((i.sock, why)),
+                Err(why) => self.discard(discarded, i.sock, why),
             }
         }
         let excess = keep.len().saturating_sub(self.settings.max_idle);
-        discarded.extend(keep.drain(..excess).map(|i| (i.sock, Discard::OverCapacity)));
+        for i in keep.drain(..excess) {
+            self.discard(discarded, i.sock, Discard::OverCapacity);
+        }
         self.idle = keep;
     }
 
-    /// The idle and quarantined sockets with their history, for a hand-over.
+    /// The idle and quarantined sockets with their history, for a hand-over (not discards:
+    /// they go on to the successor, or come back through [`Pool::adopt`]).
     pub fn drain_idle(&mut self) -> Vec<Idle<S>> {
         let mut out: Vec<Idle<S>> = self.idle.drain(..).collect();
         out.extend(self.quarantine.drain(..).map(|q| q.idle));
@@ -370,11 +411,13 @@ impl<S> Pool<S> {
         self.leased += 1;
     }
 
-    /// Everything the pool holds, for removal (leased sockets stay with their leases).
-    pub fn drain(&mut self) -> Vec<S> {
-        let mut out: Vec<S> = self.idle.drain(..).map(|i| i.sock).collect();
-        out.extend(self.quarantine.drain(..).map(|q| q.idle.sock));
-        out
+    /// Everything the pool holds, for removal (leased sockets stay with their leases), into
+    /// `discarded` with `why`, counted.
+    pub fn drain(&mut self, why: Discard, discarded: &mut Vec<(S, Discard)>) {
+        let socks: Vec<S> = self.idle.drain(..).map(|i| i.sock).chain(self.quarantine.drain(..).map(|q| q.idle.sock)).collect();
+        for s in socks {
+            self.discard(discarded, s, why);
+        }
     }
 }
 
