@@ -280,6 +280,7 @@ fn gone_cgroups(cgroups: HashSet<(std::sync::Arc<str>, u64)>) -> HashSet<u64> {
 mod tests {
     use super::*;
     use crate::config::{Config, Policy, PoolSettings};
+    use crate::server::PoolKey;
     use std::sync::Arc;
     use std::time::Instant;
 
