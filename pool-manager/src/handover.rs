@@ -417,8 +417,8 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
                 max_lease = max_lease.max(m.id);
                 let key = PoolKey { tenant: peer.tenant.clone(), dest: m.dest };
                 if !m.peer {
-                    if server::pool_for(shared, &mut pools, &key, now).is_some() {
-                        pools.adopt_lease(&key);
+                    if let Some(pool) = server::pool_for(shared, &mut pools, &key, now) {
+                        pool.adopt_lease();
                     }
                 }
                 // An offer arrives as an ordinary lease: if its process later releases it as

@@ -238,13 +238,6 @@ impl<S> PoolTable<S> {
         }
     }
 
-    /// A lease handed over by a predecessor now counts against its pool.
-    pub fn adopt_lease(&mut self, key: &PoolKey) {
-        if let Some(p) = self.pools.get_mut(key) {
-            p.adopt_lease();
-        }
-    }
-
     /// The end of a lease of `sock` (connected at `created`): with a passed return check
     /// (`verdict` Ok) back into its pool as `Return` says, unless the pool refuses it; else,
     /// or if its pool is gone, returned to be closed with the reason.

@@ -313,10 +313,9 @@ fn every_discard_is_counted_once() {
     closed.extend(acts.close.iter().copied());
     f.connect_all(&acts, 1);
     // A hand-out whose probe failed (the caller closes the socket).
-    let b = ready(f.take(&k, 2).0);
+    let _probe_failed = ready(f.take(&k, 2).0);
     f.table.handout_failed(&k);
     failed_handouts += 1;
-    drop(b);
     // end_lease: a bad return check, and a good one (into quarantine).
     let c = ready(f.take(&k, 3).0);
     closed.push(f.table.end_lease(&k, f.w.at(4), c.sock, c.created, Err(Discard::Shared)).unwrap_err());
