@@ -18,7 +18,7 @@
 //! still running are aborted and their sockets closed. Nothing here is on a function's path.
 
 use crate::config::PoolSettings;
-use crate::pool::{Idle, Needs};
+use crate::pool::{Actions, CheckJob, Idle, Needs};
 use crate::proof::{self, Protocol};
 use crate::server::{PoolKey, PooledSock, Shared};
 use crate::sock::{self, Discard};
@@ -137,21 +137,13 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 
 /// Take the sockets due from every pool; and when the next one is due.
 fn collect(shared: &Shared, now: Instant) -> (Vec<Job>, Option<Instant>) {
-    let mut jobs = Vec::new();
-    let mut discarded = Vec::new();
-    let mut next = None;
-    {
-        let mut pools = shared.lock();
-        for (key, pool) in pools.iter_mut() {
-            let before = discarded.len();
-            for c in pool.start_checks(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded) {
-                jobs.push(Job { key: key.clone(), idle: c.idle, needs: c.needs, settings: pool.settings.clone(), held: 0 });
-            }
-            pool.stats.discarded += (discarded.len() - before) as u64;
-            next = [next, pool.next_due()].into_iter().flatten().min();
-        }
-    }
-    shared.discard_all(discarded);
+    let mut acts = Actions::default();
+    let next = shared.lock().start_checks(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut acts);
+    let jobs = std::mem::take(&mut acts.check)
+        .into_iter()
+        .map(|CheckJob { key, check, settings }| Job { key, idle: check.idle, needs: check.needs, settings, held: 0 })
+        .collect();
+    shared.discard_all(acts.close);
     (jobs, next)
 }
 
@@ -202,22 +194,10 @@ async fn prove(shared: Arc<Shared>, job: Job, protocol: Protocol) {
 /// Hand the verdict to the socket's pool; close it if refused.
 fn finish(shared: &Shared, key: PoolKey, idle: Idle<PooledSock>, verdict: Result<(), Discard>) {
     let now = Instant::now();
-    let refused = {
-        let mut pools = shared.lock();
-        match pools.get_mut(&key) {
-            Some(pool) => match pool.checked(now, idle, verdict) {
-                Ok(()) => None,
-                Err((s, why)) => {
-                    pool.stats.discarded += 1;
-                    Some((s, why))
-                }
-            },
-            None => Some((idle.sock, Discard::PoolRemoved)),
-        }
-    };
-    match refused {
-        Some(d) => shared.discard_all(vec![d]),
-        None => {
+    let verdict = shared.lock().checked(&key, now, idle, verdict);
+    match verdict {
+        Err(d) => shared.discard_all(vec![d]),
+        Ok(()) => {
             shared.metrics.checked_idle.fetch_add(1, Ordering::Relaxed);
         }
     }

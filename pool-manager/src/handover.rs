@@ -88,8 +88,7 @@ pub(crate) async fn give(shared: &Arc<Shared>, conn: &AsyncFd<OwnedFd>, successo
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let idle: Vec<(PoolKey, Idle<PooledSock>)> = {
-        let mut pools = shared.lock();
-        pools.iter_mut().flat_map(|(k, p)| p.drain_idle().into_iter().map(move |i| (k.clone(), i))).collect()
+        shared.lock().drain_idle()
     };
     let clients = std::mem::take(&mut *shared.handed.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     match offer(shared, conn, &idle, &clients).await {
@@ -212,10 +211,9 @@ fn restore(shared: &Shared, idle: Vec<(PoolKey, Idle<PooledSock>)>, clients: Vec
     let now = Instant::now();
     let mut closed = 0;
     {
-        let mut pools = shared.lock();
+        let mut table = shared.lock();
         for (k, i) in idle {
-            let kept = pools.get_mut(&k).map(|p| p.adopt(now, i));
-            if !matches!(kept, Some(Ok(()))) {
+            if table.readopt(&k, now, i).is_err() {
                 closed += 1;
             }
         }

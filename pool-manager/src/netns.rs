@@ -15,8 +15,8 @@
 //! no client has joined yet can be traced to it through the demanding cgroup's processes
 //! ([`Namespaces::discover`], checked by cookie: never another namespace).
 
+use crate::pool::{Actions, PoolTable};
 use crate::server::{PoolKey, PooledSock, Shared};
-use crate::sock::Discard;
 use std::collections::HashMap;
 use std::os::fd::{AsFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -306,14 +306,14 @@ pub fn of_demand(shared: &Shared, cookie: u64, cgroup: &mut dyn FnMut() -> Optio
 /// Close the pools of namespaces that have had no client for `netns_linger`, and end their
 /// makers; the pools' sockets go to `discarded`. Called by the periodic sweep with the pool
 /// table locked.
-pub fn close_expired(shared: &Shared, pools: &mut HashMap<PoolKey, crate::pool::Pool<PooledSock>>, now: Instant, discarded: &mut Vec<(PooledSock, Discard)>) {
+pub fn close_expired(shared: &Shared, table: &mut PoolTable<PooledSock>, now: Instant, acts: &mut Actions<PooledSock>) {
     let gone = shared.netns.take_expired(now);
     if gone.is_empty() {
         return;
     }
     // Every pool of those namespaces, configured ones included.
     let which = |t: &crate::tenant::Tenant| t.netns.is_some_and(|n| gone.contains(&n));
-    crate::server::tenants::close_locked(shared, pools, which, crate::server::CloseReason::NetnsGone, discarded);
+    crate::server::tenants::close_locked(shared, table, which, crate::server::CloseReason::NetnsGone, acts);
     for id in gone {
         info!(netns = %id, "network namespace has no client left: its pools are closed");
     }
@@ -336,10 +336,10 @@ pub fn close_now(shared: &Shared, id: NetNsId) -> bool {
         }
     };
     if removed {
-        let mut discarded = Vec::new();
+        let mut acts = Actions::default();
         let which = |t: &crate::tenant::Tenant| t.netns == Some(id);
-        crate::server::tenants::close_locked(shared, &mut shared.lock(), which, crate::server::CloseReason::Stopped, &mut discarded);
-        shared.discard_all(discarded);
+        crate::server::tenants::close_locked(shared, &mut shared.lock(), which, crate::server::CloseReason::Stopped, &mut acts);
+        shared.discard_all(acts.close);
         info!(netns = %id, "container stopped: its network namespace's pools are closed");
     }
     removed

@@ -20,7 +20,7 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
     let mut out = HEADER.join("\t");
     out.push('\n');
     for k in keys {
-        let p = &pools[&k];
+        let Some(p) = pools.get(&k) else { continue };
         let (idle, quar, leased, connecting) = p.counts();
         // Quarantined and under check: both on their way back, neither ready.
         let quar = quar + p.checking();
@@ -36,10 +36,10 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
             k.dest,
             p.settings.policy.name(),
             if p.auto { "(auto)" } else { "" },
-            p.stats.warm,
-            p.stats.reuse,
-            p.stats.miss,
-            p.stats.discarded,
+            p.stats().warm,
+            p.stats().reuse,
+            p.stats().miss,
+            p.stats().discarded,
         );
     }
     let learned = shared.learned();

@@ -1,8 +1,8 @@
 //! Sockets out and back: acquire (pool or peer link), grant, prefetch offers, release and
 //! settle (the return check into quarantine), prewarm.
 
-use crate::config::{Lookup, Policy, Probe};
-use crate::pool::{Pool, Take};
+use crate::config::{Policy, Probe};
+use crate::pool::{Actions, Pool, PoolTable, Return, Take, TakeFor, Taken};
 use crate::sock::{self, Discard};
 use crate::tenant::Tenant;
 use crate::defaults;
@@ -55,33 +55,19 @@ pub(super) async fn acquire_peer(
     }
 }
 
-/// Settings for a destination, creating the caller's pool if needed. `None`: not pooled.
-pub(crate) fn pool_for<'a>(
-    shared: &Shared,
-    pools: &'a mut HashMap<PoolKey, Pool<PooledSock>>,
-    key: &PoolKey,
-    now: Instant,
-) -> Option<&'a mut Pool<PooledSock>> {
-    if key.dest.port() == 0 || key.dest.ip().is_unspecified() || key.dest.ip().is_multicast() {
-        return None;
-    }
-    if !pools.contains_key(key) {
-        if shared.lifecycle.is_closed(&key.tenant) {
-            return None;
-        }
-        let (settings, auto) = match shared.lookup(&key.dest) {
-            Lookup::Configured(s) => (s, false),
-            Lookup::Auto(s) => {
-                if !super::tenants::auto_budget_allows(shared, pools, &key.tenant) {
-                    return None;
-                }
-                (s, true)
-            }
-            Lookup::NotPooled => return None,
-        };
-        pools.insert(key.clone(), Pool::new(settings, auto, now));
-    }
-    pools.get_mut(key)
+/// The caller's pool for a destination, made if needed under the daemon's configuration
+/// ([`PoolTable::pool_for`] with [`Shared::pool_lookup`]). `None`: not pooled.
+pub(crate) fn pool_for<'a>(shared: &Shared, table: &'a mut PoolTable<PooledSock>, key: &PoolKey, now: Instant) -> Option<&'a mut Pool<PooledSock>> {
+    table.pool_for(key, now, || shared.pool_lookup(key))
+}
+
+/// Take a socket for `why` from `key`'s pool with the idle check, and perform what the table
+/// returns (closes, refills after [`defaults::REFILL_DELAY`]). `None`: not pooled.
+fn take(shared: &Arc<Shared>, key: &PoolKey, now: Instant, why: TakeFor) -> Option<Taken<PooledSock>> {
+    let mut acts = Actions::default();
+    let taken = shared.lock().take(key, now, why, &mut |s| sock::idle_check(s.fd.as_raw_fd()), || shared.pool_lookup(key), &mut acts);
+    shared.perform(acts, defaults::REFILL_DELAY);
+    taken
 }
 
 pub(super) async fn acquire(
@@ -93,20 +79,10 @@ pub(super) async fn acquire(
 ) -> (Reply, Option<(u64, Lease)>) {
     let key = PoolKey { tenant: tenant.clone(), dest };
     for _ in 0..defaults::HANDOUT_ATTEMPTS {
-        let now = Instant::now();
-        let mut discarded = Vec::new();
-        let (taken, refill, settings) = {
-            let mut pools = shared.lock();
-            let Some(pool) = pool_for(shared, &mut pools, &key, now) else {
-                shared.metrics.not_pooled.fetch_add(1, Ordering::Relaxed);
-                return (Reply::miss(seq, MissReason::NotPooled, defaults::NOT_POOLED_RETRY_MS), None);
-            };
-            let taken = pool.take(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded);
-            pool.stats.discarded += discarded.len() as u64;
-            (taken, pool.start_refill(now), pool.settings.clone())
+        let Some(Taken { take: taken, settings }) = take(shared, &key, Instant::now(), TakeFor::Handout) else {
+            shared.metrics.not_pooled.fetch_add(1, Ordering::Relaxed);
+            return (Reply::miss(seq, MissReason::NotPooled, defaults::NOT_POOLED_RETRY_MS), None);
         };
-        shared.discard_all(discarded);
-        spawn_refills(shared, &key, refill, settings.connect_timeout, defaults::REFILL_DELAY);
         match taken {
             Take::Ready(idle) => {
                 if settings.probe == Probe::RedisPing {
@@ -119,11 +95,7 @@ pub(super) async fn acquire(
                     .map_or_else(|_| (None, Err(Discard::Error)), |(i, r)| (Some(i), r));
                     if let Err(why) = ok {
                         shared.metrics.discard(why);
-                        let mut pools = shared.lock();
-                        if let Some(p) = pools.get_mut(&key) {
-                            p.handout_failed();
-                            p.stats.discarded += 1;
-                        }
+                        shared.lock().handout_failed(&key);
                         drop(sock);
                         continue;
                     }
@@ -181,8 +153,8 @@ pub(super) fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: 
         dests.extend(resolved.iter().filter(|(a, s)| s.prefetch && !mapped(a)).map(|(a, _)| *a));
     }
     if shared.config.auto.enabled && shared.config.auto.settings.prefetch {
-        let pools = shared.lock();
-        dests.extend(pools.iter().filter(|(k, p)| p.auto && k.tenant == *tenant).map(|(k, _)| k.dest));
+        let table = shared.lock();
+        dests.extend(table.iter().filter(|(k, p)| p.auto && k.tenant == *tenant).map(|(k, _)| k.dest));
     }
     dests.sort_unstable();
     dests.dedup();
@@ -190,17 +162,8 @@ pub(super) fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: 
     let mut offers = Vec::new();
     for dest in dests {
         let key = PoolKey { tenant: tenant.clone(), dest };
-        let mut discarded = Vec::new();
-        let (taken, refill, settings) = {
-            let mut pools = shared.lock();
-            let Some(pool) = pool_for(shared, &mut pools, &key, now) else { continue };
-            let taken = pool.take_for_offer(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded);
-            pool.stats.discarded += discarded.len() as u64;
-            (taken, pool.start_refill(now), pool.settings.clone())
-        };
-        shared.discard_all(discarded);
-        spawn_refills(shared, &key, refill, settings.connect_timeout, defaults::REFILL_DELAY);
-        if let Some(idle) = taken {
+        let Some(Taken { take, settings }) = take(shared, &key, now, TakeFor::Offer) else { continue };
+        if let Take::Ready(idle) = take {
             let id = shared.next_lease.fetch_add(1, Ordering::Relaxed);
             let fd = idle.sock.fd.as_raw_fd();
             let at_handout = sock::counters(fd);
@@ -240,9 +203,7 @@ pub(super) fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: 
 pub(super) fn unoffer(shared: &Shared, l: Lease, now: Instant) {
     let source = l.offered.unwrap_or(Source::Reuse);
     let verdict = sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout);
-    settle(shared, l, verdict, &shared.metrics.prefetch_returned, |pool, sock, created| {
-        pool.unoffer(now, crate::pool::Idle { sock, created, since: now, source })
-    });
+    settle(shared, l, now, verdict.map(|()| Return::Unoffer { source }), &shared.metrics.prefetch_returned);
 }
 
 pub(super) fn release(shared: &Shared, l: Lease, disposition: Disposition) {
@@ -261,58 +222,30 @@ pub(super) fn release(shared: &Shared, l: Lease, disposition: Disposition) {
     // A socket that carried no byte either way since hand-out is in the state it was handed
     // out in: the holders check still runs, the protocol's proof is not needed.
     let proof = verdict.is_ok() && sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout).is_err();
-    let now = Instant::now();
-    settle(shared, l, verdict, &shared.metrics.returned, |pool, sock, created| pool.give_back(now, sock, created, proof));
+    settle(shared, l, Instant::now(), verdict.map(|()| Return::GiveBack { proof }), &shared.metrics.returned);
 }
 
-/// The end of a lease: with a good `verdict`, `keep` puts the socket back into its pool
-/// (which may still refuse it) and `kept` counts it; otherwise, or if refused, it is closed
-/// and the reason counted.
-pub(super) fn settle(
-    shared: &Shared,
-    l: Lease,
-    verdict: Result<(), Discard>,
-    kept: &std::sync::atomic::AtomicU64,
-    keep: impl FnOnce(&mut Pool<PooledSock>, PooledSock, Instant) -> Result<(), (PooledSock, Discard)>,
-) {
-    let mut pools = shared.lock();
-    let Some(pool) = pools.get_mut(&l.key) else {
-        shared.metrics.discard(Discard::PoolRemoved);
-        return;
-    };
-    let outcome = match verdict {
-        Ok(()) => keep(pool, l.sock, l.created),
-        Err(why) => {
-            pool.lease_ended();
-            Err((l.sock, why))
-        }
-    };
+/// The end of a lease: with a good `verdict`, the socket goes back into its pool as the
+/// [`Return`] says (the pool may still refuse it) and `kept` counts it; otherwise, or if
+/// refused, it is closed and the reason counted.
+pub(super) fn settle(shared: &Shared, l: Lease, now: Instant, verdict: Result<Return, Discard>, kept: &std::sync::atomic::AtomicU64) {
+    let outcome = shared.lock().end_lease(&l.key, now, l.sock, l.created, verdict);
     match outcome {
         Ok(()) => {
-            drop(pools);
             kept.fetch_add(1, Ordering::Relaxed);
             shared.check_wake.notify_one();
         }
-        Err((s, why)) => {
-            pool.stats.discarded += 1;
-            drop(pools);
-            shared.metrics.discard(why);
-            drop(s);
-        }
+        Err(d) => shared.discard_all(vec![d]),
     }
 }
 
 pub(super) fn prewarm(shared: &Arc<Shared>, tenant: &Tenant, dest: SocketAddr, seq: u32) -> Reply {
     let key = PoolKey { tenant: tenant.clone(), dest };
     let now = Instant::now();
-    let (n, timeout) = {
-        let mut pools = shared.lock();
-        let Some(pool) = pool_for(shared, &mut pools, &key, now) else {
-            return Reply::error(seq, ErrorCode::Denied, format!("{dest} is not pooled by this configuration"));
-        };
-        pool.last_request = now;
-        (pool.start_refill(now), pool.settings.connect_timeout)
+    let Some(refill) = shared.lock().prewarm(&key, now, || shared.pool_lookup(&key)) else {
+        return Reply::error(seq, ErrorCode::Denied, format!("{dest} is not pooled by this configuration"));
     };
-    spawn_refills(shared, &key, n, timeout, std::time::Duration::ZERO);
+    let n = refill.n;
+    spawn_refills(shared, &key, n, refill.timeout, std::time::Duration::ZERO);
     Reply::msg(&Msg::StatusReply(&format!("prewarming {dest}: {n} connect(s) started")), seq)
 }

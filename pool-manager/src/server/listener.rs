@@ -139,12 +139,10 @@ pub async fn run_with(
     while tasks.join_next().await.is_some() {}
     // After the client tasks: none of them can start a refill any more.
     let aborted = shared.background.shutdown().await;
-    let mut pools = shared.lock();
-    let mut n = 0;
-    for pool in pools.values_mut() {
-        n += pool.drain().len();
-    }
-    pools.clear();
+    let mut acts = crate::pool::Actions::default();
+    shared.lock().close_all(&mut acts);
+    let n = acts.close.len();
+    drop(acts);
     info!(closed = n, aborted, "pool manager stopped; pooled sockets closed, background tasks ended");
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! The daemon: a Unix `SOCK_SEQPACKET` listener, one task per client process, a maintenance
 //! task, and the pool table they share.
 //!
-//! Data flow: a client task decodes a request, takes a socket from its tenant's [`Pool`]
-//! under the table lock (no I/O under the lock beyond non-blocking checks), and sends it with
+//! Data flow: a client task decodes a request, takes a socket from its tenant's pool in the
+//! [`PoolTable`] under the table lock (no I/O under the lock beyond non-blocking checks; the
+//! table returns the sockets to close and the connects to start, done by
+//! [`Shared::perform`] once it is unlocked), and sends it with
 //! `SCM_RIGHTS`. The socket itself stays in the task's lease map: the daemon's own reference,
 //! so a process that dies without `close()` cannot leak or smuggle it back. A `Release`
 //! moves it through the return check into quarantine or closes it; quarantine ends in the
@@ -20,7 +22,9 @@
 //! `delegate` (connections that act for another process: `Delegate`, the OCI hook's `Container`),
 //! `tenants` (closing every pool of a tenant that is gone), `background` (the set that owns
 //! refills and other side tasks until shutdown).
-//! This module holds what they share: [`Shared`], [`PoolKey`], [`PooledSock`].
+//! The pool table itself, sans-IO, is [`crate::pool::PoolTable`]: these modules perform what
+//! it returns. This module holds what they share: [`Shared`], [`PooledSock`] (and re-exports
+//! [`PoolKey`]).
 
 
 mod background;
@@ -40,9 +44,9 @@ pub use tenants::{close_tenant, close_tenants, CloseReason, Closed};
 
 use crate::config::{Config, Lookup};
 use crate::metrics::Metrics;
-use crate::pool::Pool;
+pub use crate::pool::PoolKey;
+use crate::pool::{Actions, PoolTable};
 use crate::sock::Discard;
-use crate::tenant::Tenant;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -70,15 +74,6 @@ impl PooledSock {
     }
 }
 
-/// Pools are keyed by tenant and destination: they never cross tenants.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PoolKey {
-    /// Who.
-    pub tenant: Tenant,
-    /// Where (as the application asked: IPv4, IPv6 or IPv4-mapped IPv6).
-    pub dest: SocketAddr,
-}
-
 /// State shared by every task.
 #[derive(Debug)]
 pub struct Shared {
@@ -87,7 +82,7 @@ pub struct Shared {
     /// Network namespaces served besides the daemon's own (their socket makers).
     pub netns: Arc<crate::netns::Namespaces>,
     /// The pool table.
-    pub pools: Mutex<HashMap<PoolKey, Pool<PooledSock>>>,
+    pub pools: Mutex<PoolTable<PooledSock>>,
     /// Counters.
     pub metrics: Metrics,
     next_lease: AtomicU64,
@@ -132,8 +127,8 @@ impl Shared {
     pub fn new(config: Config) -> Self {
         Self {
             netns: crate::netns::Namespaces::new(config.netns_linger),
+            pools: Mutex::new(PoolTable::new(&config.auto)),
             config,
-            pools: Mutex::new(HashMap::new()),
             metrics: Metrics::default(),
             next_lease: AtomicU64::new(1),
             // SAFETY: geteuid has no preconditions.
@@ -172,6 +167,15 @@ impl Shared {
         }
     }
 
+    /// What the pool table's [`PoolTable::pool_for`] asks before it makes `key`'s pool: not
+    /// pooled for a tenant closed for good, else [`Shared::lookup`].
+    pub(crate) fn pool_lookup(&self, key: &PoolKey) -> Lookup {
+        if self.lifecycle.is_closed(&key.tenant) {
+            return Lookup::NotPooled;
+        }
+        self.lookup(&key.dest)
+    }
+
     /// Connect counts the kernel saw, per (cgroup, network namespace cookie, uid, destination).
     pub fn demand(&self) -> Vec<shim::assist::Demand> {
         let Some(a) = &self.assist else { return vec![] };
@@ -208,14 +212,26 @@ impl Shared {
     }
 
     /// Lock the pool table (a panic elsewhere must not wedge the daemon).
-    pub fn lock(&self) -> MutexGuard<'_, HashMap<PoolKey, Pool<PooledSock>>> {
+    pub fn lock(&self) -> MutexGuard<'_, PoolTable<PooledSock>> {
         self.pools.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// Close sockets the pool table gave up, counting each by reason in the metrics.
     pub(crate) fn discard_all(&self, discarded: Vec<(PooledSock, Discard)>) {
         for (s, why) in discarded {
             self.metrics.discard(why);
             drop(s);
+        }
+    }
+
+    /// Carry out what the pool table returned, with the table unlocked: close sockets
+    /// ([`Shared::discard_all`]) and start connects, each after `delay`. Sockets for the
+    /// checker are the checker's (`crate::checker`), never passed here.
+    pub(crate) fn perform(self: &Arc<Self>, acts: Actions<PooledSock>, delay: std::time::Duration) {
+        debug_assert!(acts.check.is_empty(), "checks are the checker's");
+        self.discard_all(acts.close);
+        for r in acts.connect {
+            tasks::spawn_refills(self, &r.key, r.n, r.timeout, delay);
         }
     }
 }

@@ -226,10 +226,7 @@ let reply = if got.fd.is_some() || got.extra_fds > 0 || got.ctrunc {
 /// the link) and `warm` pools never reuse.
 pub(super) fn orphaned(shared: &Shared, l: Lease) {
     if l.peer {
-        if let Some(p) = shared.lock().get_mut(&l.key) {
-            p.lease_ended();
-            p.stats.discarded += 1;
-        }
+        shared.lock().lease_ended(&l.key);
         shared.metrics.discard(Discard::LeaseLost);
         return;
     }
@@ -368,9 +365,7 @@ pub(super) async fn handle(
                             Source::Warm => shared.metrics.handout_warm.fetch_add(1, Ordering::Relaxed),
                             Source::Reuse => shared.metrics.handout_reuse.fetch_add(1, Ordering::Relaxed),
                         };
-                        if let Some(p) = shared.lock().get_mut(&l.key) {
-                            p.count_handout(source);
-                        }
+                        shared.lock().count_handout(&l.key, source);
                     }
                     release(shared, l, disposition);
                 }

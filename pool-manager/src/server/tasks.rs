@@ -2,7 +2,7 @@
 //! `resolve_interval`), maintenance sweeps and the kernel-demand tracker.
 
 use crate::config::Lookup;
-use crate::pool::Pool;
+use crate::pool::Actions;
 use crate::sock::{self, Discard};
 use crate::tenant::Tenant;
 use crate::defaults;
@@ -28,23 +28,17 @@ pub(super) fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeo
             }
             let r = crate::netns::connect(&shared, &key, timeout).await;
             let now = Instant::now();
-            let mut pools = shared.lock();
-            let pool = pools.get_mut(&key);
-            match (r, pool) {
-                (Ok(sock), Some(pool)) => {
+            match r {
+                Ok(sock) => {
                     shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
-                    pool.connected(now, sock);
-                }
-                (Ok(_fd), None) => {
-                    shared.metrics.connects_ok.fetch_add(1, Ordering::Relaxed);
-                    shared.metrics.discard(Discard::PoolRemoved);
-                }
-                (Err(e), pool) => {
-                    shared.metrics.connects_failed.fetch_add(1, Ordering::Relaxed);
-                    if let Some(pool) = pool {
-                        pool.connect_failed(now);
+                    let refused = shared.lock().connected(&key, now, sock);
+                    if let Err(sock) = refused {
+                        shared.discard_all(vec![(sock, Discard::PoolRemoved)]);
                     }
-                    drop(pools);
+                }
+                Err(e) => {
+                    shared.metrics.connects_failed.fetch_add(1, Ordering::Relaxed);
+                    shared.lock().connect_failed(&key, now);
                     debug!(dest = %key.dest, error = %e, "pool connect failed");
                 }
             }
@@ -52,8 +46,6 @@ pub(super) fn spawn_refills(shared: &Arc<Shared>, key: &PoolKey, n: usize, timeo
     }
 }
 
-/// Periodic sweep of every pool: quarantine, timeouts, dead sockets, refills, and removal of
-/// auto pools nobody uses.
 /// Resolve the configured host names again every `resolve_interval`: an address a name
 /// gains is pooled from then on (one it loses keeps its pool until the pool is idle).
 pub(super) async fn resolver(shared: Arc<Shared>, cancel: CancellationToken) {
@@ -89,6 +81,8 @@ pub(super) async fn resolver(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
+/// Periodic sweep of every pool every [`defaults::SWEEP_INTERVAL`]: removal of auto pools
+/// nobody uses and of namespaces without clients, timeouts, dead sockets, refills.
 pub(super) async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut tick = tokio::time::interval(defaults::SWEEP_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -102,33 +96,14 @@ pub(super) async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
             demand.prewarm_hot(&shared);
         }
         let now = Instant::now();
-        let mut discarded = Vec::new();
-        let mut refills = Vec::new();
+        let mut acts = Actions::default();
         {
-            let mut pools = shared.lock();
-            let forget_after = shared.config.auto.forget_after;
-            pools.retain(|_, p| {
-                let unused = p.auto && now.duration_since(p.last_request) >= forget_after && p.counts().2 == 0 && p.checking() == 0;
-                if unused {
-                    discarded.extend(p.drain().into_iter().map(|s| (s, Discard::PoolRemoved)));
-                }
-                !unused
-            });
-            crate::netns::close_expired(&shared, &mut pools, now, &mut discarded);
-            for (key, pool) in pools.iter_mut() {
-                let before = discarded.len();
-                pool.sweep(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut discarded);
-                pool.stats.discarded += (discarded.len() - before) as u64;
-                let n = pool.start_refill(now);
-                if n > 0 {
-                    refills.push((key.clone(), n, pool.settings.connect_timeout));
-                }
-            }
+            let mut table = shared.lock();
+            table.forget_unused(now, &mut acts);
+            crate::netns::close_expired(&shared, &mut table, now, &mut acts);
+            table.sweep(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut acts);
         }
-        shared.discard_all(discarded);
-        for (key, n, timeout) in refills {
-            spawn_refills(&shared, &key, n, timeout, std::time::Duration::ZERO);
-        }
+        shared.perform(acts, std::time::Duration::ZERO);
     }
 }
 
@@ -179,30 +154,17 @@ impl DemandTracker {
             let Some(netns) = crate::netns::of_demand(shared, cookie, &mut path) else { continue };
             let (cgroup, cgroup_id) = if by_uid { (Arc::from(""), 0) } else { (cgroup, cg) };
             let key = PoolKey { tenant: Tenant { uid, cgroup, cgroup_id, netns }, dest };
-            let (n, timeout) = {
-                let mut pools = shared.lock();
-                if pools.contains_key(&key) || shared.lifecycle.is_closed(&key.tenant) {
-                    continue;
-                }
-                let settings = match shared.lookup(&dest) {
-                    Lookup::Configured(s) => s,
-                    Lookup::Auto(_) | Lookup::NotPooled => {
-                        if !super::tenants::auto_budget_allows(shared, &pools, &key.tenant) {
-                            continue;
-                        }
-                        shared.config.auto.settings.clone()
-                    }
-                };
-                let configured = matches!(shared.lookup(&dest), Lookup::Configured(_));
-                let mut pool = Pool::new(settings, !configured, now);
-                let n = pool.start_refill(now);
-                let timeout = pool.settings.connect_timeout;
-                pools.insert(key.clone(), pool);
-                (n, timeout)
+            if shared.lifecycle.is_closed(&key.tenant) {
+                continue;
+            }
+            let (settings, auto) = match shared.lookup(&dest) {
+                Lookup::Configured(s) => (s, false),
+                Lookup::Auto(_) | Lookup::NotPooled => (shared.config.auto.settings.clone(), true),
             };
+            let Some(refill) = shared.lock().create(&key, now, settings, auto) else { continue };
             shared.metrics.prewarmed.fetch_add(1, Ordering::Relaxed);
             info!(dest = %dest, uid, cgroup = %key.tenant.cgroup, "demand seen by the kernel: prewarming");
-            spawn_refills(shared, &key, n, timeout, std::time::Duration::ZERO);
+            spawn_refills(shared, &key, refill.n, refill.timeout, std::time::Duration::ZERO);
         }
     }
 }

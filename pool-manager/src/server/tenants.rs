@@ -15,11 +15,10 @@
 //! (`netns_gone`, [`crate::netns::close_expired`]), and a container's poststop hook
 //! (`stopped`). Each closed tenant is counted in `warmpool_tenants_closed_total{reason}`.
 
-use super::{PoolKey, PooledSock, Shared};
-use crate::pool::Pool;
-use crate::sock::Discard;
+use super::{PooledSock, Shared};
+use crate::pool::{Actions, PoolTable};
 use crate::tenant::Tenant;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -131,35 +130,24 @@ pub fn close_tenant(shared: &Shared, tenant: &Tenant, reason: CloseReason) -> Cl
 /// Close every pool whose tenant `which` selects (for example every uid of one cgroup, or
 /// every tenant of one network namespace); each tenant that had a pool counts once.
 pub fn close_tenants(shared: &Shared, which: impl Fn(&Tenant) -> bool, reason: CloseReason) -> Closed {
-    let mut discarded = Vec::new();
-    let closed = {
-        let mut pools = shared.lock();
-        close_locked(shared, &mut pools, which, reason, &mut discarded)
-    };
-    shared.discard_all(discarded);
+    let mut acts = Actions::default();
+    let closed = close_locked(shared, &mut shared.lock(), which, reason, &mut acts);
+    shared.discard_all(acts.close);
     closed
 }
 
 /// [`close_tenants`] with the pool table already locked; the sockets to close go to
-/// `discarded` (close them after unlocking, with [`Shared::discard_all`]).
+/// `acts` (close them after unlocking, with [`Shared::discard_all`]).
 pub(crate) fn close_locked(
     shared: &Shared,
-    pools: &mut HashMap<PoolKey, Pool<PooledSock>>,
+    table: &mut PoolTable<PooledSock>,
     which: impl Fn(&Tenant) -> bool,
     reason: CloseReason,
-    discarded: &mut Vec<(PooledSock, Discard)>,
+    acts: &mut Actions<PooledSock>,
 ) -> Closed {
-    let mut tenants: HashMap<Tenant, usize> = HashMap::new();
-    let before = discarded.len();
-    pools.retain(|k, p| {
-        if !which(&k.tenant) {
-            return true;
-        }
-        discarded.extend(p.drain().into_iter().map(|s| (s, Discard::PoolRemoved)));
-        *tenants.entry(k.tenant.clone()).or_default() += 1;
-        false
-    });
-    let closed = Closed { tenants: tenants.len(), pools: tenants.values().sum(), sockets: discarded.len() - before };
+    let before = acts.close.len();
+    let tenants = table.close_tenants(which, acts);
+    let closed = Closed { tenants: tenants.len(), pools: tenants.values().sum(), sockets: acts.close.len() - before };
     shared.lifecycle.count(reason, closed.tenants);
     for (t, n) in &tenants {
         if reason != CloseReason::NetnsGone && remembered(t) {
@@ -174,18 +162,6 @@ pub(crate) fn close_locked(
 /// cannot come back (a cgroup id; a path, a uid or a namespace inode can).
 fn remembered(t: &Tenant) -> bool {
     t.cgroup_id != 0
-}
-
-/// Whether `tenant` may have one more `[auto]` pool: fewer than `auto.max_destinations` of
-/// its own and fewer than `auto.max_pools` on the daemon. Called with the pool table locked,
-/// when a pool would be made (first use, `Prewarm`, kernel-seen demand).
-pub(crate) fn auto_budget_allows(shared: &Shared, pools: &HashMap<PoolKey, Pool<PooledSock>>, tenant: &Tenant) -> bool {
-    let (mut mine, mut all) = (0usize, 0usize);
-    for k in pools.iter().filter(|(_, p)| p.auto).map(|(k, _)| k) {
-        all += 1;
-        mine += usize::from(k.tenant == *tenant);
-    }
-    mine < shared.config.auto.max_destinations && all < shared.config.auto.max_pools
 }
 
 /// A cgroup's id when the tenant was identified was this, but its path no longer names a
@@ -304,6 +280,7 @@ fn gone_cgroups(cgroups: HashSet<(std::sync::Arc<str>, u64)>) -> HashSet<u64> {
 mod tests {
     use super::*;
     use crate::config::{Config, Policy, PoolSettings};
+    use crate::server::PoolKey;
     use std::sync::Arc;
     use std::time::Instant;
 
