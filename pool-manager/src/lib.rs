@@ -13,7 +13,7 @@
 //! Modules:
 //! - configuration: [`config`] (TOML, flags, embedded default; [`allow`] its allow-lists),
 //!   [`defaults`] (every limit with its reason);
-//! - the pools: [`pool`] (the sans-IO pool state machine), [`sizing`] (pools sized to
+//! - the pools: [`pool`] (one pool's sans-IO state machine and `PoolTable`, the table of all pools; both tested in virtual time), [`sizing`] (pools sized to
 //!   demand), [`server`] (listener, one session per client, acquire/grant/release, refills
 //!   and maintenance, connections delegated by a node helper), [`netns`] (sockets made in the
 //!   client's network namespace), [`tenant`] (who is asking, from the kernel);

@@ -12,7 +12,7 @@
 //! Both quantities are measured by the pool itself (no I/O here, every method takes `now`):
 //! the interval between requests and the refill latency (from `start_refill` to `connected`,
 //! first in first out), each as an exponentially weighted moving average. Demand that stops
-//! stops counting: after [`IDLE_AFTER`] intervals without a request the target is 0 and the
+//! stops counting: after `IDLE_AFTER` (8) intervals without a request the target is 0 and the
 //! idle timeout shrinks the pool as before.
 
 use std::collections::VecDeque;

@@ -4,16 +4,16 @@
 //! Data flow: a client task decodes a request, takes a socket from its tenant's pool in the
 //! [`PoolTable`] under the table lock (no I/O under the lock beyond non-blocking checks; the
 //! table returns the sockets to close and the connects to start, done by
-//! [`Shared::perform`] once it is unlocked), and sends it with
+//! `Shared::perform` once it is unlocked), and sends it with
 //! `SCM_RIGHTS`. The socket itself stays in the task's lease map: the daemon's own reference,
 //! so a process that dies without `close()` cannot leak or smuggle it back. A `Release`
 //! moves it through the return check into quarantine or closes it; quarantine ends in the
-//! checker ([`crate::checker`]: holders walk, end-of-exchange proof) before the socket is
+//! checker (`checker`: holders walk, end-of-exchange proof) before the socket is
 //! idle again. The end of the client connection puts every lease it still holds through the
 //! same path (the process ended without close(): keep-alive clients, `_exit`, a signal);
 //! peer links and `warm` pools close them. Refills run as connect tasks that put their socket
 //! into the pool when done, owned by [`Shared::background`] and cancelled when `run` ends. The maintenance task sweeps every
-//! [`defaults::SWEEP_INTERVAL`].
+//! [`crate::defaults::SWEEP_INTERVAL`].
 //!
 //! Modules: `listener` (bind, the accept loop, the run loop with its background tasks),
 //! `session` (one client connection: identify, read, dispatch, answer, and the leases it
