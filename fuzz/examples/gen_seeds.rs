@@ -51,7 +51,7 @@ fn wire_seeds(dir: &Path) {
         ("offer-v6", enc(&Msg::Offer { lease: lid(43), source: Source::Warm, last: false, dest: v6 }, 21)),
         (
             "handover-lease",
-            enc(&Msg::Handover(Record::Lease { id: 7, dest: v4, age_ms: 5, reuse: true, peer: false, acked: 1, received: 2 }), 17),
+            enc(&Msg::Handover(Record::Lease { id: lid(7), dest: v4, age_ms: 5, reuse: true, peer: false, acked: 1, received: 2 }), 17),
         ),
         ("handover-done", enc(&Msg::Handover(Record::Done { idle: 1, clients: 1, leases: 1 }), 18)),
         (

@@ -86,7 +86,7 @@ fn record(r: &ARecord) -> Record<'_> {
         }
         ARecord::Client { uid, cgroup: c, pid } => Record::Client { uid: *uid, cgroup: cgroup(c), pid: *pid },
         ARecord::Lease { id, dest: d, age_ms, reuse, peer, acked, received } => Record::Lease {
-            id: *id,
+            id: lease_id(*id),
             dest: dest(d),
             age_ms: *age_ms,
             reuse: *reuse,

@@ -145,7 +145,7 @@ async fn offer(shared: &Shared, conn: &AsyncFd<OwnedFd>, idle: &[(PoolKey, Idle<
         n_clients += 1;
         for (id, l) in &c.leases {
             let rec = Record::Lease {
-                id: *id,
+                id: wire::LeaseId::new(*id).expect("lease map keys are LeaseIds (server::Shared::next_lease_id, or adopted)"),
                 dest: Dest::from_socket_addr(l.key.dest),
                 age_ms: age(l.created),
                 reuse: l.policy == Policy::Reuse,
@@ -245,7 +245,7 @@ pub struct Received {
 /// A lease as received (see [`adopt`]).
 #[derive(Debug)]
 pub struct LeaseMeta {
-    id: u64,
+    id: wire::LeaseId,
     dest: SocketAddr,
     age: Duration,
     policy: Policy,
@@ -397,7 +397,7 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
         for (peer, conn, metas) in clients {
             let mut leases = Vec::new();
             for m in metas {
-                max_lease = max_lease.max(m.id);
+                max_lease = max_lease.max(m.id.get());
                 let key = PoolKey { tenant: peer.tenant.clone(), dest: m.dest };
                 if !m.peer {
                     if let Some(pool) = server::pool_for(shared, &mut pools, &key, now) {
@@ -414,7 +414,7 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
                     Err(_) => PooledSock::new(m.fd),
                 };
                 let lease = Lease { sock, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer, offered: None };
-                leases.push((m.id, lease));
+                leases.push((m.id.get(), lease));
             }
             out.push(HandedClient { conn, peer, leases });
         }

@@ -739,7 +739,7 @@ mod tests {
         roundtrip(Msg::Release { lease: id(1 << 40), disposition: Disposition::Unused });
         roundtrip(Msg::Offer { lease: id(3), source: Source::Warm, last: false, dest: v4 });
         roundtrip(Msg::Offer { lease: LeaseId::MAX, source: Source::Reuse, last: true, dest: v6 });
-        roundtrip(Msg::Handover(Record::Lease { id: 7, dest: v4, age_ms: 5, reuse: true, peer: false, acked: 9, received: 1 }));
+        roundtrip(Msg::Handover(Record::Lease { id: id(7), dest: v4, age_ms: 5, reuse: true, peer: false, acked: 9, received: 1 }));
         roundtrip(Msg::Handover(Record::Done { idle: 1, clients: 2, leases: 3 }));
         roundtrip(Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 });
         roundtrip(Msg::Prewarm(v6));
