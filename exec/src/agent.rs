@@ -43,12 +43,13 @@
 use crate::caller::Identity;
 use crate::notify::{self, Dial, Notifier};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use wire::client::Link;
 use wire::{Disposition, Msg};
 
 /// Most containers served at once (one thread each).
@@ -238,7 +239,7 @@ struct Delegated {
 }
 
 impl Dial for Delegated {
-    fn dial(&mut self) -> Option<(OwnedFd, Identity)> {
+    fn dial(&mut self) -> Option<(Link, Identity)> {
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return None;
         }
@@ -249,7 +250,7 @@ impl Dial for Delegated {
 }
 
 impl Delegated {
-    fn try_dial(&self) -> Option<(OwnedFd, Identity)> {
+    fn try_dial(&self) -> Option<(Link, Identity)> {
         let pidfd = self.pidfd.as_ref()?;
         let identity = Identity::of_process(self.pid)?;
         // Read through the pid: it is the container's process only if that still lives.
@@ -257,8 +258,8 @@ impl Delegated {
         if unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), 0, std::ptr::null::<libc::siginfo_t>(), 0) } != 0 {
             return None;
         }
-        let link = notify::connect_link(&self.socket)?;
-        delegate(&link, pidfd)?;
+        let mut link = notify::connect_link(&self.socket)?;
+        delegate(&mut link, pidfd)?;
         Some((link, identity))
     }
 }
@@ -270,22 +271,21 @@ const DELEGATE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Make `link` the link of the process of `pidfd` (`Msg::Delegate`, answered with
 /// `StatusReply`; anything else — a refusal — leaves the link unusable).
-fn delegate(link: &OwnedFd, pidfd: &OwnedFd) -> Option<()> {
+fn delegate(link: &mut Link, pidfd: &OwnedFd) -> Option<()> {
+    // The daemon reads the process from the kernel first: allow it longer than a request.
+    link.set_timeout(Some(DELEGATE_TIMEOUT)).ok()?;
     let mut buf = [0u8; 512];
-    let n = wire::encode(&Msg::Delegate, 1, &mut buf);
-    wire::unix::send(link.as_raw_fd(), &buf[..n], Some(pidfd.as_raw_fd()), 0).ok()?;
-    if !notify::wait_readable(link.as_raw_fd(), Instant::now() + DELEGATE_TIMEOUT) {
-        return None;
-    }
-    let got = wire::unix::recv(link.as_raw_fd(), &mut buf, 0).ok()?;
-    match wire::decode(&buf[..got.len]) {
-        Ok((Msg::StatusReply(_), 1)) => Some(()),
-        Ok((Msg::Error { text, .. }, _)) => {
+    let reply = link.request(&Msg::Delegate, Some(pidfd.as_fd()), &mut buf);
+    let delegated = match reply.map(|r| r.msg) {
+        Ok(Msg::StatusReply(_)) => Some(()),
+        Ok(Msg::Error { text, .. }) => {
             eprintln!("seccomp-agent: the pool manager refused the delegation: {text}");
             None
         }
         _ => None,
-    }
+    };
+    link.set_timeout(Some(notify::LINK_TIMEOUT)).ok()?;
+    delegated
 }
 
 #[cfg(test)]

@@ -36,7 +36,7 @@ use notify::{Dial, Notifier};
 use rustix::net::{AddressFamily, SocketFlags, SocketType};
 use rustix::process::{Pid, WaitId, WaitIdOptions, WaitOptions};
 use std::ffi::{CString, NulError};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use wire::Disposition;
 
@@ -173,7 +173,7 @@ struct OwnLink {
 }
 
 impl Dial for OwnLink {
-    fn dial(&mut self) -> Option<(OwnedFd, Identity)> {
+    fn dial(&mut self) -> Option<(wire::client::Link, Identity)> {
         let own = Identity::own()?;
         Some((notify::connect_link(&self.socket)?, own))
     }

@@ -4,7 +4,7 @@
 //!
 //! Data flow: [`serve`] polls a listener fd; each notification goes to
 //! [`Notifier::answer`], which reads the trapped call (module [`crate::caller`]), asks the
-//! daemon over a link it gets from a [`Dial`], and answers the kernel: the pooled socket placed
+//! daemon over a [`Link`] (the wire crate's client) it gets from a [`Dial`], and answers the kernel: the pooled socket placed
 //! on the caller's fd number (`SECCOMP_IOCTL_NOTIF_ADDFD` with `SETFD`) and success, a refusal
 //! (a peer link the daemon took on and then could not make), or — for everything else, and on
 //! any doubt — `SECCOMP_USER_NOTIF_FLAG_CONTINUE`: the program's own `connect()` runs.
@@ -18,12 +18,12 @@
 use crate::caller::{self, Caller, Identity};
 use rustix::event::{poll, PollFd, PollFlags, Timespec};
 use rustix::fs::{fcntl_getfl, fcntl_setfl, OFlags};
-use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use wire::{Dest, Disposition, MissReason, Msg};
+use wire::client::{Answer, Link};
+use wire::{Dest, Disposition, LeaseId, Msg};
 
 /// Most destinations remembered as not pooled (the oldest answers expire first anyway).
 const MAX_UNPOOLED: usize = 32;
@@ -31,12 +31,8 @@ const MAX_UNPOOLED: usize = 32;
 /// given back at once as possibly shared (never reused), so a long-lived container costs
 /// bounded memory here and in the daemon.
 const MAX_LEASES: usize = 4096;
-/// Longest wait the daemon may ask for with `Miss(Pending)` (as the preload library).
-const MAX_PENDING: Duration = Duration::from_secs(60);
-/// Answers to abandoned requests skipped before a link counts as broken.
-const MAX_STALE: usize = 8;
 /// Send and receive timeout of the daemon link.
-const LINK_TIMEOUT: Duration = Duration::from_millis(100);
+pub(crate) const LINK_TIMEOUT: Duration = Duration::from_millis(100);
 
 #[repr(C)]
 #[derive(Default, Debug)]
@@ -87,17 +83,12 @@ const SECCOMP_ADDFD_FLAG_SETFD: u32 = 1;
 pub(crate) trait Dial {
     /// A fresh link to the daemon, and the identity (uids, cgroup, network namespace) of the
     /// tenant the daemon serves it as: only a caller with exactly that identity is served.
-    fn dial(&mut self) -> Option<(OwnedFd, Identity)>;
+    fn dial(&mut self) -> Option<(Link, Identity)>;
 }
 
-/// A `SOCK_SEQPACKET` link to the daemon at `socket`, with the link timeouts set.
-pub(crate) fn connect_link(socket: &Path) -> Option<OwnedFd> {
-    let l = rustix::net::socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None).ok()?;
-    rustix::net::connect(&l, &SocketAddrUnix::new(socket).ok()?).ok()?;
-    for t in [rustix::net::sockopt::Timeout::Recv, rustix::net::sockopt::Timeout::Send] {
-        rustix::net::sockopt::set_socket_timeout(&l, t, Some(LINK_TIMEOUT)).ok()?;
-    }
-    Some(l)
+/// A link to the daemon at `socket`, with the link timeouts set.
+pub(crate) fn connect_link(socket: &Path) -> Option<Link> {
+    Link::connect(socket, Some(LINK_TIMEOUT)).ok()
 }
 
 /// What to tell the kernel about one trapped `connect()`.
@@ -111,6 +102,13 @@ enum Verdict {
     Fail(i32),
 }
 
+/// A socket the daemon gave, or its refusal to let the program connect on its own.
+enum Pooled {
+    Grant(OwnedFd, LeaseId),
+    /// Taken on (`Miss(Pending)`) and then refused: fail the call.
+    Refused,
+}
+
 /// A trapped `connect()` that passed the checks.
 struct Call {
     dest: Dest,
@@ -122,30 +120,20 @@ struct Call {
     status: OFlags,
 }
 
-/// What the daemon answered to one request.
-enum Answer {
-    Grant(OwnedFd, u64),
-    /// Not served; `retry_after_ms > 0`: not pooled, do not ask again for that long.
-    Miss { retry_after_ms: u32 },
-    /// Taken on (`Miss(Pending)`) and then refused: fail the call.
-    Refused,
-}
-
 /// Answers the notifications of one filter from the pool, over its own daemon link.
 #[derive(Debug)]
 pub(crate) struct Notifier<D: Dial> {
     dial: D,
     /// The link and the identity the daemon serves it as (opened on first use).
-    link: Option<(OwnedFd, Identity)>,
+    link: Option<(Link, Identity)>,
     /// Destinations the daemon said are not pooled, until when (as the shim's negative cache).
     unpooled: Vec<(Dest, Instant)>,
-    seq: u32,
-    leases: VecDeque<u64>,
+    leases: VecDeque<LeaseId>,
 }
 
 impl<D: Dial> Notifier<D> {
     pub(crate) fn new(dial: D) -> Notifier<D> {
-        Notifier { dial, link: None, unpooled: Vec::new(), seq: 0, leases: VecDeque::new() }
+        Notifier { dial, link: None, unpooled: Vec::new(), leases: VecDeque::new() }
     }
 
     /// Answer one notification (always: a notification left unanswered blocks its caller).
@@ -165,9 +153,9 @@ impl<D: Dial> Notifier<D> {
     fn try_pool(&mut self, listener: RawFd, n: &Notif) -> Verdict {
         let Some(call) = self.check(listener, n) else { return Verdict::Continue };
         let (pooled, lease) = match self.acquire(call.dest) {
-            Some(Answer::Grant(pooled, lease)) => (pooled, lease),
-            Some(Answer::Refused) => return Verdict::Fail(libc::ECONNREFUSED),
-            Some(Answer::Miss { .. }) | None => return Verdict::Continue,
+            Some(Pooled::Grant(pooled, lease)) => (pooled, lease),
+            Some(Pooled::Refused) => return Verdict::Fail(libc::ECONNREFUSED),
+            None => return Verdict::Continue,
         };
         // The caller's blocking mode wins.
         let _ = fcntl_setfl(&pooled, call.status & OFlags::NONBLOCK | OFlags::RDWR);
@@ -220,86 +208,41 @@ impl<D: Dial> Notifier<D> {
     }
 
     /// The link to the daemon and who it is served as, opened on first use.
-    fn link(&mut self) -> Option<&(OwnedFd, Identity)> {
+    fn link(&mut self) -> Option<&mut (Link, Identity)> {
         if self.link.is_none() {
             self.link = self.dial.dial();
         }
-        self.link.as_ref()
+        self.link.as_mut()
     }
 
-    /// Ask for a socket to `dest`; remembers "not pooled" answers.
-    fn acquire(&mut self, dest: Dest) -> Option<Answer> {
-        self.seq = self.seq.wrapping_add(1);
-        let mut buf = [0u8; 256];
-        let n = wire::encode(&Msg::Acquire(dest), self.seq, &mut buf);
-        let Some(answer) = self.round_trip(&buf[..n]) else {
-            self.link = None;
-            return None;
-        };
-        if let Answer::Miss { retry_after_ms } = answer {
-            if retry_after_ms > 0 {
-                // "Not pooled": the next connects there continue without a round trip.
-                let until = Instant::now() + Duration::from_millis(u64::from(retry_after_ms));
-                self.unpooled.retain(|(d, _)| *d != dest);
-                if self.unpooled.len() < MAX_UNPOOLED {
-                    self.unpooled.push((dest, until));
-                }
-            }
-        }
-        Some(answer)
-    }
-
-    /// Send `req` and wait for the answer with its sequence number (following a
-    /// `Miss(Pending)` to the final answer). `None`: the link is unusable.
-    fn round_trip(&mut self, req: &[u8]) -> Option<Answer> {
-        let link = self.link()?.0.as_raw_fd();
-        wire::unix::send(link, req, None, 0).ok()?;
+    /// Ask for a socket to `dest`; remembers "not pooled" answers. `None`: not served (a
+    /// miss, a refusal to serve, a broken link, which is dropped).
+    fn acquire(&mut self, dest: Dest) -> Option<Pooled> {
+        let (link, _) = self.link()?;
         let mut buf = [0u8; 512];
-        let mut pending_until: Option<Instant> = None;
-        let mut stale = Vec::new();
-        let answer = loop {
-            if stale.len() > MAX_STALE {
-                break None;
+        let answer = match link.acquire(&Msg::Acquire(dest), &mut buf) {
+            Ok(answer) => answer,
+            Err(_) => {
+                self.link = None;
+                return None;
             }
-            if let Some(deadline) = pending_until {
-                if !wait_readable(link, deadline) {
-                    break None;
-                }
-            }
-            let Ok(got) = wire::unix::recv(link, &mut buf, 0) else { break None };
-            if got.len == 0 || got.ctrunc {
-                break None;
-            }
-            let Ok((msg, seq)) = wire::decode(&buf[..got.len]) else { break None };
-            if seq != self.seq {
-                // The answer to a request given up on: its fd is dropped here, its lease ended.
-                if let Msg::Grant { lease, .. } = msg {
-                    stale.push(lease);
-                }
-                continue;
-            }
-            break match msg {
-                Msg::Miss { reason: MissReason::Pending, retry_after_ms } if pending_until.is_none() => {
-                    pending_until = Some(Instant::now() + Duration::from_millis(u64::from(retry_after_ms)).min(MAX_PENDING) + Duration::from_secs(1));
-                    continue;
-                }
-                Msg::Grant { lease, .. } => match got.fd {
-                    Some(fd) => Some(Answer::Grant(fd, lease)),
-                    None => {
-                        stale.push(lease);
-                        Some(Answer::Miss { retry_after_ms: 0 })
-                    }
-                },
-                Msg::Miss { .. } | Msg::Error { .. } if pending_until.is_some() => Some(Answer::Refused),
-                Msg::Miss { retry_after_ms, .. } => Some(Answer::Miss { retry_after_ms }),
-                Msg::Error { .. } => Some(Answer::Miss { retry_after_ms: 0 }),
-                _ => None,
-            };
         };
-        for lease in stale {
-            self.release(lease, Disposition::Implicit);
+        match answer {
+            Answer::Grant { fd, lease, .. } => Some(Pooled::Grant(fd, lease)),
+            Answer::Refused { .. } => Some(Pooled::Refused),
+            Answer::Miss { retry_after_ms, .. } => {
+                if retry_after_ms > 0 {
+                    // "Not pooled": the next connects there continue without a round trip.
+                    let until = Instant::now() + Duration::from_millis(u64::from(retry_after_ms));
+                    self.unpooled.retain(|(d, _)| *d != dest);
+                    if self.unpooled.len() < MAX_UNPOOLED {
+                        self.unpooled.push((dest, until));
+                    }
+                }
+                None
+            }
+            Answer::Error { .. } | Answer::NoFd => None,
         }
-        answer
     }
 
     /// Whether the daemon said recently that `dest` is not pooled.
@@ -309,11 +252,9 @@ impl<D: Dial> Notifier<D> {
         self.unpooled.iter().any(|(d, _)| d == dest)
     }
 
-    fn release(&mut self, lease: u64, disposition: Disposition) {
+    fn release(&mut self, lease: LeaseId, disposition: Disposition) {
         if let Some((link, _)) = &self.link {
-            let mut buf = [0u8; 32];
-            let n = wire::encode(&Msg::Release { lease, disposition }, 0, &mut buf);
-            let _ = wire::unix::send(link.as_raw_fd(), &buf[..n], None, 0);
+            let _ = link.release(lease, disposition, 0);
         }
     }
 
@@ -323,31 +264,9 @@ impl<D: Dial> Notifier<D> {
         for lease in std::mem::take(&mut self.leases) {
             self.release(lease, how);
         }
-        if let Some((link, _)) = &self.link {
+        if let Some((link, _)) = &mut self.link {
             let mut buf = [0u8; 512];
-            let n = wire::encode(&Msg::Status, 0, &mut buf);
-            if wire::unix::send(link.as_raw_fd(), &buf[..n], None, 0).is_ok() {
-                let _ = wire::unix::recv(link.as_raw_fd(), &mut buf, 0);
-            }
-        }
-    }
-}
-
-/// Wait until `fd` is readable or `deadline` passes.
-pub(crate) fn wait_readable(fd: RawFd, deadline: Instant) -> bool {
-    // SAFETY: `fd` is the notifier's link, open for the whole call.
-    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return false;
-        }
-        let t = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) };
-        let mut p = [PollFd::new(&fd, PollFlags::IN)];
-        match poll(&mut p, Some(&t)) {
-            Ok(n) if n > 0 => return true,
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return false,
+            let _ = link.request(&Msg::Status, None, &mut buf);
         }
     }
 }

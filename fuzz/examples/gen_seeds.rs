@@ -10,7 +10,11 @@
 use std::path::{Path, PathBuf};
 
 use warmpool_wire::rdv::{read_frame, Frame, Purpose, MAX_FRAME};
-use warmpool_wire::{decode, encode, handover::LEGACY_KIND, ContainerStage, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source};
+use warmpool_wire::{decode, encode, handover::LEGACY_KIND, ContainerStage, DecodeError, Dest, Disposition, ErrorCode, LeaseId, MissReason, Msg, Record, Source};
+
+fn lid(n: u64) -> LeaseId {
+    LeaseId::new(n).expect("a valid lease id")
+}
 
 fn enc(m: &Msg<'_>, seq: u32) -> Vec<u8> {
     let mut buf = [0u8; 256];
@@ -33,7 +37,7 @@ fn wire_seeds(dir: &Path) {
         ("acquire-v4", enc(&Msg::Acquire(v4), 1)),
         ("acquire-v6", enc(&Msg::Acquire(v6), 2)),
         ("prewarm-v4", enc(&Msg::Prewarm(v4), 3)),
-        ("release", enc(&Msg::Release { lease: 42, disposition: Disposition::Implicit }, 4)),
+        ("release", enc(&Msg::Release { lease: lid(42), disposition: Disposition::Implicit }, 4)),
         ("status", enc(&Msg::Status, 5)),
         ("acquire-peer", enc(&Msg::AcquirePeer { port: 7000, name: "job/reducer-1" }, 14)),
         ("miss-pending", enc(&Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 }, 15)),
@@ -42,12 +46,12 @@ fn wire_seeds(dir: &Path) {
         ("delegate", enc(&Msg::Delegate, 22)),
         ("delegate-as", enc(&Msg::DelegateAs { uid: 1000 }, 24)),
         ("container", enc(&Msg::Container { stage: ContainerStage::Create, id: "4f1c0a9e" }, 23)),
-        ("release-unused", enc(&Msg::Release { lease: 42, disposition: Disposition::Unused }, 20)),
-        ("offer-v4", enc(&Msg::Offer { lease: 42, source: Source::Reuse, last: true, dest: v4 }, 21)),
-        ("offer-v6", enc(&Msg::Offer { lease: 43, source: Source::Warm, last: false, dest: v6 }, 21)),
+        ("release-unused", enc(&Msg::Release { lease: lid(42), disposition: Disposition::Unused }, 20)),
+        ("offer-v4", enc(&Msg::Offer { lease: lid(42), source: Source::Reuse, last: true, dest: v4 }, 21)),
+        ("offer-v6", enc(&Msg::Offer { lease: lid(43), source: Source::Warm, last: false, dest: v6 }, 21)),
         (
             "handover-lease",
-            enc(&Msg::Handover(Record::Lease { id: 7, dest: v4, age_ms: 5, reuse: true, peer: false, acked: 1, received: 2 }), 17),
+            enc(&Msg::Handover(Record::Lease { id: lid(7), dest: v4, age_ms: 5, reuse: true, peer: false, acked: 1, received: 2 }), 17),
         ),
         ("handover-done", enc(&Msg::Handover(Record::Done { idle: 1, clients: 1, leases: 1 }), 18)),
         (
@@ -56,7 +60,7 @@ fn wire_seeds(dir: &Path) {
         ),
         ("handover-client", enc(&Msg::Handover(Record::Client { uid: 0, cgroup: b"/a\"b\\c", pid: 4242 }), 18)),
         ("handover-commit", enc(&Msg::Handover(Record::Commit), 18)),
-        ("grant", enc(&Msg::Grant { lease: 42, source: Source::Warm }, 6)),
+        ("grant", enc(&Msg::Grant { lease: lid(42), source: Source::Warm }, 6)),
         ("miss", enc(&Msg::Miss { reason: MissReason::NotPooled, retry_after_ms: 30_000 }, 7)),
         (
             "status-reply",
@@ -94,8 +98,8 @@ fn wire_seeds(dir: &Path) {
         ("unknown-kind", with(&status, 3, 0x80), DecodeError::UnknownKind(0x80)),
         ("acquire-short", acquire[..31].to_vec(), DecodeError::Truncated),
         ("acquire-bad-domain", with(&acquire, 8, 2), DecodeError::BadField),
-        ("release-bad-disposition", with(&enc(&Msg::Release { lease: 1, disposition: Disposition::Clean }, 0), 16, 4), DecodeError::BadField),
-        ("grant-bad-source", with(&enc(&Msg::Grant { lease: 1, source: Source::Reuse }, 0), 16, 0), DecodeError::BadField),
+        ("release-bad-disposition", with(&enc(&Msg::Release { lease: lid(1), disposition: Disposition::Clean }, 0), 16, 4), DecodeError::BadField),
+        ("grant-bad-source", with(&enc(&Msg::Grant { lease: lid(1), source: Source::Reuse }, 0), 16, 0), DecodeError::BadField),
         ("miss-short", enc(&Msg::Miss { reason: MissReason::Empty, retry_after_ms: 1 }, 0)[..12].to_vec(), DecodeError::Truncated),
         ("error-short", enc(&Msg::Error { code: ErrorCode::Version, text: "" }, 0)[..9].to_vec(), DecodeError::Truncated),
         ("status-reply-not-utf8", reply_bad, DecodeError::BadField),

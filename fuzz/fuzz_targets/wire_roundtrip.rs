@@ -16,8 +16,8 @@ use std::cell::RefCell;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use warmpool_wire::{
-    decode, encode, handover::MAX_CGROUP, ContainerStage, DecodeError, Dest, Disposition, ErrorCode, MissReason, Msg, Record, Source,
-    HEADER_LEN, MAX_CONTAINER_ID, MAX_MESSAGE, MAX_PEER_NAME, OFFER_LEN,
+    decode, encode, handover::MAX_CGROUP, ContainerStage, DecodeError, Dest, Disposition, ErrorCode, LeaseId, MissReason, Msg, Record,
+    Source, HEADER_LEN, MAX_CONTAINER_ID, MAX_MESSAGE, MAX_PEER_NAME, OFFER_LEN,
 };
 
 /// Poison for the bytes `encode` must not write.
@@ -86,7 +86,7 @@ fn record(r: &ARecord) -> Record<'_> {
         }
         ARecord::Client { uid, cgroup: c, pid } => Record::Client { uid: *uid, cgroup: cgroup(c), pid: *pid },
         ARecord::Lease { id, dest: d, age_ms, reuse, peer, acked, received } => Record::Lease {
-            id: *id,
+            id: lease_id(*id),
             dest: dest(d),
             age_ms: *age_ms,
             reuse: *reuse,
@@ -113,6 +113,11 @@ fn pick<T: Copy>(all: &[T], i: u8) -> T {
     all[usize::from(i) % all.len()]
 }
 
+/// Any `u64` as a valid lease id (1..=2^48 − 1): out-of-range ids are `wire_decode`'s.
+fn lease_id(n: u64) -> LeaseId {
+    LeaseId::new(n % LeaseId::MAX.get() + 1).expect("in range by construction")
+}
+
 fn dest(d: &ADest) -> Dest {
     Dest { domain: d.domain, port: d.port, addr: d.addr, scope_id: d.scope_id }
 }
@@ -122,13 +127,13 @@ fn build(m: &AMsg) -> Msg<'_> {
         AMsg::Acquire(d) => Msg::Acquire(dest(d)),
         AMsg::Prewarm(d) => Msg::Prewarm(dest(d)),
         AMsg::Release { lease, disposition } => Msg::Release {
-            lease: *lease,
+            lease: lease_id(*lease),
             disposition: pick(&[Disposition::Clean, Disposition::Shared, Disposition::Implicit, Disposition::Unused], *disposition),
         },
         AMsg::Status => Msg::Status,
         AMsg::AcquirePeer { port, name } => Msg::AcquirePeer { port: *port, name },
         AMsg::Grant { lease, source } => {
-            Msg::Grant { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source) }
+            Msg::Grant { lease: lease_id(*lease), source: pick(&[Source::Warm, Source::Reuse], *source) }
         }
         AMsg::Miss { reason, retry_after_ms } => Msg::Miss {
             reason: pick(&[MissReason::Empty, MissReason::NotPooled, MissReason::AtLimit, MissReason::Pending], *reason),
@@ -141,7 +146,7 @@ fn build(m: &AMsg) -> Msg<'_> {
         AMsg::DelegateAs { uid } => Msg::DelegateAs { uid: *uid },
         AMsg::Container { stage, id } => Msg::Container { stage: pick(&[ContainerStage::Create, ContainerStage::Stop], *stage), id },
         AMsg::Offer { lease, source, last, dest: d } => {
-            Msg::Offer { lease: *lease, source: pick(&[Source::Warm, Source::Reuse], *source), last: *last, dest: dest(d) }
+            Msg::Offer { lease: lease_id(*lease), source: pick(&[Source::Warm, Source::Reuse], *source), last: *last, dest: dest(d) }
         }
         AMsg::Handover(r) => Msg::Handover(record(r)),
         AMsg::Error { code, text } => Msg::Error {

@@ -294,7 +294,7 @@ fn main() {
     rows.push(Row { name: "unpooled: connect() through the shim (passthrough)", h: shm });
 
     // Protocol round trip: Acquire -> Grant(fd) -> Release, one client.
-    let client = server::connect_client(&sock).unwrap();
+    let client = wire::client::Link::connect(&sock, None).unwrap().into_fd();
     let mut rt = hist();
     let dest = Dest::from_socket_addr(pooled);
     let mut buf = [0u8; 64];
@@ -302,7 +302,9 @@ fn main() {
         let t = Instant::now();
         let lease = acquire(&client, dest, i, &mut buf);
         rt.record(t.elapsed().as_nanos() as u64).unwrap();
-        release(&client, lease, &mut buf);
+        if let Some(lease) = lease {
+            release(&client, lease, &mut buf);
+        }
     }
     rows.push(Row { name: "round trip: Acquire -> Grant(fd) (SCM_RIGHTS)", h: rt });
 
@@ -313,13 +315,13 @@ fn main() {
         .map(|_| {
             let (stop, count, sock) = (stop.clone(), count.clone(), sock.clone());
             std::thread::spawn(move || {
-                let c = server::connect_client(&sock).unwrap();
+                let c = wire::client::Link::connect(&sock, None).unwrap().into_fd();
                 let mut buf = [0u8; 64];
                 let mut seq = 0u32;
                 while !stop.load(Ordering::Relaxed) {
                     seq = seq.wrapping_add(1);
                     let lease = acquire(&c, dest, seq, &mut buf);
-                    if lease != 0 {
+                    if let Some(lease) = lease {
                         count.fetch_add(1, Ordering::Relaxed);
                         release(&c, lease, &mut buf);
                     }
@@ -365,20 +367,20 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn acquire(c: &OwnedFd, dest: Dest, seq: u32, buf: &mut [u8; 64]) -> u64 {
+fn acquire(c: &OwnedFd, dest: Dest, seq: u32, buf: &mut [u8; 64]) -> Option<wire::LeaseId> {
     let n = wire::encode(&Msg::Acquire(dest), seq, buf);
     wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).unwrap();
     let got = wire::unix::recv(c.as_raw_fd(), buf, 0).unwrap();
     match wire::decode(&buf[..got.len]).unwrap().0 {
         Msg::Grant { lease, .. } => {
             drop(got.fd);
-            lease
+            Some(lease)
         }
-        _ => 0,
+        _ => None,
     }
 }
 
-fn release(c: &OwnedFd, lease: u64, buf: &mut [u8; 64]) {
+fn release(c: &OwnedFd, lease: wire::LeaseId, buf: &mut [u8; 64]) {
     let n = wire::encode(&Msg::Release { lease, disposition: Disposition::Clean }, 0, buf);
     wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).unwrap();
 }

@@ -39,6 +39,7 @@ use std::time::{Duration, Instant};
 use tokio::io::unix::AsyncFd;
 use tracing::{info, warn};
 use wire::handover::{Record, LEGACY_KIND, MAX_CGROUP};
+use wire::client::{ClientError, Link};
 use wire::{DecodeError, Dest, Msg, Source};
 
 /// A client connection and its leases, on their way to the successor.
@@ -143,7 +144,7 @@ async fn offer(shared: &Shared, conn: &AsyncFd<OwnedFd>, idle: &[(PoolKey, Idle<
         n_clients += 1;
         for (id, l) in &c.leases {
             let rec = Record::Lease {
-                id: *id,
+                id: wire::LeaseId::new(*id).expect("lease map keys are LeaseIds (server::Shared::next_lease_id, or adopted)"),
                 dest: Dest::from_socket_addr(l.key.dest),
                 age_ms: age(l.created),
                 reuse: l.policy == Policy::Reuse,
@@ -242,7 +243,7 @@ pub struct Received {
 /// A lease as received (see [`adopt`]).
 #[derive(Debug)]
 pub struct LeaseMeta {
-    id: u64,
+    id: wire::LeaseId,
     dest: SocketAddr,
     age: Duration,
     policy: Policy,
@@ -257,7 +258,7 @@ pub struct LeaseMeta {
 pub enum TakeoverError {
     /// No daemon answers on the socket.
     #[error("no running pool manager at {0}: {1}")]
-    NotRunning(std::path::PathBuf, std::io::Error),
+    NotRunning(std::path::PathBuf, #[source] ClientError),
     /// The running daemon is of a version that hands over text records without waiting for
     /// a commit: it stops whatever happens, so the successor starts fresh once it is gone.
     #[error("the running pool manager speaks the retired text hand-over; it stops now, and this one starts fresh")]
@@ -271,7 +272,7 @@ pub enum TakeoverError {
 /// running daemon serving.
 #[derive(Debug)]
 pub struct Pending {
-    conn: OwnedFd,
+    conn: Link,
     /// What the running daemon handed over.
     pub received: Received,
 }
@@ -283,33 +284,19 @@ impl Pending {
     /// [`TakeoverError::Failed`] when the daemon answers that it serves on (it gave up
     /// waiting) or does not answer at all.
     pub fn commit(self) -> Result<Received, TakeoverError> {
-        let mut buf = vec![0u8; 64];
-        send_record(&self.conn, &Record::Commit)?;
-        set_timeout(&self.conn, VERDICT_WAIT);
-        match wire::unix::recv(self.conn.as_raw_fd(), &mut buf, 0) {
+        let mut buf = [0u8; 64];
+        self.conn.send(&Msg::Handover(Record::Commit), 0, None, 0).map_err(failed)?;
+        self.conn.set_timeout(Some(VERDICT_WAIT)).map_err(failed)?;
+        match self.conn.recv(&mut buf) {
+            Ok(r) if r.msg == Msg::Handover(Record::Committed) => Ok(self.received),
+            Ok(r) if r.msg == Msg::Handover(Record::Aborted) => Err(failed("it gave up waiting for the commit")),
             // Closed without a word: the daemon is gone (it serves on only after `Aborted`).
-            Ok(got) if got.len == 0 => Ok(self.received),
-            Ok(got) => match wire::decode(&buf[..got.len]) {
-                Ok((Msg::Handover(Record::Committed), _)) => Ok(self.received),
-                Ok((Msg::Handover(Record::Aborted), _)) => Err(TakeoverError::Failed("it gave up waiting for the commit".into())),
-                other => Err(TakeoverError::Failed(format!("unexpected answer to the commit: {other:?}"))),
-            },
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(self.received),
-            Err(e) => Err(TakeoverError::Failed(format!("no answer to the commit: {e}"))),
+            Err(ClientError::Closed) => Ok(self.received),
+            Err(ClientError::Recv(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(self.received),
+            Ok(r) => Err(failed(format!("unexpected answer to the commit: {:?}", r.msg))),
+            Err(e) => Err(failed(format!("no answer to the commit: {e}"))),
         }
     }
-}
-
-fn set_timeout(conn: &OwnedFd, d: Duration) {
-    let tv = libc::timeval { tv_sec: d.as_secs() as libc::time_t, tv_usec: 0 };
-    // SAFETY: SO_RCVTIMEO with a timeval of the right size, on our socket.
-    unsafe {
-        libc::setsockopt(conn.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t)
-    };
-}
-
-fn send_record(conn: &OwnedFd, r: &Record<'_>) -> Result<(), TakeoverError> {
-    wire::unix::send(conn.as_raw_fd(), &record_bytes(r), None, 0).map(|_| ()).map_err(|e| TakeoverError::Failed(e.to_string()))
 }
 
 fn failed(what: impl std::fmt::Display) -> TakeoverError {
@@ -333,30 +320,24 @@ fn dest(d: &Dest) -> SocketAddr {
 /// # Errors
 /// See [`TakeoverError`]; after any of them but `Legacy` the running daemon serves on.
 pub fn take(path: &std::path::Path) -> Result<Pending, TakeoverError> {
-    let conn = server::connect_client(path).map_err(|e| TakeoverError::NotRunning(path.into(), e))?;
     // The running daemon may wait QUIESCE for busy clients before its first record.
-    set_timeout(&conn, QUIESCE + SEND_WAIT);
+    let mut conn = Link::connect(path, Some(QUIESCE + SEND_WAIT)).map_err(|e| TakeoverError::NotRunning(path.into(), e))?;
     let mut buf = vec![0u8; wire::MAX_MESSAGE];
-    let n = wire::encode(&Msg::Takeover, 1, &mut buf);
-    wire::unix::send(conn.as_raw_fd(), &buf[..n], None, 0).map_err(failed)?;
+    let seq = conn.next_seq();
+    conn.send(&Msg::Takeover, seq, None, 0).map_err(failed)?;
     let (mut listener, mut metrics) = (None, None);
     let (mut idle, mut clients) = (Vec::new(), Vec::<(Peer, OwnedFd, Vec<LeaseMeta>)>::new());
     loop {
-        let got = wire::unix::recv(conn.as_raw_fd(), &mut buf, 0).map_err(|e| failed(format!("waiting for the hand-over: {e}")))?;
-        if got.len == 0 {
-            return Err(failed("the running daemon closed the connection mid-hand-over"));
-        }
-        if got.truncated || got.ctrunc || got.extra_fds > 0 {
-            return Err(failed("a malformed hand-over message"));
-        }
-        let rec = match wire::decode(&buf[..got.len]) {
-            Ok((Msg::Handover(rec), _)) => rec,
-            Ok((Msg::Error { text, .. }, _)) => return Err(failed(format!("refused: {text}"))),
-            Err(DecodeError::UnknownKind(LEGACY_KIND)) => return Err(TakeoverError::Legacy),
-            Ok((other, _)) => return Err(failed(format!("unexpected {other:?}"))),
-            Err(e) => return Err(failed(e)),
+        let (rec, fd) = match conn.recv(&mut buf) {
+            Ok(wire::client::Reply { msg: Msg::Handover(rec), fd, .. }) => (rec, fd),
+            Ok(wire::client::Reply { msg: Msg::Error { text, .. }, .. }) => return Err(failed(format!("refused: {text}"))),
+            Ok(other) => return Err(failed(format!("unexpected {:?}", other.msg))),
+            Err(ClientError::Closed) => return Err(failed("the running daemon closed the connection mid-hand-over")),
+            Err(ClientError::Truncated | ClientError::ExtraFds) => return Err(failed("a malformed hand-over message")),
+            Err(ClientError::Decode(DecodeError::UnknownKind(LEGACY_KIND))) => return Err(TakeoverError::Legacy),
+            Err(ClientError::Decode(e)) => return Err(failed(e)),
+            Err(e) => return Err(failed(format!("waiting for the hand-over: {e}"))),
         };
-        let fd = got.fd;
         let need_fd = || fd.ok_or_else(|| failed(format!("{rec:?} without its fd")));
         match rec {
             Record::Done { idle: n_idle, clients: n_clients, leases: n_leases } => {
@@ -414,7 +395,7 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
         for (peer, conn, metas) in clients {
             let mut leases = Vec::new();
             for m in metas {
-                max_lease = max_lease.max(m.id);
+                max_lease = max_lease.max(m.id.get());
                 let key = PoolKey { tenant: peer.tenant.clone(), dest: m.dest };
                 if !m.peer {
                     if let Some(pool) = server::pool_for(shared, &mut pools, &key, now) {
@@ -431,7 +412,7 @@ pub fn adopt(shared: &Shared, r: Vec<(Tenant, SocketAddr, Source, Duration, Owne
                     Err(_) => PooledSock::new(m.fd),
                 };
                 let lease = Lease { sock, key, created: ago(m.age), at_handout: m.at_handout, policy: m.policy, peer: m.peer, offered: None };
-                leases.push((m.id, lease));
+                leases.push((m.id.get(), lease));
             }
             out.push(HandedClient { conn, peer, leases });
         }

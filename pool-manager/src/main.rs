@@ -282,17 +282,13 @@ fn warn_unchecked(cfg: &Config) {
 }
 
 fn request(socket: &std::path::Path, msg: &pool_manager::wire::Msg<'_>) -> Result<String> {
-    use pool_manager::wire::{self, Msg};
-    let conn = server::connect_client(socket).with_context(|| format!("connecting to the pool manager at {}", socket.display()))?;
+    use pool_manager::wire::{self, client::Link, Msg};
+    let mut link = Link::connect(socket, None).with_context(|| format!("connecting to the pool manager at {}", socket.display()))?;
     let mut buf = vec![0u8; wire::MAX_MESSAGE];
-    let n = wire::encode(msg, 1, &mut buf);
-    wire::unix::send(conn.as_raw_fd(), &buf[..n], None, 0)?;
-    let got = wire::unix::recv(conn.as_raw_fd(), &mut buf, 0)?;
-    match wire::decode(&buf[..got.len]) {
-        Ok((Msg::StatusReply(t), _)) => Ok(t.to_owned()),
-        Ok((Msg::Error { text, .. }, _)) => bail!("the pool manager refused: {text}"),
-        Ok((other, _)) => bail!("unexpected answer {other:?}"),
-        Err(e) => bail!("bad answer from the pool manager: {e}"),
+    match link.request(msg, None, &mut buf).context("bad answer from the pool manager")?.msg {
+        Msg::StatusReply(t) => Ok(t.to_owned()),
+        Msg::Error { text, .. } => bail!("the pool manager refused: {text}"),
+        other => bail!("unexpected answer {other:?}"),
     }
 }
 
@@ -340,7 +336,7 @@ async fn metrics_listener(addr: Option<std::net::SocketAddr>, handed: Option<std
 /// Wait (bounded) until no daemon answers on `path` any more.
 fn wait_gone(path: &std::path::Path) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    while server::connect_client(path).is_ok() && std::time::Instant::now() < deadline {
+    while pool_manager::wire::client::Link::connect(path, None).is_ok() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }

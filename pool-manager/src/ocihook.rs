@@ -21,7 +21,8 @@
 use crate::defaults;
 use std::collections::HashMap;
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use wire::client::Link;
 use std::path::Path;
 use wire::{ContainerStage, Dest, Msg};
 
@@ -97,7 +98,7 @@ pub enum HookError {
         /// Why.
         reason: String,
     },
-    /// A system call or the daemon connection failed (timeouts included).
+    /// A system call failed.
     #[error("{what}: {source}")]
     Io {
         /// What we were doing.
@@ -105,13 +106,21 @@ pub enum HookError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The daemon connection failed (timeouts included).
+    #[error("{what}: {source}")]
+    Link {
+        /// What we were doing.
+        what: &'static str,
+        /// Cause.
+        source: wire::client::ClientError,
+    },
     /// The daemon refused or answered something else.
     #[error("the pool manager answered {0}")]
     Refused(String),
 }
 
-fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> HookError {
-    move |source| HookError::Io { what, source }
+fn link_error(what: &'static str) -> impl FnOnce(wire::client::ClientError) -> HookError {
+    move |source| HookError::Link { what, source }
 }
 
 /// The destinations of the `warmpool.prewarm` annotation (none if absent). Host names are
@@ -154,8 +163,8 @@ pub fn run(stage: Stage, socket: &Path, state: &str) -> Result<String, HookError
         Stage::CreateRuntime | Stage::Auto => create(socket, &state, future_uid(state.bundle.as_deref())),
         Stage::Poststart => create(socket, &state, None),
         Stage::Poststop => {
-            let link = Link::connect(socket)?;
-            link.ask(&Msg::Container { stage: ContainerStage::Stop, id: &state.id }, None)
+            let mut link = connect(socket)?;
+            ask(&mut link, &Msg::Container { stage: ContainerStage::Stop, id: &state.id }, None)
         }
     }
 }
@@ -175,14 +184,14 @@ fn create(socket: &Path, state: &State, as_uid: Option<u32>) -> Result<String, H
     // Read before anything reaches the daemon: a bad annotation warms nothing.
     let dests = prewarm_destinations(&state.annotations)?;
     let pidfd = pidfd_open(pid)?;
-    let link = Link::connect(socket)?;
+    let mut link = connect(socket)?;
     let delegate = as_uid.map_or(Msg::Delegate, |uid| Msg::DelegateAs { uid });
-    let mut said = vec![link.ask(&delegate, Some(pidfd.as_raw_fd()))?];
+    let mut said = vec![ask(&mut link, &delegate, Some(pidfd.as_fd()))?];
     drop(pidfd);
     for d in dests {
-        said.push(link.ask(&Msg::Prewarm(Dest::from_socket_addr(d)), None)?);
+        said.push(ask(&mut link, &Msg::Prewarm(Dest::from_socket_addr(d)), None)?);
     }
-    said.push(link.ask(&Msg::Container { stage: ContainerStage::Create, id: &state.id }, None)?);
+    said.push(ask(&mut link, &Msg::Container { stage: ContainerStage::Create, id: &state.id }, None)?);
     Ok(said.join("; "))
 }
 
@@ -197,38 +206,21 @@ fn pidfd_open(pid: i32) -> Result<OwnedFd, HookError> {
 }
 
 /// One connection to the daemon, with timeouts on every send and receive.
-struct Link {
-    conn: OwnedFd,
+fn connect(socket: &Path) -> Result<Link, HookError> {
+    Link::connect(socket, Some(defaults::HOOK_IO_TIMEOUT)).map_err(link_error("connecting to the pool manager"))
 }
 
-impl Link {
-    fn connect(socket: &Path) -> Result<Self, HookError> {
-        let conn = crate::server::connect_client(socket).map_err(io("connecting to the pool manager"))?;
-        let tv = libc::timeval { tv_sec: defaults::HOOK_IO_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
-        for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-            // SAFETY: setsockopt reads one timeval.
-            let r = unsafe {
-                libc::setsockopt(conn.as_raw_fd(), libc::SOL_SOCKET, opt, (&tv as *const libc::timeval).cast(), std::mem::size_of::<libc::timeval>() as libc::socklen_t)
-            };
-            if r != 0 {
-                return Err(HookError::Io { what: "setting the connection's timeouts", source: std::io::Error::last_os_error() });
-            }
-        }
-        Ok(Self { conn })
-    }
-
-    /// Send `msg` (with `fd` attached) and read the answer: its text, or the refusal.
-    fn ask(&self, msg: &Msg<'_>, fd: Option<RawFd>) -> Result<String, HookError> {
-        let mut buf = vec![0u8; wire::MAX_MESSAGE];
-        let n = wire::encode(msg, 1, &mut buf);
-        wire::unix::send(self.conn.as_raw_fd(), &buf[..n], fd, 0).map_err(io("sending to the pool manager"))?;
-        let got = wire::unix::recv(self.conn.as_raw_fd(), &mut buf, 0).map_err(io("waiting for the pool manager"))?;
-        match wire::decode(&buf[..got.len]) {
-            Ok((Msg::StatusReply(t), _)) => Ok(t.to_owned()),
-            Ok((Msg::Error { text, .. }, _)) => Err(HookError::Refused(format!("an error: {text}"))),
-            Ok((other, _)) => Err(HookError::Refused(format!("{other:?}"))),
-            Err(e) => Err(HookError::Refused(format!("garbage ({e})"))),
-        }
+/// Send `msg` (with `fd` attached) and read the answer: its text, or the refusal.
+fn ask(link: &mut Link, msg: &Msg<'_>, fd: Option<BorrowedFd<'_>>) -> Result<String, HookError> {
+    let mut buf = vec![0u8; wire::MAX_MESSAGE];
+    match link.request(msg, fd, &mut buf) {
+        Ok(r) => match r.msg {
+            Msg::StatusReply(t) => Ok(t.to_owned()),
+            Msg::Error { text, .. } => Err(HookError::Refused(format!("an error: {text}"))),
+            other => Err(HookError::Refused(format!("{other:?}"))),
+        },
+        Err(e @ wire::client::ClientError::Decode(_)) => Err(HookError::Refused(format!("garbage ({e})"))),
+        Err(e) => Err(link_error("talking to the pool manager")(e)),
     }
 }
 
@@ -277,6 +269,6 @@ mod tests {
         assert!(matches!(run(Stage::Auto, Path::new("/nonexistent"), r#"{"id":"x","status":"paused"}"#), Err(HookError::Stage(_))));
         // `auto` at stop needs no pid, and reaches for the daemon (absent here).
         let r = run(Stage::Auto, Path::new("/nonexistent"), r#"{"id":"x","status":"stopped"}"#);
-        assert!(matches!(r, Err(HookError::Io { what: "connecting to the pool manager", .. })), "{r:?}");
+        assert!(matches!(r, Err(HookError::Link { what: "connecting to the pool manager", .. })), "{r:?}");
     }
 }

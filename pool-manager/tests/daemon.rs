@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 fn connect(d: &Daemon) -> OwnedFd {
-    pool_manager::server::connect_client(&d.socket).expect("connect to daemon")
+    wire::client::Link::connect(&d.socket, None).expect("connect to daemon").into_fd()
 }
 
 fn send(c: &OwnedFd, m: &Msg<'_>, seq: u32) {
@@ -39,8 +39,8 @@ fn acquire(c: &OwnedFd, dest: std::net::SocketAddr, seq: u32) -> (String, Option
     recv(c)
 }
 
-fn lease_of(summary: &str) -> u64 {
-    summary.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("not a grant: {summary}"))
+fn lease_of(summary: &str) -> wire::LeaseId {
+    summary.split_whitespace().nth(1).and_then(|s| s.parse().ok()).and_then(wire::LeaseId::new).unwrap_or_else(|| panic!("not a grant: {summary}"))
 }
 
 fn fd_count(pid: u32) -> usize {
@@ -115,11 +115,11 @@ fn bad_input_gets_a_clear_error_and_harms_nobody() {
     let (fds_after, _) = at_rest(&d);
     assert_eq!(fds_before, fds_after, "the daemon kept fds it was sent");
     // A reply kind sent as a request.
-    let n = wire::encode(&Msg::Grant { lease: 1, source: Source::Warm }, 7, &mut buf);
+    let n = wire::encode(&Msg::Grant { lease: wire::LeaseId::new(1).unwrap(), source: Source::Warm }, 7, &mut buf);
     wire::unix::send(c.as_raw_fd(), &buf[..n], None, 0).unwrap();
     assert!(recv(&c).0.starts_with("error Malformed"));
     // Releasing a lease this client never had changes nothing (and gets no reply).
-    send(&c, &Msg::Release { lease: 999_999, disposition: Disposition::Clean }, 8);
+    send(&c, &Msg::Release { lease: wire::LeaseId::new(999_999).unwrap(), disposition: Disposition::Clean }, 8);
 
     // The same connection still works, and so does everyone else's.
     send(&c, &Msg::Status, 9);

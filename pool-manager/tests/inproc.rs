@@ -82,7 +82,7 @@ struct Client {
 
 impl Client {
     fn connect(d: &InProc) -> Client {
-        Client { fd: server::connect_client(&d.sock).expect("connect to the daemon"), seq: 0 }
+        Client { fd: wire::client::Link::connect(&d.sock, None).expect("connect to the daemon").into_fd(), seq: 0 }
     }
 
     fn send(&mut self, msg: &Msg<'_>) -> u32 {
@@ -194,7 +194,7 @@ fn malformed_message_is_answered_with_an_error() {
 fn release_of_an_unknown_lease_is_ignored_and_status_answers() {
     let d = InProc::start(no_auto());
     let mut c = Client::connect(&d);
-    let _ = c.send(&Msg::Release { lease: 0xdead_beef, disposition: Disposition::Clean });
+    let _ = c.send(&Msg::Release { lease: wire::LeaseId::new(0xdead_beef).unwrap(), disposition: Disposition::Clean });
     let seq = c.send(&Msg::Status);
     // No answer to the Release: the first message back is the Status reply.
     let (b, fd) = c.recv().expect("status reply");

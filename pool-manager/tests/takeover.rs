@@ -270,7 +270,7 @@ fn a_successor_that_vanishes_mid_handover_leaves_the_daemon_serving() {
     assert!(wait_until(Duration::from_secs(3), || nginx.log_entries().iter().any(|e| e.2 == "/before")));
     let connections = nginx.distinct_connections();
     {
-        let conn = pool_manager::server::connect_client(&old.socket).unwrap();
+        let conn = wire::client::Link::connect(&old.socket, None).unwrap().into_fd();
         let mut buf = vec![0u8; wire::MAX_MESSAGE];
         let n = wire::encode(&Msg::Takeover, 1, &mut buf);
         wire::unix::send(conn.as_raw_fd(), &buf[..n], None, 0).unwrap();

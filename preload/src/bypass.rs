@@ -265,6 +265,26 @@ pub unsafe extern "C" fn warmpool_bypass_count(name: *const libc::c_char) -> lib
     libc::c_longlong::try_from(n).unwrap_or(libc::c_longlong::MAX)
 }
 
+impl From<&wire::client::ClientError> for Bypass {
+    fn from(e: &wire::client::ClientError) -> Self {
+        use wire::client::ClientError as E;
+        match e {
+            E::PathTooLong { .. } | E::Connect(_) => Self::Unreachable,
+            E::Send(_) | E::TooLong => Self::SendFailed,
+            E::Recv(io) if io.kind() == std::io::ErrorKind::WouldBlock => Self::Timeout,
+            E::Recv(_) => Self::RecvFailed,
+            E::Closed => Self::DaemonClosed,
+            E::Truncated | E::ExtraFds => Self::Truncated,
+            E::Decode(wire::DecodeError::BadLease) => Self::BadLease,
+            E::Decode(_) => Self::Malformed,
+            E::Stale { .. } => Self::WrongSeq,
+            E::PendingTimeout => Self::PendingTimeout,
+            E::Unexpected(_) => Self::Unexpected,
+            _ => Self::Malformed,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

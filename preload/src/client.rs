@@ -1,7 +1,10 @@
 //! This process's link to the pool manager: one `SOCK_SEQPACKET` connection, opened on first
 //! use, moved to a high fd number and marked close-on-exec.
 //!
-//! Requests that expect an answer (`Acquire`) hold [`STATE`]'s lock for one round trip,
+//! The link itself is a [`wire::client::Link`] over the fd in [`CONN`]: connect, request and
+//! answer, stale answers and `Miss(Pending)` are the wire crate's; what is here is the
+//! process's side: when to open the link, the lock, back-off, the negative cache, offers and
+//! fork. Requests that expect an answer (`Acquire`) hold [`STATE`]'s lock for one round trip,
 //! bounded by `SO_RCVTIMEO`/`SO_SNDTIMEO`; any failure drops the connection and backs off, so
 //! a missing or stuck daemon costs the program at most one timeout per back-off period.
 //! `Release` needs no answer and no lock: a datagram is atomic, so the close path only loads
@@ -22,25 +25,25 @@ use crate::bypass::Bypass;
 use crate::log::wlog;
 use crate::{owner, real, table, SETTINGS};
 use std::cell::RefCell;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use wire::{Dest, Disposition, MissReason, Msg};
+use std::time::Duration;
+use wire::client::{Answer, Link, Options};
+use wire::{Dest, Disposition, LeaseId, Msg};
 
 /// The connection fd, or -1. Read without the lock by the close path.
 static CONN: AtomicI32 = AtomicI32::new(-1);
 
 /// After a failure, how long to run without the daemon before trying again.
 const BACKOFF_MS: u64 = 1000;
-/// How many answers to other (timed-out) requests we skip before giving up on the link.
-const MAX_STALE: usize = 4;
 /// Negative cache entries ("this destination is not pooled").
 const NEG_SLOTS: usize = 32;
 /// Keep the link out of the low fd numbers that programs tend to assume are theirs.
 const HIGH_FD: i32 = 512;
 
 /// Most offers kept (the daemon sends at most this many).
-const OFFER_SLOTS: usize = 8;
+const OFFER_SLOTS: usize = wire::MAX_OFFERS;
 
 /// The fd of each offer in [`State::offers`] (same index), or -1: read and cleared without
 /// the lock by the close path, so that a program that closes or replaces an fd number it
@@ -89,7 +92,7 @@ fn claim_offer_fd(i: usize, fd: i32) -> bool {
 struct Offer {
     dest: Dest,
     fd: i32,
-    lease: u64,
+    lease: LeaseId,
 }
 
 #[derive(Clone, Copy)]
@@ -190,57 +193,17 @@ fn drop_link(st: &mut State) {
 fn open_link() -> Option<i32> {
     let settings = SETTINGS.get()?;
     crate::log::quiet_panics();
-    let path = &settings.socket_path[..=settings.socket_len];
-    // SAFETY: sockaddr_un is plain old data.
-    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    if path.len() > sun.sun_path.len() {
-        return None;
-    }
-    for (d, s) in sun.sun_path.iter_mut().zip(path.iter()) {
-        *d = *s as libc::c_char;
-    }
-    // SAFETY: plain socket creation; ownership goes to OwnedFd at once.
-    let raw = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return None;
-    }
-    // SAFETY: raw is a fresh fd we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    let ms = settings.timeout_ms;
-    let tv = libc::timeval { tv_sec: (ms / 1000) as _, tv_usec: ((ms % 1000) * 1000) as _ };
-    for opt in [libc::SO_RCVTIMEO, libc::SO_SNDTIMEO] {
-        // SAFETY: setsockopt with a timeval of the right size.
-        unsafe {
-            (real::get().setsockopt)(
-                sock.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&tv as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-    }
-    // SAFETY: sun is a valid sockaddr_un; the real connect does not come back to us.
-    let r = unsafe {
-        (real::get().connect)(
-            sock.as_raw_fd(),
-            (&sun as *const libc::sockaddr_un).cast(),
-            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return None;
-    }
-    // SAFETY: F_DUPFD_CLOEXEC on our own fd; variadic call with one int.
-    let high = unsafe { (real::get().fcntl)(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
-    if high >= 0 {
-        // SAFETY: sock's fd is ours; the duplicate replaces it.
-        unsafe { (real::get().close)(sock.into_raw_fd()) };
-        Some(high)
-    } else {
-        Some(sock.into_raw_fd())
-    }
+    let timeout = Some(Duration::from_millis(u64::from(settings.timeout_ms)));
+    let opts = Options { timeout, min_fd: Some(HIGH_FD) };
+    wire::client::connect(&settings.socket_path[..settings.socket_len], &opts).ok().map(IntoRawFd::into_raw_fd)
+}
+
+/// The link over `fd` (from [`CONN`]), continuing `st`'s sequence numbers.
+fn link(st: &State, fd: i32) -> Link<BorrowedFd<'static>> {
+    // SAFETY: `fd` is our link's: only `drop_link` closes it, and only under STATE's lock,
+    // which the caller holds for as long as it uses the link. (A program that closes our
+    // number behind our back makes the calls fail, as with any fd it closes under us.)
+    Link::with_seq(unsafe { BorrowedFd::borrow_raw(fd) }, st.seq)
 }
 
 /// Open the link at load time, so that the daemon identifies this process while the program
@@ -267,7 +230,7 @@ fn creds() -> (u32, u32) {
 /// What the daemon said to a request for a socket.
 pub(crate) enum Outcome {
     /// A connected socket and its lease.
-    Grant(OwnedFd, u64),
+    Grant(OwnedFd, LeaseId),
     /// Run the program's own call (no daemon, not pooled, nothing ready, any failure).
     Bypass(Bypass),
     /// The daemon took the request on (`Miss(Pending)`: a peer link) and then said no: the
@@ -332,13 +295,14 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
     if let Some((sock, lease)) = dest.and_then(|d| take_offer(&mut st, d)) {
         return Outcome::Grant(sock, lease);
     }
-    st.seq = st.seq.wrapping_add(1).max(1);
-    let seq = st.seq;
-    let mut buf = [0u8; 320];
-    let n = wire::encode(msg, seq, &mut buf);
-    match round_trip(fd, &buf[..n], seq) {
-        Ok(Answer::Grant(sock, lease)) => Outcome::Grant(sock, lease),
-        Ok(Answer::Miss { why, retry_after_ms }) => {
+    let mut buf = [0u8; 512];
+    let mut link = link(&st, fd);
+    let answer = link.acquire(msg, &mut buf);
+    st.seq = link.seq();
+    match answer {
+        Ok(Answer::Grant { fd, lease, .. }) => Outcome::Grant(fd, lease),
+        Ok(Answer::Miss { reason, retry_after_ms }) => {
+            let why = Bypass::from(reason);
             // "Not pooled": remember it so the next connect skips the round trip.
             if let Some(dest) = dest.filter(|_| retry_after_ms > 0) {
                 let i = st.neg_next % NEG_SLOTS;
@@ -347,8 +311,20 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
             }
             Outcome::Bypass(why)
         }
-        Ok(Answer::Refused) => Outcome::Refused,
-        Err(why) => {
+        Ok(Answer::Error { text }) => {
+            wlog!("pool manager refused: {text}");
+            Outcome::Bypass(Bypass::DaemonError)
+        }
+        Ok(Answer::NoFd) => Outcome::Bypass(Bypass::NoFd),
+        Ok(Answer::Refused { text }) => {
+            if let Some(text) = text {
+                wlog!("pool manager: {text}");
+            }
+            Outcome::Refused
+        }
+        Err(e) => {
+            wlog!("pool manager did not answer: {e}");
+            let why = Bypass::from(&e);
             drop_link(&mut st);
             st.retry_at_ms = now + BACKOFF_MS;
             Outcome::Bypass(why)
@@ -358,11 +334,11 @@ fn request(msg: &Msg<'_>, dest: Option<&Dest>) -> Outcome {
 
 /// Send `Prefetch` on a freshly opened link, without waiting for the answer.
 fn send_prefetch(st: &mut State, fd: i32) {
-    st.seq = st.seq.wrapping_add(1).max(1);
-    let mut buf = [0u8; 32];
-    let n = wire::encode(&Msg::Prefetch, st.seq, &mut buf);
-    if wire::unix::send(fd, &buf[..n], None, libc::MSG_DONTWAIT).is_ok() {
-        st.prefetch_seq = st.seq;
+    let mut link = link(st, fd);
+    let seq = link.next_seq();
+    st.seq = seq;
+    if link.send(&Msg::Prefetch, seq, None, libc::MSG_DONTWAIT).is_ok() {
+        st.prefetch_seq = seq;
     }
 }
 
@@ -370,20 +346,25 @@ fn send_prefetch(st: &mut State, fd: i32) {
 /// first offer for `wanted` (the destination being connected to) is returned as it came, not
 /// kept: it goes straight onto the program's fd (no move to a high fd and back). `Err` means
 /// the link is unusable.
-fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Option<(OwnedFd, u64)>, Bypass> {
-    let mut buf = [0u8; 64];
+fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Option<(OwnedFd, LeaseId)>, Bypass> {
+    // Room for an `Error`'s text too: a longer answer is refused as truncated.
+    let mut buf = [0u8; 512];
     let mut taken = None;
+    let link = link(st, fd);
     while st.prefetch_seq != 0 {
-        let (msg, seq, sock) = next_answer(fd, &mut buf)?;
-        if seq != st.prefetch_seq {
+        let reply = link.recv(&mut buf).map_err(|e| {
+            wlog!("pool manager did not answer: {e}");
+            Bypass::from(&e)
+        })?;
+        if reply.seq != st.prefetch_seq {
             return Err(Bypass::WrongSeq);
         }
-        match (msg, sock) {
+        match (reply.msg, reply.fd) {
             (Msg::Offer { lease, dest, last, .. }, Some(sock)) => {
                 if last {
                     st.prefetch_seq = 0;
                 }
-                if taken.is_none() && wanted == Some(&dest) && table::fits(lease) {
+                if taken.is_none() && wanted == Some(&dest) {
                     taken = Some((sock, lease));
                     continue;
                 }
@@ -393,7 +374,7 @@ fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Opt
                 let high = unsafe { (real.fcntl)(sock.as_raw_fd(), libc::F_DUPFD_CLOEXEC, HIGH_FD) };
                 let slot = st.offers.iter().position(Option::is_none);
                 match slot {
-                    Some(i) if high >= 0 && table::fits(lease) => {
+                    Some(i) if high >= 0 => {
                         st.offers[i] = Some(Offer { dest, fd: high, lease });
                         OFFER_FDS[i].store(high, Ordering::Release);
                     }
@@ -415,7 +396,7 @@ fn settle_prefetch(st: &mut State, fd: i32, wanted: Option<&Dest>) -> Result<Opt
 
 /// The offered socket for `dest`, if the daemon offered one at load time: now the
 /// program's, under the offer's lease. No message: the daemon learns it at release.
-fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, u64)> {
+fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, LeaseId)> {
     loop {
         let i = st.offers.iter().position(|o| o.is_some_and(|o| o.dest == *dest))?;
         let o = st.offers[i].take()?;
@@ -449,117 +430,18 @@ pub(crate) fn release_unused_offers() {
     close_offers(&mut st, true);
 }
 
-enum Answer {
-    Grant(OwnedFd, u64),
-    Miss { why: Bypass, retry_after_ms: u32 },
-    Refused,
-}
-
-/// Longest wait the daemon may ask for with `Miss(Pending)`.
-const MAX_PENDING_MS: u32 = 60_000;
-
-/// Wait until `fd` is readable or `deadline_ms` passes.
-fn wait_readable(fd: i32, deadline_ms: u64) -> bool {
-    loop {
-        let left = deadline_ms.saturating_sub(now_ms());
-        if left == 0 {
-            return false;
-        }
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd.
-        let r = unsafe { libc::poll(&mut p, 1, left.min(i32::MAX as u64) as i32) };
-        if r > 0 {
-            return true;
-        }
-        if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return false;
-        }
-    }
-}
-
-/// The next message from the daemon (blocking, bounded by the link's receive timeout), its
-/// sequence number and the fd it carried. `Err` means the link is unusable.
-fn next_answer(fd: i32, buf: &mut [u8]) -> Result<(Msg<'_>, u32, Option<OwnedFd>), Bypass> {
-    let got = wire::unix::recv(fd, buf, 0).map_err(|e| {
-        wlog!("pool manager did not answer: {e}");
-        if e.kind() == std::io::ErrorKind::WouldBlock { Bypass::Timeout } else { Bypass::RecvFailed }
-    })?;
-    if got.len == 0 {
-        return Err(Bypass::DaemonClosed);
-    }
-    if got.ctrunc {
-        return Err(Bypass::Truncated);
-    }
-    let (msg, seq) = wire::decode(&buf[..got.len]).map_err(|_| Bypass::Malformed)?;
-    Ok((msg, seq, got.fd))
-}
-
-/// Send one request and wait for the answer with the same sequence number.
-/// `Err` means the link is unusable.
-fn round_trip(fd: i32, req: &[u8], seq: u32) -> Result<Answer, Bypass> {
-    if wire::unix::send(fd, req, None, 0).is_err() {
-        return Err(Bypass::SendFailed);
-    }
-    let mut buf = [0u8; 512];
-    let mut pending_until: Option<u64> = None;
-    let mut stale = 0;
-    while stale < MAX_STALE {
-        if let Some(deadline) = pending_until {
-            if !wait_readable(fd, deadline) {
-                wlog!("pool manager did not finish a pending request in time");
-                return Err(Bypass::PendingTimeout);
-            }
-        }
-        let (msg, got_seq, sock) = next_answer(fd, &mut buf)?;
-        if got_seq != seq {
-            // The answer to a request we already gave up on: its fd (if any) is dropped here
-            // and the daemon ends that lease when we tell it.
-            if let Msg::Grant { lease, .. } = msg {
-                release(lease, Disposition::Implicit);
-            }
-            stale += 1;
-            continue;
-        }
-        return Ok(match msg {
-            Msg::Miss { reason: MissReason::Pending, retry_after_ms } if pending_until.is_none() => {
-                pending_until = Some(now_ms() + u64::from(retry_after_ms.min(MAX_PENDING_MS)) + 1000);
-                continue;
-            }
-            Msg::Grant { lease, .. } => match sock {
-                Some(sock) if table::fits(lease) => Answer::Grant(sock, lease),
-                _ => {
-                    release(lease, Disposition::Implicit);
-                    Answer::Miss { why: if sock.is_none() { Bypass::NoFd } else { Bypass::BadLease }, retry_after_ms: 0 }
-                }
-            },
-            Msg::Miss { .. } | Msg::Error { .. } if pending_until.is_some() => {
-                if let Msg::Error { text, .. } = msg {
-                    wlog!("pool manager: {text}");
-                }
-                Answer::Refused
-            }
-            Msg::Miss { reason, retry_after_ms } => Answer::Miss { why: reason.into(), retry_after_ms },
-            Msg::Error { text, .. } => {
-                wlog!("pool manager refused: {text}");
-                Answer::Miss { why: Bypass::DaemonError, retry_after_ms: 0 }
-            }
-            _ => return Err(Bypass::Unexpected),
-        });
-    }
-    Err(Bypass::WrongSeq)
-}
-
 /// Tell the daemon a lease ended. No lock, no allocation, no answer; errno is preserved.
-pub(crate) fn release(lease: u64, disposition: Disposition) {
+pub(crate) fn release(lease: LeaseId, disposition: Disposition) {
     let fd = CONN.load(Ordering::Acquire);
     if fd < 0 {
         return;
     }
     // SAFETY: __errno_location returns this thread's errno.
     let saved = unsafe { *libc::__errno_location() };
-    let mut buf = [0u8; 32];
-    let n = wire::encode(&Msg::Release { lease, disposition }, 0, &mut buf);
-    let _ = wire::unix::send(fd, &buf[..n], None, libc::MSG_DONTWAIT);
+    // SAFETY: the link's fd, borrowed for one send; a datagram needs no lock (the module
+    // doc), and if the program closed the number meanwhile the send only fails.
+    let link = Link::new(unsafe { BorrowedFd::borrow_raw(fd) });
+    let _ = link.release(lease, disposition, libc::MSG_DONTWAIT);
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved };
 }

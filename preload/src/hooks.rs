@@ -306,7 +306,7 @@ pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) 
     let mut ours = crate::ACTIVE.load(Ordering::Relaxed) != 0 || in_range(client::link_fd());
     client::for_each_offer_fd(|fd| ours |= in_range(fd));
     let closing = flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 && ours && owner::is_owner();
-    let mut ended = [0u64; 64];
+    let mut ended = [wire::LeaseId::MAX; 64];
     let mut n = 0;
     if closing {
         table::for_each(|fd| {

@@ -31,7 +31,7 @@ static SOCK_DEV: AtomicU64 = AtomicU64::new(0);
 /// A lease as recorded for one fd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Lease {
-    pub(crate) id: u64,
+    pub(crate) id: wire::LeaseId,
     pub(crate) shared: bool,
     pub(crate) altered: bool,
 }
@@ -41,12 +41,8 @@ fn slot(fd: i32) -> Option<&'static AtomicU64> {
 }
 
 fn decode(v: u64) -> Option<Lease> {
-    (v & PRESENT != 0).then_some(Lease { id: v & ID_MASK, shared: v & SHARED != 0, altered: v & ALTERED != 0 })
-}
-
-/// Whether a lease id fits the table: a valid [`wire::LeaseId`].
-pub(crate) fn fits(id: u64) -> bool {
-    wire::LeaseId::new(id).is_some()
+    let id = wire::LeaseId::new(v & ID_MASK).filter(|_| v & PRESENT != 0)?;
+    Some(Lease { id, shared: v & SHARED != 0, altered: v & ALTERED != 0 })
 }
 
 /// Whether the table can hold a lease on `fd` (`0..MAX_FD`).
@@ -63,7 +59,7 @@ fn identity(fd: i32) -> Option<(u64, u64)> {
 }
 
 /// Record a fresh lease on `fd` (returns false if the fd is out of range).
-pub(crate) fn insert(fd: i32, id: u64) -> bool {
+pub(crate) fn insert(fd: i32, id: wire::LeaseId) -> bool {
     let Some(s) = slot(fd) else { return false };
     // Unknown (0) unless the socket lives where every socket does: never given back at exit.
     let ino = identity(fd).map_or(0, |(dev, ino)| match SOCK_DEV.compare_exchange(0, dev, Ordering::AcqRel, Ordering::Acquire) {
@@ -72,7 +68,7 @@ pub(crate) fn insert(fd: i32, id: u64) -> bool {
         Err(_) => 0,
     });
     INODE[fd as usize].store(ino, Ordering::Release);
-    if s.swap(PRESENT | (id & ID_MASK), Ordering::AcqRel) == 0 {
+    if s.swap(PRESENT | id.get(), Ordering::AcqRel) == 0 {
         crate::ACTIVE.fetch_add(1, Ordering::Relaxed);
     }
     HIGH.fetch_max(fd, Ordering::Relaxed);

@@ -123,7 +123,7 @@ fn hang_up_after_acquire(link: &Link) {
 
 fn answer_other_requests(link: &Link) {
     let (_, seq) = link.expect_acquire();
-    for i in 1..=4 {
+    for i in 1..=(wire::client::MAX_STALE as u32 + 1) {
         link.miss(seq.wrapping_add(i), MissReason::Empty, 0);
     }
 }
@@ -184,7 +184,9 @@ fn broken_answers_fall_back_to_the_programs_connect() {
         let secs: f64 = r.field("secs").parse().expect("secs");
         match c.reason {
             "no_fd" => assert!(got.contains(&Got::Release(9, IMPLICIT)), "the lease went back: {got:?}"),
-            "bad_lease" => assert!(got.contains(&Got::Release(1 << 50, IMPLICIT)), "the lease went back: {got:?}"),
+            // An id outside LeaseId's range cannot be named in a Release: the shim drops the link
+            // instead (the daemon ends a link's leases at its end) and sends nothing for it.
+            "bad_lease" => assert!(!got.iter().any(|g| matches!(g, Got::Release(..))), "no Release for an unnameable lease: {got:?}"),
             "timeout" => assert!((0.3..5.0).contains(&secs), "bounded by WARMPOOL_TIMEOUT_MS: {secs} s"),
             "pending_timeout" => assert!((1.0..5.0).contains(&secs), "pending wait is retry_after_ms + 1 s: {secs} s"),
             _ => assert!(secs < 5.0, "{}: {secs} s", c.reason),

@@ -31,7 +31,7 @@
 //! records, no commit) is retired: a successor that receives it knows its predecessor
 //! stops whatever happens.
 
-use crate::{dest_from, put_dest_rest, DecodeError, Dest};
+use crate::{dest_from, put_dest_rest, DecodeError, Dest, LeaseId};
 
 /// Longest cgroup path a record carries (Linux `PATH_MAX`).
 pub const MAX_CGROUP: usize = 4096;
@@ -77,7 +77,7 @@ pub enum Record<'a> {
     /// A socket the last `Client` holds.
     Lease {
         /// Lease id.
-        id: u64,
+        id: LeaseId,
         /// Where it is connected.
         dest: Dest,
         /// Since it was connected.
@@ -154,7 +154,7 @@ impl Record<'_> {
             }
             Self::Lease { id, dest, age_ms, reuse, peer, acked, received } => {
                 w.u8(4);
-                w.bytes(&id.to_le_bytes());
+                w.bytes(&id.get().to_le_bytes());
                 w.dest(&dest);
                 w.bytes(&age_ms.to_le_bytes());
                 w.u8(u8::from(reuse));
@@ -174,7 +174,7 @@ impl Record<'_> {
     /// Read a body (everything after the common header).
     ///
     /// # Errors
-    /// [`DecodeError::Truncated`] when too short, [`DecodeError::BadField`] for an unknown
+    /// [`DecodeError::Truncated`] when too short, [`DecodeError::BadField`] (or [`DecodeError::BadLease`] for a lease id out of range) for an unknown
     /// tag, a flag other than 0 or 1, a bad dest, a cgroup over [`MAX_CGROUP`] or trailing
     /// bytes.
     pub fn read(body: &[u8]) -> Result<Record<'_>, DecodeError> {
@@ -191,7 +191,7 @@ impl Record<'_> {
                 Record::Client { uid, cgroup: r.cgroup()?, pid }
             }
             4 => Record::Lease {
-                id: r.u64()?,
+                id: LeaseId::new(r.u64()?).ok_or(DecodeError::BadLease)?,
                 dest: r.dest()?,
                 age_ms: r.u64()?,
                 reuse: r.flag()?,
@@ -313,7 +313,7 @@ mod tests {
         roundtrip(Record::Idle { uid: 0, cgroup: b"", dest: v6, reuse: false, age_ms: u64::MAX });
         roundtrip(Record::Client { uid: 65534, cgroup: &every_byte, pid: -1 });
         roundtrip(Record::Client { uid: 1, cgroup: &[b'a'; MAX_CGROUP], pid: 42 });
-        roundtrip(Record::Lease { id: 7, dest: v4, age_ms: 5, reuse: true, peer: false, acked: 1 << 40, received: 3 });
+        roundtrip(Record::Lease { id: LeaseId::new(7).unwrap(), dest: v4, age_ms: 5, reuse: true, peer: false, acked: 1 << 40, received: 3 });
     }
 
     #[test]
@@ -337,5 +337,11 @@ mod tests {
         long.resize(long.len() + MAX_CGROUP + 1, b'x');
         assert_eq!(Record::read(&long).map(|_| ()), Err(DecodeError::BadField), "cgroup over MAX_CGROUP");
         assert_eq!(Record::read(&[]), Err(DecodeError::Truncated));
+        let lease = Record::Lease { id: LeaseId::MAX, dest: v4, age_ms: 1, reuse: false, peer: false, acked: 0, received: 0 };
+        let n = lease.write(&mut body);
+        for bad in [0, 1 << 48] {
+            body[1..9].copy_from_slice(&u64::to_le_bytes(bad));
+            assert_eq!(Record::read(&body[..n]).map(|_| ()), Err(DecodeError::BadLease), "lease id {bad}");
+        }
     }
 }

@@ -59,10 +59,10 @@
 //!
 //! Replies (daemon → client):
 //!
-//! * `Grant` (17 bytes + one fd in `SCM_RIGHTS`): `lease: u64`, `source: u8` ([`Source`]).
+//! * `Grant` (17 bytes + one fd in `SCM_RIGHTS`): `lease: u64` (a [`LeaseId`]), `source: u8` ([`Source`]).
 //!   The fd is a connected TCP socket to the requested destination, owned by the caller from
 //!   now on; the daemon keeps a duplicate until the lease ends.
-//! * `Offer` (41 bytes + one fd): `lease: u64`, `source: u8`, `last: u8` (1 on the final
+//! * `Offer` (41 bytes + one fd): `lease: u64` (a [`LeaseId`]), `source: u8`, `last: u8` (1 on the final
 //!   offer of the reply), then the destination as in `Acquire` (`domain: u8`, `port: u16`,
 //!   `addr: [u8; 16]`, `scope_id: u32`, without the flags byte).
 //! * `Miss` (13 bytes): `reason: u8` ([`MissReason`]), `retry_after_ms: u32`. The client runs
@@ -79,10 +79,12 @@
 //!
 //! A receiver closes any fd attached to a message that must not carry one, and treats a
 //! truncated control message (`MSG_CTRUNC`) as an error. Any message shorter than its kind
-//! requires, with a bad magic or an unknown kind, is answered with `Error` and changes nothing.
+//! requires, with a bad magic or an unknown kind, or with a lease id out of range (0 or 2^48
+//! and above), is answered with `Error` and changes nothing. [`client`] is the one client.
 
 #![warn(missing_docs)]
 
+pub mod client;
 pub mod handover;
 mod lease;
 pub mod rdv;
@@ -293,7 +295,7 @@ pub enum Msg<'a> {
     /// See the module docs.
     Release {
         /// Lease id from the grant.
-        lease: u64,
+        lease: LeaseId,
         /// How the fd was let go.
         disposition: Disposition,
     },
@@ -311,7 +313,7 @@ pub enum Msg<'a> {
     /// See the module docs.
     Grant {
         /// Lease id, to be named in `Release`.
-        lease: u64,
+        lease: LeaseId,
         /// Warm or reused.
         source: Source,
     },
@@ -345,7 +347,7 @@ pub enum Msg<'a> {
     /// See the module docs.
     Offer {
         /// Lease id, to be named in `Release`.
-        lease: u64,
+        lease: LeaseId,
         /// Warm or reused.
         source: Source,
         /// The final offer of this reply.
@@ -364,6 +366,31 @@ pub enum Msg<'a> {
     },
 }
 
+impl Msg<'_> {
+    /// The message's kind.
+    #[must_use]
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Acquire(_) => Kind::Acquire,
+            Self::Release { .. } => Kind::Release,
+            Self::Status => Kind::Status,
+            Self::Prewarm(_) => Kind::Prewarm,
+            Self::AcquirePeer { .. } => Kind::AcquirePeer,
+            Self::Grant { .. } => Kind::Grant,
+            Self::Miss { .. } => Kind::Miss,
+            Self::StatusReply(_) => Kind::StatusReply,
+            Self::Takeover => Kind::Takeover,
+            Self::Prefetch => Kind::Prefetch,
+            Self::Delegate => Kind::Delegate,
+            Self::DelegateAs { .. } => Kind::DelegateAs,
+            Self::Container { .. } => Kind::Container,
+            Self::Offer { .. } => Kind::Offer,
+            Self::Handover(_) => Kind::Handover,
+            Self::Error { .. } => Kind::Error,
+        }
+    }
+}
+
 /// Why a buffer did not decode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecodeError {
@@ -377,6 +404,8 @@ pub enum DecodeError {
     UnknownKind(u8),
     /// A field holds a value outside its enum.
     BadField,
+    /// A lease id outside [`LeaseId`]'s range (0, or 2^48 and above).
+    BadLease,
 }
 
 impl core::fmt::Display for DecodeError {
@@ -387,9 +416,12 @@ impl core::fmt::Display for DecodeError {
             Self::Version(v) => write!(f, "protocol version {v} not supported (this side speaks {VERSION})"),
             Self::UnknownKind(k) => write!(f, "unknown message kind {k:#x}"),
             Self::BadField => f.write_str("field value out of range"),
+            Self::BadLease => f.write_str("lease id out of range (1 to 2^48 - 1)"),
         }
     }
 }
+
+impl std::error::Error for DecodeError {}
 
 impl DecodeError {
     /// The error code a daemon answers this with.
@@ -430,7 +462,7 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         }
         Msg::Release { lease, disposition } => {
             header(buf, Kind::Release, seq);
-            buf[8..16].copy_from_slice(&lease.to_le_bytes());
+            buf[8..16].copy_from_slice(&lease.get().to_le_bytes());
             buf[16] = disposition as u8;
             17
         }
@@ -464,7 +496,7 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         Msg::Offer { lease, source, last, dest } => {
             assert!(buf.len() >= OFFER_LEN, "an Offer needs {OFFER_LEN} bytes");
             header(buf, Kind::Offer, seq);
-            buf[8..16].copy_from_slice(&lease.to_le_bytes());
+            buf[8..16].copy_from_slice(&lease.get().to_le_bytes());
             buf[16] = source as u8;
             buf[17] = u8::from(last);
             buf[18] = dest.domain;
@@ -483,7 +515,7 @@ pub fn encode(msg: &Msg<'_>, seq: u32, buf: &mut [u8]) -> usize {
         }
         Msg::Grant { lease, source } => {
             header(buf, Kind::Grant, seq);
-            buf[8..16].copy_from_slice(&lease.to_le_bytes());
+            buf[8..16].copy_from_slice(&lease.get().to_le_bytes());
             buf[16] = source as u8;
             17
         }
@@ -582,10 +614,11 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
     let kind = Kind::from_u8(buf[3]).ok_or(DecodeError::UnknownKind(buf[3]))?;
     let seq = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     let need = |n: usize| if buf.len() < n { Err(DecodeError::Truncated) } else { Ok(()) };
-    let u64_at = |i: usize| {
+    // A lease id out of range (0, or 2^48 and above) is a field out of range.
+    let lease_at = |i: usize| {
         let mut b = [0u8; 8];
         b.copy_from_slice(&buf[i..i + 8]);
-        u64::from_le_bytes(b)
+        LeaseId::new(u64::from_le_bytes(b)).ok_or(DecodeError::BadLease)
     };
     let msg = match kind {
         Kind::Acquire | Kind::Prewarm => {
@@ -599,7 +632,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         }
         Kind::Release => {
             need(17)?;
-            Msg::Release { lease: u64_at(8), disposition: disposition_of(buf[16])? }
+            Msg::Release { lease: lease_at(8)?, disposition: disposition_of(buf[16])? }
         }
         Kind::Status => Msg::Status,
         Kind::Takeover => Msg::Takeover,
@@ -631,7 +664,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
                 _ => return Err(DecodeError::BadField),
             };
             let dest = dest_from(buf[18], &buf[19..OFFER_LEN])?;
-            Msg::Offer { lease: u64_at(8), source, last, dest }
+            Msg::Offer { lease: lease_at(8)?, source, last, dest }
         }
         Kind::Handover => Msg::Handover(Record::read(&buf[HEADER_LEN..])?),
         Kind::AcquirePeer => {
@@ -644,7 +677,7 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
         }
         Kind::Grant => {
             need(17)?;
-            Msg::Grant { lease: u64_at(8), source: source_of(buf[16])? }
+            Msg::Grant { lease: lease_at(8)?, source: source_of(buf[16])? }
         }
         Kind::Miss => {
             need(13)?;
@@ -661,105 +694,4 @@ pub fn decode(buf: &[u8]) -> Result<(Msg<'_>, u32), DecodeError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn roundtrip(m: Msg<'_>) {
-        let mut buf = [0u8; 128];
-        let n = encode(&m, 77, &mut buf);
-        let (back, seq) = decode(&buf[..n]).expect("decodes");
-        assert_eq!(seq, 77);
-        assert_eq!(back, m);
-        // Every strict prefix of a fixed-size message is rejected, never misread.
-        for cut in 0..n {
-            if let Ok((short, _)) = decode(&buf[..cut]) {
-                assert!(
-                    matches!(
-                        short,
-                        Msg::StatusReply(_)
-                            | Msg::Error { .. }
-                            | Msg::Status
-                            | Msg::AcquirePeer { .. }
-                            | Msg::Takeover
-                            | Msg::Prefetch
-                            | Msg::Delegate
-                            | Msg::Container { .. }
-                    ),
-                    "{short:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn every_message_roundtrips() {
-        let v4 = Dest::from_socket_addr("198.18.0.1:6379".parse().unwrap());
-        let v6 = Dest::from_socket_addr("[2001:db8::1]:443".parse().unwrap());
-        roundtrip(Msg::Acquire(v4));
-        roundtrip(Msg::Acquire(v6));
-        roundtrip(Msg::Release { lease: u64::MAX - 3, disposition: Disposition::Shared });
-        roundtrip(Msg::Status);
-        roundtrip(Msg::AcquirePeer { port: 7000, name: "job/reducer-1" });
-        roundtrip(Msg::Takeover);
-        roundtrip(Msg::Prefetch);
-        roundtrip(Msg::Delegate);
-        roundtrip(Msg::DelegateAs { uid: 1000 });
-        roundtrip(Msg::Container { stage: ContainerStage::Create, id: "4f1c0a9e" });
-        roundtrip(Msg::Container { stage: ContainerStage::Stop, id: "x" });
-        roundtrip(Msg::Release { lease: 1 << 40, disposition: Disposition::Unused });
-        roundtrip(Msg::Offer { lease: 3, source: Source::Warm, last: false, dest: v4 });
-        roundtrip(Msg::Offer { lease: u64::MAX, source: Source::Reuse, last: true, dest: v6 });
-        roundtrip(Msg::Handover(Record::Lease { id: 7, dest: v4, age_ms: 5, reuse: true, peer: false, acked: 9, received: 1 }));
-        roundtrip(Msg::Handover(Record::Done { idle: 1, clients: 2, leases: 3 }));
-        roundtrip(Msg::Miss { reason: MissReason::Pending, retry_after_ms: 10_000 });
-        roundtrip(Msg::Prewarm(v6));
-        roundtrip(Msg::Grant { lease: 9, source: Source::Reuse });
-        roundtrip(Msg::Miss { reason: MissReason::NotPooled, retry_after_ms: 5000 });
-        roundtrip(Msg::StatusReply("a\tb\n"));
-        roundtrip(Msg::Error { code: ErrorCode::Denied, text: "no" });
-        assert_eq!(v4.socket_addr().to_string(), "198.18.0.1:6379");
-        assert_eq!(v6.socket_addr().to_string(), "[2001:db8::1]:443");
-    }
-
-    #[test]
-    fn bad_input_is_rejected() {
-        assert_eq!(decode(b""), Err(DecodeError::Truncated));
-        assert_eq!(decode(b"XXXXXXXX"), Err(DecodeError::BadMagic));
-        let mut buf = [0u8; 32];
-        let n = encode(&Msg::Status, 1, &mut buf);
-        buf[2] = 9;
-        assert_eq!(decode(&buf[..n]), Err(DecodeError::Version(9)));
-        buf[2] = VERSION;
-        buf[3] = 0x55;
-        assert_eq!(decode(&buf[..n]), Err(DecodeError::UnknownKind(0x55)));
-        let n = encode(&Msg::Acquire(Dest::from_socket_addr("127.0.0.1:1".parse().unwrap())), 1, &mut buf);
-        buf[8] = 5;
-        assert_eq!(decode(&buf[..n]), Err(DecodeError::BadField));
-    }
-
-    #[test]
-    fn container_messages_are_checked() {
-        let mut buf = [0u8; 300];
-        let n = encode(&Msg::Container { stage: ContainerStage::Create, id: "abc" }, 1, &mut buf);
-        // No id at all, an unknown stage, an id that is not UTF-8 or too long: all refused.
-        assert_eq!(decode(&buf[..9]), Err(DecodeError::Truncated));
-        buf[8] = 3;
-        assert_eq!(decode(&buf[..n]), Err(DecodeError::BadField));
-        buf[8] = 1;
-        buf[9] = 0xff;
-        assert_eq!(decode(&buf[..n]), Err(DecodeError::BadField));
-        let long = "a".repeat(MAX_CONTAINER_ID + 10);
-        let n = encode(&Msg::Container { stage: ContainerStage::Stop, id: &long }, 1, &mut buf);
-        assert_eq!(n, 9 + MAX_CONTAINER_ID, "the id is cut to the limit when encoded");
-        buf[n] = b'a';
-        assert_eq!(decode(&buf[..=n]), Err(DecodeError::BadField));
-    }
-
-    #[test]
-    fn long_text_is_cut_on_a_char_boundary() {
-        let mut buf = [0u8; 33];
-        let n = encode(&Msg::StatusReply("ééééééééééééééééééééééééééééé"), 1, &mut buf);
-        let (m, _) = decode(&buf[..n]).unwrap();
-        assert!(matches!(m, Msg::StatusReply(s) if s.chars().all(|c| c == 'é')));
-    }
-}
+mod tests;

@@ -118,11 +118,12 @@ pub fn recv(sock: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<Recei
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
-    fn pair() -> (OwnedFd, OwnedFd) {
+    /// A connected `SOCK_SEQPACKET` pair (for this crate's tests).
+    pub(crate) fn pair() -> (OwnedFd, OwnedFd) {
         let mut fds = [0; 2];
         // SAFETY: fds has room for two.
         let r = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr()) };

@@ -38,14 +38,14 @@ pub(super) async fn acquire_peer(
     }
     match agent.acquire(&name, dest.port()).await {
         Ok(l) => {
-            let id = shared.next_lease.fetch_add(1, Ordering::Relaxed);
+            let id = shared.next_lease_id();
             let mut r = Reply::msg(&Msg::Grant { lease: id, source: Source::Warm }, seq);
             r.fd = Some(l.fd.as_raw_fd());
             shared.metrics.observe_handout(started.elapsed());
             debug!(peer = %name, link = l.link, path = l.path.name(), "peer link handed out");
             let key = PoolKey { tenant: tenant.clone(), dest };
             let lease = Lease { sock: PooledSock::new(l.fd), key, created: l.since, at_handout: sock::Counters::default(), policy: Policy::Warm, peer: true, offered: None };
-            leases.insert(id, lease);
+            leases.insert(id.get(), lease);
             r
         }
         Err(e) => {
@@ -126,7 +126,7 @@ pub(super) fn grant(
     seq: u32,
     started: Instant,
 ) -> (Reply, Option<(u64, Lease)>) {
-    let id = shared.next_lease.fetch_add(1, Ordering::Relaxed);
+    let id = shared.next_lease_id();
     match idle.source {
         Source::Warm => shared.metrics.handout_warm.fetch_add(1, Ordering::Relaxed),
         Source::Reuse => shared.metrics.handout_reuse.fetch_add(1, Ordering::Relaxed),
@@ -135,7 +135,7 @@ pub(super) fn grant(
     let reply = Reply::msg(&Msg::Grant { lease: id, source: idle.source }, seq);
     shared.metrics.observe_handout(started.elapsed());
     let lease = Lease { sock: idle.sock, key, created: idle.created, at_handout, policy, peer: false, offered: None };
-    (reply, Some((id, lease)))
+    (reply, Some((id.get(), lease)))
 }
 
 /// The answer to `Prefetch`: one ready socket from each of the tenant's pools that
@@ -164,7 +164,7 @@ pub(super) fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: 
         let key = PoolKey { tenant: tenant.clone(), dest };
         let Some(Taken { take, settings }) = take(shared, &key, now, TakeFor::Offer) else { continue };
         if let Take::Ready(idle) = take {
-            let id = shared.next_lease.fetch_add(1, Ordering::Relaxed);
+            let id = shared.next_lease_id();
             let fd = idle.sock.fd.as_raw_fd();
             let at_handout = sock::counters(fd);
             offers.push((id, idle.source, dest, fd));
@@ -177,7 +177,7 @@ pub(super) fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: 
                 peer: false,
                 offered: Some(idle.source),
             };
-            leases.insert(id, lease);
+            leases.insert(id.get(), lease);
             shared.metrics.prefetch_offered.fetch_add(1, Ordering::Relaxed);
         }
     }

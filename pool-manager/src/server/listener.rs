@@ -1,5 +1,5 @@
 //! The listening socket: binding it, accepting clients (one task each, in a `JoinSet`),
-//! the daemon's run loop with its background tasks, and a blocking client connect.
+//! and the daemon's run loop with its background tasks.
 
 use crate::defaults;
 use std::collections::HashMap;
@@ -45,21 +45,6 @@ pub(super) fn seqpacket() -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Connect to a daemon's socket (blocking, for the CLI).
-///
-/// # Errors
-/// The connect error.
-pub fn connect_client(path: &Path) -> std::io::Result<OwnedFd> {
-    let (sun, len) = sockaddr_un(path)?;
-    // SAFETY: plain socket creation.
-    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0) })?;
-    // SAFETY: fresh fd.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: sun is a valid address of `len` bytes.
-    cvt(unsafe { libc::connect(sock.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) })?;
-    Ok(sock)
-}
-
 /// Bind the listening socket: creates the directory, refuses to steal a live daemon's socket,
 /// replaces a stale one, applies `mode`.
 ///
@@ -71,7 +56,7 @@ pub fn bind(path: &Path, mode: u32) -> Result<OwnedFd, ServeError> {
         std::fs::create_dir_all(dir).map_err(|e| io("creating the directory of", e))?;
     }
     if path.exists() {
-        if connect_client(path).is_ok() {
+        if wire::client::Link::connect(path, None).is_ok() {
             return Err(ServeError::InUse(path.into()));
         }
         std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;

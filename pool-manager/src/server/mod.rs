@@ -37,7 +37,7 @@ pub mod tenants;
 
 pub use background::Background;
 pub use delegate::Containers;
-pub use listener::{bind, connect_client, run, run_with};
+pub use listener::{bind, run, run_with};
 pub(crate) use grant::pool_for;
 pub(crate) use session::{send_within, Lease};
 pub use tenants::{close_tenant, close_tenants, CloseReason, Closed};
@@ -203,6 +203,14 @@ impl Shared {
     /// Lease ids continue above those a predecessor handed out.
     pub(crate) fn raise_next_lease(&self, min: u64) {
         self.next_lease.fetch_max(min, Ordering::Relaxed);
+    }
+
+    /// A fresh lease id, from 1 upward within the wire's range ([`wire::LeaseId`]): the
+    /// daemon's lease maps key on its [`wire::LeaseId::get`].
+    pub(crate) fn next_lease_id(&self) -> wire::LeaseId {
+        let n = self.next_lease.fetch_add(1, Ordering::Relaxed).max(1);
+        // 2^48 − 1 ids last nine years at a million hand-outs a second; then numbering wraps to 1.
+        wire::LeaseId::new((n - 1) % wire::LeaseId::MAX.get() + 1).expect("in 1..=LeaseId::MAX by construction")
     }
 
     /// The daemon's effective uid.

@@ -355,7 +355,7 @@ pub(super) async fn handle(
             }
         }
         Msg::Release { lease, disposition } => {
-            match leases.remove(&lease) {
+            match leases.remove(&lease.get()) {
                 Some(l) if l.offered.is_some() && disposition == Disposition::Unused => unoffer(shared, l, Instant::now()),
                 Some(mut l) => {
                     if let Some(source) = l.offered.take() {
