@@ -158,7 +158,7 @@ fn collect(shared: &Shared, now: Instant) -> (Vec<Job>, Option<Instant>) {
 /// One `/proc` walk for the jobs that need it; marks the ones found held.
 async fn walk(shared: &Shared, mut jobs: Vec<Job>) -> Vec<Job> {
     let inodes: Vec<Option<u64>> =
-        jobs.iter().map(|j| if j.needs.holders { holders::socket_inode(j.idle.sock.fd.as_raw_fd()) } else { None }).collect();
+        jobs.iter().map(|j| if j.needs.holders { holders::socket_inode(&j.idle.sock.fd) } else { None }).collect();
     let socks: Vec<(std::os::fd::RawFd, u64)> =
         jobs.iter().zip(&inodes).filter_map(|(j, ino)| ino.map(|i| (j.idle.sock.fd.as_raw_fd(), i))).collect();
     if socks.is_empty() {

@@ -38,11 +38,10 @@ pub(super) fn sockaddr_un(path: &Path) -> std::io::Result<(libc::sockaddr_un, li
     Ok((sun, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
 }
 
+/// A non-blocking, close-on-exec Unix `SOCK_SEQPACKET` socket (the daemon's listener).
 pub(super) fn seqpacket() -> std::io::Result<OwnedFd> {
-    // SAFETY: plain socket creation; the fd goes straight into an OwnedFd.
-    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) })?;
-    // SAFETY: fresh fd, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+    Ok(socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?)
 }
 
 /// Connect to a daemon's socket (blocking, for the CLI).
@@ -76,14 +75,12 @@ pub fn bind(path: &Path, mode: u32) -> Result<OwnedFd, ServeError> {
         }
         std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;
     }
-    let (sun, len) = sockaddr_un(path).map_err(|e| io("socket path", e))?;
+    let addr = rustix::net::SocketAddrUnix::new(path).map_err(|e| io("socket path", e.into()))?;
     let sock = seqpacket().map_err(|e| io("creating socket for", e))?;
-    // SAFETY: sun is a valid address of `len` bytes.
-    cvt(unsafe { libc::bind(sock.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) }).map_err(|e| io("binding", e))?;
+    rustix::net::bind(&sock, &addr).map_err(|e| io("binding", e.into()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io("setting permissions of", e))?;
-    // SAFETY: listen on our bound socket.
-    cvt(unsafe { libc::listen(sock.as_raw_fd(), defaults::LISTEN_BACKLOG) }).map_err(|e| io("listening on", e))?;
+    rustix::net::listen(&sock, defaults::LISTEN_BACKLOG).map_err(|e| io("listening on", e.into()))?;
     Ok(sock)
 }
 
@@ -174,14 +171,7 @@ pub(super) async fn accept_until(listener: &AsyncFd<OwnedFd>, shared: &Arc<Share
             () = handover.cancelled() => return Ok(()),
             g = listener.readable() => g?,
         };
-        let accepted = guard.try_io(|l| {
-            // SAFETY: accept4 on our listener; the new fd goes straight into an OwnedFd.
-            let fd = unsafe {
-                libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-            };
-            // SAFETY: on success, a fresh fd we own.
-            cvt(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        });
+        let accepted = guard.try_io(|l| Ok(rustix::net::accept_with(l.get_ref(), rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK)?));
         match accepted {
             Ok(Ok(conn)) => {
                 shared.metrics.clients.fetch_add(1, Ordering::Relaxed);
