@@ -120,7 +120,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
                 continue;
             }
-            if let Err(why) = crate::sockstate::reset(job.idle.sock.fd.as_raw_fd(), job.key.dest, &job.idle.sock.base) {
+            if let Err(why) = crate::sockstate::reset(&job.idle.sock.fd, job.key.dest, &job.idle.sock.base) {
                 finish(&shared, job.key, job.idle, Err(why));
                 continue;
             }
