@@ -187,7 +187,6 @@ fn parse_socket_link(l: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn socket_links_parse() {

@@ -532,7 +532,6 @@ mod tests {
     #[test]
     fn a_fresh_socket_agrees_with_a_connected_one() {
         let (c, _s, a) = pair();
-        let fd = c.as_raw_fd();
         let fresh = Snapshot::fresh(a).expect("socket");
         // Nothing to put back on a connected socket nobody touched.
         assert_eq!(restore(&c, &fresh), Ok(()));
