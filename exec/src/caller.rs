@@ -182,7 +182,8 @@ const OPTIONS: [(libc::c_int, libc::c_int); 35] = [
 fn option(fd: RawFd, (level, name): (libc::c_int, libc::c_int)) -> Option<Vec<u8>> {
     let mut v = [0u8; 64];
     let mut len = v.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into our buffer.
+    // SAFETY: the kernel writes at most `len` bytes into our buffer. libc: one generic read
+    // for the whole table; rustix and nix only have a typed function per option, not for all.
     let r = unsafe { libc::getsockopt(fd, level, name, v.as_mut_ptr().cast(), &mut len) };
     (r == 0).then(|| v[..len as usize].to_vec())
 }
@@ -207,10 +208,9 @@ fn options_fresh(fd: RawFd, family: libc::c_int) -> bool {
 }
 
 fn fresh_values(family: libc::c_int) -> Option<Values> {
-    // SAFETY: a plain socket; ownership goes to OwnedFd at once.
-    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-    // SAFETY: a fresh fd we own.
-    let fresh = (raw >= 0).then(|| unsafe { OwnedFd::from_raw_fd(raw) })?;
+    use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+    let family = AddressFamily::from_raw(u16::try_from(family).ok()?);
+    let fresh = socket_with(family, SocketType::STREAM, SocketFlags::CLOEXEC, None).ok()?;
     Some(OPTIONS.iter().map(|&o| option(fresh.as_raw_fd(), o)).collect())
 }
 
@@ -220,6 +220,7 @@ const SIOCGSKNS: libc::c_ulong = 0x894C;
 /// needs CAP_NET_ADMIN — counts as yes: the caller's namespace was already compared).
 fn in_our_netns(fd: RawFd) -> bool {
     // SAFETY: SIOCGSKNS returns a new fd for the socket's network namespace (or fails).
+    // libc: rustix's ioctl API has no fd-returning request type.
     let raw = unsafe { libc::ioctl(fd, SIOCGSKNS) };
     if raw < 0 {
         return true;
@@ -244,12 +245,12 @@ mod tests {
     use super::*;
 
     fn socket(family: libc::c_int) -> OwnedFd {
-        // SAFETY: a plain socket, owned at once.
-        unsafe { OwnedFd::from_raw_fd(libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0)) }
+        use rustix::net::{AddressFamily, SocketFlags, SocketType};
+        rustix::net::socket_with(AddressFamily::from_raw(family as u16), SocketType::STREAM, SocketFlags::CLOEXEC, None).expect("socket")
     }
 
     fn set_int(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) {
-        // SAFETY: an int option.
+        // SAFETY: an int option. libc: any (level, name), as the table it tests.
         let r = unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&v as *const libc::c_int).cast(), 4) };
         assert_eq!(r, 0, "setsockopt {level}/{name}: {}", std::io::Error::last_os_error());
     }
@@ -267,9 +268,8 @@ mod tests {
                 assert!(!plain_unbound_tcp(s.as_raw_fd(), domain), "option {level}/{name} on family {family}");
             }
             let s = socket(family);
-            let tv = libc::timeval { tv_sec: 1, tv_usec: 0 };
-            // SAFETY: a timeval option.
-            unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, (&tv as *const libc::timeval).cast(), 16) };
+            use rustix::net::sockopt::{set_socket_timeout, Timeout};
+            set_socket_timeout(&s, Timeout::Recv, Some(std::time::Duration::from_secs(1))).expect("SO_RCVTIMEO");
             assert!(!plain_unbound_tcp(s.as_raw_fd(), domain), "SO_RCVTIMEO");
         }
     }
@@ -278,21 +278,14 @@ mod tests {
     fn a_bound_source_address_is_seen_even_without_a_port() {
         let s = socket(libc::AF_INET);
         set_int(&s, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1);
-        // SAFETY: sockaddr_in is plain old data.
-        let mut a: libc::sockaddr_in = unsafe { std::mem::zeroed() };
-        a.sin_family = libc::AF_INET as libc::sa_family_t;
-        a.sin_addr.s_addr = u32::from_ne_bytes([127, 0, 0, 2]);
-        // SAFETY: binding our socket to a sockaddr_in.
-        let r = unsafe { libc::bind(s.as_raw_fd(), (&a as *const libc::sockaddr_in).cast(), 16) };
-        assert_eq!(r, 0, "bind: {}", std::io::Error::last_os_error());
+        rustix::net::bind(&s, &std::net::SocketAddrV4::new([127, 0, 0, 2].into(), 0)).expect("bind");
         assert!(!plain_unbound_tcp(s.as_raw_fd(), 4));
     }
 
     #[test]
     fn own_identity_reads_ids_cgroup_and_namespace() {
         let me = Identity::own().expect("own identity");
-        // SAFETY: getuid has no preconditions.
-        assert_eq!(me.ids[1], unsafe { libc::geteuid() });
+        assert_eq!(me.ids[1], rustix::process::geteuid().as_raw());
         assert!(!me.cgroup.is_empty());
         assert_eq!(Some(me.netns), inode_of("/proc/self/ns/net"));
     }

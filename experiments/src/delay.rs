@@ -55,8 +55,9 @@ pub(crate) struct DelayLine {
 }
 
 struct Dir {
-    from: OwnedFd,
-    to_index: usize,
+    /// Index of the device read from; the packets go to the other one.
+    from: usize,
+    to: usize,
     link: Link,
     queue: VecDeque<(Instant, Vec<u8>)>,
     link_free: Instant,
@@ -87,13 +88,14 @@ impl Drop for DelayLine {
 }
 
 fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &AtomicI64, stats: &Stats) {
-    // SAFETY: prctl with a plain integer argument; 1 ns slack makes sleeps end on time.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
-    let raw = [a.as_raw_fd(), b.as_raw_fd()];
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    // 1 ns slack makes sleeps end on time (best effort: the default slack is only later).
+    let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1));
+    let devs = [a, b];
     let now = Instant::now();
     let mut dirs = [
-        Dir { from: a, to_index: 1, link: ab, queue: VecDeque::new(), link_free: now },
-        Dir { from: b, to_index: 0, link: ba, queue: VecDeque::new(), link_free: now },
+        Dir { from: 0, to: 1, link: ab, queue: VecDeque::new(), link_free: now },
+        Dir { from: 1, to: 0, link: ba, queue: VecDeque::new(), link_free: now },
     ];
     let mut buf = vec![0u8; MAX_PACKET];
     let mut last_packet = Instant::now() - ACTIVE;
@@ -103,8 +105,7 @@ fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &A
         for d in &mut dirs {
             while d.queue.front().is_some_and(|(t, _)| *t <= now) {
                 let (_, pkt) = d.queue.pop_front().expect("front exists");
-                // SAFETY: writing one packet to the other TUN device.
-                unsafe { libc::write(raw[d.to_index], pkt.as_ptr().cast(), pkt.len()) };
+                let _ = rustix::io::write(&devs[d.to], &pkt);
                 stats.forwarded.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -112,25 +113,19 @@ fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &A
         let wait = next.map_or(Duration::from_millis(20), |t| t.saturating_duration_since(Instant::now()));
         if wait > SPIN && last_packet.elapsed() >= ACTIVE {
             let sleep = wait - SPIN;
-            let ts = libc::timespec { tv_sec: sleep.as_secs() as libc::time_t, tv_nsec: i64::from(sleep.subsec_nanos()) };
-            let mut pfd = [
-                libc::pollfd { fd: raw[0], events: libc::POLLIN, revents: 0 },
-                libc::pollfd { fd: raw[1], events: libc::POLLIN, revents: 0 },
-            ];
-            // SAFETY: two pollfds, a valid timeout, no signal mask change.
-            unsafe { libc::ppoll(pfd.as_mut_ptr(), 2, &ts, std::ptr::null()) };
+            // rustix's poll is ppoll(2) on Linux: the nanosecond timeout is kept.
+            let ts = Timespec { tv_sec: sleep.as_secs() as i64, tv_nsec: i64::from(sleep.subsec_nanos()) };
+            let _ = poll(&mut [PollFd::new(&devs[0], PollFlags::IN), PollFd::new(&devs[1], PollFlags::IN)], Some(&ts));
         }
         // Take in everything that has arrived (non-blocking reads).
         for d in &mut dirs {
             loop {
-                // SAFETY: reading one packet into our buffer.
-                let n = unsafe { libc::read(d.from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    break;
-                }
+                let size = match rustix::io::read(&devs[d.from], &mut buf[..]) {
+                    Ok(n) if n > 0 => n,
+                    _ => break,
+                };
                 let arrival = Instant::now();
                 last_packet = arrival;
-                let size = n as usize;
                 let one_way = d.link.one_way.saturating_sub(Duration::from_nanos(offset.load(Ordering::Relaxed).max(0) as u64));
                 let deliver = match d.link.rate_bps {
                     None => arrival + one_way,
@@ -153,21 +148,16 @@ fn run(a: OwnedFd, b: OwnedFd, ab: Link, ba: Link, stop: &AtomicBool, offset: &A
 /// Open a TUN device named `name` in the calling thread's network namespace (no packet
 /// information header, non-blocking).
 pub(crate) fn open_tun(name: &str) -> anyhow::Result<OwnedFd> {
-    use std::os::fd::FromRawFd;
-    // SAFETY: opening the TUN clone device; the fd goes into an OwnedFd at once.
-    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) };
-    if fd < 0 {
-        anyhow::bail!("opening /dev/net/tun: {}", std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd we own.
-    let tun = unsafe { OwnedFd::from_raw_fd(fd) };
+    use rustix::fs::{Mode, OFlags};
+    let tun = rustix::fs::open("/dev/net/tun", OFlags::RDWR | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| anyhow::anyhow!("opening /dev/net/tun: {}", std::io::Error::from(e)))?;
     // struct ifreq: 16-byte name, then flags (short) in the union.
     let mut ifr = [0u8; 40];
     let n = name.len().min(15);
     ifr[..n].copy_from_slice(&name.as_bytes()[..n]);
     let flags = (libc::IFF_TUN | libc::IFF_NO_PI) as i16;
     ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads and writes one ifreq.
+    // SAFETY: TUNSETIFF reads and writes one ifreq. libc: rustix has no TUN ioctls.
     if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) } != 0 {
         anyhow::bail!("TUNSETIFF {name}: {}", std::io::Error::last_os_error());
     }

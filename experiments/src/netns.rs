@@ -9,7 +9,7 @@
 //! afterwards.
 
 use anyhow::{bail, Context, Result};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::Command;
 
 /// A named network namespace, deleted on drop.
@@ -56,26 +56,24 @@ impl Netns {
     /// A command that runs `prog` inside the namespace.
     pub(crate) fn command(&self, prog: impl AsRef<std::ffi::OsStr>) -> Command {
         use std::os::unix::process::CommandExt;
+        use rustix::process::{getppid, set_parent_process_death_signal, Signal};
+        use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
         let fd = self.file.as_raw_fd();
-        // SAFETY: getpid has no preconditions.
-        let parent = unsafe { libc::getpid() };
+        let parent = rustix::process::getpid();
         let mut c = Command::new(prog);
-        // SAFETY: setns, prctl and getppid are async-signal-safe; `fd` stays open in the
-        // parent (self.file) until the child has exec'd, and the child's copy is
-        // close-on-exec.
+        // SAFETY: the closure only makes system calls (rustix's, raw: no allocation, no lock;
+        // prctl, getppid and setns are async-signal-safe); `fd` stays open in the parent
+        // (self.file) until the child has exec'd, and the child's copy is close-on-exec, so
+        // borrowing it in the child is sound.
         unsafe {
             c.pre_exec(move || {
                 // Whatever runs in the namespace ends with this run, even if it is killed
                 // (its namespaces can then be removed: see `reap_stale`). Children are
                 // spawned by threads that outlive them (the main thread, or one that waits).
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 || libc::getppid() != parent {
+                if set_parent_process_death_signal(Some(Signal::TERM)).is_err() || getppid() != Some(parent) {
                     return Err(std::io::Error::other("the experiment is gone"));
                 }
-                if libc::setns(fd, libc::CLONE_NEWNET) == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error())
-                }
+                Ok(move_into_link_name_space(std::os::fd::BorrowedFd::borrow_raw(fd), Some(LinkNameSpaceType::Network))?)
             });
         }
         c
@@ -86,10 +84,10 @@ impl Netns {
         let path = format!("/run/netns/{}", self.name);
         let file = std::fs::File::open(&path).with_context(|| format!("opening {path}"))?;
         std::thread::spawn(move || {
-            // SAFETY: setns on a namespace fd we hold; it affects only this thread, which
-            // ends when `f` returns.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                bail!("setns: {}", std::io::Error::last_os_error());
+            // Only this thread changes namespace; it ends when `f` returns.
+            use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+            if let Err(e) = move_into_link_name_space(file.as_fd(), Some(LinkNameSpaceType::Network)) {
+                bail!("setns: {}", std::io::Error::from(e));
             }
             f()
         })

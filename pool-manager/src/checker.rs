@@ -120,7 +120,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
                 continue;
             }
-            if let Err(why) = crate::sockstate::reset(job.idle.sock.fd.as_raw_fd(), job.key.dest, &job.idle.sock.base) {
+            if let Err(why) = crate::sockstate::reset(&job.idle.sock.fd, job.key.dest, &job.idle.sock.base) {
                 finish(&shared, job.key, job.idle, Err(why));
                 continue;
             }
@@ -150,7 +150,7 @@ fn collect(shared: &Shared, now: Instant) -> (Vec<Job>, Option<Instant>) {
 /// One `/proc` walk for the jobs that need it; marks the ones found held.
 async fn walk(shared: &Shared, mut jobs: Vec<Job>) -> Vec<Job> {
     let inodes: Vec<Option<u64>> =
-        jobs.iter().map(|j| if j.needs.holders { holders::socket_inode(j.idle.sock.fd.as_raw_fd()) } else { None }).collect();
+        jobs.iter().map(|j| if j.needs.holders { holders::socket_inode(&j.idle.sock.fd) } else { None }).collect();
     let socks: Vec<(std::os::fd::RawFd, u64)> =
         jobs.iter().zip(&inodes).filter_map(|(j, ino)| ino.map(|i| (j.idle.sock.fd.as_raw_fd(), i))).collect();
     if socks.is_empty() {

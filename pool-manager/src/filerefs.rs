@@ -122,15 +122,17 @@ struct IterCreate {
     flags: u32,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<RawFd> {
+/// A bpf(2) command that makes a new fd (the three used here all do), owned at once.
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<OwnedFd> {
     // SAFETY: attr is a properly laid out bpf_attr prefix of its exact size; the kernel
-    // zero-extends the rest.
+    // zero-extends the rest. libc: neither rustix nor nix has bpf(2).
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, (attr as *mut T).cast::<libc::c_void>(), std::mem::size_of::<T>()) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as RawFd)
+    let fd = RawFd::try_from(r).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: these commands return a new fd, installed for us and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// One BPF instruction.
@@ -230,8 +232,6 @@ impl FileRefs {
             let text = String::from_utf8_lossy(&log[..end]).trim().to_owned();
             FileRefsError::Bpf { cmd: "PROG_LOAD", source, log: if text.is_empty() { text } else { format!("\nverifier: {text}") } }
         })?;
-        // SAFETY: a new fd from the kernel, owned from here on.
-        let prog = unsafe { OwnedFd::from_raw_fd(prog) };
         let mut task = IterTask { pid: std::process::id(), ..IterTask::default() };
         let mut link = LinkCreate {
             prog_fd: prog.as_raw_fd() as u32,
@@ -241,15 +241,9 @@ impl FileRefs {
             ..LinkCreate::default()
         };
         let link = bpf(BPF_LINK_CREATE, &mut link).map_err(|source| FileRefsError::Bpf { cmd: "LINK_CREATE", source, log: String::new() })?;
-        // SAFETY: as above.
-        let link = unsafe { OwnedFd::from_raw_fd(link) };
-        // SAFETY: plain socket creation; owned at once.
-        let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
-        if raw < 0 {
-            return Err(FileRefsError::Sys { what: "control socket", source: std::io::Error::last_os_error() });
-        }
-        // SAFETY: as above.
-        let control = unsafe { OwnedFd::from_raw_fd(raw) };
+        use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+        let control = socket_with(AddressFamily::INET, SocketType::STREAM, SocketFlags::CLOEXEC, None)
+            .map_err(|e| FileRefsError::Sys { what: "control socket", source: e.into() })?;
         let me = FileRefs { link, _prog: prog, control, file_ref_t: layout.file_ref_t, buf: std::sync::Mutex::new(vec![0u8; 64 * 1024]) };
         me.held(&[])?;
         Ok(me)
@@ -259,23 +253,15 @@ impl FileRefs {
     fn each_file(&self, mut visit: impl FnMut(RawFd, u64)) -> Result<(), FileRefsError> {
         let mut create = IterCreate { link_fd: self.link.as_raw_fd() as u32, flags: 0 };
         let it = bpf(BPF_ITER_CREATE, &mut create).map_err(|source| FileRefsError::Bpf { cmd: "ITER_CREATE", source, log: String::new() })?;
-        // SAFETY: as above.
-        let it = unsafe { OwnedFd::from_raw_fd(it) };
         let mut buf = self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
-            // SAFETY: reading into our buffer, at most its length.
-            let n = unsafe { libc::read(it.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            match n {
-                0 => return Ok(()),
-                n if n < 0 => {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(FileRefsError::Sys { what: "reading the iterator", source: e });
-                    }
-                }
+            match rustix::io::read(&it, &mut buf[..]) {
+                Ok(0) => return Ok(()),
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(FileRefsError::Sys { what: "reading the iterator", source: e.into() }),
                 // The program writes whole 16-byte records and seq_file never splits one.
-                n => {
-                    for r in buf[..n as usize].chunks_exact(16) {
+                Ok(n) => {
+                    for r in buf[..n].chunks_exact(16) {
                         let fd = u64::from_le_bytes(r[..8].try_into().unwrap_or_default()) as RawFd;
                         visit(fd, u64::from_le_bytes(r[8..].try_into().unwrap_or_default()));
                     }
@@ -321,8 +307,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn refs() -> Option<FileRefs> {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             eprintln!("SKIP: needs root (BPF)");
             return None;
         }
@@ -333,8 +318,7 @@ mod tests {
     fn a_socket_only_we_hold_is_alone_and_a_dup_or_a_message_in_flight_is_not() {
         let Some(r) = refs() else { return };
         let (a, b) = UnixStream::pair().unwrap();
-        // SAFETY: plain socket creation.
-        let s = unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0)) };
+        let s: OwnedFd = std::net::TcpListener::bind("127.0.0.1:0").unwrap().into();
         assert_eq!(r.held(&[s.as_raw_fd()]).unwrap(), vec![false], "alone");
         let d = s.try_clone().unwrap();
         assert_eq!(r.held(&[s.as_raw_fd()]).unwrap(), vec![true], "dup'ed: two table slots");

@@ -28,14 +28,8 @@ use tracing::{info, warn};
 
 /// The inode of a socket (what `/proc/PID/fd/N` links to as `socket:[inode]`).
 #[must_use]
-pub fn socket_inode(fd: RawFd) -> Option<u64> {
-    // SAFETY: plain old data, written by fstat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one struct stat.
-    if unsafe { libc::fstat(fd, &mut st) } != 0 {
-        return None;
-    }
-    Some(st.st_ino)
+pub fn socket_inode(fd: impl std::os::fd::AsFd) -> Option<u64> {
+    rustix::fs::fstat(fd).ok().map(|st| st.st_ino)
 }
 
 /// What one walk cost.
@@ -150,7 +144,8 @@ fn own_table_threads(pid: u32) -> Vec<u32> {
 /// `kcmp(KCMP_FILES)`: whether two tasks share one fd table (unknown counts as not).
 fn same_files(a: u32, b: u32) -> bool {
     const KCMP_FILES: libc::c_long = 2;
-    // SAFETY: kcmp compares two tasks' kernel objects; no memory is passed.
+    // SAFETY: kcmp compares two tasks' kernel objects; no memory is passed. libc: rustix has
+    // no kcmp.
     let r = unsafe {
         libc::syscall(libc::SYS_kcmp, libc::c_long::from(a), libc::c_long::from(b), KCMP_FILES, 0 as libc::c_long, 0 as libc::c_long)
     };
@@ -173,11 +168,8 @@ fn scan_table(dir: &str, wanted: &HashSet<u64>, found: &mut HashSet<u64>, stats:
         }
         name[..n.len()].copy_from_slice(n);
         name[n.len()] = 0;
-        // SAFETY: a NUL-terminated name relative to an open directory, into our buffer.
-        let r = unsafe {
-            libc::readlinkat(std::os::fd::AsRawFd::as_raw_fd(&dirfd), name.as_ptr().cast(), link.as_mut_ptr().cast(), link.len())
-        };
-        let Ok(len) = usize::try_from(r) else { continue };
+        let Ok(cname) = std::ffi::CStr::from_bytes_with_nul(&name[..=n.len()]) else { continue };
+        let Ok(len) = rustix::fs::readlinkat_raw(&dirfd, cname, &mut link[..]) else { continue };
         if let Some(ino) = parse_socket_link(&link[..len]) {
             if wanted.contains(&ino) {
                 found.insert(ino);
@@ -195,7 +187,6 @@ fn parse_socket_link(l: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[test]
     fn socket_links_parse() {
@@ -207,7 +198,7 @@ mod tests {
     #[test]
     fn a_socket_of_another_process_is_found_and_ours_is_not() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let ino = socket_inode(l.as_raw_fd()).unwrap();
+        let ino = socket_inode(&l).unwrap();
         let wanted: HashSet<u64> = [ino].into();
         // Only this process holds it: excluded, so nobody.
         let (found, stats) = find_holders(&wanted, std::process::id());

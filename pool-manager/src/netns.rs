@@ -18,7 +18,7 @@
 use crate::pool::{Actions, PoolTable};
 use crate::server::{PoolKey, PooledSock, Shared};
 use std::collections::HashMap;
-use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -262,13 +262,9 @@ fn spawn_maker(ns: NetNs, cookie: Arc<AtomicU64>) -> mpsc::Sender<Request> {
 }
 
 fn new_socket(domain: libc::c_int) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain socket creation; the fd goes straight into an OwnedFd.
-    let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: a new fd, ours.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+    let family = AddressFamily::from_raw(u16::try_from(domain).map_err(|_| std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT))?);
+    Ok(socket_with(family, SocketType::STREAM, SocketFlags::NONBLOCK | SocketFlags::CLOEXEC, None)?)
 }
 
 /// Make and connect a socket for `key`'s pool, in the namespace of `key`'s tenant: the one

@@ -20,7 +20,7 @@
 //! After success the proof's request and reply are consumed entirely: the socket is as a
 //! fresh one for the next function (and for Redis, its session is reset).
 
-use crate::sock::Discard;
+use crate::sock::{peek, Discard};
 use serde::Deserialize;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::Duration;
@@ -186,9 +186,7 @@ pub fn http_head_reply(got: &[u8]) -> Parse {
 /// A fresh random nonce (hex).
 fn nonce() -> String {
     let mut b = [0u8; 16];
-    // SAFETY: getrandom writes at most b.len() bytes into our buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n != b.len() as isize {
+    if rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty()) != Ok(b.len()) {
         // Never: getrandom on 16 bytes does not fail once the pool is initialised. The
         // time is still unpredictable to a function that cannot see the daemon.
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
@@ -265,10 +263,9 @@ pub async fn prove(fd: OwnedFd, protocol: Protocol, check: &CheckSettings, host:
 }
 
 async fn exchange(afd: &AsyncFd<OwnedFd>, request: &[u8], redis: Option<&RedisExpect>, quiet: Duration) -> Outcome {
+    use rustix::net::SendFlags;
     let raw = afd.get_ref().as_raw_fd();
-    // SAFETY: send from our buffer without blocking or SIGPIPE.
-    let n = unsafe { libc::send(raw, request.as_ptr().cast(), request.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-    if n != request.len() as isize {
+    if rustix::net::send(afd.get_ref(), request, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) != Ok(request.len()) {
         return Outcome::Error;
     }
     let mut got = Vec::with_capacity(256);
@@ -318,30 +315,10 @@ async fn quiet_until_byte(afd: &AsyncFd<OwnedFd>) {
     }
 }
 
-/// Peek one byte without blocking: `Ok(0)` EOF, `Ok(1)` a byte waits.
-fn peek(fd: std::os::fd::RawFd) -> std::io::Result<usize> {
-    let mut one = [0u8; 1];
-    // SAFETY: peek one byte into our buffer without blocking.
-    let r = unsafe { libc::recv(fd, one.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
 async fn recv(afd: &AsyncFd<OwnedFd>, buf: &mut [u8]) -> std::io::Result<usize> {
     loop {
         let mut guard = afd.readable().await?;
-        let r = guard.try_io(|a| {
-            // SAFETY: recv into our buffer without blocking.
-            let n = unsafe { libc::recv(a.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
-        });
+        let r = guard.try_io(|a| Ok(rustix::net::recv(a.get_ref(), &mut *buf, rustix::net::RecvFlags::DONTWAIT).map(|(n, _)| n)?));
         match r {
             Ok(r) => return r,
             Err(_would_block) => {}

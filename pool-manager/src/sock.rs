@@ -198,7 +198,7 @@ const SIOCOUTQ: libc::c_ulong = libc::TIOCOUTQ;
 const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 
 /// Peek one byte: `Ok(0)` = FIN seen, `Ok(n)` = data waiting, `Err(WouldBlock)` = quiet.
-fn peek(fd: RawFd) -> std::io::Result<usize> {
+pub(crate) fn peek(fd: RawFd) -> std::io::Result<usize> {
     let mut b = [0u8; 1];
     // SAFETY: recv into a one-byte buffer, never consuming (MSG_PEEK), never blocking.
     let r = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };

@@ -22,7 +22,7 @@
 
 use crate::sock::Discard;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 
 /// Constants libc does not name on Linux (asm-generic values, which x86_64 and aarch64 use).
 mod sol {
@@ -195,6 +195,10 @@ pub struct Snapshot {
     status: libc::c_int,
 }
 
+// The option table is read and written as raw bytes, one generic `getsockopt`/`setsockopt`
+// for every row: rustix and nix only have a typed function per option, and not for all of
+// [`OPTIONS`] (`SO_LOCK_FILTER`, `SO_BUSY_POLL`, `TCP_TX_DELAY`, ...). So these stay libc.
+
 fn get(fd: RawFd, o: &Opt) -> Option<Value> {
     let mut v = Value {
         len: 0,
@@ -226,14 +230,16 @@ fn set(fd: RawFd, o: &Opt, v: &Value) -> bool {
 }
 
 fn fcntl(fd: RawFd, cmd: libc::c_int, arg: libc::c_int) -> libc::c_int {
-    // SAFETY: the fcntl commands used here take (at most) one int.
+    // SAFETY: the fcntl commands used here take (at most) one int. libc: rustix has
+    // F_GETFL/F_SETFL but not F_GETOWN/F_SETOWN/F_GETSIG/F_SETSIG, and one path for all is simpler.
     unsafe { libc::fcntl(fd, cmd, arg) }
 }
 
 impl Snapshot {
     /// The current values of `fd` (a socket the daemon just made: the pool's values).
     #[must_use]
-    pub fn take(fd: RawFd) -> Self {
+    pub fn take(fd: impl AsFd) -> Self {
+        let fd = fd.as_fd().as_raw_fd();
         Self {
             values: std::array::from_fn(|i| get(fd, &OPTIONS[i])),
             status: fcntl(fd, libc::F_GETFL, 0),
@@ -248,25 +254,14 @@ impl Snapshot {
     /// # Errors
     /// If no socket can be made.
     pub fn fresh(dest: SocketAddr) -> std::io::Result<Self> {
+        use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
         let domain = if dest.is_ipv4() {
-            libc::AF_INET
+            AddressFamily::INET
         } else {
-            libc::AF_INET6
+            AddressFamily::INET6
         };
-        // SAFETY: plain socket creation; the fd goes straight into an OwnedFd.
-        let fd = unsafe {
-            libc::socket(
-                domain,
-                libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd that nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Self::take(fd.as_raw_fd()))
+        let fd = socket_with(domain, SocketType::STREAM, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?;
+        Ok(Self::take(&fd))
     }
 
     /// The recorded value of the option called `label` as an integer (tests, diagnostics).
@@ -299,7 +294,8 @@ pub enum Unrestorable {
 ///
 /// # Errors
 /// What could not be put back: the socket must not be reused.
-pub fn restore(fd: RawFd, base: &Snapshot) -> Result<(), Unrestorable> {
+pub fn restore(fd: impl AsFd, base: &Snapshot) -> Result<(), Unrestorable> {
+    let fd = fd.as_fd().as_raw_fd();
     for (o, want) in OPTIONS.iter().zip(&base.values) {
         let Some(want) = want else { continue };
         let Some(now) = get(fd, o) else {
@@ -321,6 +317,7 @@ pub fn restore(fd: RawFd, base: &Snapshot) -> Result<(), Unrestorable> {
     // A filter the function attached (classic or eBPF); ENOENT: there was none.
     let unused: libc::c_int = 0;
     // SAFETY: SO_DETACH_FILTER ignores its value, but the kernel wants an int's length.
+    // libc: rustix has no SO_DETACH_FILTER.
     if unsafe {
         libc::setsockopt(
             fd,
@@ -357,55 +354,16 @@ fn restore_status(fd: RawFd, status: libc::c_int) -> Result<(), Unrestorable> {
 /// Whether `fd` is still connected to `dest` (a function may have disconnected it with
 /// `connect(AF_UNSPEC)` and connected it elsewhere).
 #[must_use]
-pub fn peer_is(fd: RawFd, dest: SocketAddr) -> bool {
-    // SAFETY: sockaddr_storage is plain old data; getpeername writes at most `len` bytes.
-    let mut ss: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: as above.
-    if unsafe {
-        libc::getpeername(
-            fd,
-            (&mut ss as *mut libc::sockaddr_storage).cast(),
-            &mut len,
-        )
-    } != 0
-    {
-        return false;
-    }
-    let peer = match (libc::c_int::from(ss.ss_family), dest) {
-        (libc::AF_INET, SocketAddr::V4(_)) => {
-            // SAFETY: the kernel wrote a sockaddr_in.
-            let sin =
-                unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            SocketAddr::new(
-                std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)).into(),
-                u16::from_be(sin.sin_port),
-            )
-        }
-        (libc::AF_INET6, SocketAddr::V6(_)) => {
-            // SAFETY: the kernel wrote a sockaddr_in6.
-            let sin6 =
-                unsafe { &*(&ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
-            SocketAddr::new(
-                std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr).into(),
-                u16::from_be(sin6.sin6_port),
-            )
-        }
-        _ => return false,
-    };
-    peer.ip() == dest.ip() && peer.port() == dest.port()
+pub fn peer_is(fd: impl AsFd, dest: SocketAddr) -> bool {
+    // Address and port only: an IPv6 peer's flow label and scope are not the destination's.
+    let peer = rustix::net::getpeername(fd).ok().flatten().and_then(|a| SocketAddr::try_from(a).ok());
+    peer.is_some_and(|p| p.ip() == dest.ip() && p.port() == dest.port())
 }
 
 /// Nothing waits on the error queue and no urgent byte is pending (`POLLERR`/`POLLPRI`).
-fn quiet(fd: RawFd) -> bool {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLPRI,
-        revents: 0,
-    };
-    // SAFETY: one pollfd, no waiting.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r == 0
+fn quiet(fd: impl AsFd) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    matches!(poll(&mut [PollFd::new(&fd, PollFlags::PRI)], Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
 }
 
 /// The give-back check for a socket's state: same peer as the lease, nothing on the error
@@ -414,7 +372,8 @@ fn quiet(fd: RawFd) -> bool {
 /// # Errors
 /// The reason to discard it ([`Discard::PeerChanged`], [`Discard::Error`],
 /// [`Discard::Sockopt`]).
-pub fn reset(fd: RawFd, dest: SocketAddr, base: &Snapshot) -> Result<(), Discard> {
+pub fn reset(fd: impl AsFd, dest: SocketAddr, base: &Snapshot) -> Result<(), Discard> {
+    let fd = fd.as_fd();
     if !peer_is(fd, dest) {
         return Err(Discard::PeerChanged);
     }
@@ -471,21 +430,10 @@ mod tests {
     fn options_a_function_set_are_put_back() {
         let (c, _s, a) = pair();
         let fd = c.as_raw_fd();
-        let base = Snapshot::take(fd);
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 1000,
-        };
-        // SAFETY: a timeval option from a timeval.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                S,
-                libc::SO_RCVTIMEO,
-                (&tv as *const libc::timeval).cast(),
-                16,
-            )
-        };
+        let base = Snapshot::take(&c);
+        use rustix::net::sockopt;
+        let ms = Some(std::time::Duration::from_millis(1));
+        sockopt::set_socket_timeout(&c, sockopt::Timeout::Recv, ms).expect("SO_RCVTIMEO");
         set_int(fd, S, libc::SO_RCVLOWAT, 4096);
         set_int(fd, T, libc::TCP_NODELAY, 1);
         set_int(fd, S, libc::SO_KEEPALIVE, 1);
@@ -495,22 +443,8 @@ mod tests {
         set_int(fd, S, libc::SO_PRIORITY, 6);
         set_int(fd, IP, libc::IP_TOS, 0x10);
         set_int(fd, IP, libc::IP_TTL, 3);
-        let l = libc::linger {
-            l_onoff: 1,
-            l_linger: 0,
-        };
-        // SAFETY: a linger option from a linger.
-        unsafe {
-            libc::setsockopt(
-                fd,
-                S,
-                libc::SO_LINGER,
-                (&l as *const libc::linger).cast(),
-                8,
-            )
-        };
-        // SAFETY: the name and its length.
-        unsafe { libc::setsockopt(fd, T, libc::TCP_CONGESTION, c"reno".as_ptr().cast(), 4) };
+        sockopt::set_socket_linger(&c, Some(std::time::Duration::ZERO)).expect("SO_LINGER");
+        sockopt::set_tcp_congestion(&c, "reno").expect("TCP_CONGESTION");
         let fl = fcntl(fd, libc::F_GETFL, 0);
         assert_eq!(
             fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK | libc::O_ASYNC),
@@ -522,10 +456,10 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         assert_eq!(fcntl(fd, libc::F_SETOWN, sigio_to.id() as libc::c_int), 0);
-        assert_ne!(Snapshot::take(fd), base, "the options did not change");
-        assert_eq!(restore(fd, &base), Ok(()));
-        assert_eq!(reset(fd, a, &base), Ok(()));
-        assert_eq!(Snapshot::take(fd), base);
+        assert_ne!(Snapshot::take(&c), base, "the options did not change");
+        assert_eq!(restore(&c, &base), Ok(()));
+        assert_eq!(reset(&c, a, &base), Ok(()));
+        assert_eq!(Snapshot::take(&c), base);
         assert_eq!(get_int(fd, T, libc::TCP_NODELAY), 0);
         assert_eq!(get_int(fd, S, libc::SO_RCVLOWAT), 1);
         assert_eq!(fcntl(fd, libc::F_GETFL, 0), fl);
@@ -539,9 +473,9 @@ mod tests {
         for name in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
             let (c, _s, a) = pair();
             let fd = c.as_raw_fd();
-            let base = Snapshot::take(fd);
+            let base = Snapshot::take(&c);
             set_int(fd, S, name, 4096);
-            assert_eq!(reset(fd, a, &base), Err(Discard::Sockopt), "option {name}");
+            assert_eq!(reset(&c, a, &base), Err(Discard::Sockopt), "option {name}");
         }
     }
 
@@ -563,7 +497,7 @@ mod tests {
     fn a_socket_filter_is_detached() {
         let (c, _s, a) = pair();
         let fd = c.as_raw_fd();
-        let base = Snapshot::take(fd);
+        let base = Snapshot::take(&c);
         // "accept nothing": one classic BPF instruction, ret 0.
         let mut insn = [libc::sock_filter {
             code: 0x06,
@@ -576,12 +510,12 @@ mod tests {
             filter: insn.as_mut_ptr(),
         };
         assert_eq!(attach(fd, &prog), 0);
-        assert_eq!(restore(fd, &base), Ok(()));
-        assert_eq!(reset(fd, a, &base), Ok(()));
+        assert_eq!(restore(&c, &base), Ok(()));
+        assert_eq!(reset(&c, a, &base), Ok(()));
         // Locked: cannot be detached.
         assert_eq!(attach(fd, &prog), 0);
         set_int(fd, S, sol::SO_LOCK_FILTER, 1);
-        assert_eq!(reset(fd, a, &base), Err(Discard::Sockopt));
+        assert_eq!(reset(&c, a, &base), Err(Discard::Sockopt));
     }
 
     #[test]
@@ -589,20 +523,19 @@ mod tests {
         let (c, _s, a) = pair();
         let (_, _, other) = pair();
         assert_eq!(
-            reset(c.as_raw_fd(), other, &Snapshot::take(c.as_raw_fd())),
+            reset(&c, other, &Snapshot::take(&c)),
             Err(Discard::PeerChanged)
         );
-        assert!(peer_is(c.as_raw_fd(), a));
+        assert!(peer_is(&c, a));
     }
 
     #[test]
     fn a_fresh_socket_agrees_with_a_connected_one() {
         let (c, _s, a) = pair();
-        let fd = c.as_raw_fd();
         let fresh = Snapshot::fresh(a).expect("socket");
         // Nothing to put back on a connected socket nobody touched.
-        assert_eq!(restore(fd, &fresh), Ok(()));
-        let taken = Snapshot::take(fd);
+        assert_eq!(restore(&c, &fresh), Ok(()));
+        let taken = Snapshot::take(&c);
         for (i, o) in OPTIONS.iter().enumerate() {
             if o.how == How::Restore {
                 assert_eq!(taken.values[i], fresh.values[i], "{}", o.label);
@@ -623,11 +556,11 @@ mod cost {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let a = l.local_addr().expect("addr");
         let c = std::net::TcpStream::connect(a).expect("connect");
-        let base = Snapshot::take(c.as_raw_fd());
+        let base = Snapshot::take(&c);
         let n = 20_000;
         let t = std::time::Instant::now();
         for _ in 0..n {
-            assert_eq!(reset(c.as_raw_fd(), a, &base), Ok(()));
+            assert_eq!(reset(&c, a, &base), Ok(()));
         }
         eprintln!(
             "reset: {:.2} µs per give-back",

@@ -99,15 +99,16 @@ fn netns_of(pidfd: Option<&OwnedFd>, pid: i32) -> Result<NetNs, NetNsError> {
 ///
 /// # Errors
 /// See [`TenantError`].
-pub fn identify(sock: RawFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> Result<Peer, TenantError> {
+pub fn identify(sock: impl AsFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> Result<Peer, TenantError> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: SO_PEERCRED writes one ucred.
-    let r = unsafe { libc::getsockopt(sock, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    // SAFETY: SO_PEERCRED writes one ucred. libc, not rustix's `socket_peercred`: its `UCred`
+    // holds a non-zero `Pid`, and the kernel reports pid 0 for a peer outside our pid namespace.
+    let r = unsafe { libc::getsockopt(sock.as_fd().as_raw_fd(), libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
     if r != 0 {
         return Err(TenantError::Cred(std::io::Error::last_os_error()));
     }
-    let pidfd = tenancy::netns::peer_pidfd(sock);
+    let pidfd = tenancy::netns::peer_pidfd(sock.as_fd());
     of_process(cred.pid, cred.uid, pidfd.as_ref(), by, namespaces)
 }
 
@@ -160,14 +161,10 @@ fn euid_of(pid: i32) -> std::io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::fd::FromRawFd;
 
     fn pidfd_open(pid: i32) -> OwnedFd {
-        // SAFETY: pidfd_open returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
-        // SAFETY: a new fd, ours.
-        unsafe { OwnedFd::from_raw_fd(fd) }
+        let pid = rustix::process::Pid::from_raw(pid).expect("a positive pid");
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).expect("pidfd_open")
     }
 
     #[test]
@@ -176,8 +173,7 @@ mod tests {
         let me = std::process::id() as i32;
         let peer = identify_pidfd(&pidfd_open(me), TenantBy::UidAndCgroup, &ns).expect("identified");
         assert_eq!(peer.pid, me);
-        // SAFETY: geteuid has no preconditions.
-        assert_eq!(peer.tenant.uid, unsafe { libc::geteuid() });
+        assert_eq!(peer.tenant.uid, rustix::process::geteuid().as_raw());
         assert_eq!(&*peer.tenant.cgroup, tenancy::cgroup::cgroup_of(me).unwrap());
         assert_eq!(peer.tenant.netns, None, "our own namespace is the daemon's");
     }

@@ -7,7 +7,7 @@
 //! The identity is the (device, inode) of the namespace file; it cannot be reused while the
 //! [`NetNs`] (which holds the fd, and so the namespace) lives.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Identity of a network namespace: device and inode of its nsfs file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -93,6 +93,7 @@ impl NetNs {
     /// [`NetNsError::Open`], or [`NetNsError::Gone`] if the process exited meanwhile.
     pub fn of_pidfd(pidfd: BorrowedFd<'_>, pid: i32) -> Result<Self, NetNsError> {
         // SAFETY: the ioctl takes no argument and returns a new fd (owned by us) or -1.
+        // libc: rustix's ioctl API has no fd-returning request type.
         let fd = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_NET_NAMESPACE as _, 0) };
         let fd = if fd >= 0 {
             // SAFETY: the kernel installed a new fd for us.
@@ -119,12 +120,9 @@ impl NetNs {
     /// # Errors
     /// [`NetNsError::Enter`].
     pub fn enter(&self) -> Result<(), NetNsError> {
-        // SAFETY: setns on an fd we own; it changes only this thread's namespace.
-        let r = unsafe { libc::setns(self.fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        if r != 0 {
-            return Err(NetNsError::Enter { id: self.id, source: std::io::Error::last_os_error() });
-        }
-        Ok(())
+        use rustix::thread::{move_into_link_name_space, LinkNameSpaceType};
+        move_into_link_name_space(self.fd.as_fd(), Some(LinkNameSpaceType::Network))
+            .map_err(|e| NetNsError::Enter { id: self.id, source: e.into() })
     }
 }
 
@@ -135,23 +133,19 @@ impl AsFd for NetNs {
 }
 
 fn id_of(fd: BorrowedFd<'_>) -> std::io::Result<NetNsId> {
-    // SAFETY: all-zero is a valid stat.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one stat.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let st = rustix::fs::fstat(fd)?;
     Ok(NetNsId { dev: st.st_dev, ino: st.st_ino })
 }
 
 /// The pidfd of the process at the other end of a Unix connection (`SO_PEERPIDFD`, 6.5+),
 /// or `None` where the kernel has none.
 #[must_use]
-pub fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
+pub fn peer_pidfd(sock: BorrowedFd<'_>) -> Option<OwnedFd> {
     let mut fd: libc::c_int = -1;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: SO_PEERPIDFD writes one int (a new fd, owned by us).
-    let r = unsafe { libc::getsockopt(sock, libc::SOL_SOCKET, SO_PEERPIDFD, (&mut fd as *mut libc::c_int).cast(), &mut len) };
+    // SAFETY: SO_PEERPIDFD writes one int (a new fd, owned by us). libc: rustix has no
+    // SO_PEERPIDFD getter (only SO_PEERCRED).
+    let r = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, (&mut fd as *mut libc::c_int).cast(), &mut len) };
     // SAFETY: on success the kernel installed a new fd for us.
     (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
 }
@@ -159,10 +153,9 @@ pub fn peer_pidfd(sock: RawFd) -> Option<OwnedFd> {
 /// Whether the process behind a pidfd has exited (its pidfd polls readable).
 #[must_use]
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
-    let mut p = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one pollfd, zero timeout.
-    let r = unsafe { libc::poll(&mut p, 1, 0) };
-    r != 0
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    // A poll that fails proves nothing about the process: counted as exited (refused).
+    !matches!(poll(&mut [PollFd::new(&pidfd, PollFlags::IN)], Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
 }
 
 #[cfg(test)]
@@ -174,11 +167,7 @@ mod tests {
         let own = NetNs::current().expect("own netns");
         let ino = std::fs::metadata("/proc/self/ns/net").map(|m| std::os::unix::fs::MetadataExt::ino(&m)).expect("stat");
         assert_eq!(own.id().ino, ino);
-        // SAFETY: pidfd_open returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, std::process::id() as libc::pid_t, 0) } as i32;
-        assert!(fd >= 0, "pidfd_open: {}", std::io::Error::last_os_error());
-        // SAFETY: a new fd, ours.
-        let pidfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let pidfd = rustix::process::pidfd_open(rustix::process::getpid(), rustix::process::PidfdFlags::empty()).expect("pidfd_open");
         let via = NetNs::of_pidfd(pidfd.as_fd(), std::process::id() as i32).expect("netns through pidfd");
         assert_eq!(via.id(), own.id());
         assert!(!pidfd_exited(pidfd.as_fd()));

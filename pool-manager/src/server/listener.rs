@@ -3,7 +3,7 @@
 
 use crate::defaults;
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,34 +15,10 @@ use super::{Shared, ServeError};
 use super::session::*;
 use super::tasks::*;
 
-pub(super) fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-pub(super) fn sockaddr_un(path: &Path) -> std::io::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    use std::os::unix::ffi::OsStrExt;
-    // SAFETY: plain old data.
-    let mut sun: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    sun.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    let b = path.as_os_str().as_bytes();
-    if b.len() >= sun.sun_path.len() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "socket path too long"));
-    }
-    for (d, s) in sun.sun_path.iter_mut().zip(b) {
-        *d = *s as libc::c_char;
-    }
-    Ok((sun, std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t))
-}
-
+/// A non-blocking, close-on-exec Unix `SOCK_SEQPACKET` socket (the daemon's listener).
 pub(super) fn seqpacket() -> std::io::Result<OwnedFd> {
-    // SAFETY: plain socket creation; the fd goes straight into an OwnedFd.
-    let fd = cvt(unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) })?;
-    // SAFETY: fresh fd, owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    use rustix::net::{socket_with, AddressFamily, SocketFlags, SocketType};
+    Ok(socket_with(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC | SocketFlags::NONBLOCK, None)?)
 }
 
 /// Bind the listening socket: creates the directory, refuses to steal a live daemon's socket,
@@ -61,14 +37,12 @@ pub fn bind(path: &Path, mode: u32) -> Result<OwnedFd, ServeError> {
         }
         std::fs::remove_file(path).map_err(|e| io("removing stale socket", e))?;
     }
-    let (sun, len) = sockaddr_un(path).map_err(|e| io("socket path", e))?;
+    let addr = rustix::net::SocketAddrUnix::new(path).map_err(|e| io("socket path", e.into()))?;
     let sock = seqpacket().map_err(|e| io("creating socket for", e))?;
-    // SAFETY: sun is a valid address of `len` bytes.
-    cvt(unsafe { libc::bind(sock.as_raw_fd(), (&sun as *const libc::sockaddr_un).cast(), len) }).map_err(|e| io("binding", e))?;
+    rustix::net::bind(&sock, &addr).map_err(|e| io("binding", e.into()))?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(|e| io("setting permissions of", e))?;
-    // SAFETY: listen on our bound socket.
-    cvt(unsafe { libc::listen(sock.as_raw_fd(), defaults::LISTEN_BACKLOG) }).map_err(|e| io("listening on", e))?;
+    rustix::net::listen(&sock, defaults::LISTEN_BACKLOG).map_err(|e| io("listening on", e.into()))?;
     Ok(sock)
 }
 
@@ -157,14 +131,7 @@ pub(super) async fn accept_until(listener: &AsyncFd<OwnedFd>, shared: &Arc<Share
             () = handover.cancelled() => return Ok(()),
             g = listener.readable() => g?,
         };
-        let accepted = guard.try_io(|l| {
-            // SAFETY: accept4 on our listener; the new fd goes straight into an OwnedFd.
-            let fd = unsafe {
-                libc::accept4(l.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
-            };
-            // SAFETY: on success, a fresh fd we own.
-            cvt(fd).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
-        });
+        let accepted = guard.try_io(|l| Ok(rustix::net::accept_with(l.get_ref(), rustix::net::SocketFlags::CLOEXEC | rustix::net::SocketFlags::NONBLOCK)?));
         match accepted {
             Ok(Ok(conn)) => {
                 shared.metrics.clients.fetch_add(1, Ordering::Relaxed);

@@ -49,7 +49,7 @@ use crate::pool::{Actions, PoolTable};
 use crate::sock::Discard;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -69,7 +69,7 @@ impl PooledSock {
     /// are the pool's.
     #[must_use]
     pub fn new(fd: OwnedFd) -> Self {
-        let base = Arc::new(crate::sockstate::Snapshot::take(fd.as_raw_fd()));
+        let base = Arc::new(crate::sockstate::Snapshot::take(&fd));
         Self { fd, base }
     }
 }

@@ -39,7 +39,7 @@ pub(super) fn identify(shared: &Shared, conn: &OwnedFd) -> Result<(Peer, Option<
     use crate::config::TenantBy;
     // The cgroup allow-list needs the cgroup even where tenants are told apart by uid only.
     let read_cgroup = if shared.config.allow_cgroups.is_some() { TenantBy::UidAndCgroup } else { shared.config.tenant_by };
-    Ok(admit(shared, tenant::identify(conn.as_raw_fd(), read_cgroup, &shared.netns)?))
+    Ok(admit(shared, tenant::identify(conn, read_cgroup, &shared.netns)?))
 }
 
 /// Check an identified peer against the allow-lists (its refusal, if any), and drop the
