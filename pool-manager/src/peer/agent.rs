@@ -49,6 +49,10 @@ struct State {
     building: HashMap<u64, Channel>,
     waiters: HashMap<u64, oneshot::Sender<Option<ReadyLink>>>,
     requests: HashMap<u32, oneshot::Sender<u64>>,
+    /// Prewarm requests sent and not yet answered (`Assigned`), with their channel and when
+    /// they were sent: counted as links on their way, so two prewarm turns before the server's
+    /// answer do not ask twice.
+    prewarm_asked: HashMap<u32, (Channel, Instant)>,
     /// Links recently made or failed (bounded), to tell "not started here yet" from "gone".
     finished: std::collections::VecDeque<u64>,
 }
@@ -275,13 +279,17 @@ impl Agent {
                 continue;
             }
             let ch: Channel = (peer.name.clone(), *port);
-            let have = {
-                let st = self.lock();
-                st.ready.get(&ch).map_or(0, BTreeMap::len) + st.building.values().filter(|c| **c == ch).count()
-            };
+            let mut st = self.lock();
+            let timeout = self.settings.link_timeout;
+            st.prewarm_asked.retain(|_, (_, at)| at.elapsed() < timeout);
+            let have = st.ready.get(&ch).map_or(0, BTreeMap::len)
+                + st.building.values().filter(|c| **c == ch).count()
+                + st.prewarm_asked.values().filter(|(c, _)| *c == ch).count();
             for _ in have..want {
                 let req = self.next_req.fetch_add(1, Ordering::Relaxed);
-                self.send(Frame::LinkRequest { req, peer: peer.name.clone(), port: *port, prewarm: true });
+                if self.send(Frame::LinkRequest { req, peer: peer.name.clone(), port: *port, prewarm: true }) {
+                    st.prewarm_asked.insert(req, (ch.clone(), Instant::now()));
+                }
             }
         }
     }
@@ -362,6 +370,7 @@ impl Agent {
         st.building.clear();
         st.waiters.clear();
         st.requests.clear();
+        st.prewarm_asked.clear();
         closed
     }
 }
@@ -399,6 +408,7 @@ async fn stay_connected(agent: &Arc<Agent>, cancel: &CancellationToken) {
         *agent.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         // Requests waiting for an answer on the lost connection fail now (their senders drop).
         agent.lock().requests.clear();
+        agent.lock().prewarm_asked.clear();
         if let Err(e) = r {
             warn!(error = %e, "rendezvous control connection lost; reconnecting");
         }
@@ -457,6 +467,9 @@ async fn read_control(agent: &Arc<Agent>, mut rd: tokio::net::tcp::OwnedReadHalf
         };
         match frame {
             Frame::Assigned { req, link } => {
+                // A prewarm request's link is `building` from its `LinkStart`, which the server
+                // sends before `Assigned`.
+                agent.lock().prewarm_asked.remove(&req);
                 if let Some(tx) = agent.lock().requests.remove(&req) {
                     let _ = tx.send(link);
                 }
