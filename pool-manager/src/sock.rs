@@ -3,6 +3,9 @@
 //! Every check is a non-blocking system call on the daemon's reference to the socket
 //! (`MSG_DONTWAIT`, ioctls, `TCP_INFO`), so it works whatever `O_NONBLOCK` a function left on
 //! the shared file description, and pooled sockets are never registered with the reactor.
+//! The checks borrow the socket (`impl AsFd`: callers pass `&s.fd`). They go through rustix
+//! where it has the call (the peek, `SO_ERROR`, `FIONREAD`); `TCP_INFO`, `SIOCOUTQ` and
+//! `SIOCOUTQNSD`, which it lacks, are the two libc calls left here.
 
 use rustix::net::RecvFlags;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
