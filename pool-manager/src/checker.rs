@@ -138,7 +138,7 @@ pub(crate) async fn run(shared: Arc<Shared>, cancel: CancellationToken) {
 /// Take the sockets due from every pool; and when the next one is due.
 fn collect(shared: &Shared, now: Instant) -> (Vec<Job>, Option<Instant>) {
     let mut acts = Actions::default();
-    let next = shared.lock().start_checks(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut acts);
+    let next = shared.lock().start_checks(now, &mut |s| sock::idle_check(&s.fd), &mut acts);
     let jobs = std::mem::take(&mut acts.check)
         .into_iter()
         .map(|CheckJob { key, check, settings }| Job { key, idle: check.idle, needs: check.needs, settings, held: 0 })

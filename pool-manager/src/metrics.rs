@@ -267,9 +267,7 @@ fn tenant_lines(o: &mut String, shared: &Shared) {
                 let _ = writeln!(o, "warmpool_pool_sockets{{{labels},state=\"{state}\"}} {n}");
             }
             for s in pool.idle_sockets() {
-                use std::os::fd::AsRawFd;
-                let fd = s.fd.as_raw_fd();
-                let _ = writeln!(cwnd_lines, "warmpool_pooled_socket_cwnd{{{labels},local_port=\"{}\"}} {}", sock::local_port(fd), sock::cwnd(fd));
+                let _ = writeln!(cwnd_lines, "warmpool_pooled_socket_cwnd{{{labels},local_port=\"{}\"}} {}", sock::local_port(&s.fd), sock::cwnd(&s.fd));
             }
         }
     }

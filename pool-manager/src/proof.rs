@@ -22,7 +22,7 @@
 
 use crate::sock::{peek, Discard};
 use serde::Deserialize;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 use tokio::io::unix::AsyncFd;
 
@@ -264,7 +264,6 @@ pub async fn prove(fd: OwnedFd, protocol: Protocol, check: &CheckSettings, host:
 
 async fn exchange(afd: &AsyncFd<OwnedFd>, request: &[u8], redis: Option<&RedisExpect>, quiet: Duration) -> Outcome {
     use rustix::net::SendFlags;
-    let raw = afd.get_ref().as_raw_fd();
     if rustix::net::send(afd.get_ref(), request, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) != Ok(request.len()) {
         return Outcome::Error;
     }
@@ -291,10 +290,10 @@ async fn exchange(afd: &AsyncFd<OwnedFd>, request: &[u8], redis: Option<&RedisEx
     // out the quiet window (see the module docs).
     let wait = if redis.is_some() { Duration::ZERO } else { quiet };
     let _ = tokio::time::timeout(wait, quiet_until_byte(afd)).await;
-    match peek(raw) {
+    match peek(afd.get_ref()) {
         Ok(0) => Outcome::Closed,
         Ok(_) => Outcome::WrongReply,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match crate::sock::idle_check(raw) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => match crate::sock::idle_check(afd.get_ref()) {
             Ok(()) => Outcome::Passed,
             Err(Discard::PeerClosed) => Outcome::Closed,
             Err(_) => Outcome::Error,
@@ -308,7 +307,7 @@ async fn exchange(afd: &AsyncFd<OwnedFd>, request: &[u8], redis: Option<&RedisEx
 async fn quiet_until_byte(afd: &AsyncFd<OwnedFd>) {
     loop {
         let Ok(mut guard) = afd.readable().await else { return };
-        match peek(afd.get_ref().as_raw_fd()) {
+        match peek(afd.get_ref()) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => guard.clear_ready(),
             _ => return,
         }

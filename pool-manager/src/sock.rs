@@ -3,8 +3,12 @@
 //! Every check is a non-blocking system call on the daemon's reference to the socket
 //! (`MSG_DONTWAIT`, ioctls, `TCP_INFO`), so it works whatever `O_NONBLOCK` a function left on
 //! the shared file description, and pooled sockets are never registered with the reactor.
+//! The checks borrow the socket (`impl AsFd`: callers pass `&s.fd`). They go through rustix
+//! where it has the call (the peek, `SO_ERROR`, `FIONREAD`); `TCP_INFO`, `SIOCOUTQ` and
+//! `SIOCOUTQNSD`, which it lacks, are the two libc calls left here.
 
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use rustix::net::RecvFlags;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 /// Why a socket left the pool without being handed out (a metrics label).
@@ -170,52 +174,53 @@ pub const TCP_CLOSE_WAIT: u8 = 8;
 
 /// TCP state and unread bytes of a socket (state 0 if TCP_INFO fails).
 #[must_use]
-pub fn state_and_unread(fd: RawFd) -> (u8, i32) {
+pub fn state_and_unread(fd: impl AsFd) -> (u8, i32) {
+    let fd = fd.as_fd();
     let state = tcp_info(fd).map_or(0, |i| i.state);
-    (state, ioctl_int(fd, SIOCINQ).unwrap_or(0))
+    (state, unread(fd).map_or(0, |n| i32::try_from(n).unwrap_or(i32::MAX)))
 }
 
-/// `TCP_INFO` of `fd`.
+/// `TCP_INFO` of `fd`. libc: rustix has no `TCP_INFO` (nor a `struct tcp_info`).
 #[must_use]
-pub fn tcp_info(fd: RawFd) -> Option<TcpInfo> {
+pub fn tcp_info(fd: impl AsFd) -> Option<TcpInfo> {
     let mut info = TcpInfo::default();
     let mut len = std::mem::size_of::<TcpInfo>() as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into our repr(C) struct.
-    let r = unsafe { libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut TcpInfo).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(fd.as_fd().as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, (&mut info as *mut TcpInfo).cast(), &mut len)
+    };
     (r == 0).then_some(info)
 }
 
-fn ioctl_int(fd: RawFd, req: libc::c_ulong) -> Option<i32> {
+/// Bytes received and not read yet (`SIOCINQ`, which is `FIONREAD`).
+fn unread(fd: impl AsFd) -> Option<u64> {
+    rustix::io::ioctl_fionread(fd).ok()
+}
+
+/// An int-valued socket ioctl. libc: rustix wraps neither `SIOCOUTQ` nor `SIOCOUTQNSD` (its
+/// generic `ioctl` would need an unsafe opcode getter just the same).
+fn ioctl_int(fd: BorrowedFd<'_>, req: libc::c_ulong) -> Option<i32> {
     let mut v: libc::c_int = 0;
     // SAFETY: these ioctls write one int.
-    let r = unsafe { libc::ioctl(fd, req, &mut v) };
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req, &mut v) };
     (r == 0).then_some(v)
 }
 
-const SIOCINQ: libc::c_ulong = libc::FIONREAD;
+/// Bytes queued to send or unacknowledged (linux/sockios.h).
 const SIOCOUTQ: libc::c_ulong = libc::TIOCOUTQ;
 /// Bytes written but not yet sent (linux/sockios.h).
 const SIOCOUTQNSD: libc::c_ulong = 0x894B;
 
 /// Peek one byte: `Ok(0)` = FIN seen, `Ok(n)` = data waiting, `Err(WouldBlock)` = quiet.
-pub(crate) fn peek(fd: RawFd) -> std::io::Result<usize> {
+pub(crate) fn peek(fd: impl AsFd) -> std::io::Result<usize> {
     let mut b = [0u8; 1];
-    // SAFETY: recv into a one-byte buffer, never consuming (MSG_PEEK), never blocking.
-    let r = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    // Never consuming (PEEK), never blocking (DONTWAIT).
+    Ok(rustix::net::recv(fd, &mut b, RecvFlags::PEEK | RecvFlags::DONTWAIT)?.0)
 }
 
-/// Read (and clear) `SO_ERROR`.
-fn so_error(fd: RawFd) -> i32 {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: an int option into an int.
-    unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, (&mut v as *mut libc::c_int).cast(), &mut len) };
-    v
+/// Whether `SO_ERROR` (read and cleared) is clear; a socket it cannot be read from is not.
+fn no_error(fd: impl AsFd) -> bool {
+    matches!(rustix::net::sockopt::socket_error(fd), Ok(Ok(())))
 }
 
 /// The check every socket passes before hand-out and after quarantine: ESTABLISHED, no error,
@@ -223,8 +228,9 @@ fn so_error(fd: RawFd) -> i32 {
 ///
 /// # Errors
 /// The reason to discard it.
-pub fn idle_check(fd: RawFd) -> Result<(), Discard> {
-    if so_error(fd) != 0 {
+pub fn idle_check(fd: impl AsFd) -> Result<(), Discard> {
+    let fd = fd.as_fd();
+    if !no_error(fd) {
         return Err(Discard::Error);
     }
     match peek(fd) {
@@ -254,7 +260,7 @@ pub struct Counters {
 
 /// Counters now.
 #[must_use]
-pub fn counters(fd: RawFd) -> Counters {
+pub fn counters(fd: impl AsFd) -> Counters {
     tcp_info(fd).map(|i| Counters { acked: i.bytes_acked, received: i.bytes_received }).unwrap_or_default()
 }
 
@@ -262,8 +268,9 @@ pub fn counters(fd: RawFd) -> Counters {
 ///
 /// # Errors
 /// The reason to discard it.
-pub fn return_check(fd: RawFd, at_handout: Counters) -> Result<(), Discard> {
-    if ioctl_int(fd, SIOCINQ).is_none_or(|n| n != 0) {
+pub fn return_check(fd: impl AsFd, at_handout: Counters) -> Result<(), Discard> {
+    let fd = fd.as_fd();
+    if unread(fd).is_none_or(|n| n != 0) {
         return Err(Discard::UnreadData);
     }
     if ioctl_int(fd, SIOCOUTQNSD).is_none_or(|n| n != 0) {
@@ -296,7 +303,8 @@ pub fn return_check(fd: RawFd, at_handout: Counters) -> Result<(), Discard> {
 ///
 /// # Errors
 /// The reason to discard it.
-pub fn untouched(fd: RawFd, at_offer: Counters) -> Result<(), Discard> {
+pub fn untouched(fd: impl AsFd, at_offer: Counters) -> Result<(), Discard> {
+    let fd = fd.as_fd();
     return_check(fd, at_offer)?;
     let now = counters(fd);
     if now.acked != at_offer.acked || now.received != at_offer.received {
@@ -307,15 +315,15 @@ pub fn untouched(fd: RawFd, at_offer: Counters) -> Result<(), Discard> {
 
 /// Congestion window in segments (0 if unknown).
 #[must_use]
-pub fn cwnd(fd: RawFd) -> u32 {
+pub fn cwnd(fd: impl AsFd) -> u32 {
     tcp_info(fd).map_or(0, |i| i.snd_cwnd)
 }
 
 /// Local port (for metrics labels).
 #[must_use]
-pub fn local_port(fd: RawFd) -> u16 {
+pub fn local_port(fd: impl AsFd) -> u16 {
     let mut b = [0u8; wire::sockaddr::SOCKADDR_MAX];
-    wire::sockaddr::address_of(fd, false, &mut b).and_then(|n| wire::Dest::from_sockaddr(&b[..n])).map_or(0, |d| d.port)
+    wire::sockaddr::address_of(fd.as_fd().as_raw_fd(), false, &mut b).and_then(|n| wire::Dest::from_sockaddr(&b[..n])).map_or(0, |d| d.port)
 }
 
 /// Connect a new socket to `dest` (non-blocking, bounded by `timeout`) and detach it from
@@ -348,7 +356,7 @@ pub fn redis_ping(fd: &OwnedFd, timeout: Duration) -> Result<(), Discard> {
     const PING: &[u8] = b"*1\r\n$4\r\nPING\r\n";
     const PONG: &[u8] = b"+PONG\r\n";
     use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    use rustix::net::{RecvFlags, SendFlags};
+    use rustix::net::SendFlags;
     if rustix::net::send(fd, PING, SendFlags::DONTWAIT | SendFlags::NOSIGNAL) != Ok(PING.len()) {
         return Err(Discard::ProbeFailed);
     }
@@ -370,7 +378,7 @@ pub fn redis_ping(fd: &OwnedFd, timeout: Duration) -> Result<(), Discard> {
         }
     }
     if &buf[..got] == PONG {
-        idle_check(fd.as_raw_fd())
+        idle_check(fd)
     } else {
         Err(Discard::ProbeFailed)
     }

@@ -5,7 +5,6 @@ use crate::server::Shared;
 use crate::sock;
 use crate::tenant::Peer;
 use std::fmt::Write as _;
-use std::os::fd::AsRawFd;
 
 /// Column headings.
 pub const HEADER: [&str; 12] =
@@ -25,7 +24,7 @@ pub fn render(shared: &Shared, caller: &Peer) -> String {
         // Quarantined and under check: both on their way back, neither ready.
         let quar = quar + p.checking();
         let proto = p.settings.protocol.map_or(String::new(), |x| format!(":{}", x.name()));
-        let cwnds: Vec<u32> = p.idle_sockets().map(|s| sock::cwnd(s.fd.as_raw_fd())).collect();
+        let cwnds: Vec<u32> = p.idle_sockets().map(|s| sock::cwnd(&s.fd)).collect();
         let cwnd = if cwnds.is_empty() { "-".to_owned() } else { format!("{}", cwnds.iter().sum::<u32>() / cwnds.len() as u32) };
         let cg = if k.tenant.cgroup.is_empty() { "" } else { &k.tenant.cgroup };
         let _ = writeln!(

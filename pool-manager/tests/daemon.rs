@@ -194,7 +194,7 @@ fn a_lease_that_ends_without_give_back_is_judged_like_a_give_back() {
     warm_pool(&d, &c, redis.addr(), 1.0);
     let (r, fd) = acquire(&c, redis.addr(), 2);
     assert!(r.starts_with("grant"), "{r}");
-    let port = pool_manager::sock::local_port(fd.as_ref().unwrap().as_raw_fd());
+    let port = pool_manager::sock::local_port(fd.as_ref().unwrap());
     // The function dies between requests: its link and its fd go away without a Release.
     drop(fd);
     drop(c);
@@ -203,7 +203,7 @@ fn a_lease_that_ends_without_give_back_is_judged_like_a_give_back() {
     let (r, fd) = acquire(&c, redis.addr(), 3);
     assert!(r.starts_with("grant"), "{r}");
     let fd = fd.unwrap();
-    assert_eq!(pool_manager::sock::local_port(fd.as_raw_fd()), port, "the finished exchange was not reused\n{}", d.metrics());
+    assert_eq!(pool_manager::sock::local_port(&fd), port, "the finished exchange was not reused\n{}", d.metrics());
     // This one dies with a request whose reply it never read.
     let mut s = std::net::TcpStream::from(fd.try_clone().unwrap());
     std::io::Write::write_all(&mut s, b"PING\r\n").unwrap();
@@ -220,7 +220,7 @@ fn a_lease_that_ends_without_give_back_is_judged_like_a_give_back() {
     let c = connect(&d);
     let (r, fd) = acquire(&c, redis.addr(), 4);
     if r.starts_with("grant") {
-        assert_ne!(pool_manager::sock::local_port(fd.unwrap().as_raw_fd()), port, "an unfinished orphaned socket was handed out again");
+        assert_ne!(pool_manager::sock::local_port(fd.unwrap()), port, "an unfinished orphaned socket was handed out again");
     }
 }
 

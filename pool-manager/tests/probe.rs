@@ -48,14 +48,14 @@ fn redis_ping_passes_on_redis_and_fails_on_anything_else() {
 /// families.
 #[test]
 fn local_port_is_the_sockets_own_port() {
-    use std::os::fd::AsRawFd;
     for bind in ["127.0.0.1:0", "[::1]:0"] {
         let Ok(l) = TcpListener::bind(bind) else {
             eprintln!("SKIP {bind}: no such loopback address here");
             continue;
         };
         let s = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        assert_eq!(pool_manager::sock::local_port(s.as_raw_fd()), s.local_addr().unwrap().port(), "{bind}");
+        assert_eq!(pool_manager::sock::local_port(&s), s.local_addr().unwrap().port(), "{bind}");
     }
-    assert_eq!(pool_manager::sock::local_port(-1), 0);
+    // Not a socket: no port.
+    assert_eq!(pool_manager::sock::local_port(std::fs::File::open("/dev/null").unwrap()), 0);
 }

@@ -240,8 +240,7 @@ extern "C" fn after_fork_child() {
 
 /// A `fork` child counts its own bypasses from zero.
 pub(crate) fn install_fork_handler() {
-    // SAFETY: registering a plain extern "C" function that never unwinds.
-    unsafe { libc::pthread_atfork(None, None, Some(after_fork_child)) };
+    crate::sys::atfork(None, None, Some(after_fork_child));
 }
 
 /// `long long warmpool_bypass_count(const char *name)`: how many `connect()` calls this

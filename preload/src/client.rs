@@ -23,7 +23,8 @@
 
 use crate::bypass::Bypass;
 use crate::log::wlog;
-use crate::{owner, real, table, SETTINGS};
+use crate::sys::{effective_ids as creds, monotonic_coarse_ms as now_ms};
+use crate::{owner, real, sys, table, SETTINGS};
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -151,13 +152,6 @@ fn lock() -> MutexGuard<'static, State> {
     STATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-fn now_ms() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: clock_gettime writes into our timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
-
 /// Whether the daemon recently said `dest` is not pooled (no round trip needed).
 pub(crate) fn known_unpooled(dest: &Dest) -> bool {
     let st = lock();
@@ -220,11 +214,6 @@ pub(crate) fn open_early(prefetch: bool) {
             }
         }
     }
-}
-
-fn creds() -> (u32, u32) {
-    // SAFETY: geteuid/getegid have no preconditions.
-    unsafe { (libc::geteuid(), libc::getegid()) }
 }
 
 /// What the daemon said to a request for a socket.
@@ -436,14 +425,12 @@ pub(crate) fn release(lease: LeaseId, disposition: Disposition) {
     if fd < 0 {
         return;
     }
-    // SAFETY: __errno_location returns this thread's errno.
-    let saved = unsafe { *libc::__errno_location() };
+    let saved = sys::errno();
     // SAFETY: the link's fd, borrowed for one send; a datagram needs no lock (the module
     // doc), and if the program closed the number meanwhile the send only fails.
     let link = Link::new(unsafe { BorrowedFd::borrow_raw(fd) });
     let _ = link.release(lease, disposition, libc::MSG_DONTWAIT);
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = saved };
+    sys::set_errno(saved);
 }
 
 extern "C" fn before_fork() {
@@ -479,6 +466,5 @@ extern "C" fn after_fork_child() {
 }
 
 pub(crate) fn install_fork_handlers() {
-    // SAFETY: registering plain extern "C" functions that never unwind.
-    unsafe { libc::pthread_atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child)) };
+    sys::atfork(Some(before_fork), Some(after_fork_parent), Some(after_fork_child));
 }

@@ -25,8 +25,7 @@ use wire::Disposition;
 
 /// What the leased fd numbers are pointed at before their sockets go back.
 fn placeholder() -> i32 {
-    // SAFETY: open with a NUL-terminated path; the fd is ours.
-    unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) }
+    crate::sys::open(c"/dev/null", libc::O_RDWR | libc::O_CLOEXEC)
 }
 
 /// Give back every socket this process still holds (see the module comment).

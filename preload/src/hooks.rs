@@ -4,6 +4,7 @@
 
 use crate::bypass::{self, Bypass};
 use crate::log::wlog;
+use crate::sys::set_errno;
 use crate::{client, owner, real, sockopt, table, OFF, SETTINGS};
 use libc::{c_char, c_int, c_uint, c_void, pid_t, sockaddr, socklen_t};
 use std::cell::Cell;
@@ -31,11 +32,6 @@ fn enter() -> Result<Entered, Bypass> {
         return Err(Bypass::Off);
     }
     BUSY.try_with(|b| (!b.replace(true)).then_some(Entered)).ok().flatten().ok_or(Bypass::Reentrant)
-}
-
-fn set_errno(e: c_int) {
-    // SAFETY: this thread's errno.
-    unsafe { *libc::__errno_location() = e };
 }
 
 /// The remote address of the inet socket `fd`.

@@ -15,6 +15,9 @@
 //! arguments: a *bypass*, named and counted ([`bypass`]). Nothing is printed unless
 //! `WARMPOOL_LOG` is set.
 //!
+//! System calls: the interposed functions' next definitions are in [`real`]; every other
+//! libc call the library makes is a small safe wrapper in [`sys`] (no allocation, no lock).
+//!
 //! Environment: `WARMPOOL_SOCKET` (default `/run/warmpool/pool.sock`), `WARMPOOL_DISABLE=1`,
 //! `WARMPOOL_LOG=1` (`totals`: the bypass counts at exit; `all`: both), `WARMPOOL_TIMEOUT_MS` (daemon answer bound, default 50),
 //! `WARMPOOL_PREFETCH=0` (take no sockets offered at load time), `WARMPOOL_PASSTHROUGH=1`
@@ -36,11 +39,13 @@ mod log;
 mod owner;
 mod real;
 mod sockopt;
+mod sys;
 mod table;
 
 use std::ffi::CStr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::OnceLock;
+use sys::getenv as env;
 
 /// Runtime settings read once from the environment at load time.
 #[derive(Debug)]
@@ -71,18 +76,6 @@ const PREFETCH_HINT_SUFFIX: &[u8] = b".prefetch";
 const DEFAULT_SOCKET: &str = "/run/warmpool/pool.sock";
 const DEFAULT_TIMEOUT_MS: u32 = 50;
 
-fn env(name: &CStr) -> Option<&'static [u8]> {
-    // SAFETY: getenv with a NUL-terminated name; the result lives as long as the environment
-    // entry, which we only read during initialisation.
-    let p = unsafe { libc::getenv(name.as_ptr()) };
-    if p.is_null() {
-        None
-    } else {
-        // SAFETY: getenv returns a NUL-terminated string.
-        Some(unsafe { CStr::from_ptr(p) }.to_bytes())
-    }
-}
-
 fn truthy(v: Option<&[u8]>) -> bool {
     matches!(v, Some(b) if !b.is_empty() && b != b"0")
 }
@@ -92,14 +85,7 @@ fn truthy(v: Option<&[u8]>) -> bool {
 /// The file name the kernel executed (`AT_EXECFN`, in the auxiliary vector: no system call;
 /// `readlink("/proc/self/exe")` cost every process about 15 µs).
 fn is_the_daemon() -> bool {
-    // SAFETY: getauxval has no preconditions.
-    let p = unsafe { libc::getauxval(libc::AT_EXECFN) } as *const libc::c_char;
-    if p.is_null() {
-        return false;
-    }
-    // SAFETY: AT_EXECFN points at the NUL-terminated file name on the initial stack.
-    let name = unsafe { CStr::from_ptr(p) }.to_bytes();
-    name.rsplit(|b| *b == b'/').next() == Some(b"pool-manager".as_slice())
+    sys::execfn().is_some_and(|name| name.rsplit(|b| *b == b'/').next() == Some(b"pool-manager".as_slice()))
 }
 
 /// Whether the daemon behind `path` has a prefetching pool (its hint file exists): one
@@ -112,8 +98,8 @@ fn daemon_prefetches(path: &[u8]) -> bool {
     }
     hint[..n].copy_from_slice(path);
     hint[n..n + PREFETCH_HINT_SUFFIX.len()].copy_from_slice(PREFETCH_HINT_SUFFIX);
-    // SAFETY: hint is NUL-terminated (zero-filled beyond what we copied).
-    unsafe { libc::access(hint.as_ptr().cast(), libc::F_OK) == 0 }
+    // NUL-terminated: zero-filled beyond what we copied.
+    CStr::from_bytes_until_nul(&hint).is_ok_and(sys::exists)
 }
 
 extern "C" fn init() {
@@ -121,9 +107,7 @@ extern "C" fn init() {
 }
 
 fn init_inner() {
-    // SAFETY: getauxval has no preconditions.
-    let secure = unsafe { libc::getauxval(libc::AT_SECURE) } != 0;
-    if secure || is_the_daemon() {
+    if sys::secure_execution() || is_the_daemon() {
         return; // not even a log line: a setuid program, or the daemon's own connects
     }
     let (lines, totals) = bypass::log_mode(env(c"WARMPOOL_LOG"));

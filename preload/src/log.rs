@@ -23,8 +23,7 @@ pub(crate) fn emit_sized<const N: usize>(args: std::fmt::Arguments<'_>) {
         n = buf.len() - 1;
     }
     buf[n] = b'\n';
-    // SAFETY: writing our own buffer to fd 2; a closed stderr just fails.
-    unsafe { libc::write(2, buf.as_ptr().cast(), n + 1) };
+    crate::sys::write_stderr(&buf[..=n]);
 }
 
 macro_rules! wlog {

@@ -15,16 +15,11 @@
 //! `getpid` is a system call: callers ask only when a hook is about to touch the state (an
 //! fd that holds a lease, the link or an offer), never on every `close()`.
 
+use crate::sys::getpid as pid;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 /// The pid of the process the state belongs to (0: not initialised, nobody owns it).
 static OWNER: AtomicI32 = AtomicI32::new(0);
-
-fn pid() -> i32 {
-    // SAFETY: getpid has no preconditions (glibc caches nothing since 2.25: a vfork child
-    // gets its own pid, not its parent's).
-    unsafe { libc::getpid() }
-}
 
 /// The calling process owns the state from now on (at load time, and in a `fork` child
 /// once its handler has forgotten the parent's link and leases).

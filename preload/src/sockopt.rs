@@ -11,6 +11,7 @@
 //! the connect a bypass instead, with a named reason ([`Bypass`]).
 
 use crate::bypass::Bypass;
+use crate::sys::getsockopt_int as int;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -119,14 +120,6 @@ pub(crate) fn forget(fd: RawFd) {
     }
 }
 
-fn int(fd: RawFd, level: libc::c_int, name: libc::c_int) -> libc::c_int {
-    let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: an int-sized option into an int (a failure leaves 0: nothing set).
-    unsafe { libc::getsockopt(fd, level, name, (&mut v as *mut libc::c_int).cast(), &mut len) };
-    v
-}
-
 /// Why a `connect()` of the program's socket `app` (of family `domain`: 4 or 6) cannot be
 /// served with a pooled socket, if it cannot: an option set on it that a socket connected
 /// by someone else cannot have. Read from the socket itself where the kernel tells (no
@@ -154,10 +147,7 @@ pub(crate) fn bypass_reason(app: RawFd, domain: u8) -> Option<Bypass> {
 /// The congestion control algorithm of `fd` (`TCP_CONGESTION`), NUL-padded.
 fn congestion(fd: RawFd) -> Option<[u8; 16]> {
     let mut v = [0u8; 16];
-    let mut len = v.len() as libc::socklen_t;
-    // SAFETY: the kernel writes at most `len` bytes into our buffer.
-    let r = unsafe { libc::getsockopt(fd, T, libc::TCP_CONGESTION, v.as_mut_ptr().cast(), &mut len) };
-    (r == 0).then_some(v)
+    crate::sys::getsockopt_bytes(fd, T, libc::TCP_CONGESTION, &mut v).map(|_| v)
 }
 
 /// Whether the program chose another congestion control for `app` than `pooled` runs:
@@ -178,11 +168,7 @@ pub(crate) fn replay(app: RawFd, pooled: RawFd) {
             continue;
         }
         let mut v = [0u8; 16];
-        let mut len = v.len() as libc::socklen_t;
-        // SAFETY: the kernel writes at most `len` bytes into our buffer.
-        if unsafe { libc::getsockopt(app, opt.level, opt.name, v.as_mut_ptr().cast(), &mut len) } != 0 {
-            continue;
-        }
+        let Some(len) = crate::sys::getsockopt_bytes(app, opt.level, opt.name, &mut v) else { continue };
         // SAFETY: setting an option with the bytes the kernel gave us for it.
         unsafe { set(pooled, opt.level, opt.name, v.as_ptr().cast(), len) };
     }

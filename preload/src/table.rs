@@ -11,6 +11,7 @@
 //! number still holds that very socket ([`still_holds`]), not whatever a close the shim
 //! never saw (a raw system call, libc-internal code) left on that number.
 
+use crate::sys::identity;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 pub(crate) const MAX_FD: usize = 65_536;
@@ -48,14 +49,6 @@ fn decode(v: u64) -> Option<Lease> {
 /// Whether the table can hold a lease on `fd` (`0..MAX_FD`).
 pub(crate) fn holds_fd(fd: i32) -> bool {
     slot(fd).is_some()
-}
-
-/// `(st_dev, st_ino)` of what `fd` refers to now.
-fn identity(fd: i32) -> Option<(u64, u64)> {
-    // SAFETY: `stat` is plain old data; fstat fills it or fails.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: as above.
-    (unsafe { libc::fstat(fd, &mut st) } == 0).then_some((st.st_dev, st.st_ino))
 }
 
 /// Record a fresh lease on `fd` (returns false if the fd is out of range).

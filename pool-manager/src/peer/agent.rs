@@ -19,7 +19,7 @@ use super::{AcquireError, ControlError, PeerName};
 use crate::config::PeerSettings;
 use crate::defaults;
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -378,7 +378,7 @@ impl Agent {
 /// Still connected, as far as the kernel knows: ESTABLISHED, or CLOSE_WAIT with data the
 /// function has yet to read (the peer sent its last bytes and closed before we handed out).
 fn alive(fd: &OwnedFd) -> bool {
-    let (state, unread) = crate::sock::state_and_unread(fd.as_raw_fd());
+    let (state, unread) = crate::sock::state_and_unread(fd);
     state == crate::sock::TCP_ESTABLISHED || (state == crate::sock::TCP_CLOSE_WAIT && unread > 0)
 }
 

@@ -65,7 +65,7 @@ pub(crate) fn pool_for<'a>(shared: &Shared, table: &'a mut PoolTable<PooledSock>
 /// returns (closes, refills after [`defaults::REFILL_DELAY`]). `None`: not pooled.
 fn take(shared: &Arc<Shared>, key: &PoolKey, now: Instant, why: TakeFor) -> Option<Taken<PooledSock>> {
     let mut acts = Actions::default();
-    let taken = shared.lock().take(key, now, why, &mut |s| sock::idle_check(s.fd.as_raw_fd()), || shared.pool_lookup(key), &mut acts);
+    let taken = shared.lock().take(key, now, why, &mut |s| sock::idle_check(&s.fd), || shared.pool_lookup(key), &mut acts);
     shared.perform(acts, defaults::REFILL_DELAY);
     taken
 }
@@ -131,7 +131,7 @@ pub(super) fn grant(
         Source::Warm => shared.metrics.handout_warm.fetch_add(1, Ordering::Relaxed),
         Source::Reuse => shared.metrics.handout_reuse.fetch_add(1, Ordering::Relaxed),
     };
-    let at_handout = sock::counters(idle.sock.fd.as_raw_fd());
+    let at_handout = sock::counters(&idle.sock.fd);
     let reply = Reply::msg(&Msg::Grant { lease: id, source: idle.source }, seq);
     shared.metrics.observe_handout(started.elapsed());
     let lease = Lease { sock: idle.sock, key, created: idle.created, at_handout, policy, peer: false, offered: None };
@@ -165,8 +165,8 @@ pub(super) fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: 
         let Some(Taken { take, settings }) = take(shared, &key, now, TakeFor::Offer) else { continue };
         if let Take::Ready(idle) = take {
             let id = shared.next_lease_id();
+            let at_handout = sock::counters(&idle.sock.fd);
             let fd = idle.sock.fd.as_raw_fd();
-            let at_handout = sock::counters(fd);
             offers.push((id, idle.source, dest, fd));
             let lease = Lease {
                 sock: idle.sock,
@@ -202,7 +202,7 @@ pub(super) fn prefetch(shared: &Arc<Shared>, tenant: &Tenant, seq: u32, leases: 
 /// either direction since it was offered, else closed.
 pub(super) fn unoffer(shared: &Shared, l: Lease, now: Instant) {
     let source = l.offered.unwrap_or(Source::Reuse);
-    let verdict = sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout);
+    let verdict = sock::untouched(&l.sock.fd, l.at_handout);
     settle(shared, l, now, verdict.map(|()| Return::Unoffer { source }), &shared.metrics.prefetch_returned);
 }
 
@@ -217,11 +217,11 @@ pub(super) fn release(shared: &Shared, l: Lease, disposition: Disposition) {
         // `Unused` names an offer; for anything else it is a confused client.
         Disposition::Implicit | Disposition::Unused => Err(Discard::Implicit),
         Disposition::Clean if l.policy == Policy::Warm => Err(Discard::WarmPolicy),
-        Disposition::Clean => sock::return_check(l.sock.fd.as_raw_fd(), l.at_handout),
+        Disposition::Clean => sock::return_check(&l.sock.fd, l.at_handout),
     };
     // A socket that carried no byte either way since hand-out is in the state it was handed
     // out in: the holders check still runs, the protocol's proof is not needed.
-    let proof = verdict.is_ok() && sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout).is_err();
+    let proof = verdict.is_ok() && sock::untouched(&l.sock.fd, l.at_handout).is_err();
     settle(shared, l, Instant::now(), verdict.map(|()| Return::GiveBack { proof }), &shared.metrics.returned);
 }
 

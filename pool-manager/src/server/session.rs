@@ -231,7 +231,7 @@ pub(super) fn orphaned(shared: &Shared, l: Lease) {
         return;
     }
     shared.metrics.orphans.fetch_add(1, Ordering::Relaxed);
-    if l.offered.is_some() && sock::untouched(l.sock.fd.as_raw_fd(), l.at_handout).is_ok() {
+    if l.offered.is_some() && sock::untouched(&l.sock.fd, l.at_handout).is_ok() {
         unoffer(shared, l, Instant::now());
     } else {
         release(shared, l, Disposition::Clean);

@@ -8,7 +8,6 @@ use crate::tenant::Tenant;
 use crate::defaults;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -101,7 +100,7 @@ pub(super) async fn maintain(shared: Arc<Shared>, cancel: CancellationToken) {
             let mut table = shared.lock();
             table.forget_unused(now, &mut acts);
             crate::netns::close_expired(&shared, &mut table, now, &mut acts);
-            table.sweep(now, &mut |s| sock::idle_check(s.fd.as_raw_fd()), &mut acts);
+            table.sweep(now, &mut |s| sock::idle_check(&s.fd), &mut acts);
         }
         shared.perform(acts, std::time::Duration::ZERO);
     }
