@@ -195,7 +195,7 @@ fn noconnect_table(md: &mut String, run: &Run<'_>) {
     }
     let _ = writeln!(
         md,
-        "\n`true-shim` runs under the shim with the reuse pool's daemon (nothing prefetches, so the shim links at the first pooled connect(), here never); `true-shim-prefetch` with the prefetch pool's daemon (every starting process links at load time to take its offers).\n"
+        "\n`true-shim` runs under the shim with the reuse pool's daemon: the process opens its link at load time (so that the daemon identifies it while it starts) and asks for nothing; `true-shim-prefetch` with the prefetch pool's daemon: it also asks for offers at load time, and gives them back at exit.\n"
     );
 }
 
@@ -231,41 +231,63 @@ fn warm_miss_fraction(status: &str) -> Option<f64> {
     (hits + misses > 0).then(|| misses as f64 / (hits + misses) as f64)
 }
 
+/// The best any LD_PRELOAD approach could do in this run: the function under a library that
+/// does nothing (`empty-preload`, the cost of being a preload library at all) with its connect()
+/// taking no time. (whole function µs, connect → close µs.)
+fn floor(run: &Run<'_>) -> (Option<f64>, Option<f64>) {
+    let s = run.stats(Config::EmptyPreload);
+    let connect = s.as_ref().and_then(|s| s.connect).map(|q| q.p50);
+    let minus = |q: Option<Q>| q.map(|q| q.p50).zip(connect).map(|(v, c)| v - c);
+    (minus(s.as_ref().and_then(|s| s.function)), minus(s.as_ref().and_then(|s| s.latency)))
+}
+
 fn targets(md: &mut String, run: &Run<'_>) {
     let f = |c| run.median(c, |s| s.function);
     let l = |c| run.median(c, |s| s.latency);
-    let mut rows: Vec<(String, String, Option<bool>)> = vec![];
-    let mut check = |what: String, v: Option<f64>, limit: Option<f64>, unit: &str| {
+    let (floor_fn, floor_lat) = floor(run);
+    let mut rows: Vec<(String, String, String, Option<bool>)> = vec![];
+    let mut check = |what: String, v: Option<f64>, limit: Option<f64>, best: Option<f64>, unit: &str| {
         let met = v.zip(limit).map(|(v, lim)| v <= lim);
         let shown = match (v, limit) {
             (Some(v), Some(lim)) => format!("{v:.2}{unit} (limit {lim:.2}{unit})"),
             _ => "-".into(),
         };
-        rows.push((what, shown, met));
+        let best = best.map_or("-".into(), |b| format!("{b:.2}{unit}"));
+        rows.push((what, shown, best, met));
     };
+    let over = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
     for pool in [Config::Reuse, Config::Prefetch] {
         let n = pool.name();
-        check(format!("whole function, {n} / baseline ≤ 0.85x"), f(pool).zip(f(Config::Baseline)).map(|(a, b)| a / b), Some(0.85), "x");
+        let base = f(Config::Baseline);
+        check(format!("whole function, {n} / baseline ≤ 0.85x"), over(f(pool), base), Some(0.85), over(floor_fn, base), "x");
         for proxy in [Config::NginxKeepalive, Config::Haproxy] {
             let p = proxy.name();
-            check(format!("whole function, {n} < {p}"), f(pool), f(proxy).map(|v| v - 0.05), " µs");
+            check(format!("whole function, {n} < {p}"), f(pool), f(proxy).map(|v| v - 0.05), floor_fn, " µs");
         }
-        check(format!("connect→close, {n} / baseline ≤ 0.55x"), l(pool).zip(l(Config::Baseline)).map(|(a, b)| a / b), Some(0.55), "x");
+        let base = l(Config::Baseline);
+        check(format!("connect→close, {n} / baseline ≤ 0.55x"), over(l(pool), base), Some(0.55), over(floor_lat, base), "x");
     }
     check(
         "connects nowhere, true-shim / true-empty-preload ≤ 1.03x".into(),
-        f(Config::TrueShim).zip(f(Config::TrueEmptyPreload)).map(|(a, b)| a / b),
+        over(f(Config::TrueShim), f(Config::TrueEmptyPreload)),
         Some(1.03),
+        Some(1.0),
         "x",
     );
     let warm = run.status.first().filter(|_| run.configs.contains(&Config::Warm)).and_then(|(_, s)| warm_miss_fraction(s));
-    check("`warm` misses < 5 % of invocations, one per round of this run (warm-up included)".into(), warm.map(|v| v * 100.0), Some(4.99), " %");
+    check("`warm` misses < 5 % of invocations, one per round of this run (warm-up included)".into(), warm.map(|v| v * 100.0), Some(4.99), Some(0.0), " %");
     let _ = writeln!(md, "## Issue 13's targets, medians of this run\n");
-    let _ = writeln!(md, "| target | this run | met |");
-    let _ = writeln!(md, "|---|---|---|");
-    for (what, shown, met) in rows {
+    let _ = writeln!(
+        md,
+        "*Best a preload could do*: the function under `empty-preload` (the cost of being an LD_PRELOAD library at all) with its \
+         connect() taking no time (its connect() median subtracted): no library, daemon or pooled-connect cost. A target beyond \
+         it cannot be met by any LD_PRELOAD approach on this path.\n"
+    );
+    let _ = writeln!(md, "| target | this run | best a preload could do | met |");
+    let _ = writeln!(md, "|---|---|---|---|");
+    for (what, shown, best, met) in rows {
         let met = met.map_or("-", |m| if m { "yes" } else { "no" });
-        let _ = writeln!(md, "| {what} | {shown} | {met} |");
+        let _ = writeln!(md, "| {what} | {shown} | {best} | {met} |");
     }
     let _ = writeln!(md);
 }

@@ -97,6 +97,13 @@ fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
     // Both metrics per connecting configuration, /bin/true's against the empty preload library.
     assert_eq!(table_row(&summary, "prefetch").len(), 10, "{summary}");
     assert_eq!(table_row(&summary, "true-empty-preload")[3], "1.00x", "{summary}");
+    // The targets say what the best preload could do in this run: the empty library with a free
+    // connect(), i.e. below the empty library's own connect → close.
+    let best = summary.lines().find(|l| l.starts_with("| connect→close, reuse / baseline")).expect("target row");
+    let cells: Vec<&str> = best.split('|').map(str::trim).collect();
+    let floor: f64 = cells[3].trim_end_matches('x').parse().unwrap_or_else(|_| panic!("{best}"));
+    let empty: f64 = table_row(&summary, "empty-preload")[3].trim_end_matches('x').parse().expect("empty-preload ratio");
+    assert!(floor > 0.0 && floor < empty, "{best}");
     // The local proxies kept their upstream connections: the server saw each proxy's 16
     // requests (10 warm-up rounds + 6 runs) on far fewer connections.
     let upstream = summary.split("## What the proxies did upstream").nth(1).expect("proxies section");
