@@ -226,6 +226,11 @@ impl fmt::Display for Totals {
 }
 
 /// At exit, with `WARMPOOL_LOG=totals` or `all`: one line with every non-zero count.
+/// Whether `WARMPOOL_LOG` asked for the totals at exit.
+pub(crate) fn totals_wanted() -> bool {
+    TOTALS.load(Ordering::Relaxed)
+}
+
 pub(crate) fn print_totals() {
     if TOTALS.load(Ordering::Relaxed) {
         crate::log::emit_sized::<1024>(format_args!("bypass totals:{Totals}"));

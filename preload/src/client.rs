@@ -27,7 +27,7 @@ use crate::sys::{effective_ids as creds, monotonic_coarse_ms as now_ms};
 use crate::{owner, real, sys, table, SETTINGS};
 use std::cell::RefCell;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use wire::client::{Answer, Link, Options};
@@ -40,6 +40,9 @@ static CONN: AtomicI32 = AtomicI32::new(-1);
 const BACKOFF_MS: u64 = 1000;
 /// Negative cache entries ("this destination is not pooled").
 const NEG_SLOTS: usize = 32;
+/// Set once this process has asked for offers (`Prefetch`): only then can there be offers to
+/// give back at exit, so a process that never asked skips even the owner's `getpid` there.
+static PREFETCH_ASKED: AtomicBool = AtomicBool::new(false);
 /// Keep the link out of the low fd numbers that programs tend to assume are theirs.
 const HIGH_FD: i32 = 512;
 
@@ -327,6 +330,7 @@ fn send_prefetch(st: &mut State, fd: i32) {
     let seq = link.next_seq();
     st.seq = seq;
     if link.send(&Msg::Prefetch, seq, None, libc::MSG_DONTWAIT).is_ok() {
+        PREFETCH_ASKED.store(true, Ordering::Release);
         st.prefetch_seq = seq;
     }
 }
@@ -402,9 +406,9 @@ fn take_offer(st: &mut State, dest: &Dest) -> Option<(OwnedFd, LeaseId)> {
 /// `vfork` child, which shares this memory), and only if the lock is free (another thread
 /// mid-request: the offers then end with the process, closed by the daemon).
 pub(crate) fn release_unused_offers() {
-    // No link (most processes when nothing prefetches): no offers either (dropping the link
-    // closes them), so nothing to do, not even the owner's `getpid`.
-    if CONN.load(Ordering::Acquire) < 0 || !owner::is_owner() {
+    // No link, or a link that never asked for offers (every process when nothing
+    // prefetches): no offers either, so nothing to do, not even the owner's `getpid`.
+    if CONN.load(Ordering::Acquire) < 0 || !PREFETCH_ASKED.load(Ordering::Acquire) || !owner::is_owner() {
         return;
     }
     let Ok(mut st) = STATE.try_lock() else { return };
