@@ -101,6 +101,7 @@ pub(crate) fn summary(run: &Run<'_>) -> Result<String> {
     noconnect_table(&mut md, run);
     proxies(&mut md, run);
     targets(&mut md, run);
+    phases(&mut md, run);
     for (file, title, x_label, metric) in [
         ("reuse_cdf.svg", "Reuse test: connect to close inside the function", "connect → close (µs)", Metric::Latency),
         ("reuse_function_cdf.svg", "Reuse test: whole function, spawn to exit", "spawn → exit (µs)", Metric::Function),
@@ -288,6 +289,44 @@ fn targets(md: &mut String, run: &Run<'_>) {
     for (what, shown, best, met) in rows {
         let met = met.map_or("-", |m| if m { "yes" } else { "no" });
         let _ = writeln!(md, "| {what} | {shown} | {best} | {met} |");
+    }
+    let _ = writeln!(md);
+}
+
+/// Where the whole function's time goes, from differences of this run's medians: what being
+/// a preload library costs at all, what warmpool's library adds on its own, and what the daemon
+/// adds (the link at load, identification, hand-out, give-back) against the handshake it saves.
+fn phases(md: &mut String, run: &Run<'_>) {
+    let f = |c| run.median(c, |s| s.function);
+    let c = |c| run.median(c, |s| s.connect);
+    let diff = |a: Option<f64>, b: Option<f64>| a.zip(b).map_or("-".into(), |(a, b)| format!("{:+.0} µs", a - b));
+    let _ = writeln!(md, "## Where the whole function's time goes (differences of this run's medians)\n");
+    let _ = writeln!(md, "| phase | whole function |");
+    let _ = writeln!(md, "|---|---:|");
+    let _ = writeln!(md, "| being an LD_PRELOAD library at all (empty-preload − baseline) | {} |", diff(f(Config::EmptyPreload), f(Config::Baseline)));
+    let _ = writeln!(
+        md,
+        "| warmpool's library on its own: load, init, hooks, exit; never asks the daemon (dummy-shim − empty-preload) | {} |",
+        diff(f(Config::DummyShim), f(Config::EmptyPreload))
+    );
+    for pool in [Config::Reuse, Config::Prefetch] {
+        let n = pool.name();
+        let _ = writeln!(md, "| {n}: the daemon's part, net ({n} − dummy-shim) | {} |", diff(f(pool), f(Config::DummyShim)));
+        let _ = writeln!(md, "| {n}: of which connect() ({n} − dummy-shim; negative: the time it saves) | {} |", diff(c(pool), c(Config::DummyShim)));
+        let cost = f(pool).zip(f(Config::DummyShim)).zip(c(Config::DummyShim).zip(c(pool))).map(|((p, d), (cd, cp))| p - d + cd - cp);
+        let _ = writeln!(
+            md,
+            "| {n}: of which the link at load, identification, hand-out and give-back (the rest) | {} |",
+            cost.map_or("-".into(), |v| format!("{v:+.0} µs"))
+        );
+    }
+    for (shim, what) in [(Config::TrueShim, "link at load"), (Config::TrueShimPrefetch, "link, offers taken and given back")] {
+        let _ = writeln!(
+            md,
+            "| `/bin/true`: library and {what} ({} − true-empty-preload) | {} |",
+            shim.name(),
+            diff(f(shim), f(Config::TrueEmptyPreload))
+        );
     }
     let _ = writeln!(md);
 }

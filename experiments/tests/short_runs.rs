@@ -104,6 +104,11 @@ fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
     let floor: f64 = cells[3].trim_end_matches('x').parse().unwrap_or_else(|_| panic!("{best}"));
     let empty: f64 = table_row(&summary, "empty-preload")[3].trim_end_matches('x').parse().expect("empty-preload ratio");
     assert!(floor > 0.0 && floor < empty, "{best}");
+    // And the per-phase account, from the same medians: every phase has a number.
+    let phases = summary.split("## Where the whole function's time goes").nth(1).expect("phases section");
+    let rows: Vec<&str> = phases.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| phase")).take_while(|l| !l.is_empty()).collect();
+    assert_eq!(rows.len(), 10, "{phases}");
+    assert!(rows.iter().all(|r| r.trim_end().ends_with(" µs |")), "{phases}");
     // The local proxies kept their upstream connections: the server saw each proxy's 16
     // requests (10 warm-up rounds + 6 runs) on far fewer connections.
     let upstream = summary.split("## What the proxies did upstream").nth(1).expect("proxies section");
