@@ -1,5 +1,5 @@
 //! The daemon at the protocol level: bad input, fd hygiene over 10,000 cycles, leases that
-//! end without a give-back, and a clean SIGTERM. A real pool manager process, real servers.
+//! end without a give-back, a clean SIGTERM, and a client that reads its answers late. A real pool manager process, real servers.
 
 mod common;
 
@@ -327,4 +327,51 @@ fn a_destination_name_is_pooled_once_it_resolves() {
     let served = d.metric("warmpool_handouts_total{kind=\"warm\"") + d.metric("warmpool_handouts_total{kind=\"reuse\"");
     assert!(served >= 1.0, "{}", d.metrics());
     assert!(d.status().contains(&format!("127.0.0.1:{port}")), "{}", d.status());
+}
+
+/// A client that reads its answers late gets every one, in order: the daemon's answers fill the
+/// client's socket (more than the kernel queues for an unread peer) and the daemon waits for room
+/// rather than dropping the client. (Client links are registered for readability only, so the
+/// daemon retries a full buffer on a timer.)
+#[test]
+fn a_client_that_reads_its_answers_late_gets_every_one() {
+    let d = Daemon::start(&["--pool", "127.0.0.1:9=reuse:http"]);
+    let c = connect(&d);
+    let mut buf = [0u8; 64];
+    // Send without reading until the daemon stops taking requests for 300 ms: it has stopped
+    // reading because its answers have filled this socket (each side may queue about 200 kB).
+    let (mut sent, mut stalled_since) = (0u32, None);
+    let give_up = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < give_up {
+        let n = wire::encode(&Msg::Status, sent + 1, &mut buf);
+        match wire::unix::send(c.as_raw_fd(), &buf[..n], None, libc::MSG_DONTWAIT) {
+            Ok(_) => (sent, stalled_since) = (sent + 1, None),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let since = *stalled_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > Duration::from_millis(300) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => panic!("send: {e}"),
+        }
+    }
+    assert!(stalled_since.is_some_and(|t| t.elapsed() > Duration::from_millis(300)), "the daemon kept reading: {sent} requests");
+    std::thread::sleep(Duration::from_millis(50)); // the test itself: answers read late
+    let mut reply = vec![0u8; wire::MAX_MESSAGE];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = 0u32;
+    while got < sent && std::time::Instant::now() < deadline {
+        match wire::unix::recv(c.as_raw_fd(), &mut reply, libc::MSG_DONTWAIT) {
+            Ok(r) => {
+                let (m, seq) = wire::decode(&reply[..r.len]).expect("daemon replies decode");
+                assert!(matches!(m, Msg::StatusReply(_)), "{m:?}");
+                got += 1;
+                assert_eq!(seq, got, "answers in order");
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_micros(200)),
+            Err(e) => panic!("after {got} of {sent} answers: {e}"),
+        }
+    }
+    assert_eq!(got, sent, "every request answered");
 }

@@ -80,8 +80,12 @@ pub(super) async fn client_with(
 ) {
     let _active = ActiveClient(shared.clone());
     let mut refusal_logged = false;
+    // Readable only: registered for writability too, the daemon's epoll would be woken every
+    // time the client reads an answer (the socket's write space grows), an interrupt to another
+    // CPU inside the client's recvmsg() and a wake-up for nothing here. A full buffer is rare
+    // (one answer per request) and `send_within` retries it on a timer.
     // SAFETY: AsyncFd owns the OwnedFd, so the fd stays open exactly as long as it is registered.
-    let Ok(conn) = (unsafe { AsyncFd::register(conn) }) else { return };
+    let Ok(conn) = (unsafe { AsyncFd::register_with_interest(conn, tokio::io::Interest::READABLE) }) else { return };
     let mut buf = vec![0u8; 512];
     let mut handing_over = false;
     // Made once: a fresh `cancelled()` future per request would register a waiter with the
@@ -285,18 +289,22 @@ pub(super) async fn send_reply(conn: &AsyncFd<OwnedFd>, r: Reply) -> bool {
     send_within(conn, &r.bytes, r.fd, std::time::Duration::from_secs(1)).await
 }
 
-/// Send one message (and fd), waiting up to `wait` for room in the socket buffer.
+/// How often a send into a full client socket is tried again (tokio's timer resolution).
+const FULL_RETRY: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// Send one message (and fd), waiting up to `wait` for room in the socket buffer. Client links
+/// are registered for readability only (see `client_with`), so a full buffer is tried again
+/// every [`FULL_RETRY`] rather than awaited.
 pub(crate) async fn send_within(conn: &AsyncFd<OwnedFd>, bytes: &[u8], fd: Option<i32>, wait: std::time::Duration) -> bool {
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         match wire::unix::send(conn.as_raw_fd(), bytes, fd, libc::MSG_DONTWAIT) {
             Ok(_) => return true,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                let ready = tokio::time::timeout_at(deadline, conn.writable()).await;
-                match ready {
-                    Ok(Ok(mut g)) => g.clear_ready(),
-                    _ => return false,
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
                 }
+                tokio::time::sleep(FULL_RETRY).await;
             }
             Err(_) => return false,
         }
