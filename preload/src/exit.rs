@@ -31,7 +31,7 @@ fn placeholder() -> i32 {
 /// Give back every socket this process still holds (see the module comment).
 pub(crate) fn give_back_leases() {
     // No lease at all (most processes): nothing to do, not even the owner's `getpid`.
-    if crate::ACTIVE.load(std::sync::atomic::Ordering::Relaxed) == 0 || !owner::is_owner() {
+    if crate::HOT.active.load(std::sync::atomic::Ordering::Relaxed) == 0 || !owner::is_owner() {
         return;
     }
     let real = real::get();

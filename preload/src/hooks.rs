@@ -299,7 +299,7 @@ pub unsafe extern "C" fn fcntl64(fd: c_int, cmd: c_int, arg: usize) -> c_int {
 #[no_mangle]
 pub unsafe extern "C" fn close_range(first: c_uint, last: c_uint, flags: c_int) -> c_int {
     let in_range = |fd: c_int| fd >= 0 && (fd as c_uint) >= first && (fd as c_uint) <= last;
-    let mut ours = crate::ACTIVE.load(Ordering::Relaxed) != 0 || in_range(client::link_fd());
+    let mut ours = crate::HOT.active.load(Ordering::Relaxed) != 0 || in_range(client::link_fd());
     client::for_each_offer_fd(|fd| ours |= in_range(fd));
     let closing = flags & (libc::CLOSE_RANGE_CLOEXEC as c_int) == 0 && ours && owner::is_owner();
     let mut ended = [wire::LeaseId::MAX; 64];

@@ -16,19 +16,22 @@
 //! fd that holds a lease, the link or an offer), never on every `close()`.
 
 use crate::sys::getpid as pid;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::Ordering;
 
-/// The pid of the process the state belongs to (0: not initialised, nobody owns it).
-static OWNER: AtomicI32 = AtomicI32::new(0);
+/// The pid of the process the state belongs to (0: not initialised, nobody owns it). It lives
+/// in [`crate::HOT`]: its write at load time is what makes that page present.
+fn owner() -> &'static std::sync::atomic::AtomicI32 {
+    &crate::HOT.owner
+}
 
 /// The calling process owns the state from now on (at load time, and in a `fork` child
 /// once its handler has forgotten the parent's link and leases).
 pub(crate) fn claim() {
-    OWNER.store(pid(), Ordering::Release);
+    owner().store(pid(), Ordering::Release);
 }
 
 /// Whether the calling process owns the state (false in a `vfork` child, or in a child
 /// made without fork handlers).
 pub(crate) fn is_owner() -> bool {
-    OWNER.load(Ordering::Acquire) == pid()
+    owner().load(Ordering::Acquire) == pid()
 }

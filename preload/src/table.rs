@@ -15,17 +15,32 @@ use crate::sys::identity;
 use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
 
 pub(crate) const MAX_FD: usize = 65_536;
+/// Fds below this number have their entries in [`crate::HOT`], the page the load has already
+/// written (see there); the others in [`BACK`].
+pub(crate) const FRONT: usize = 255;
 const PRESENT: u64 = 1 << 63;
 const SHARED: u64 = 1 << 62;
 const ALTERED: u64 = 1 << 61;
 const ID_MASK: u64 = wire::LeaseId::MAX.get();
 const _: () = assert!(ID_MASK & (PRESENT | SHARED | ALTERED) == 0, "lease ids and flag bits overlap");
 
-static LEASES: [AtomicU64; MAX_FD] = [const { AtomicU64::new(0) }; MAX_FD];
+/// One fd number's entry: its lease (layout above) and the inode of the socket granted on it
+/// (0: unknown).
+#[derive(Debug)]
+pub(crate) struct Entry {
+    lease: AtomicU64,
+    inode: AtomicU64,
+}
+
+impl Entry {
+    pub(crate) const fn empty() -> Self {
+        Self { lease: AtomicU64::new(0), inode: AtomicU64::new(0) }
+    }
+}
+
+static BACK: [Entry; MAX_FD - FRONT] = [const { Entry::empty() }; MAX_FD - FRONT];
 /// Highest fd ever recorded, bounding the scans in [`for_each`].
 static HIGH: AtomicI32 = AtomicI32::new(-1);
-/// The inode of the socket granted on each fd (0: unknown).
-static INODE: [AtomicU64; MAX_FD] = [const { AtomicU64::new(0) }; MAX_FD];
 /// The device every socket's inode lives on (sockfs), from the first grant (0: none yet).
 static SOCK_DEV: AtomicU64 = AtomicU64::new(0);
 
@@ -37,8 +52,16 @@ pub(crate) struct Lease {
     pub(crate) altered: bool,
 }
 
+fn entry(fd: i32) -> Option<&'static Entry> {
+    let i = usize::try_from(fd).ok()?;
+    match i.checked_sub(FRONT) {
+        None => crate::HOT.front.get(i),
+        Some(back) => BACK.get(back),
+    }
+}
+
 fn slot(fd: i32) -> Option<&'static AtomicU64> {
-    usize::try_from(fd).ok().and_then(|i| LEASES.get(i))
+    entry(fd).map(|e| &e.lease)
 }
 
 fn decode(v: u64) -> Option<Lease> {
@@ -53,16 +76,16 @@ pub(crate) fn holds_fd(fd: i32) -> bool {
 
 /// Record a fresh lease on `fd` (returns false if the fd is out of range).
 pub(crate) fn insert(fd: i32, id: wire::LeaseId) -> bool {
-    let Some(s) = slot(fd) else { return false };
+    let Some(e) = entry(fd) else { return false };
     // Unknown (0) unless the socket lives where every socket does: never given back at exit.
     let ino = identity(fd).map_or(0, |(dev, ino)| match SOCK_DEV.compare_exchange(0, dev, Ordering::AcqRel, Ordering::Acquire) {
         Ok(_) => ino,
         Err(known) if known == dev => ino,
         Err(_) => 0,
     });
-    INODE[fd as usize].store(ino, Ordering::Release);
-    if s.swap(PRESENT | id.get(), Ordering::AcqRel) == 0 {
-        crate::ACTIVE.fetch_add(1, Ordering::Relaxed);
+    e.inode.store(ino, Ordering::Release);
+    if e.lease.swap(PRESENT | id.get(), Ordering::AcqRel) == 0 {
+        crate::HOT.active.fetch_add(1, Ordering::Relaxed);
     }
     HIGH.fetch_max(fd, Ordering::Relaxed);
     true
@@ -76,14 +99,14 @@ pub(crate) fn take(fd: i32) -> Option<Lease> {
     }
     let l = decode(s.swap(0, Ordering::AcqRel));
     if l.is_some() {
-        crate::ACTIVE.fetch_sub(1, Ordering::Relaxed);
+        crate::HOT.active.fetch_sub(1, Ordering::Relaxed);
     }
     l
 }
 
 /// Whether `fd` still refers to the socket its lease was granted on.
 pub(crate) fn still_holds(fd: i32) -> bool {
-    let Some(ino) = usize::try_from(fd).ok().and_then(|i| INODE.get(i)).map(|i| i.load(Ordering::Acquire)) else {
+    let Some(ino) = entry(fd).map(|e| e.inode.load(Ordering::Acquire)) else {
         return false;
     };
     ino != 0 && identity(fd) == Some((SOCK_DEV.load(Ordering::Acquire), ino))
@@ -114,7 +137,7 @@ pub(crate) fn mark_altered(fd: i32) {
 
 /// Call `f(fd)` for every fd holding a lease.
 pub(crate) fn for_each(mut f: impl FnMut(i32)) {
-    if crate::ACTIVE.load(Ordering::Relaxed) == 0 {
+    if crate::HOT.active.load(Ordering::Relaxed) == 0 {
         return;
     }
     let high = HIGH.load(Ordering::Relaxed);

@@ -321,3 +321,33 @@ fn a_broken_answer_to_prefetch_is_named() {
         assert_eq!(FakeDaemon::acquires(&got), 0, "the link was given up before asking: {got:?}");
     }
 }
+
+/// Leases on fd numbers on both sides of the table's first page (fds below 255 live in the page
+/// the load has already written, the others in their own pages) are recorded and given back:
+/// one by close(), one at exit.
+#[test]
+fn grants_on_low_and_high_fd_numbers_are_given_back() {
+    let server = Server::start();
+    let socks = [server.connect(), server.connect()];
+    let d = FakeDaemon::start(move |link| {
+        for (lease, sock) in [11u64, 12].iter().zip(&socks) {
+            let (_, seq) = link.expect_acquire();
+            link.grant(seq, *lease, &[sock.as_raw_fd()]);
+        }
+    });
+    let script = r#"
+def conn_on(fd):
+    s0 = socket.socket(); os.dup2(s0.fileno(), fd); s0.close()
+    s = socket.socket(fileno=fd); s.connect(ADDR); return s
+low = conn_on(254); high = conn_on(4000)
+out("total", count())
+low.close()
+# `high` is still open when the program exits: given back at exit.
+"#;
+    let r = python(script, Some(&d.path), &server, &[]);
+    let got = d.finish();
+    assert!(r.status.success(), "{r}");
+    assert_eq!(r.field("total"), "0", "both granted\n{r}");
+    assert!(got.contains(&Got::Release(11, CLEAN)), "fd 254 given back by close(): {got:?}");
+    assert!(got.contains(&Got::Release(12, CLEAN)), "fd 4000 given back at exit: {got:?}");
+}
