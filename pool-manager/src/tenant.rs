@@ -196,6 +196,11 @@ fn cgroup_of(pid: i32, pidfd: Option<&OwnedFd>) -> Result<(Arc<str>, u64), Tenan
         Some(Ok(pidfd::Info { cgroup_id: Some(id), .. })) => id,
         Some(Err(pidfd::InfoError::Gone)) => return Err(TenantError::Gone(pid)),
         _ => {
+            // No id from the pidfd (before 6.13): one poll first, so that a process that is
+            // gone already costs no `/proc` read.
+            if pidfd.is_some_and(|p| pidfd::pidfd_exited(p.as_fd())) {
+                return Err(TenantError::Gone(pid));
+            }
             let path = read()?;
             let id = crate::server::tenants::cgroup_id_of_member(&path);
             return Ok((path, id));
