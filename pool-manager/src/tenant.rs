@@ -278,6 +278,34 @@ mod tests {
     }
 
     #[test]
+    fn a_cgroup_path_is_read_once_and_then_known_by_its_id() {
+        let ns = Namespaces::new(std::time::Duration::from_secs(5));
+        let me = pidfd_open(std::process::id() as i32);
+        let first = identify_pidfd(&me, TenantBy::UidAndCgroup, &ns).expect("identified");
+        let Ok(pidfd::Info { cgroup_id: Some(id), .. }) = pidfd::info(me.as_fd()) else {
+            return eprintln!("no PIDFD_GET_INFO here: every identification reads /proc");
+        };
+        if first.tenant.cgroup_id == 0 {
+            return eprintln!("cgroup paths do not map to the cgroup2 mount here: nothing is remembered");
+        }
+        assert_eq!(first.tenant.cgroup_id, id, "the id the kernel names is the directory's inode");
+        assert_eq!(CgroupPaths::get(id).as_deref(), Some(&*first.tenant.cgroup), "remembered after the first read");
+        let again = identify_pidfd(&me, TenantBy::UidAndCgroup, &ns).expect("identified");
+        assert_eq!(again.tenant, first.tenant);
+    }
+
+    #[test]
+    fn gone_is_told_apart_from_failures() {
+        assert!(TenantError::Gone(1).is_gone());
+        assert!(TenantError::Netns(NetNsError::Gone(1)).is_gone());
+        assert!(!TenantError::NotAPidfd.is_gone());
+        let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+        assert!(!link_hung_up(&a));
+        drop(b);
+        assert!(link_hung_up(&a), "the other end closed");
+    }
+
+    #[test]
     fn a_dead_process_or_another_fd_is_refused() {
         let ns = Namespaces::new(std::time::Duration::from_secs(5));
         let mut child = std::process::Command::new("true").spawn().expect("spawn true");
