@@ -138,7 +138,8 @@ pub fn identify(sock: impl AsFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> 
         PeerPidfd::Unavailable => None,
         PeerPidfd::Gone => return Err(TenantError::Gone(cred.pid)),
     };
-    of_process(cred.pid, cred.uid, pidfd.as_ref(), by, namespaces)
+    // Made by the kernel for this connection: a pidfd, which PIDFD_GET_INFO may be asked.
+    of_process(cred.pid, cred.uid, pidfd.as_ref(), pidfd.as_ref(), by, namespaces)
 }
 
 /// Identify the process behind `pidfd`, handed over by a privileged client
@@ -148,22 +149,32 @@ pub fn identify(sock: impl AsFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> 
 /// [`TenantError::NotAPidfd`] (not a pidfd, or its process is gone), [`TenantError::Uid`],
 /// and those of [`identify`].
 pub fn identify_pidfd(pidfd: &OwnedFd, by: TenantBy, namespaces: &Arc<Namespaces>) -> Result<Peer, TenantError> {
-    let (pid, uid) = match pidfd::info(pidfd.as_fd()) {
-        Ok(i) => (i.pid, i.euid),
-        Err(pidfd::InfoError::Gone) => return Err(TenantError::NotAPidfd),
-        Err(_) => {
+    // The fd is whatever the client sent: PIDFD_GET_INFO only for a file the kernel shows as a pidfd.
+    let pidfs = pidfd::is_pidfs(pidfd.as_fd());
+    let (pid, uid) = match pidfs.then(|| pidfd::info(pidfd.as_fd())) {
+        Some(Ok(i)) => (i.pid, i.euid),
+        Some(Err(pidfd::InfoError::Gone)) => return Err(TenantError::NotAPidfd),
+        _ => {
             let pid = pid_of_pidfd(pidfd.as_raw_fd()).ok_or(TenantError::NotAPidfd)?;
             (pid, euid_of(pid).map_err(|source| TenantError::Uid { pid, source })?)
         }
     };
-    of_process(pid, uid, Some(pidfd), by, namespaces)
+    of_process(pid, uid, Some(pidfd).filter(|_| pidfs), Some(pidfd), by, namespaces)
 }
 
 /// The rest of identifying a process whose pid and uid are known: its cgroup and network
 /// namespace, then the check that it still lives (else the pid may name another process).
 /// A failure of a process that has exited meanwhile is [`TenantError::Gone`]: what failed
-/// was only the race with its exit.
-fn of_process(pid: i32, uid: u32, pidfd: Option<&OwnedFd>, by: TenantBy, namespaces: &Arc<Namespaces>) -> Result<Peer, TenantError> {
+/// was only the race with its exit. `pidfs`: the same pidfd where it is known to be one
+/// (`PIDFD_GET_INFO` may be asked of it).
+fn of_process(
+    pid: i32,
+    uid: u32,
+    pidfs: Option<&OwnedFd>,
+    pidfd: Option<&OwnedFd>,
+    by: TenantBy,
+    namespaces: &Arc<Namespaces>,
+) -> Result<Peer, TenantError> {
     let exited = || match pidfd {
         Some(p) => pidfd::pidfd_exited(p.as_fd()),
         None => std::fs::symlink_metadata(format!("/proc/{pid}")).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound),
@@ -171,7 +182,7 @@ fn of_process(pid: i32, uid: u32, pidfd: Option<&OwnedFd>, by: TenantBy, namespa
     let read = || -> Result<_, TenantError> {
         let (cgroup, cgroup_id) = match by {
             TenantBy::Uid => (Arc::from(""), 0),
-            TenantBy::UidAndCgroup => cgroup_of(pid, pidfd)?,
+            TenantBy::UidAndCgroup => cgroup_of(pid, pidfs, pidfd)?,
         };
         Ok((cgroup, cgroup_id, netns_of(pidfd, pid)?))
     };
@@ -190,9 +201,9 @@ fn of_process(pid: i32, uid: u32, pidfd: Option<&OwnedFd>, by: TenantBy, namespa
 /// pidfd (`PIDFD_GET_INFO`) and the path from [`CgroupPaths`], so that `/proc/PID/cgroup` is
 /// read once per cgroup rather than once per process; otherwise the path from
 /// `/proc/PID/cgroup` and the id from the directory it names.
-fn cgroup_of(pid: i32, pidfd: Option<&OwnedFd>) -> Result<(Arc<str>, u64), TenantError> {
+fn cgroup_of(pid: i32, pidfs: Option<&OwnedFd>, pidfd: Option<&OwnedFd>) -> Result<(Arc<str>, u64), TenantError> {
     let read = || tenancy::cgroup::cgroup_of(pid).map(Arc::<str>::from).map_err(|source| TenantError::Cgroup { pid, source });
-    let id = match pidfd.map(|p| pidfd::info(p.as_fd())) {
+    let id = match pidfs.map(|p| pidfd::info(p.as_fd())) {
         Some(Ok(pidfd::Info { cgroup_id: Some(id), .. })) => id,
         Some(Err(pidfd::InfoError::Gone)) => return Err(TenantError::Gone(pid)),
         _ => {

@@ -125,6 +125,17 @@ pub fn info(pidfd: BorrowedFd<'_>) -> Result<Info, InfoError> {
     Ok(Info { pid, euid: raw.euid, cgroup_id: (raw.mask & PIDFD_INFO_CGROUPID != 0).then_some(raw.cgroupid) })
 }
 
+/// Whether `fd` is a pidfd as the kernel made it (a file of the pidfs file system, 6.9+). For
+/// an fd some client handed over: [`info`] is asked only of one, never of another file whose
+/// driver might answer the same request number with anything it likes.
+#[must_use]
+pub fn is_pidfs(fd: BorrowedFd<'_>) -> bool {
+    /// `PID_FS_MAGIC` (linux/magic.h): "PIDF".
+    const PID_FS_MAGIC: u64 = 0x5049_4446;
+    #[allow(clippy::unnecessary_cast, reason = "f_type is i64 or u32 depending on the target")]
+    rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_type as u64 == PID_FS_MAGIC)
+}
+
 /// Whether the process behind a pidfd has exited (its pidfd polls readable).
 #[must_use]
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
@@ -159,6 +170,9 @@ mod tests {
             Err(e) => panic!("{e}"),
         }
         assert!(!pidfd_exited(me.as_fd()));
+        assert!(is_pidfs(me.as_fd()) || info(me.as_fd()).is_err(), "every kernel with PIDFD_GET_INFO has pidfs");
+        let file = std::fs::File::open("/proc/self/status").expect("open");
+        assert!(!is_pidfs(file.as_fd()));
     }
 
     #[test]
