@@ -112,6 +112,11 @@ pub const TENANT_SWEEP: Duration = Duration::from_secs(1);
 /// Cgroup ids are never reused, so forgetting the oldest only lets such a straggler's pool
 /// live until the next sweep closes it again; 4096 entries are well under a megabyte.
 pub const CLOSED_TENANTS_REMEMBERED: usize = 4096;
+/// Cgroup paths the daemon remembers by cgroup id, so that identifying a client whose cgroup
+/// it has seen takes no `/proc` read. One entry per cgroup with clients (a function instance,
+/// a container); emptied when full, which costs one `/proc` read per cgroup again. 4096 short
+/// paths are a few hundred KiB at most.
+pub const CGROUP_PATHS_REMEMBERED: usize = 4096;
 
 /// How long another network namespace's pools outlive its last client (`netns_linger`).
 pub const NETNS_LINGER: Duration = Duration::from_secs(5);

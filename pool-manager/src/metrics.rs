@@ -45,6 +45,8 @@ pub struct Metrics {
     pub connects_failed: AtomicU64,
     /// Client connections accepted.
     pub clients: AtomicU64,
+    /// Client connections whose process ended (or hung up) before it was identified.
+    pub clients_gone: AtomicU64,
     /// Pools created because the kernel saw demand.
     pub prewarmed: AtomicU64,
     /// Sockets offered to starting processes (`Prefetch`).
@@ -197,6 +199,9 @@ pub fn render(shared: &Shared) -> String {
     shared.lifecycle.metric_lines(&mut o);
     let _ = writeln!(o, "# TYPE warmpool_clients_total counter");
     let _ = writeln!(o, "warmpool_clients_total {}", c(&m.clients));
+    let _ = writeln!(o, "# HELP warmpool_clients_gone_before_identified_total Client connections whose process had exited or hung up before the daemon identified it (normal for programs that end at once); they get nothing.");
+    let _ = writeln!(o, "# TYPE warmpool_clients_gone_before_identified_total counter");
+    let _ = writeln!(o, "warmpool_clients_gone_before_identified_total {}", c(&m.clients_gone));
     let _ = writeln!(o, "# HELP warmpool_handout_latency_seconds Daemon-side time from request to reply with a socket.");
     let _ = writeln!(o, "# TYPE warmpool_handout_latency_seconds histogram");
     let mut cum = 0;

@@ -64,12 +64,63 @@ fn unescape_octal(s: &str) -> PathBuf {
 
 /// The cgroup v2 path (relative to the hierarchy root, e.g. `/system.slice/x.service`) of `pid`.
 ///
+/// One `read` into a stack buffer where the file fits (it always does but on hosts with very
+/// deep paths): no allocation but the returned path, no `fstat` for a size hint.
+///
 /// # Errors
-/// [`CgroupError::Read`] if the process is gone, [`CgroupError::NoV2Entry`] on a v1-only host.
+/// [`CgroupError::Read`] if the process is gone (or its cgroup path is not UTF-8),
+/// [`CgroupError::NoV2Entry`] on a v1-only host.
 pub fn cgroup_of(pid: i32) -> Result<String, CgroupError> {
-    let path = format!("/proc/{pid}/cgroup");
-    let text = std::fs::read_to_string(&path).map_err(|source| CgroupError::Read { path, source })?;
-    parse_v2_entry(&text).map(str::to_owned).ok_or(CgroupError::NoV2Entry(pid))
+    use std::io::Write as _;
+    let mut name = [0u8; 32];
+    let mut w = &mut name[..];
+    // "/proc/" + at most 11 characters of an i32 + "/cgroup" + NUL fits in 32 bytes.
+    let _ = write!(w, "/proc/{pid}/cgroup\0");
+    let path = std::ffi::CStr::from_bytes_until_nul(&name).unwrap_or(c"/proc/self/cgroup");
+    let err = |source: std::io::Error| CgroupError::Read { path: path.to_string_lossy().into_owned(), source };
+    let fd = rustix::fs::open(path, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC, rustix::fs::Mode::empty())
+        .map_err(|e| err(e.into()))?;
+    let mut buf = [0u8; 4096];
+    let mut len = 0;
+    let line = loop {
+        if let Some(line) = v2_line(&buf[..len]) {
+            break line;
+        }
+        if len == buf.len() {
+            // Longer than the stack buffer and no complete `0::` line yet: read the rest.
+            use std::io::Read as _;
+            let mut all = buf.to_vec();
+            std::fs::File::from(fd).read_to_end(&mut all).map_err(err)?;
+            let line = v2_line(&all).ok_or(CgroupError::NoV2Entry(pid))?;
+            return owned_path(line).map_err(err);
+        }
+        match rustix::io::read(&fd, &mut buf[len..]) {
+            Ok(0) => return Err(CgroupError::NoV2Entry(pid)),
+            Ok(n) => len += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(err(e.into())),
+        }
+    };
+    owned_path(line).map_err(err)
+}
+
+fn owned_path(line: &[u8]) -> Result<String, std::io::Error> {
+    // Never lossy: two cgroups whose names differ only in invalid bytes must not become one tenant.
+    std::str::from_utf8(line).map(str::to_owned).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// The path of the `0::` line of (the start of) a `/proc/PID/cgroup` file, only once that
+/// line is complete (ends with a newline): `None` means "not there, or not read yet".
+#[must_use]
+pub fn v2_line(text: &[u8]) -> Option<&[u8]> {
+    let mut rest = text;
+    while let Some(nl) = rest.iter().position(|b| *b == b'\n') {
+        if let Some(path) = rest[..nl].strip_prefix(b"0::") {
+            return Some(path);
+        }
+        rest = &rest[nl + 1..];
+    }
+    None
 }
 
 /// The path of the `0::` line of a `/proc/PID/cgroup` file.
@@ -138,6 +189,32 @@ mod tests {
         assert_eq!(parse_v2_entry("12:cpu:/a\n"), None);
         let own = cgroup_of(std::process::id() as i32);
         assert!(own.is_ok() || matches!(own, Err(CgroupError::NoV2Entry(_))));
+        if let Ok(text) = std::fs::read_to_string("/proc/self/cgroup") {
+            assert_eq!(own.ok().as_deref(), parse_v2_entry(&text), "the stack-buffer read agrees with the plain one");
+        }
+        assert!(matches!(cgroup_of(i32::MAX), Err(CgroupError::Read { .. })), "no such process");
+    }
+
+    #[test]
+    fn the_v2_line_from_bytes() {
+        // cgroup v2 only.
+        assert_eq!(v2_line(b"0::/user.slice/x.scope\n"), Some(&b"/user.slice/x.scope"[..]));
+        assert_eq!(v2_line(b"0::/\n"), Some(&b"/"[..]));
+        // Hybrid: v1 controllers first, the v2 line anywhere.
+        let hybrid = b"12:cpu,cpuacct:/a\n4:memory:/process_api/53\n1:name=systemd:/\n0::/fn/b\n";
+        assert_eq!(v2_line(hybrid), Some(&b"/fn/b"[..]));
+        assert_eq!(v2_line(b"0::/fn/c\n9:pids:/x\n"), Some(&b"/fn/c"[..]));
+        // A v1 line that only ends in "0::" is not the v2 line.
+        assert_eq!(v2_line(b"10::/not-v2\n"), None);
+        // Spaces are part of the path.
+        assert_eq!(v2_line(b"0::/my fn/with  spaces \n"), Some(&b"/my fn/with  spaces "[..]));
+        // Truncated: the line is not complete yet (read more), or the file has no v2 line.
+        assert_eq!(v2_line(b"12:cpu:/a\n0::/fn/trunc"), None);
+        assert_eq!(v2_line(b"0::"), None);
+        assert_eq!(v2_line(b""), None);
+        assert_eq!(v2_line(b"12:cpu:/a\n"), None);
+        assert_eq!(owned_path(b"/ok").ok().as_deref(), Some("/ok"));
+        assert!(owned_path(b"/bad\xff").is_err(), "never lossy");
         assert!(cgroup2_mount().is_ok(), "this machine mounts cgroup2");
     }
 }

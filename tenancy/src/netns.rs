@@ -7,6 +7,7 @@
 //! The identity is the (device, inode) of the namespace file; it cannot be reused while the
 //! [`NetNs`] (which holds the fd, and so the namespace) lives.
 
+use crate::pidfd::pidfd_exited;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 /// Identity of a network namespace: device and inode of its nsfs file.
@@ -58,7 +59,6 @@ pub enum NetNsError {
 
 /// `PIDFD_GET_NET_NAMESPACE` = `_IO(PIDFS_IOCTL_MAGIC 0xFF, 4)` (linux/pidfd.h, 6.11+).
 const PIDFD_GET_NET_NAMESPACE: libc::c_ulong = 0xFF04;
-const SO_PEERPIDFD: libc::c_int = 77;
 
 impl NetNs {
     /// Wrap an fd that refers to a network namespace (an nsfs file).
@@ -98,6 +98,9 @@ impl NetNs {
         let fd = if fd >= 0 {
             // SAFETY: the kernel installed a new fd for us.
             unsafe { OwnedFd::from_raw_fd(fd) }
+        } else if std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
+            // The ioctl exists and says the process has exited (it has no namespaces left).
+            return Err(NetNsError::Gone(pid));
         } else {
             let f = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|source| NetNsError::Open { pid, source })?;
             if pidfd_exited(pidfd) {
@@ -135,27 +138,6 @@ impl AsFd for NetNs {
 fn id_of(fd: BorrowedFd<'_>) -> std::io::Result<NetNsId> {
     let st = rustix::fs::fstat(fd)?;
     Ok(NetNsId { dev: st.st_dev, ino: st.st_ino })
-}
-
-/// The pidfd of the process at the other end of a Unix connection (`SO_PEERPIDFD`, 6.5+),
-/// or `None` where the kernel has none.
-#[must_use]
-pub fn peer_pidfd(sock: BorrowedFd<'_>) -> Option<OwnedFd> {
-    let mut fd: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: SO_PEERPIDFD writes one int (a new fd, owned by us). libc: rustix has no
-    // SO_PEERPIDFD getter (only SO_PEERCRED).
-    let r = unsafe { libc::getsockopt(sock.as_raw_fd(), libc::SOL_SOCKET, SO_PEERPIDFD, (&mut fd as *mut libc::c_int).cast(), &mut len) };
-    // SAFETY: on success the kernel installed a new fd for us.
-    (r == 0 && fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// Whether the process behind a pidfd has exited (its pidfd polls readable).
-#[must_use]
-pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    // A poll that fails proves nothing about the process: counted as exited (refused).
-    !matches!(poll(&mut [PollFd::new(&pidfd, PollFlags::IN)], Some(&Timespec { tv_sec: 0, tv_nsec: 0 })), Ok(0))
 }
 
 #[cfg(test)]

@@ -135,8 +135,14 @@ pub(super) async fn accept_until(listener: &AsyncFd<OwnedFd>, shared: &Arc<Share
         match accepted {
             Ok(Ok(conn)) => {
                 shared.metrics.clients.fetch_add(1, Ordering::Relaxed);
-                shared.active_clients.fetch_add(1, Ordering::Relaxed);
-                tasks.spawn(client(shared.clone(), conn, cancel.clone()));
+                if crate::tenant::link_hung_up(&conn) {
+                    // The process linked and ended before it was accepted (a program under
+                    // the shim that never asked for anything): no task, nothing to read.
+                    shared.metrics.clients_gone.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    shared.active_clients.fetch_add(1, Ordering::Relaxed);
+                    tasks.spawn(client(shared.clone(), conn, cancel.clone()));
+                }
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "accept failed");

@@ -57,7 +57,22 @@ pub(super) async fn client(shared: Arc<Shared>, conn: OwnedFd, cancel: Cancellat
     let peer = identify(&shared, &conn);
     match &peer {
         Ok((p, _)) => debug!(pid = p.pid, uid = p.tenant.uid, cgroup = %p.tenant.cgroup, "client connected"),
-        Err(e) => warn!(error = %e, "cannot identify client; it will get no sockets"),
+        Err(e) => {
+            let hung_up = tenant::link_hung_up(&conn);
+            if !hung_up && !e.is_gone() {
+                warn!(error = %e, "cannot identify client; it will get no sockets");
+            } else {
+                // Normal: the process ended (`/bin/true`, a shell helper) before the daemon
+                // got to it. Counted, never logged above debug.
+                shared.metrics.clients_gone.fetch_add(1, Ordering::Relaxed);
+                debug!(error = %e, "client gone before it was identified");
+                if hung_up {
+                    // Nobody reads answers on a link that is hung up, and it holds no lease.
+                    shared.active_clients.fetch_sub(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
     }
     client_with(shared, conn, peer, HashMap::new(), cancel).await;
 }
