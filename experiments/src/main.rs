@@ -72,7 +72,7 @@ enum Cmd {
             value_delimiter = ','
         )]
         configs: Vec<reuse::Config>,
-        /// Output directory [default: results/reuse/<timestamp>].
+        /// Output directory [default: results/reuse/TIMESTAMP].
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -92,7 +92,7 @@ enum Cmd {
         /// Bottleneck rate, server → client (local topology).
         #[arg(long, default_value = "1gbit")]
         rate: String,
-        /// Output directory [default: results/fct/<timestamp>].
+        /// Output directory [default: results/fct/TIMESTAMP].
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -106,7 +106,7 @@ enum Cmd {
         /// Repetitions per size and configuration.
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Output directory [default: results/burst/<timestamp>].
+        /// Output directory [default: results/burst/TIMESTAMP].
         #[arg(long)]
         out: Option<PathBuf>,
         /// Every function also exchanges a line with a peer function on the server host
@@ -182,7 +182,7 @@ enum Cmd {
         /// Bytes for the throughput runs.
         #[arg(long, default_value_t = 1_000_000_000)]
         bytes: u64,
-        /// Output directory [default: results/link/<timestamp>].
+        /// Output directory [default: results/link/TIMESTAMP].
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -206,7 +206,7 @@ enum Cmd {
         /// Repetitions.
         #[arg(long, default_value_t = 3)]
         reps: usize,
-        /// Output directory [default: results/shuffle/<timestamp>].
+        /// Output directory [default: results/shuffle/TIMESTAMP].
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]

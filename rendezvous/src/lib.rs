@@ -264,7 +264,8 @@ impl Server {
             });
             while conns.try_join_next().is_some() {}
         }
-        gc.abort();
+        // The gc loop ends with `cancel` too: awaited, not left running.
+        let _ = gc.await;
         conns.shutdown().await;
     }
 
@@ -314,14 +315,16 @@ impl Server {
         // A newer registration of the same name replaces the older one (a restarted manager).
         self.lock().members.insert((job.clone(), name.clone()), Member { id, tx: tx.clone() });
         info!(job = %job, name = %name, observed = %observed, "member registered");
-        let writer = tokio::spawn(async move {
+        // The writer runs inside this connection's own future (no task of its own): a failed
+        // write ends the connection as a failed read does.
+        let writer = async {
             while let Some(f) = rx.recv().await {
                 if wr.write_all(&f.encode()).await.is_err() {
                     break;
                 }
             }
-        });
-        let r = async {
+        };
+        let reader = async {
             loop {
                 match read_frame(&mut rd).await? {
                     Frame::LinkRequest { req, peer, port, prewarm } => self.link_request(&job, &name, &tx, req, &peer, port, prewarm),
@@ -329,9 +332,11 @@ impl Server {
                     other => return Err(ConnError::Unexpected(format!("{other:?} on a control connection"))),
                 }
             }
-        }
-        .await;
-        writer.abort();
+        };
+        let r = tokio::select! {
+            r = reader => r,
+            () = writer => Ok(()),
+        };
         let mut st = self.lock();
         if st.members.get(&(job.clone(), name.clone())).is_some_and(|m| m.id == id) {
             st.members.remove(&(job.clone(), name.clone()));
