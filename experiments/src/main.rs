@@ -6,10 +6,10 @@
 //! - `reuse`: every run is a fresh process (a "function") that connects to a real nginx,
 //!   sends one request, reads the reply and exits, timed inside from just before `connect()`
 //!   and whole by the launcher (spawn to exit). Configurations (`--configs`): `baseline`,
-//!   `dummy-shim`, `warm`, `reuse`, `prefetch`, `empty-preload`, the local keep-alive proxies
-//!   `nginx-keepalive` and `haproxy`, and processes that connect nowhere (`/bin/true`):
-//!   `true-baseline`, `true-empty-preload`, `true-shim` and `true-shim-prefetch`; all run
-//!   round-robin.
+//!   `dummy-shim`, `warm`, `reuse`, `prefetch`, `reuse-lazy` (linked at the first `connect()`),
+//!   `empty-preload`, the local keep-alive proxies `nginx-keepalive` and `haproxy`, and
+//!   processes that connect nowhere (`/bin/true`): `true-baseline`, `true-empty-preload`,
+//!   `true-shim`, `true-shim-prefetch` and `true-shim-lazy`; all run round-robin.
 //! - `fct`: flow completion times on new versus warmed connections, with and without
 //!   competing bulk flows through a bottleneck.
 //! - `burst`: N functions start at once, with and without the pool (`--peer`: each also
@@ -68,7 +68,7 @@ enum Cmd {
         /// Configurations, comma-separated.
         #[arg(
             long,
-            default_value = "baseline,dummy-shim,warm,reuse,prefetch,empty-preload,nginx-keepalive,haproxy,true-baseline,true-empty-preload,true-shim,true-shim-prefetch",
+            default_value = "baseline,dummy-shim,warm,reuse,prefetch,reuse-lazy,empty-preload,nginx-keepalive,haproxy,true-baseline,true-empty-preload,true-shim,true-shim-prefetch,true-shim-lazy",
             value_delimiter = ','
         )]
         configs: Vec<reuse::Config>,

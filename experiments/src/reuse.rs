@@ -30,6 +30,9 @@ pub(crate) enum Config {
     Reuse,
     /// The reuse pool with prefetch: the socket is offered while the process starts.
     Prefetch,
+    /// The reuse pool, the shim linking at its first `connect()` (`WARMPOOL_LAZY=1`) instead
+    /// of at load time: the daemon identifies the process inside that `connect()`.
+    ReuseLazy,
     /// An LD_PRELOAD library that does nothing (a C object without constructors): the floor
     /// of any preload approach.
     EmptyPreload,
@@ -41,12 +44,14 @@ pub(crate) enum Config {
     TrueBaseline,
     /// `/bin/true` under the empty preload library.
     TrueEmptyPreload,
-    /// `/bin/true` under the shim, with the reuse pool's daemon (no prefetching pool: the
-    /// shim does not link at load time).
+    /// `/bin/true` under the shim, with the reuse pool's daemon: it links at load time and
+    /// asks for nothing.
     TrueShim,
-    /// `/bin/true` under the shim, with the prefetch pool's daemon (every starting process
-    /// links at load time to take its offers).
+    /// `/bin/true` under the shim, with the prefetch pool's daemon: it links at load time and
+    /// takes its offers (and gives them back at exit).
     TrueShimPrefetch,
+    /// `/bin/true` under the shim with `WARMPOOL_LAZY=1`: no link, the library alone.
+    TrueShimLazy,
 }
 
 impl Config {
@@ -57,6 +62,7 @@ impl Config {
             Self::Warm => "warm",
             Self::Reuse => "reuse",
             Self::Prefetch => "prefetch",
+            Self::ReuseLazy => "reuse-lazy",
             Self::EmptyPreload => "empty-preload",
             Self::NginxKeepalive => "nginx-keepalive",
             Self::Haproxy => "haproxy",
@@ -64,11 +70,12 @@ impl Config {
             Self::TrueEmptyPreload => "true-empty-preload",
             Self::TrueShim => "true-shim",
             Self::TrueShimPrefetch => "true-shim-prefetch",
+            Self::TrueShimLazy => "true-shim-lazy",
         }
     }
     /// Whether the function connects (and reports connect → close); the `true-*` ones do not.
     pub(crate) fn connects(self) -> bool {
-        !matches!(self, Self::TrueBaseline | Self::TrueEmptyPreload | Self::TrueShim | Self::TrueShimPrefetch)
+        !matches!(self, Self::TrueBaseline | Self::TrueEmptyPreload | Self::TrueShim | Self::TrueShimPrefetch | Self::TrueShimLazy)
     }
     /// Median from the source study (two CloudLab m510 nodes, 10 GbE), µs.
     pub(crate) fn source_median_us(self) -> Option<f64> {
@@ -264,6 +271,7 @@ impl Setup<'_> {
     fn invocation(&self, c: Config) -> Result<Invocation> {
         let preload = || ("LD_PRELOAD", self.preload.into());
         let shim = |socket: &Path| vec![preload(), ("WARMPOOL_SOCKET", socket.into())];
+        let lazy = |socket: &Path| vec![preload(), ("WARMPOOL_SOCKET", socket.into()), ("WARMPOOL_LAZY", "1".into())];
         let empty = || -> Result<Vec<(&'static str, OsString)>> {
             Ok(vec![("LD_PRELOAD", self.empty.clone().context("empty preload library not built")?.into())])
         };
@@ -275,6 +283,7 @@ impl Setup<'_> {
             Config::Warm => (Some(self.dest), shim(self.warm)),
             Config::Reuse => (Some(self.dest), shim(self.reuse)),
             Config::Prefetch => (Some(self.dest), shim(self.prefetch)),
+            Config::ReuseLazy => (Some(self.dest), lazy(self.reuse)),
             Config::EmptyPreload => (Some(self.dest), empty()?),
             Config::NginxKeepalive => (Some(self.nginx_proxy.context("nginx proxy not started")?), vec![]),
             Config::Haproxy => (Some(self.haproxy.context("haproxy not started")?), vec![]),
@@ -282,6 +291,7 @@ impl Setup<'_> {
             Config::TrueEmptyPreload => (None, empty()?),
             Config::TrueShim => (None, shim(self.reuse)),
             Config::TrueShimPrefetch => (None, shim(self.prefetch)),
+            Config::TrueShimLazy => (None, lazy(self.reuse)),
         };
         let (program, args) = match target {
             Some(t) => (self.exe.clone(), vec!["function".into(), t.to_string().into()]),

@@ -168,7 +168,8 @@ fn connecting_table(md: &mut String, run: &Run<'_>) {
         writeln!(md, "`warm` is the pool manager on its embedded default (first-use warm pools); `reuse` has a reuse pool for the server;");
     let _ =
         writeln!(md, "`prefetch` is that reuse pool with `prefetch`: the daemon offers the socket while the process starts, and connect()");
-    let _ = writeln!(md, "takes it without a round trip to the daemon. `empty-preload` runs the function under an LD_PRELOAD library");
+    let _ = writeln!(md, "takes it without a round trip to the daemon; `reuse-lazy` is the reuse pool with `WARMPOOL_LAZY=1`: the shim links to");
+    let _ = writeln!(md, "the daemon at the first connect(), not at load time. `empty-preload` runs the function under an LD_PRELOAD library");
     let _ = writeln!(md, "that does nothing (a C object built with -nostdlib: no constructor, no destructor, no dependency), the floor of");
     let _ = writeln!(md, "any preload approach. `nginx-keepalive` and `haproxy` connect to a local proxy on the client host's loopback");
     let _ = writeln!(
@@ -196,7 +197,7 @@ fn noconnect_table(md: &mut String, run: &Run<'_>) {
     }
     let _ = writeln!(
         md,
-        "\n`true-shim` runs under the shim with the reuse pool's daemon: the process opens its link at load time (so that the daemon identifies it while it starts) and asks for nothing; `true-shim-prefetch` with the prefetch pool's daemon: it also asks for offers at load time, and gives them back at exit.\n"
+        "\n`true-shim` runs under the shim with the reuse pool's daemon: the process opens its link at load time (so that the daemon identifies it while it starts) and asks for nothing; `true-shim-prefetch` with the prefetch pool's daemon: it also asks for offers at load time, and gives them back at exit; `true-shim-lazy` with `WARMPOOL_LAZY=1`: no link, the library alone.\n"
     );
 }
 
@@ -309,7 +310,7 @@ fn phases(md: &mut String, run: &Run<'_>) {
         "| warmpool's library on its own: load, init, hooks, exit; never asks the daemon (dummy-shim − empty-preload) | {} |",
         diff(f(Config::DummyShim), f(Config::EmptyPreload))
     );
-    for pool in [Config::Reuse, Config::Prefetch] {
+    for pool in [Config::Reuse, Config::Prefetch, Config::ReuseLazy] {
         let n = pool.name();
         let _ = writeln!(md, "| {n}: the daemon's part, net ({n} − dummy-shim) | {} |", diff(f(pool), f(Config::DummyShim)));
         let _ = writeln!(md, "| {n}: of which connect() ({n} − dummy-shim; negative: the time it saves) | {} |", diff(c(pool), c(Config::DummyShim)));
@@ -320,7 +321,9 @@ fn phases(md: &mut String, run: &Run<'_>) {
             cost.map_or("-".into(), |v| format!("{v:+.0} µs"))
         );
     }
-    for (shim, what) in [(Config::TrueShim, "link at load"), (Config::TrueShimPrefetch, "link, offers taken and given back")] {
+    for (shim, what) in
+        [(Config::TrueShimLazy, "no link (`WARMPOOL_LAZY=1`)"), (Config::TrueShim, "link at load"), (Config::TrueShimPrefetch, "link, offers taken and given back")]
+    {
         let _ = writeln!(
             md,
             "| `/bin/true`: library and {what} ({} − true-empty-preload) | {} |",

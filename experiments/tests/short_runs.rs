@@ -44,12 +44,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Every configuration of `experiments reuse`, in its default order.
-const REUSE_CONFIGS: [&str; 12] = [
+const REUSE_CONFIGS: [&str; 14] = [
     "baseline",
     "dummy-shim",
     "warm",
     "reuse",
     "prefetch",
+    "reuse-lazy",
     "empty-preload",
     "nginx-keepalive",
     "haproxy",
@@ -57,6 +58,7 @@ const REUSE_CONFIGS: [&str; 12] = [
     "true-empty-preload",
     "true-shim",
     "true-shim-prefetch",
+    "true-shim-lazy",
 ];
 
 /// The numbers in the summary's table row that starts with `| name |`.
@@ -90,8 +92,8 @@ fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
         }
     }
     let polylines = |f: &str| std::fs::read_to_string(out.join(f)).unwrap().matches("<polyline").count();
-    assert_eq!(polylines("reuse_cdf.svg"), 8, "connect → close: the configurations that connect");
-    assert_eq!(polylines("reuse_function_cdf.svg"), 12, "whole function: every configuration");
+    assert_eq!(polylines("reuse_cdf.svg"), 9, "connect → close: the configurations that connect");
+    assert_eq!(polylines("reuse_function_cdf.svg"), 14, "whole function: every configuration");
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     assert!(summary.contains("| reuse |") && summary.contains("RTT 200µs"), "{summary}");
     // Both metrics per connecting configuration, /bin/true's against the empty preload library.
@@ -107,7 +109,7 @@ fn reuse_short_run_writes_csv_plot_and_summary_and_uses_the_pool() {
     // And the per-phase account, from the same medians: every phase has a number.
     let phases = summary.split("## Where the whole function's time goes").nth(1).expect("phases section");
     let rows: Vec<&str> = phases.lines().filter(|l| l.starts_with("| ") && !l.starts_with("| phase")).take_while(|l| !l.is_empty()).collect();
-    assert_eq!(rows.len(), 10, "{phases}");
+    assert_eq!(rows.len(), 14, "{phases}");
     assert!(rows.iter().all(|r| r.trim_end().ends_with(" µs |")), "{phases}");
     // The local proxies kept their upstream connections: the server saw each proxy's 16
     // requests (10 warm-up rounds + 6 runs) on far fewer connections.
